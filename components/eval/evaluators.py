@@ -1,0 +1,6 @@
+"""The evaluate stage's registry."""
+from components.eval.evaluator import Evaluator
+from components.eval.standard import StandardEvaluation
+from components.registry import Registry
+
+EVALUATORS = Registry("evaluate", Evaluator, [StandardEvaluation])

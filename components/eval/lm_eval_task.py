@@ -1,0 +1,101 @@
+"""The project's local lm-evaluation-harness task: exact match on ``a+b=c`` arithmetic.
+
+The task is written as a YAML + JSONL pair into a directory and loaded through a
+``TaskManager`` that only indexes that directory, so nothing is fetched from the hub and the
+harness's thousands of built-in task configs are not scanned.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+ARITHMETIC_LINE = re.compile(r"^\s*(\d+)\s*([+\-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
+
+
+def arithmetic_examples(texts: Sequence[str], limit: int | None = None) -> list[dict]:
+    """Parse ``347+68=415`` / ``12-5=7`` lines into ``{"question": "347+68=", "answer": "415"}``.
+
+    Each text may hold several lines; lines that are not a single arithmetic fact are skipped.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    examples = []
+    for text in texts:
+        for line in str(text).splitlines():
+            match = ARITHMETIC_LINE.match(line)
+            if match is None:
+                continue
+            a, op, b, answer = match.groups()
+            examples.append({"question": f"{a}{op}{b}=", "answer": answer})
+            if limit is not None and len(examples) >= limit:
+                return examples
+    if not examples:
+        raise ValueError(f"no arithmetic lines like '347+68=415' found in {len(texts)} texts")
+    return examples
+
+
+def write_arithmetic_task(task_dir: Path, examples: Sequence[dict], task_name: str = "paperdag_arithmetic") -> None:
+    """Write ``<task_dir>/<task_name>.yaml`` (a generate_until task) and its ``.jsonl`` data."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", task_name):
+        raise ValueError(f"task_name must be letters, digits and underscores, got {task_name!r}")
+    if not examples:
+        raise ValueError("no examples to write")
+    for i, ex in enumerate(examples):
+        if set(ex) != {"question", "answer"}:
+            raise ValueError(f"example {i} must have exactly the keys question and answer, got {sorted(ex)}")
+    task_dir = Path(task_dir).resolve()
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data_path = task_dir / f"{task_name}.jsonl"
+    with open(data_path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"question": str(ex["question"]), "answer": str(ex["answer"])}) + "\n")
+    config = {
+        "task": task_name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_path)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {"until": ["\n", " "], "max_gen_toks": 8, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    with open(task_dir / f"{task_name}.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+
+
+def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: int = 16,
+                limit: int | None = None) -> dict:
+    """Run the harness on an in-memory HF model; returns ``{"exact_match", "n"}``.
+
+    The model stays on its current device (HFLM ignores ``device`` for model instances).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_dir = Path(task_dir).resolve()
+    if not (task_dir / f"{task_name}.yaml").is_file():
+        raise FileNotFoundError(f"no task config {task_dir / f'{task_name}.yaml'}; run write_arithmetic_task first")
+    max_length = getattr(model.config, "max_position_embeddings", None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    results = simple_evaluate(
+        model=lm,
+        tasks=[task_name],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        limit=limit,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    if results is None:  # non-zero rank in a distributed run
+        raise RuntimeError("lm_eval returned no results (not rank 0?)")
+    metrics = results["results"][task_name]
+    return {
+        "exact_match": float(metrics["exact_match,none"]),
+        "n": int(results["n-samples"][task_name]["effective"]),
+    }

@@ -1,0 +1,61 @@
+"""The standard evaluation: per-domain perplexity, an lm-eval task, and real sizes."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from components.eval.evaluator import Evaluator
+from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
+from components.eval.perplexity import evaluate_perplexity
+from components.eval.sizes import model_size_report
+from components.registry import MethodParams, Paper
+
+
+class StandardEvaluation(Evaluator):
+    key = "standard"
+    paper = Paper(
+        title="A framework for few-shot language model evaluation (lm-evaluation-harness)",
+        url="https://github.com/EleutherAI/lm-evaluation-harness",
+    )
+
+    class Params(MethodParams):
+        ppl_batch_size: int = Field(8, ge=1)
+        """Blocks per forward pass when measuring perplexity."""
+        max_blocks_per_domain: int = Field(64, ge=1)
+        """Cap on held-out blocks per domain (the first ones, so the cap is deterministic)."""
+        lm_eval_limit: int | None = Field(64, ge=1)
+        """Arithmetic examples run through lm-eval (None = all)."""
+        lm_eval_batch_size: int = Field(16, ge=1)
+
+    def evaluate(self, model, tokenizer, model_dir: Path, blocks_by_domain: dict[str, np.ndarray],
+                 task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
+                 progress: bool = False) -> dict[str, float]:
+        p = self.params
+        out: dict[str, float] = {}
+        total_nll, total_tokens = 0.0, 0
+        for domain, blocks in sorted(blocks_by_domain.items()):
+            blocks = np.asarray(blocks[: p.max_blocks_per_domain])
+            if len(blocks) == 0:
+                continue
+            r = evaluate_perplexity(model, blocks, batch_size=p.ppl_batch_size, progress=progress)
+            out[f"ppl_{domain}"] = r["ppl"]
+            out[f"loss_{domain}"] = r["loss"]
+            total_nll += r["loss"] * r["tokens"]
+            total_tokens += r["tokens"]
+        if total_tokens:
+            out["loss_all"] = total_nll / total_tokens
+            out["ppl_all"] = math.exp(out["loss_all"])
+        if task_examples:
+            task_dir = work_dir / "lm_eval_task"
+            write_arithmetic_task(task_dir, task_examples)
+            r = run_lm_eval(model, tokenizer, task_dir, "paperdag_arithmetic",
+                            batch_size=p.lm_eval_batch_size, limit=p.lm_eval_limit)
+            out["arith_exact_match"] = r["exact_match"]
+            out["arith_n"] = r["n"]
+        sizes = model_size_report(model_dir, quant_meta=quant_meta)
+        out.update({k: v for k, v in sizes.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        out["size_bytes"] = sizes.get("deploy_bytes", sizes.get("safetensors_bytes"))
+        return out

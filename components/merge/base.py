@@ -1,0 +1,97 @@
+"""Weight-space merging of checkpoints that share an architecture (and usually a base model).
+
+Mergers are pure tensor ops over state dicts: they never build a model. Float tensors are
+combined in float64 and cast back to their dtype, so exact identities (a soup of identical
+models, base + (theta - base)) hold bit for bit; integer buffers are copied, never averaged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field, field_validator
+
+from components.registry import Method, MethodParams
+
+StateDict = dict[str, torch.Tensor]
+
+
+class MergeError(ValueError):
+    """Checkpoints or merge weights that cannot be combined."""
+
+
+class MergerParams(MethodParams):
+    weights: list[float] | None = Field(
+        None, min_length=1,
+        description="one weight per merged model, in the order the models are given; "
+                    "None = the method's default")
+
+    @field_validator("weights")
+    @classmethod
+    def _finite(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None:
+            bad = [w for w in weights if not math.isfinite(w)]
+            if bad:
+                raise ValueError(f"weights must be finite, got {bad}")
+        return weights
+
+
+class Merger(Method):
+    """Combines ``models`` (optionally relative to ``base``) into one state dict."""
+
+    Params = MergerParams
+    requires_base: bool = False
+
+    def merge(self, base: StateDict | None, models: list[StateDict], names: list[str]) -> StateDict:
+        raise NotImplementedError
+
+    def resolve_weights(self, n_models: int, default: float, normalize: bool) -> list[float]:
+        """Per-model weights from params (or ``default`` each), optionally scaled to sum to 1."""
+        weights = self.params.weights
+        if weights is None:
+            weights = [default] * n_models
+        elif len(weights) != n_models:
+            raise MergeError(f"{self.key}: got {len(weights)} weights {list(weights)} for "
+                             f"{n_models} models; give exactly one weight per model")
+        if normalize:
+            total = math.fsum(weights)
+            if abs(total) < 1e-12 * max(1.0, max(abs(w) for w in weights)):
+                raise MergeError(f"{self.key}: weights sum to 0 ({list(weights)}); cannot normalize them")
+            weights = [w / total for w in weights]
+        return list(weights)
+
+    def check_inputs(self, base: StateDict | None, models: list[StateDict], names: list[str]) -> None:
+        if self.requires_base and base is None:
+            raise MergeError(f"{self.key}: needs the base (pre-trained) checkpoint, got base=None")
+        check_compatible(base, models, names)
+
+
+def check_compatible(base: StateDict | None, models: list[StateDict], names: list[str]) -> None:
+    """Raise ``MergeError`` naming the checkpoint and tensor where keys or shapes differ."""
+    if not models:
+        raise MergeError("no models to merge")
+    if len(names) != len(models):
+        raise MergeError(f"got {len(models)} models but {len(names)} names {names}")
+    if base is not None:
+        ref, ref_name = base, "base"
+    else:
+        ref, ref_name = models[0], names[0]
+    for sd, name in zip(models, names):
+        if sd is ref:
+            continue
+        missing = sorted(set(ref) - set(sd))
+        extra = sorted(set(sd) - set(ref))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if extra:
+                parts.append(f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+            raise MergeError(f"checkpoint {name!r} does not match {ref_name!r}: " + "; ".join(parts))
+        for key, tensor in sd.items():
+            if tensor.shape != ref[key].shape:
+                raise MergeError(f"checkpoint {name!r}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                 f"but {ref_name!r} has {tuple(ref[key].shape)}")
+            if tensor.is_floating_point() != ref[key].is_floating_point():
+                raise MergeError(f"checkpoint {name!r}: tensor {key!r} has dtype {tensor.dtype}, "
+                                 f"but {ref_name!r} has {ref[key].dtype}")

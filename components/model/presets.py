@@ -1,0 +1,42 @@
+"""Model scale presets and loading: every model is a Hugging Face ``LlamaForCausalLM``.
+
+``nano`` is for tests (well under 1M params), ``micro`` for the CPU quickstart (~5M),
+``small`` for a GPU (~125M). Anything else is treated as a Hugging Face model path or name
+and loaded with ``from_pretrained`` (local directories work offline).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+PRESETS: dict[str, dict] = {
+    "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=172),
+    "micro_student": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=344),
+    "micro": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688),
+    "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
+}
+
+
+def build_model(preset: str, vocab_size: int, max_seq_len: int, seed: int) -> PreTrainedModel:
+    """A freshly initialised model from a preset, or a pretrained one from a path or hub name."""
+    if preset in PRESETS:
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=max_seq_len,
+            tie_word_embeddings=False,
+            **PRESETS[preset],
+        )
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+    return load_model(preset)
+
+
+def load_model(path: str | Path) -> PreTrainedModel:
+    """Load a causal LM with plain transformers (safetensors only, fp32 on CPU)."""
+    return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, use_safetensors=True)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,6 @@
+"""Quantization methods a recipe can name."""
+from components.quant.base import Quantizer
+from components.quant.rtn import RtnQuantizer
+from components.registry import Registry
+
+QUANTIZERS = Registry("quantize", Quantizer, [RtnQuantizer])

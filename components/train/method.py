@@ -1,0 +1,100 @@
+"""Base class of every training method (pretraining, fine-tuning, distillation).
+
+The shared trainer (``components.train.trainer.train``) owns the loop, optimizer, precision,
+data order and checkpoints; a method only decides what is special about it through hooks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from components.registry import Method
+from components.train.trainer import TrainConfig
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind a DeepSpeed engine (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Linear layers inside the transformer blocks (attention and MLP projections).
+
+    Embeddings and ``lm_head`` are excluded: sparse methods keep those dense.
+    """
+    model = unwrap(model)
+    layers = model.model.layers  # LlamaForCausalLM layout; every preset is a Llama
+    return {
+        f"model.layers.{i}.{name}": module
+        for i, layer in enumerate(layers)
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
+def attention_width(model: nn.Module) -> tuple[int, int]:
+    """(n_layers, n_heads * head_dim) of a Llama-style config."""
+    config = unwrap(model).config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_attention_heads * head_dim
+
+
+def forward_flops_per_token(model: nn.Module, seq_len: int, block_density: float = 1.0) -> float:
+    """Forward FLOPs per token (Kaplan et al. 2020): ``2*N_matmul + 2*n_layers*seq_len*d_attn``.
+
+    ``N_matmul`` counts every ``nn.Linear`` weight (block projections and ``lm_head``) and no
+    embedding tables or norms; block linears are scaled by ``block_density`` for sparse weights.
+    The attention term covers QK^T and AV over the full context (no causal halving).
+    """
+    blocks = {id(m) for m in block_linears(model).values()}
+    n_matmul = 0.0
+    for module in unwrap(model).modules():
+        if isinstance(module, nn.Linear):
+            scale = block_density if id(module) in blocks else 1.0
+            n_matmul += scale * module.weight.numel()
+    n_layers, d_attn = attention_width(model)
+    return 2.0 * n_matmul + 2.0 * n_layers * seq_len * d_attn
+
+
+class TrainingMethod(Method):
+    """A training recipe: hooks the shared trainer calls around its loop."""
+
+    class Params(TrainConfig):
+        """Each method's params carry the training hyperparameters (see ``TrainConfig``)."""
+
+    #: True when ``loss`` needs a teacher model (distillation).
+    needs_teacher: bool = False
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once on the plain model before the optimizer exists (e.g. install masks)."""
+
+    def loss(self, model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None) -> torch.Tensor:
+        """Scalar loss of one batch of token ids ``(batch, seq)``; default: causal LM loss.
+
+        ``model`` may be a DeepSpeed engine; HF shifts the labels internally.
+        """
+        return model(input_ids=batch, labels=batch).loss
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step on the plain model (e.g. re-apply masks)."""
+
+    def flops_per_token(self, model: nn.Module, seq_len: int, teacher: nn.Module | None = None) -> float:
+        """Training FLOPs per token: 3x the forward (forward + 2x backward).
+
+        ``6*N_matmul + 6*n_layers*seq_len*d_attn`` with ``N_matmul`` = all linear weights incl.
+        ``lm_head``, excl. embeddings (see ``forward_flops_per_token``).
+        """
+        return 3.0 * forward_flops_per_token(model, seq_len)
+
+    def finalize(self, model: nn.Module) -> dict:
+        """Facts about the trained model for the artifact metadata."""
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that must survive a resume (e.g. masks), saved in every checkpoint."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_tensors`` returned; called after ``prepare`` on resume."""
+        if tensors:
+            raise ValueError(f"{type(self).__name__} has no state tensors but the checkpoint has {sorted(tensors)}")

@@ -1,0 +1,422 @@
+"""The one trainer shared by pretraining, fine-tuning and distillation, built on DeepSpeed.
+
+Precision: fp32 master weights and optimizer state always; ``bf16`` only autocasts the
+forward. Data order is a pure function of ``(seed, step)``, and checkpoints hold the model,
+optimizer, scheduler, RNG states and losses, so a resumed run reproduces the uninterrupted
+run bit for bit (CPU, fp32, same thread count). Steps are numbered from 1: "step k" is the
+k-th optimizer update, ``step-{k:07d}`` is the checkpoint written after it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
+
+from components.registry import MethodParams
+
+if TYPE_CHECKING:
+    from components.train.method import TrainingMethod
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+KEEP_CHECKPOINTS = 2
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became nan/inf; raised before backward so the weights stay finite."""
+
+
+class TrainConfig(MethodParams):
+    """Training hyperparameters shared by every training method."""
+
+    steps: int = Field(1000, ge=1, description="Number of optimizer updates.")
+    batch_size: int = Field(16, ge=1, description="Blocks (sequences) per optimizer update.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from ~0 to `lr` over this many steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * min_lr_ratio.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled AdamW decay on >=2-D weights only.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient L2 norm; 0 disables clipping.")
+    seed: int = Field(0, description="Seeds torch/numpy/python RNGs and the data order.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast where the hardware has bf16 units, else fp32."
+    )
+    zero_stage: Literal[0, 1] = Field(0, description="DeepSpeed ZeRO stage (1 partitions optimizer state).")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = never).")
+    log_every: int = Field(10, ge=1, description="Call `on_log` every N steps.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+
+@dataclass
+class TrainResult:
+    """What one ``train`` call did (counts include steps restored from a checkpoint)."""
+
+    losses: list[float]
+    steps: int
+    tokens: int
+    train_flops: float
+    precision: str
+    wall_seconds: float  # this call only
+    resumed_from_step: int  # 0 when started fresh
+    method_facts: dict = field(default_factory=dict)  # method.finalize(model)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_precision(requested: str) -> str:
+    """'fp32' or 'bf16'. 'auto' picks bf16 on a bf16-capable CUDA GPU or a CPU with
+    avx512_bf16/amx_bf16 (where bf16 autocast is actually faster), else fp32."""
+    requested = requested.lower()
+    if requested in ("fp32", "bf16"):
+        return requested
+    if requested != "auto":
+        raise ValueError(f"precision {requested!r} is not one of 'auto', 'fp32', 'bf16'")
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if {"avx512_bf16", "amx_bf16"} & _cpu_flags():
+        return "bf16"
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX512_BF16"?
+    return "bf16" if ("BF16" in capability.upper() or "AMX" in capability.upper()) else "fp32"
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """LR multiplier for the update with 0-based index ``step``: linear warmup, then cosine
+    from 1 down to ``min_lr_ratio`` at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps - 1)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+class BatchOrder:
+    """Blocks for each step: position ``g`` of the endless stream is
+    ``permutation(seed, epoch=g // n_blocks)[g % n_blocks]``, so the data position is the step."""
+
+    def __init__(self, n_blocks: int, batch_size: int, seed: int):
+        self.n_blocks, self.batch_size, self.seed = n_blocks, batch_size, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:  # only the current and next epochs are ever needed
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        start = step * self.batch_size
+        positions = np.arange(start, start + self.batch_size)
+        epochs = positions // self.n_blocks
+        if epochs[0] == epochs[-1]:
+            return self._perm(int(epochs[0]))[positions % self.n_blocks]
+        return np.array([self._perm(int(e))[p % self.n_blocks] for e, p in zip(epochs, positions)])
+
+
+# -- DeepSpeed setup ---------------------------------------------------------------------------
+
+
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _init_distributed() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    defaults = dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = _free_port()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    # fused AdamW is one kernel for all params; measured faster than foreach on CPU too
+    return torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=True
+    )
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tied aliases (safetensors refuses shared storage): (tensors, alias->kept)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    return tensors, aliases
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints, oldest first; tmp dirs and dirs missing a file are ignored."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / MODEL_FILE).is_file() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, losses, method, config) -> None:
+    from safetensors.torch import save_file
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"step-{step:07d}"
+    tmp = checkpoint_dir / f".tmp-step-{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors, aliases = _unique_state_dict(model)
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    state = {
+        "step": step,
+        "losses": list(losses),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": _python_rng_state(),
+        "numpy_rng": _numpy_rng_state(),
+        "method_state": {k: v.detach().to("cpu") for k, v in method.state_tensors().items()},
+        "tied_aliases": aliases,
+        "config": config.model_dump(),
+    }
+    torch.save(state, tmp / STATE_FILE)
+    if final.exists():  # a rerun re-wrote the same step: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for _, old in complete_checkpoints(checkpoint_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model, device) -> dict:
+    from safetensors.torch import load_file
+
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    tensors = load_file(str(path / MODEL_FILE), device=str(device))
+    result = model.load_state_dict(tensors, strict=False)
+    missing = set(result.missing_keys) - set(state["tied_aliases"])
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {path / MODEL_FILE} does not match the model: missing {sorted(missing)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
+    return state
+
+
+def _check_resume_config(state: dict, config: TrainConfig, path: Path) -> None:
+    saved = state["config"]
+    for key in ("batch_size", "seed"):  # these change the data order: resuming would be wrong
+        if saved[key] != getattr(config, key):
+            raise ValueError(f"checkpoint {path} was written with {key}={saved[key]}, config has {getattr(config, key)}")
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def _validate_blocks(blocks: np.ndarray, model) -> None:
+    if not isinstance(blocks, np.ndarray) or blocks.ndim != 2 or not np.issubdtype(blocks.dtype, np.integer):
+        raise ValueError(f"blocks must be a 2-D integer numpy array (n_blocks, seq_len), got {type(blocks).__name__} "
+                         f"{getattr(blocks, 'shape', '')} {getattr(blocks, 'dtype', '')}")
+    if blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks has shape {blocks.shape}: need at least 1 block of at least 2 tokens")
+    vocab = model.get_output_embeddings().out_features
+    low, high = int(blocks.min()), int(blocks.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"blocks hold token ids in [{low}, {high}] but the model vocabulary has {vocab} entries")
+
+
+def train(
+    model: torch.nn.Module,
+    blocks: np.ndarray,
+    config: TrainConfig,
+    method: "TrainingMethod",
+    *,
+    teacher: torch.nn.Module | None = None,
+    checkpoint_dir: Path | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+    stop_after_step: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``blocks`` (n_blocks, seq_len) with ``method``.
+
+    With ``checkpoint_dir``, resumes from its latest complete checkpoint. ``stop_after_step``
+    ends the call after that step (and its checkpoint, if due), as an interruption would.
+    """
+    import deepspeed
+
+    start_time = time.perf_counter()
+    _validate_blocks(blocks, model)
+    if method.needs_teacher and teacher is None:
+        raise ValueError(f"method {method.key!r} needs a teacher model, got teacher=None")
+    precision = resolve_precision(config.precision)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    model.to(device)
+    model.train()
+    if teacher is not None:
+        teacher.to(device)
+        teacher.eval()
+        teacher.requires_grad_(False)
+    method.prepare(model)
+
+    optimizer = _make_optimizer(model, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+
+    losses: list[float] = []
+    start_step = 0
+    latest = complete_checkpoints(checkpoint_dir)[-1:] if checkpoint_dir is not None else []
+    if checkpoint_dir is not None and checkpoint_dir.is_dir():
+        for stale in checkpoint_dir.glob(".tmp-step-*"):  # a crash mid-write leaves these behind
+            shutil.rmtree(stale, ignore_errors=True)
+    state = None
+    if latest:
+        start_step, path = latest[0]
+        state = _load_checkpoint(path, model, device)
+        _check_resume_config(state, config, path)
+        method.load_state_tensors({k: v.to(device) for k, v in state["method_state"].items()})
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        losses = [float(x) for x in state["losses"]]
+
+    _init_distributed()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": config.zero_stage},
+        "gradient_clipping": config.grad_clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    if state is not None:
+        _restore_rng(state)  # last: DeepSpeed init must not shift the restored streams
+
+    order = BatchOrder(blocks.shape[0], config.batch_size, config.seed)
+    seq_len = blocks.shape[1]
+    tokens_per_step = config.batch_size * seq_len
+    flops_per_token = method.flops_per_token(model, seq_len, teacher=teacher)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    last_step = config.steps if stop_after_step is None else min(config.steps, stop_after_step)
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {method.key}", unit="step")
+    log_time, log_step = time.perf_counter(), start_step
+    try:
+        for index in range(start_step, last_step):
+            step = index + 1
+            batch = torch.from_numpy(blocks[order.indices(index)].astype(np.int64)).to(device, non_blocking=True)
+            with autocast:
+                loss = method.loss(engine, batch, teacher)
+            value = loss.item()  # the one sync per step; checked before backward so weights stay finite
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
+            engine.backward(loss)
+            engine.step()
+            method.after_step(model)
+            losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            if on_log is not None and step % config.log_every == 0:
+                now = time.perf_counter()
+                rate = (step - log_step) * tokens_per_step / max(now - log_time, 1e-9)
+                on_log(step, {"loss": value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
+                log_time, log_step = time.perf_counter(), step
+            if checkpoint_dir is not None and config.checkpoint_every and (
+                step % config.checkpoint_every == 0 or step == config.steps
+            ):
+                _save_checkpoint(checkpoint_dir, step, model, ds_optimizer, scheduler, losses, method, config)
+    finally:
+        bar.close()
+        engine.destroy() if hasattr(engine, "destroy") else None
+
+    steps_done = len(losses)
+    return TrainResult(
+        losses=losses,
+        steps=steps_done,
+        tokens=steps_done * tokens_per_step,
+        train_flops=float(flops_per_token * steps_done * tokens_per_step),
+        precision=precision,
+        wall_seconds=time.perf_counter() - start_time,
+        resumed_from_step=start_step,
+        method_facts=method.finalize(model),
+    )

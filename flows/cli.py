@@ -1,0 +1,207 @@
+"""The ``paperdag`` command line.
+
+    paperdag run RECIPE [--set k=v] [--only STAGE | --from STAGE]
+    paperdag stage RECIPE STAGE          # one stage; the entry point dvc.yaml calls
+    paperdag serve RECIPE --cron "0 3 * * *"
+    paperdag dvc-sync [--check]
+    paperdag lineage DIGEST_OR_RUN_ID
+    paperdag list | validate RECIPE
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from tasks.workspace import Workspace
+
+EXIT_USAGE = 2  # invalid recipe, override or stage selection
+EXIT_FAILED = 1  # a stage failed
+
+
+def _workspace(args) -> Workspace:
+    ws = Workspace.from_env(args.workspace)
+    ws.configure_environment()
+    return ws
+
+
+def cmd_run(args) -> int:
+    ws = _workspace(args)
+    from flows.pipeline import recipe_flow, stages_to_run
+    from flows.recipe import load_plan, resolve_recipe_path
+    from flows.report import print_summary
+
+    path = resolve_recipe_path(args.recipe, ws.root)
+    _, plan = load_plan(path, args.set)  # fail fast, before Prefect starts
+    stages_to_run(plan, args.only, args.from_stage)
+    print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
+    summary = recipe_flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
+                          workspace=str(ws.root), progress=not args.no_progress)
+    print_summary(summary, plan, ws)
+    return 0
+
+
+def cmd_stage(args) -> int:
+    ws = _workspace(args)
+    from flows.recipe import load_plan, resolve_recipe_path
+    from tasks.runner import execute_stage
+    from tasks.tracking import Tracker
+
+    path = resolve_recipe_path(args.recipe, ws.root)
+    _, plan = load_plan(path, args.set)
+    if args.stage not in plan.stages:
+        print(f"error: recipe {plan.name} has no stage {args.stage!r}; stages: {', '.join(plan.stages)}", file=sys.stderr)
+        return EXIT_USAGE
+    stage = plan.stages[args.stage]
+    if args.expect_digest and not stage.digest.startswith(args.expect_digest):
+        print(f"error: dvc.yaml is stale: stage {args.stage} now has digest {stage.digest[:16]}, dvc.yaml expects "
+              f"{args.expect_digest}; run `paperdag dvc-sync` and then `dvc repro`", file=sys.stderr)
+        return EXIT_USAGE
+    tracker = None if args.no_track else Tracker(ws, plan.name)
+    outcome = execute_stage(plan, args.stage, ws, tracker, force=args.force, launcher=args.launcher,
+                            progress=not args.no_progress)
+    print(f"{args.stage}: {'cached' if outcome.cached else 'done'} {outcome.path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    ws = _workspace(args)
+    from prefect import serve
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.pipeline import recipe_flow
+    from flows.recipe import load_plan, resolve_recipe_path
+
+    path = resolve_recipe_path(args.recipe, ws.root)
+    _, plan = load_plan(path, args.set)
+    deployment = recipe_flow.to_deployment(
+        name=args.name or f"{plan.name}-scheduled",
+        cron=args.cron,
+        parameters={"recipe": str(path), "overrides": args.set, "workspace": str(ws.root), "progress": False},
+        description=f"paperdag recipe {plan.name}: {plan.paper.get('title', '')}",
+        tags=["paperdag", plan.name],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+    print(f"paperdag: serving {plan.name} on cron {args.cron!r} (Ctrl-C to stop)")
+    serve(deployment, print_starting_message=True)
+    return 0
+
+
+def cmd_dvc_sync(args) -> int:
+    ws = _workspace(args)
+    from flows.dvc_sync import render_dvc_yaml
+
+    text = render_dvc_yaml(ws.root)
+    target = ws.root / "dvc.yaml"
+    if args.check:
+        if not target.exists() or target.read_text() != text:
+            print("error: dvc.yaml is out of date with the recipes or the code; run `paperdag dvc-sync`", file=sys.stderr)
+            return EXIT_FAILED
+        print("dvc.yaml is up to date")
+        return 0
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    print(f"wrote {target}")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    ws = _workspace(args)
+    from flows.lineage import print_lineage
+
+    return print_lineage(ws, args.ref)
+
+
+def cmd_list(args) -> int:
+    ws = _workspace(args)
+    from flows.report import print_catalogue
+
+    print_catalogue(ws)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    ws = _workspace(args)
+    from flows.recipe import load_plan, resolve_recipe_path
+
+    path = resolve_recipe_path(args.recipe, ws.root)
+    _, plan = load_plan(path, args.set)
+    for s in plan.stages.values():
+        print(f"  {s.name:<18} {s.kind:<9} {s.method:<16} {s.digest[:16]}  <- {', '.join(s.upstream) or '-'}")
+    print(f"{path}: valid ({len(plan.stages)} stages, {len(plan.claims)} claims)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paperdag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workspace", help="project root holding params/ (default: $PAPERDAG_WORKSPACE or cwd)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_cmd(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("recipe", help="recipe name under params/ or a path to a YAML file")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set stages.quantize.params.bits=8")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    r = recipe_cmd("run", cmd_run, "run a recipe as a Prefect flow")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--only", action="append", default=[], metavar="STAGE", help="rerun just this stage on cached inputs")
+    g.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and everything downstream")
+    r.add_argument("--no-progress", action="store_true")
+
+    s = recipe_cmd("stage", cmd_stage, "run one stage (the entry point dvc.yaml uses)")
+    s.add_argument("stage")
+    s.add_argument("--force", action="store_true", help="recompute even if the artifact exists")
+    s.add_argument("--launcher", default="cli", help=argparse.SUPPRESS)
+    s.add_argument("--expect-digest", help=argparse.SUPPRESS)
+    s.add_argument("--no-track", action="store_true", help="do not record an MLflow run")
+    s.add_argument("--no-progress", action="store_true")
+
+    sv = recipe_cmd("serve", cmd_serve, "register a scheduled Prefect deployment and serve it")
+    sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    sv.add_argument("--name", help="deployment name (default RECIPE-scheduled)")
+
+    d = sub.add_parser("dvc-sync", help="regenerate dvc.yaml from the recipes")
+    d.add_argument("--check", action="store_true", help="fail if dvc.yaml is out of date")
+    d.set_defaults(fn=cmd_dvc_sync)
+
+    li = sub.add_parser("lineage", help="print the chain from an artifact or MLflow run back to the data")
+    li.add_argument("ref", help="artifact digest (prefix) or MLflow run id")
+    li.set_defaults(fn=cmd_lineage)
+
+    ls = sub.add_parser("list", help="list recipes with their paper, stages and claims")
+    ls.set_defaults(fn=cmd_list)
+
+    recipe_cmd("validate", cmd_validate, "validate a recipe without running it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flows.pipeline_errors import USAGE_ERRORS
+
+    try:
+        return args.fn(args)
+    except USAGE_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failed stage: say which error, not a wall of traceback
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""A recipe as a Prefect flow: one task run per stage, in dependency order.
+
+Caching is content addressing: a stage whose artifact digest already exists in the store is
+a cache hit and finishes in a ``Cached`` state without running. The artifact store is the
+cache (rather than Prefect's result store) because ``dvc repro`` writes the same artifacts:
+whatever produced an artifact, both launchers see it, and a deleted artifact is recomputed
+instead of being served from a stale cache record.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from flows.recipe import load_plan, resolve_recipe_path
+from tasks.plan import RecipePlan
+from tasks.runner import StageOutcome, execute_stage
+from tasks.tracking import Tracker
+from tasks.workspace import Workspace
+
+
+class StageSelectionError(ValueError):
+    pass
+
+
+@dataclass
+class FlowSummary:
+    recipe: str
+    parent_run_id: str
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+    tracking_uri: str = ""
+
+
+def stages_to_run(plan: RecipePlan, only: list[str], from_stage: str | None) -> tuple[list[str], set[str]]:
+    """(stages to visit in order, stages to force-recompute)."""
+    for name in [*only, *([from_stage] if from_stage else [])]:
+        if name not in plan.stages:
+            raise StageSelectionError(f"recipe {plan.name} has no stage {name!r}; stages: {', '.join(plan.stages)}")
+    if only and from_stage:
+        raise StageSelectionError("use either --only or --from, not both")
+    if only:
+        return [s for s in plan.stages if s in only], set(only)
+    if from_stage:
+        forced = {from_stage} | plan.descendants(from_stage)
+        return list(plan.stages), forced
+    return list(plan.stages), set()
+
+
+@task(name="stage", cache_policy=NO_CACHE, persist_result=False)
+def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, parent_run_id: str,
+              force: bool, progress: bool, index: str):
+    stage = plan.stages[name]
+    print(f"{index} {name:<18} {stage.kind:<9} {stage.method:<16} {stage.digest[:12]} ", end="", flush=True)
+    outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force, progress=progress)
+    print(f"{'cached' if outcome.cached else 'done'} in {outcome.seconds:.1f}s", flush=True)
+    if outcome.cached:
+        return Completed(name="Cached", message=f"artifact {outcome.digest[:16]} exists", data=outcome)
+    return outcome
+
+
+@flow(name="paperdag-recipe", log_prints=False, persist_result=False, validate_parameters=False)
+def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str] | None = None,
+                from_stage: str | None = None, workspace: str | None = None, progress: bool = True) -> FlowSummary:
+    ws = Workspace.from_env(workspace)
+    path = resolve_recipe_path(recipe, ws.root)
+    _, plan = load_plan(path, overrides or [])
+    order, forced = stages_to_run(plan, only or [], from_stage)
+    tracker = Tracker(ws, plan.name)
+    start = time.perf_counter()
+    tags = {"paperdag.recipe": plan.name, "paperdag.recipe_path": str(path), "paperdag.role": "flow",
+            "paperdag.overrides": " ".join(overrides or []), "paperdag.selection":
+            (f"only={','.join(only)}" if only else f"from={from_stage}" if from_stage else "all")}
+    with tracker.run(f"{plan.name}", tags) as parent_id:
+        tracker.log_params(parent_id, {"recipe": plan.name, "overrides": overrides or [], "paper": plan.paper})
+        summary = FlowSummary(plan.name, parent_id, tracking_uri=ws.tracking_uri)
+        for i, name in enumerate(order, 1):
+            outcome = run_stage.with_options(task_run_name=name)(
+                plan, name, ws, tracker, parent_id, name in forced, progress, f"[{i}/{len(order)}]")
+            summary.outcomes.append(outcome)
+        summary.seconds = time.perf_counter() - start
+        tracker.log_metrics(parent_id, {"wall_seconds": summary.seconds,
+                                        "cache_hits": sum(o.cached for o in summary.outcomes),
+                                        "stages_run": sum(not o.cached for o in summary.outcomes)})
+    return summary
+

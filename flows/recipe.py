@@ -1,0 +1,271 @@
+"""Recipes: strict YAML -> typed schema -> a DAG of content-addressed stages.
+
+Everything a user can get wrong in a recipe is caught here, before any stage runs, with a
+message that names the file, the key and what was expected.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from components.eval.claims import Claim
+from components.registry import UnknownMethodError
+from tasks.artifacts import compute_digest
+from tasks.code_version import code_version, source_closure
+from tasks.kinds import KINDS
+from tasks.plan import RecipePlan, StagePlan
+
+STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override of it) is invalid. The message names the file and key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PaperRef(Strict):
+    title: str
+    url: str
+    arxiv: str | None = None
+
+
+class StageSpec(Strict):
+    kind: str
+    """Stage kind: one of corpus, select, tokenize, pretrain, finetune, distill, quantize, merge, evaluate."""
+    method: str
+    """A registered method key of that kind (never an import path)."""
+    inputs: dict[str, str | list[str]] = Field(default_factory=dict)
+    """Role -> upstream stage name(s), e.g. {tokens: tokenize, model: pretrain_dense}."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """The method's params; validated against the method's own typed schema."""
+    model: str | None = None
+    """pretrain/distill only: the model to build (a scale preset or an HF path). Default: the recipe's model."""
+    train_domain: str | None = None
+    """pretrain/finetune/distill only: train on this domain's token blocks only (e.g. prose, code)."""
+    description: str = ""
+
+
+class Recipe(Strict):
+    name: str
+    paper: PaperRef
+    reproduces: str
+    """What this recipe reproduces from the paper, in one or two sentences."""
+    model: str = "micro"
+    """Scale preset (nano, micro, micro_student, small) or a Hugging Face model path."""
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    data: dict[str, Any] = Field(default_factory=dict)
+    """Params of the corpus stage (sources, noise, split)."""
+    stages: dict[str, StageSpec]
+    claims: list[Claim] = Field(default_factory=list)
+
+    @field_validator("stages")
+    @classmethod
+    def _names(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        for name in stages:
+            if not STAGE_NAME.match(name):
+                raise ValueError(f"stage name {name!r} must be snake_case (letters, digits, _)")
+        if not stages:
+            raise ValueError("a recipe needs at least one stage")
+        return stages
+
+
+# Recipe-level defaults copied into a method's params when the method has the field.
+RECIPE_DEFAULTS = ("seed", "precision")
+
+
+def _format_validation(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"{loc}: {e['msg']}{got_s}")
+    return "; ".join(lines)
+
+
+def _known_keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def resolve_recipe_path(name_or_path: str, workspace: Path) -> Path:
+    p = Path(name_or_path)
+    candidates = [p] if p.suffix in (".yaml", ".yml") else [workspace / "params" / f"{name_or_path}.yaml", p]
+    for c in candidates:
+        c = c if c.is_absolute() else (workspace / c if not c.exists() else c)
+        if c.exists():
+            return c.resolve()
+    known = sorted(x.stem for x in (workspace / "params").glob("*.yaml")) if (workspace / "params").exists() else []
+    raise RecipeError(f"recipe {name_or_path!r} not found (looked in {workspace / 'params'}); known recipes: {', '.join(known) or '(none)'}")
+
+
+def apply_override(raw: dict, assignment: str, path: Path) -> None:
+    """Apply ``a.b.c=value`` to the raw recipe dict. The value is parsed as YAML (safe)."""
+    if "=" not in assignment:
+        raise RecipeError(f"{path}: override {assignment!r} must look like key.path=value")
+    key, _, value_text = assignment.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: override {assignment!r}: value is not valid YAML: {e}") from None
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[: i + 1])
+            known = ", ".join(node) if isinstance(node, dict) else "(not a mapping)"
+            raise RecipeError(f"{path}: override --set {key}: unknown key {where!r}; known keys there: {known}")
+        node = node[part]
+    if not isinstance(node, dict):
+        raise RecipeError(f"{path}: override --set {key}: {'.'.join(parts[:-1])} is not a mapping")
+    leaf = parts[-1]
+    # A missing leaf is allowed only inside free-form mappings (method params, data); the schema
+    # then rejects it if the method does not know it. Elsewhere the key must already exist.
+    if leaf not in node and len(parts) >= 2 and parts[-2] not in ("params", "data", "inputs") and parts[0] != "data":
+        raise RecipeError(f"{path}: override --set {key}: unknown key {leaf!r}; known keys there: {', '.join(node)}")
+    node[leaf] = value
+
+
+def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment, path)
+    unknown = set(raw) - set(Recipe.model_fields)
+    if unknown:
+        raise RecipeError(f"{path}: unknown top-level key(s) {sorted(unknown)}; known keys: {_known_keys(Recipe)}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{path}: {_format_validation(e)}") from None
+    _check_graph(recipe, path)
+    return recipe
+
+
+def _check_graph(recipe: Recipe, path: Path) -> None:
+    for name, spec in recipe.stages.items():
+        where = f"{path}: stages.{name}"
+        kind = KINDS.get(spec.kind)
+        if kind is None:
+            raise RecipeError(f"{where}.kind: unknown stage kind {spec.kind!r}; known kinds: {', '.join(KINDS)}")
+        try:
+            method_cls = kind.registry.get(spec.method)
+        except UnknownMethodError as e:
+            raise RecipeError(f"{where}.method: {e}") from None
+        if not kind.trains and (spec.model or spec.train_domain):
+            raise RecipeError(f"{where}: `model`/`train_domain` only apply to training stages, not {spec.kind}")
+        if spec.kind == "corpus" and spec.params:
+            raise RecipeError(f"{where}.params: a corpus stage takes its params from the recipe's top-level `data`")
+        for role, ref in spec.inputs.items():
+            if role not in kind.roles:
+                raise RecipeError(f"{where}.inputs.{role}: unknown input role for {spec.kind}; known roles: {', '.join(kind.roles) or '(none)'}")
+            refs = ref if isinstance(ref, list) else [ref]
+            if isinstance(ref, list) and not kind.roles[role].many:
+                raise RecipeError(f"{where}.inputs.{role}: takes one stage, got a list")
+            for r in refs:
+                if r not in recipe.stages:
+                    raise RecipeError(f"{where}.inputs.{role}: names stage {r!r}, which does not exist; stages: {', '.join(recipe.stages)}")
+                if recipe.stages[r].kind not in kind.roles[role].accepts:
+                    raise RecipeError(
+                        f"{where}.inputs.{role}: stage {r!r} is a {recipe.stages[r].kind} stage; "
+                        f"{role} accepts {', '.join(kind.roles[role].accepts)}")
+        for role, spec_role in kind.roles.items():
+            if spec_role.required and role not in spec.inputs:
+                raise RecipeError(f"{where}.inputs: missing required input {role!r} for a {spec.kind} stage")
+        params = _with_recipe_defaults(recipe, spec, method_cls)
+        try:
+            method_cls.Params.model_validate(params)
+        except ValidationError as e:
+            prefix = "data" if spec.kind == "corpus" else f"stages.{name}.params"
+            raise RecipeError(f"{path}: {_format_validation(e, prefix)} (method {spec.method})") from None
+    order = topological_order(recipe, path)
+    evaluates = [n for n in order if recipe.stages[n].kind == "evaluate"]
+    if recipe.claims and not evaluates:
+        raise RecipeError(f"{path}: claims need an evaluate stage to check them")
+    evaluated = {s for n in evaluates for ref in recipe.stages[n].inputs.get("models", []) for s in ([ref] if isinstance(ref, str) else ref)}
+    for claim in recipe.claims:
+        for ref in (claim.metric, claim.than):
+            if isinstance(ref, str):
+                stage = ref.split(".", 1)[0]
+                if stage not in evaluated:
+                    raise RecipeError(
+                        f"{path}: claims[{claim.name}]: {ref!r} refers to stage {stage!r}, which no evaluate stage "
+                        f"evaluates; evaluated stages: {', '.join(sorted(evaluated))}")
+
+
+def _with_recipe_defaults(recipe: Recipe, spec: StageSpec, method_cls) -> dict:
+    params = dict(recipe.data if spec.kind == "corpus" else spec.params)
+    for key in RECIPE_DEFAULTS:
+        if key in method_cls.Params.model_fields and key not in params:
+            params[key] = getattr(recipe, key)
+    return params
+
+
+def topological_order(recipe: Recipe, path: Path) -> list[str]:
+    deps = {n: sorted({r for ref in s.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)})
+            for n, s in recipe.stages.items()}
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(n: str, trail: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            cycle = trail[trail.index(n):] + [n]
+            raise RecipeError(f"{path}: the stage graph has a cycle: {' -> '.join(cycle)}")
+        state[n] = 1
+        for d in deps[n]:
+            visit(d, trail + [n])
+        state[n] = 2
+        order.append(n)
+
+    for n in recipe.stages:  # recipe order breaks ties, so the order is stable
+        visit(n, [])
+    return order
+
+
+def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
+    """Resolve params and compute every stage's digest, in topological order."""
+    plans: dict[str, StagePlan] = {}
+    for name in topological_order(recipe, path):
+        spec = recipe.stages[name]
+        kind = KINDS[spec.kind]
+        method_cls = kind.registry.get(spec.method)
+        params = method_cls.Params.model_validate(_with_recipe_defaults(recipe, spec, method_cls)).model_dump(mode="json")
+        inputs = {role: ([ref] if isinstance(ref, str) else list(ref)) for role, ref in sorted(spec.inputs.items())}
+        options: dict[str, Any] = {}
+        if kind.trains:
+            options["model"] = spec.model or (recipe.model if spec.kind in ("pretrain", "distill") else None)
+            options["train_domain"] = spec.train_domain
+        if spec.kind == "evaluate":  # the claims it checks are part of what it produces
+            options["claims"] = [c.model_dump(mode="json") for c in recipe.claims]
+        files = source_closure((kind.task_module, method_cls.__module__))
+        version = code_version(files)
+        input_digests = {role: [plans[r].digest for r in refs] for role, refs in inputs.items()}
+        digest = compute_digest(spec.kind, spec.method, {"params": params, "options": options}, input_digests, version)
+        plans[name] = StagePlan(name, spec.kind, spec.method, params, options, inputs, digest, files, version, input_digests)
+    return RecipePlan(recipe.name, Path(path), plans, [c.model_dump(mode="json") for c in recipe.claims],
+                      recipe.paper.model_dump())
+
+
+def load_plan(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, RecipePlan]:
+    recipe = load_recipe(path, overrides)
+    return recipe, compile_recipe(recipe, path)

@@ -1,0 +1,69 @@
+"""Terminal output: the results table after a run, and the recipe catalogue."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.plan import RecipePlan
+from tasks.workspace import Workspace
+
+
+def _fmt(v, kind: str = "") -> str:
+    if v is None:
+        return "-"
+    if kind == "bytes":
+        return f"{v / 1e6:.2f} MB"
+    if kind == "flops":
+        return f"{v:.2e}"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.3g}"
+    return str(v)
+
+
+def results_table(metrics: dict) -> str:
+    models: dict = metrics.get("models", {})
+    domains = metrics.get("domains", [])
+    cols = ([(f"ppl_{d}", f"ppl {d}", "") for d in domains] + [("ppl_all", "ppl all", ""),
+            ("arith_exact_match", "arith EM", ""), ("size_bytes", "size", "bytes"),
+            ("bits_per_weight", "bits/w", ""), ("sparsity", "sparsity", ""), ("train_flops", "train FLOPs", "flops")])
+    header = ["model"] + [c[1] for c in cols]
+    rows = [[name] + [_fmt(m.get(key), kind) for key, _, kind in cols] for name, m in models.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    claims = metrics.get("claims", [])
+    if claims:
+        out += ["", "claims:"]
+        for c in claims:
+            out.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {c['statement']}")
+            out.append(f"         {c['detail']}")
+    return "\n".join(out)
+
+
+def print_summary(summary, plan: RecipePlan, ws: Workspace) -> None:
+    hits = sum(o.cached for o in summary.outcomes)
+    print(f"\n{plan.name}: {len(summary.outcomes)} stages, {hits} cache hits, {summary.seconds:.1f}s")
+    for outcome in summary.outcomes:
+        if outcome.kind == "evaluate" and (Path(outcome.path) / "metrics.json").exists():
+            print(f"\nresults ({outcome.name}):")
+            print(results_table(json.loads((Path(outcome.path) / "metrics.json").read_text())))
+    print(f"\nlineage: mlflow ui --backend-store-uri {summary.tracking_uri}   (experiment '{plan.name}', "
+          f"flow run {summary.parent_run_id})")
+    print(f"         paperdag lineage {summary.parent_run_id}")
+
+
+def print_catalogue(ws: Workspace) -> None:
+    from flows.recipe import RecipeError, load_recipe
+
+    for path in sorted((ws.root / "params").glob("*.yaml")):
+        try:
+            r = load_recipe(path)
+        except RecipeError as e:
+            print(f"{path.stem}: INVALID: {e}")
+            continue
+        print(f"{r.name}  ({path.relative_to(ws.root)})")
+        print(f"  paper:  {r.paper.title} {r.paper.url}")
+        print(f"  stages: {' -> '.join(r.stages)}")
+        for c in r.claims:
+            print(f"  claim:  {c.statement}")
+        print()

@@ -1,0 +1,66 @@
+"""evaluate stage: measure every input model, then check the recipe's claims.
+
+Writes ``metrics.json`` (per-model metrics and claim results) and ``report.md``.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from components.data.parquet_io import read_documents
+from components.eval.claims import Claim, check_claims
+from components.eval.lm_eval_task import arithmetic_examples
+from tasks.model_io import load_model_artifact
+
+FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss")
+
+
+def run(ctx) -> dict:
+    tokens = ctx.input("tokens")
+    domains = sorted(p.stem.removeprefix("test-") for p in tokens.path.glob("test-*.npy"))
+    blocks = {d: np.load(tokens.path / f"test-{d}.npy") for d in domains}
+    heldout = read_documents(tokens.path / "heldout")
+    examples = arithmetic_examples(heldout[(heldout["split"] == "test") & (heldout["domain"] == "arithmetic")]["text"].tolist())
+    evaluator = ctx.method
+    per_model: dict[str, dict] = {}
+    for art in ctx.inputs["models"]:
+        name = art.manifest.get("stage", art.digest[:16])
+        model, tokenizer, facts = load_model_artifact(art)
+        model.eval()
+        m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / name,
+                               quant_meta=facts.get("quantization"), progress=ctx.progress)
+        m.update({k: facts[k] for k in FACT_METRICS if k in facts})
+        per_model[name] = m
+    claims = [Claim.model_validate(c) for c in ctx.plan.options.get("claims", [])]
+    results = check_claims(claims, per_model)
+    report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
+              "arith_examples": len(examples)}
+    (ctx.out_dir / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
+    (ctx.out_dir / "report.md").write_text(_markdown(ctx.recipe, report))
+    flat = {f"{model}.{k}": v for model, m in per_model.items() for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+    flat.update({f"claim.{c['name']}": float(c["passed"]) for c in results})
+    flat["claims_passed"] = sum(c["passed"] for c in results)
+    flat["claims_total"] = len(results)
+    ctx.facts["claims"] = {c["name"]: "PASS" if c["passed"] else "FAIL" for c in results}
+    return flat
+
+
+def _markdown(recipe, report: dict) -> str:
+    lines = [f"# {recipe.name}: {recipe.paper.get('title', '')}", "", recipe.paper.get("url", ""), ""]
+    cols = sorted({k for m in report["models"].values() for k in m})
+    lines.append("| model | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for name, m in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m.get(c)) for c in cols) + " |")
+    lines += ["", "## Claims", ""]
+    for c in report["claims"]:
+        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** {c['name']}: {c['statement']}  \n  {c['detail']}")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)

@@ -1,0 +1,68 @@
+"""The stage kinds: which registry each kind draws methods from, and what inputs it takes.
+
+This table is the one place that says how stages may connect; the recipe validator and the
+stage runner both read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from components.data.registry import CORPUS_BUILDERS, SELECTORS, TOKENIZERS
+from components.distill.registry import DISTILL_METHODS
+from components.eval.evaluators import EVALUATORS
+from components.merge.registry import MERGERS
+from components.quant.registry import QUANTIZERS
+from components.registry import Registry
+from components.train.registry import FINETUNE_METHODS, PRETRAIN_METHODS
+
+MODEL_KINDS = ("pretrain", "finetune", "distill", "quantize", "merge")
+
+
+@dataclass(frozen=True)
+class Role:
+    """One named input of a stage kind."""
+
+    accepts: tuple[str, ...]  # stage kinds whose artifacts fit this role
+    many: bool = False
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class StageKind:
+    name: str
+    registry: Registry
+    task_module: str  # the module in tasks/ that runs this kind
+    produces: str  # dataset | tokens | model | eval
+    roles: dict[str, Role] = field(default_factory=dict)
+    trains: bool = False  # takes `model`/`train_domain` stage options
+
+
+KINDS: dict[str, StageKind] = {
+    k.name: k
+    for k in [
+        StageKind("corpus", CORPUS_BUILDERS, "tasks.corpus", "dataset"),
+        StageKind("select", SELECTORS, "tasks.select", "dataset", {"docs": Role(("corpus", "select"))}),
+        StageKind("tokenize", TOKENIZERS, "tasks.tokenize", "tokens", {"docs": Role(("corpus", "select"))}),
+        StageKind("pretrain", PRETRAIN_METHODS, "tasks.train", "model", {"tokens": Role(("tokenize",))}, trains=True),
+        StageKind(
+            "finetune", FINETUNE_METHODS, "tasks.train", "model",
+            {"tokens": Role(("tokenize",)), "model": Role(MODEL_KINDS)}, trains=True,
+        ),
+        StageKind(
+            "distill", DISTILL_METHODS, "tasks.train", "model",
+            {"tokens": Role(("tokenize",)), "teacher": Role(MODEL_KINDS)}, trains=True,
+        ),
+        StageKind(
+            "quantize", QUANTIZERS, "tasks.quantize", "model",
+            {"model": Role(MODEL_KINDS), "tokens": Role(("tokenize",), required=False)},
+        ),
+        StageKind(
+            "merge", MERGERS, "tasks.merge", "model",
+            {"base": Role(MODEL_KINDS, required=False), "models": Role(MODEL_KINDS, many=True)},
+        ),
+        StageKind(
+            "evaluate", EVALUATORS, "tasks.evaluate", "eval",
+            {"tokens": Role(("tokenize",)), "models": Role(MODEL_KINDS, many=True)},
+        ),
+    ]
+}

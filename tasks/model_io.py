@@ -1,0 +1,34 @@
+"""Model artifacts: an HF model directory plus ``paperdag.json`` (the method's own facts)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from components.model.presets import load_model
+from tasks.artifacts import Artifact, ArtifactError
+
+FACTS = "paperdag.json"
+
+
+def load_model_artifact(art: Artifact):
+    """(model, tokenizer, facts) from a model artifact, verified against its manifest."""
+    art.verify()  # a corrupt or truncated model.safetensors fails here, naming the file
+    try:
+        model = load_model(art.path)
+        tokenizer = AutoTokenizer.from_pretrained(str(art.path))
+    except Exception as e:  # safetensors/transformers raise many types for a bad file
+        raise ArtifactError(f"cannot load model artifact {art.path}: {type(e).__name__}: {e}") from None
+    facts = json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
+    return model, tokenizer, facts
+
+
+def save_model_artifact(model, tokenizer, out_dir: Path, facts: dict) -> None:
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / FACTS).write_text(json.dumps(facts, indent=2, sort_keys=True, default=str))
+
+
+def load_tokenizer_artifact(art: Artifact):
+    return AutoTokenizer.from_pretrained(str(art.path / "tokenizer"))

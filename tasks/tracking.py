@@ -1,0 +1,151 @@
+"""MLflow lineage: one experiment per recipe, a parent run per flow run, a child run per stage.
+
+Uses ``MlflowClient`` with explicit run ids rather than the fluent API, whose active-run
+stack is global state that threads and nested flows trip over. Every run this module starts
+is ended on every path out (FINISHED, FAILED or KILLED); runs left RUNNING by a process that
+was SIGKILLed are marked KILLED by the next tracker that opens the experiment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from tasks.workspace import Workspace
+
+MAX_PARAM_LEN = 6000
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Tracker:
+    def __init__(self, workspace: Workspace, experiment: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.mlflow = mlflow
+        self.workspace = workspace
+        self.client = MlflowClient(tracking_uri=workspace.tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            workspace.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=(workspace.mlflow_artifact_root / experiment).as_uri())
+            except mlflow.exceptions.MlflowException:  # created concurrently by another process
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.commit = git_commit(workspace.root)
+        self._mark_orphans_killed()
+
+    def _mark_orphans_killed(self) -> None:
+        """Runs left RUNNING by a process on this host that no longer exists were killed."""
+        host = socket.gethostname()
+        runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500)
+        for run in runs:
+            tags = run.data.tags
+            if tags.get("paperdag.host") == host and not _pid_alive(int(tags.get("paperdag.pid", "0") or 0)):
+                self.client.set_tag(run.info.run_id, "paperdag.error", "process died without ending the run (killed)")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+
+    def _base_tags(self) -> dict[str, str]:
+        return {"paperdag.host": socket.gethostname(), "paperdag.pid": str(os.getpid()),
+                "mlflow.source.git.commit": self.commit, "paperdag.git_commit": self.commit}
+
+    @contextmanager
+    def run(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> Iterator[str]:
+        all_tags = {**self._base_tags(), **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.client.set_tag(run_id, "paperdag.error", "interrupted")
+            self.client.set_terminated(run_id, status="KILLED")
+            raise
+        except BaseException as e:
+            self.client.set_tag(run_id, "paperdag.error", f"{type(e).__name__}: {e}"[:5000])
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        else:
+            self.client.set_terminated(run_id, status="FINISHED")
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, v[:MAX_PARAM_LEN]) for k, v in sorted(flatten(params).items())]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(run_id, params=flat[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_input_artifacts(self, run_id: str, inputs: dict[str, list]) -> None:
+        """``log_input`` for each upstream artifact: name, digest, source path, and role as context."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entries = []
+        for role, artifacts in inputs.items():
+            for art in artifacts:
+                m = art.manifest
+                profile = {"rows": m.get("facts", {}).get("rows"), "content_sha256": m.get("content_sha256"),
+                           "full_digest": m["digest"]}
+                ds = Dataset(name=f"{m.get('stage', m['kind'])}:{m['kind']}", digest=m["digest"][:36],
+                             source_type="local", source=json.dumps({"uri": art.path.as_uri()}),
+                             schema=None, profile=json.dumps(profile))
+                entries.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", role)]))
+        if entries:
+            self.client.log_inputs(run_id, datasets=entries)
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)

@@ -1,0 +1,50 @@
+"""Where a project's state lives: artifacts, the MLflow database, Prefect's home.
+
+Everything defaults to embedded, local state under the workspace root (the directory that
+holds ``params/``), so a laptop with no network and no servers works out of the box.
+``MLFLOW_TRACKING_URI`` and ``PREFECT_API_URL`` switch to servers without changing recipes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.artifacts import ArtifactStore
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def from_env(cls, root: str | Path | None = None) -> "Workspace":
+        return cls(Path(root or os.environ.get("PAPERDAG_WORKSPACE") or os.getcwd()).resolve())
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        return ArtifactStore(self.root / "artifacts")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".paperdag"
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_root(self) -> Path:
+        return self.state_dir / "mlartifacts"
+
+    def configure_environment(self) -> None:
+        """Set the embedded defaults before Prefect or MLflow are imported."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("PREFECT_HOME", str(self.state_dir / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("DO_NOT_TRACK", "true")
+        os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
