@@ -132,7 +132,9 @@ def apply_override(raw: dict, assignment: str, path: Path) -> None:
     leaf = parts[-1]
     # A missing leaf is allowed only inside free-form mappings (method params, data); the schema
     # then rejects it if the method does not know it. Elsewhere the key must already exist.
-    if leaf not in node and len(parts) >= 2 and parts[-2] not in ("params", "data", "inputs") and parts[0] != "data":
+    free_form = parts[0] == "data" or (len(parts) >= 2 and parts[-2] in ("params", "inputs"))
+    stage_field = len(parts) == 3 and parts[0] == "stages" and leaf in StageSpec.model_fields
+    if leaf not in node and not free_form and not stage_field:
         raise RecipeError(f"{path}: override --set {key}: unknown key {leaf!r}; known keys there: {', '.join(node)}")
     node[leaf] = value
 

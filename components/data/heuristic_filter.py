@@ -115,7 +115,8 @@ def _default_domain_overrides() -> dict[str, dict[str, float | None]]:
     # code is symbol-heavy with long identifiers and few English stop words; arithmetic docs are
     # ~12 one-token lines. Gopher's numbers stay the defaults for any other domain.
     return {
-        "prose": {"min_words": 20, "max_symbol_ratio": 0.5, "min_alpha_word_fraction": 0.6},
+        "prose": {"min_words": 20, "max_symbol_ratio": 0.6, "min_alpha_word_fraction": 0.6,
+                  "max_duplicate_line_fraction": 0.4},
         "code": {
             "min_words": 5, "min_stopwords": None, "min_stopword_fraction": None, "max_mean_word_len": 20.0, "max_symbol_ratio": 0.45,
             "min_alpha_word_fraction": 0.4, "min_mean_word_len": 2.5, "min_unique_word_fraction": 0.1,

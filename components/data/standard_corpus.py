@@ -135,6 +135,7 @@ def _default_sources() -> list:
 
 
 _MIN_WORDS_TO_DEDUP_PARAGRAPH = 8  # short headings like "Notes:" may repeat
+_MIN_WORDS_PER_PYDOC_DOC = 20
 
 
 def _pydoc_docs(src: PydocTopicsSource) -> list[str]:
@@ -168,7 +169,8 @@ def _pydoc_docs(src: PydocTopicsSource) -> list[str]:
                 chunks[-1].extend(current)  # a short tail reads better attached to its predecessor
             else:
                 chunks.append(current)
-        docs.extend("\n\n".join(chunk) for chunk in chunks)
+        # A topic whose sections all appeared earlier is left with only its heading.
+        docs.extend("\n\n".join(c) for c in chunks if sum(len(p.split()) for p in c) >= _MIN_WORDS_PER_PYDOC_DOC)
     return docs[: src.max_docs] if src.max_docs else docs
 
 
@@ -386,25 +388,32 @@ def _jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-NEAR_DUPLICATE_MIN_WORDS = 60
+NEAR_DUPLICATE_MIN_WORDS = 100  # one changed word then leaves Jaccard ~0.9
+_NEAR_DUPLICATE_ATTEMPTS = 10
 NEAR_DUPLICATE_MIN_JACCARD = 0.85  # margin above the usual 0.8 dedup threshold
 
 
-def _near_duplicate(text: str, rng: np.random.Generator) -> str:
-    """Replace 1-3 words with other words of the same doc, keeping 5-shingle Jaccard >= 0.85."""
+def _near_duplicate(text: str, rng: np.random.Generator) -> str | None:
+    """Replace 1-3 words with other words of the same doc, keeping 5-shingle Jaccard >= 0.85.
+
+    Returns None when no tried edit keeps the similarity (docs made of repeated shingles).
+    """
     pieces = re.split(r"(\s+)", text)  # keep whitespace so code layout survives
     word_positions = [i for i, p in enumerate(pieces) if p and not p.isspace()]
     words = [pieces[i] for i in word_positions]
+    vocabulary = sorted(set(words))
     original = _shingles(words)
-    for n_changes in range(int(rng.integers(1, 4)), 0, -1):
+    n_changes = int(rng.integers(1, 4))
+    for _attempt in range(_NEAR_DUPLICATE_ATTEMPTS):
         changed = list(pieces)
         for pos in rng.choice(len(word_positions), size=n_changes, replace=False):
-            candidates = [w for w in set(words) if w != words[pos]]
-            changed[word_positions[pos]] = sorted(candidates)[int(rng.integers(len(candidates)))]
+            candidates = [w for w in vocabulary if w != words[pos]]
+            changed[word_positions[pos]] = candidates[int(rng.integers(len(candidates)))]
         candidate = "".join(changed)
-        if candidate != text and _jaccard(original, _shingles(candidate.split())) >= NEAR_DUPLICATE_MIN_JACCARD:
+        if _jaccard(original, _shingles(candidate.split())) >= NEAR_DUPLICATE_MIN_JACCARD:
             return candidate
-    raise AssertionError("unreachable: one word change in >=60 words keeps Jaccard >= 0.85")
+        n_changes = max(1, n_changes - 1)
+    return None
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -492,7 +501,10 @@ class StandardCorpus(CorpusBuilder):
 
         def hosts(frame: pd.DataFrame, count: int, kind: str):
             if count and frame.empty:
-                raise ValueError(f"data.noise.{kind}: no train documents to base {count} noise docs on")
+                raise ValueError(
+                    f"data.noise.{kind}: no suitable train documents to base {count} noise docs on "
+                    f"(near duplicates need >= {NEAR_DUPLICATE_MIN_WORDS} words); set it to 0"
+                )
             return [frame.iloc[k] for k in rng.integers(len(frame), size=count)] if count else []
 
         for host in hosts(generated_hosts, round(noise.boilerplate * n_clean), "boilerplate"):
@@ -501,8 +513,20 @@ class StandardCorpus(CorpusBuilder):
             add(_gibberish_doc(rng, vocabulary), host, "gibberish")
         for host in hosts(train, round(noise.exact_duplicate * n_clean), "exact_duplicate"):
             add(host["text"], host, "exact_duplicate")
-        for host in hosts(long_enough, round(noise.near_duplicate * n_clean), "near_duplicate"):
-            add(_near_duplicate(host["text"], rng), host, "near_duplicate")
+        n_near = round(noise.near_duplicate * n_clean)
+        made = 0
+        for host in hosts(long_enough, 4 * n_near, "near_duplicate"):  # spare hosts for rare failures
+            if made == n_near:
+                break
+            text = _near_duplicate(host["text"], rng)
+            if text is not None:
+                add(text, host, "near_duplicate")
+                made += 1
+        if made < n_near:
+            raise ValueError(
+                f"data.noise.near_duplicate: could only make {made} of {n_near} near duplicates from the "
+                f"train documents with >= {NEAR_DUPLICATE_MIN_WORDS} words; lower the fraction or add longer docs"
+            )
         for host in hosts(generated_hosts, round(noise.spam * n_clean), "spam"):
             add(_spam_doc(rng), host, "spam")
         return rows

@@ -16,7 +16,7 @@ def default_corpus() -> pd.DataFrame:
     return StandardCorpus().build()
 
 
-def make_docs(texts, **columns) -> pd.DataFrame:
+def _make_docs(texts, **columns) -> pd.DataFrame:
     n = len(texts)
     data = {
         "id": [f"doc-{i:04d}" for i in range(n)],
@@ -28,3 +28,9 @@ def make_docs(texts, **columns) -> pd.DataFrame:
     }
     data.update(columns)
     return pd.DataFrame(data)
+
+
+@pytest.fixture
+def make_docs():
+    """Builds a valid document table from texts; keyword columns override or add columns."""
+    return _make_docs

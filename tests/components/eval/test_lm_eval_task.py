@@ -18,8 +18,9 @@ def test_parses_arithmetic_lines():
     ]
     assert arithmetic_examples(texts, 2) == [{"question": "347+68=", "answer": "415"},
                                              {"question": "12-5=", "answer": "7"}]
-    with pytest.raises(ValueError, match="no arithmetic lines"):
-        arithmetic_examples(["hello"], None)
+    assert arithmetic_examples(["hello", "1+2=x"], None) == []
+    with pytest.raises(ValueError, match="limit"):
+        arithmetic_examples(texts, 0)
 
 
 def test_writes_task_yaml_and_jsonl(tmp_path):

@@ -1,0 +1,202 @@
+"""The shared trainer: learning, exact resume (incl. SIGKILL), NaN guard, precision."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from components.model.presets import build_model  # noqa: E402
+from components.train import trainer as trainer_module  # noqa: E402
+from components.train.dense import DenseTraining  # noqa: E402
+from components.train.trainer import (  # noqa: E402
+    BatchOrder,
+    NonFiniteLossError,
+    TrainConfig,
+    complete_checkpoints,
+    resolve_precision,
+    train,
+)
+
+VOCAB, SEQ = 64, 16
+REPO = Path(__file__).resolve().parents[3]
+
+
+def pattern_blocks(n: int = 64, seed: int = 0) -> np.ndarray:
+    """Counting sequences mod VOCAB from random starts: next token = previous + 1."""
+    starts = np.random.default_rng(seed).integers(0, VOCAB, size=(n, 1))
+    return ((starts + np.arange(SEQ)) % VOCAB).astype(np.int32)
+
+
+def nano(seed: int = 0):
+    return build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=seed)
+
+
+def dense(**overrides):
+    params = dict(steps=12, batch_size=8, lr=3e-3, warmup_steps=2, precision="fp32", log_every=1)
+    params.update(overrides)
+    config = DenseTraining.Params(**params)
+    return config, DenseTraining(config)
+
+
+def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_loss_decreases_on_learnable_pattern():
+    config, method = dense(steps=40, lr=1e-2)
+    logs = []
+    result = train(nano(), pattern_blocks(), config, method, progress=False, on_log=lambda s, d: logs.append((s, d)))
+    assert len(result.losses) == result.steps == 40
+    assert result.tokens == 40 * 8 * SEQ
+    assert np.mean(result.losses[-5:]) < 0.5 * np.mean(result.losses[:5])
+    assert [s for s, _ in logs] == list(range(1, 41))
+    assert set(logs[0][1]) == {"loss", "lr", "tokens_per_s"} and logs[-1][1]["tokens_per_s"] > 0
+    assert result.train_flops == pytest.approx(method.flops_per_token(nano(), SEQ) * result.tokens)
+
+
+def test_batch_order_is_a_function_of_step_and_covers_each_epoch():
+    order = BatchOrder(n_blocks=10, batch_size=4, seed=3)
+    first_epoch = np.concatenate([order.indices(0), order.indices(1), order.indices(2)[:2]])
+    assert sorted(first_epoch) == list(range(10))  # step 2 straddles epochs 0 and 1
+    assert np.array_equal(BatchOrder(10, 4, 3).indices(7), order.indices(7))
+    assert not np.array_equal(BatchOrder(10, 4, 4).indices(0), order.indices(0))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    config, method = dense(checkpoint_every=4)
+    straight_model = nano()
+    straight = train(straight_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path / "a", progress=False)
+
+    config, method = dense(checkpoint_every=4)
+    first = train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path / "b",
+                  progress=False, stop_after_step=8)
+    assert first.steps == 8
+    resumed_model = nano()
+    resumed = train(resumed_model, pattern_blocks(), config, DenseTraining(config),
+                    checkpoint_dir=tmp_path / "b", progress=False)
+    assert resumed.resumed_from_step == 8
+    assert resumed.losses == straight.losses
+    assert states_equal(resumed_model, straight_model)
+    assert [step for step, _ in complete_checkpoints(tmp_path / "b")] == [8, 12]  # only the last 2 kept
+
+
+def test_partial_checkpoints_are_ignored(tmp_path):
+    config, method = dense(checkpoint_every=4)
+    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path, progress=False, stop_after_step=4)
+    # a crash mid-write: a tmp dir with garbage and a final-named dir missing its state file
+    (tmp_path / ".tmp-step-0000008-999").mkdir()
+    (tmp_path / ".tmp-step-0000008-999" / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "step-0000009").mkdir()
+    (tmp_path / "step-0000009" / "model.safetensors").write_bytes(b"garbage")
+    result = train(nano(), pattern_blocks(), config, DenseTraining(config), checkpoint_dir=tmp_path, progress=False)
+    assert result.resumed_from_step == 4 and result.steps == 12
+    assert not (tmp_path / ".tmp-step-0000008-999").exists()
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    spec = importlib.util.spec_from_file_location("_train_worker", Path(__file__).with_name("_train_worker.py"))
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    steps = 16
+    model, blocks, config, method = worker.setup(steps)
+    straight = train(model, blocks, config, method, progress=False)
+
+    # the parent's process-group variables would make the child reuse the parent's port
+    dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen([sys.executable, str(Path(worker.__file__)), str(tmp_path), str(steps), "0.2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not complete_checkpoints(tmp_path):
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited before its first checkpoint: {proc.stderr.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = complete_checkpoints(tmp_path)[-1][0]
+    assert killed_at < steps
+
+    model, blocks, config, method = worker.setup(steps)
+    resumed = train(model, blocks, config, method, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from_step == killed_at
+    assert resumed.losses == straight.losses
+
+
+class NanAtStep3(DenseTraining):
+    key = "nan_at_step_3"
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.calls = 0
+
+    def loss(self, model, batch, teacher):
+        self.calls += 1
+        loss = super().loss(model, batch, teacher)
+        return loss * float("nan") if self.calls == 3 else loss
+
+
+def test_nan_loss_raises_before_the_update():
+    config = NanAtStep3.Params(steps=10, batch_size=4, precision="fp32")
+    model = nano()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3"):
+        train(model, pattern_blocks(), config, NanAtStep3(config), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_exploding_lr_raises_non_finite():
+    config, method = dense(steps=30, lr=1e30, grad_clip=0.0)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \((nan|inf)\) at step \d+"):
+        train(nano(), pattern_blocks(), config, method, progress=False)
+
+
+def test_bf16_tracks_fp32():
+    finals = {}
+    for precision in ("fp32", "bf16"):
+        config, method = dense(steps=60, lr=1e-2, precision=precision)
+        result = train(nano(), pattern_blocks(), config, method, progress=False)
+        assert result.precision == precision
+        finals[precision] = float(np.mean(result.losses[-5:]))
+    # bf16 autocast rounds activations to 8 mantissa bits; after 60 steps the curves agree closely
+    assert finals["bf16"] == pytest.approx(finals["fp32"], rel=0.05)
+
+
+def test_precision_resolution(monkeypatch):
+    assert resolve_precision("fp32") == "fp32"
+    assert resolve_precision("BF16") == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert resolve_precision("auto") == "bf16"
+    assert TrainConfig(precision="FP32").precision == "fp32"
+
+
+def test_bad_blocks_and_config_are_rejected():
+    config, method = dense()
+    with pytest.raises(ValueError, match=r"token ids in \[0, 64\].*64 entries"):
+        train(nano(), np.full((4, SEQ), 64, dtype=np.int32), config, method, progress=False)
+    with pytest.raises(ValueError, match="2-D integer"):
+        train(nano(), np.zeros((4, SEQ), dtype=np.float32), config, method, progress=False)
+    with pytest.raises(Exception, match="stps"):
+        DenseTraining.Params(stps=3)

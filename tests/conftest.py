@@ -1,0 +1,27 @@
+"""Test-wide settings: never touch the network, the real ~/.prefect or the repo's state."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_workspace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    ws = make_workspace(tmp_path / "ws")
+    monkeypatch.setenv("PAPERDAG_WORKSPACE", str(ws))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return ws
