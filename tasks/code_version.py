@@ -20,7 +20,10 @@ FOLLOWED_PACKAGES = ("components",)
 
 
 def _module_file(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # `from pkg.mod import attr`: pkg.mod.attr is not a module
+        return None
     if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
         return None
     return Path(spec.origin).resolve()

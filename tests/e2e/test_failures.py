@@ -52,7 +52,7 @@ def test_missing_data_file(workspace, capsys):
 
 def test_empty_corpus_after_filtering(workspace, capsys):
     assert _stage("corpus") == 0
-    rc = _stage("filter", "--set", "stages.filter.params={min_words: 100000, max_words: 200000}")
+    rc = _stage("filter", "--set", "stages.filter.params={defaults: {min_words: 100000}, domain_overrides: {}}")
     assert rc == EXIT_FAILED
     assert "no training documents left after selection" in capsys.readouterr().err
     _assert_failed_cleanly(workspace, "select", "filter")
