@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    Workspace.from_env(args.workspace).configure_environment()  # before Prefect/MLflow are imported
     from flows.pipeline_errors import USAGE_ERRORS
 
     try:

@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from components.model.presets import load_model
 from tasks.artifacts import Artifact, ArtifactError
 
 FACTS = "paperdag.json"
+hf_logging.disable_progress_bar()  # "Loading weights" bars per tiny model are noise in a stage log
 
 
 def load_model_artifact(art: Artifact):

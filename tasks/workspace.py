@@ -48,3 +48,15 @@ class Workspace:
         os.environ.setdefault("DO_NOT_TRACK", "true")
         os.environ.setdefault("DVC_NO_ANALYTICS", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # per-tensor loading bars and advisory warnings drown the stage progress on tiny models
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if not _has_cuda():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 PRESETS: dict[str, dict] = {
-    "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=172),
-    "micro_student": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=344),
-    "micro": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688),
+    "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=192),
+    "micro_student": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=384),
+    "micro": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=704),
     "small": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
 }
 

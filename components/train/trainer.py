@@ -325,6 +325,9 @@ def train(
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method {method.key!r} needs a teacher model, got teacher=None")
     precision = resolve_precision(config.precision)
+    if config.zero_stage > 0 and checkpoint_dir is not None and config.checkpoint_every:
+        # ZeRO's optimizer state_dict pickles DeepSpeed objects, which weights_only loading refuses
+        raise ValueError(f"checkpoints are only supported with zero_stage=0, got zero_stage={config.zero_stage}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
@@ -372,7 +375,7 @@ def train(
     engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    if torch.distributed.get_world_size() == 1:
+    if config.zero_stage == 0 and torch.distributed.get_world_size() == 1:
         engine.enable_backward_allreduce = False  # one process: the gradient all-reduce is a pure copy
     clip_params = [p for p in model.parameters() if p.requires_grad] if config.zero_stage == 0 and config.grad_clip else None
     if state is not None:

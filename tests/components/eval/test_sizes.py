@@ -12,7 +12,7 @@ def test_fp32_report(tmp_path):
         model.model.layers[0].mlp.up_proj.weight[:86] = 0.0
     model.save_pretrained(tmp_path)
     report = model_size_report(tmp_path)
-    n_block_linear = 2 * (4 * 64 * 64 + 3 * 64 * 172)
+    n_block_linear = 2 * (4 * 64 * 64 + 3 * 64 * 192)
     assert report["n_params"] == count_params(model)
     assert report["safetensors_bytes"] == (tmp_path / "model.safetensors").stat().st_size
     assert 4 * report["n_params"] < report["safetensors_bytes"] < 4 * report["n_params"] + 20_000  # + header

@@ -159,3 +159,14 @@ def test_bad_blocks_and_config_are_rejected():
         train(nano(), np.zeros((4, SEQ), dtype=np.float32), config, method, progress=False)
     with pytest.raises(Exception, match="stps"):
         DenseTraining.Params(stps=3)
+
+
+def test_zero_stage_1_matches_stage_0_and_refuses_checkpoints(tmp_path):
+    losses = {}
+    for stage in (0, 1):
+        config, method = dense(steps=6, zero_stage=stage)
+        losses[stage] = train(nano(), pattern_blocks(), config, method, progress=False).losses
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    config, method = dense(zero_stage=1, checkpoint_every=2)
+    with pytest.raises(ValueError, match="zero_stage=1"):
+        train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path, progress=False)
