@@ -142,6 +142,9 @@ class BatchOrder:
 # -- DeepSpeed setup ---------------------------------------------------------------------------
 
 
+_OWN_DIST_ENV = "PAPERDAG_SINGLE_PROCESS_DIST"
+
+
 def _free_port() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -155,11 +158,14 @@ def _init_distributed() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    defaults = dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = _free_port()
+    # A launcher (deepspeed, torchrun) sets these for every rank. Without one we run a
+    # single-process group on a free port; the marker lets a child process of ours tell our
+    # inherited values from a launcher's and pick its own port instead of colliding.
+    launched = "RANK" in os.environ and os.environ.get(_OWN_DIST_ENV) != "1"
+    if not launched:
+        os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_PORT=_free_port())
+        os.environ[_OWN_DIST_ENV] = "1"
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
 

@@ -93,11 +93,12 @@ def test_sigkill_mid_stage_leaves_no_partial_artifact_and_resumes(workspace):
     env = dict(os.environ, PAPERDAG_WORKSPACE=str(workspace))
     cmd = [sys.executable, "-m", "flows.cli", "stage", "nano", "pretrain_dense", "--no-progress",
            "--set", "stages.pretrain_dense.params.steps=400", "--set", "stages.pretrain_dense.params.checkpoint_every=2"]
-    proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(workspace / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
     checkpoints = workspace / ".paperdag" / "checkpoints"
     deadline = time.time() + 180
     while time.time() < deadline and not list(checkpoints.glob("*/step-*")):
-        assert proc.poll() is None, "the stage finished before it could be killed"
+        assert proc.poll() is None, (workspace / "killed.log").read_text()[-3000:]
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
