@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+from prefect.states import Completed, State
 
 from flows.recipe import load_plan, resolve_recipe_path
 from tasks.plan import RecipePlan
@@ -80,6 +80,8 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
         for i, name in enumerate(order, 1):
             outcome = run_stage.with_options(task_run_name=name)(
                 plan, name, ws, tracker, parent_id, name in forced, progress, f"[{i}/{len(order)}]")
+            if isinstance(outcome, State):  # a cache hit returns its `Cached` state
+                outcome = outcome.result()
             summary.outcomes.append(outcome)
         summary.seconds = time.perf_counter() - start
         tracker.log_metrics(parent_id, {"wall_seconds": summary.seconds,
