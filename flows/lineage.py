@@ -51,8 +51,15 @@ def lineage_lines(ws: Workspace, art: Artifact) -> list[str]:
 
 
 def print_lineage(ws: Workspace, ref: str) -> int:
-    art = _artifact_for_run(ws, ref) if RUN_ID.match(ref) else ws.artifacts.find(ref)
-    if art is None and RUN_ID.match(ref) is None and len(ref) >= 4:
+    art = None
+    if RUN_ID.match(ref):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            art = _artifact_for_run(ws, ref)
+        except MlflowException:  # not a run id after all: try it as a digest
+            art = None
+    if art is None and len(ref) >= 4:
         art = ws.artifacts.find(ref)
     if art is None:
         print(f"error: no artifact or MLflow run matches {ref!r} in {ws.root}", file=sys.stderr)

@@ -10,6 +10,7 @@ import importlib
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +41,7 @@ class StageContext:
     progress: bool = True
     facts: dict = field(default_factory=dict)  # goes into the manifest (e.g. precision, rows)
 
-    @property
+    @cached_property
     def method(self):
         cls = KINDS[self.plan.kind].registry.get(self.plan.method)
         return cls(cls.Params.model_validate(self.plan.params))

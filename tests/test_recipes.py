@@ -135,3 +135,9 @@ def test_cli_list_shows_paper_stages_and_claims(capsys):
     assert main(["--workspace", str(REPO), "list"]) == 0
     out = capsys.readouterr().out
     assert "quickstart" in out and "claim:" in out and "corpus -> filter" in out
+
+
+def test_committed_dvc_yaml_is_current():
+    from flows.dvc_sync import render_dvc_yaml
+
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(REPO), "run `paperdag dvc-sync` and commit dvc.yaml"

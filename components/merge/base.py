@@ -7,6 +7,7 @@ models, base + (theta - base)) hold bit for bit; integer buffers are copied, nev
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from pydantic import Field, field_validator
@@ -14,6 +15,8 @@ from pydantic import Field, field_validator
 from components.registry import Method, MethodParams
 
 StateDict = dict[str, torch.Tensor]
+# Held-out score of a candidate merged state dict; LOWER is better (e.g. held-out loss).
+ScoreFn = Callable[[StateDict], float]
 
 
 class MergeError(ValueError):
@@ -42,7 +45,14 @@ class Merger(Method):
     Params = MergerParams
     requires_base: bool = False
 
-    def merge(self, base: StateDict | None, models: list[StateDict], names: list[str]) -> StateDict:
+    def __init__(self, params: MethodParams | None = None):
+        super().__init__(params)
+        # What the last merge decided (kept ingredients, groups, compressed sizes...); the task logs it.
+        self.report: dict[str, Any] = {}
+
+    def merge(self, base: StateDict | None, models: list[StateDict], names: list[str],
+              score_fn: ScoreFn | None = None) -> StateDict:
+        """``score_fn`` (lower is better) is only used by methods that search, e.g. ``greedy_soup``."""
         raise NotImplementedError
 
     def resolve_weights(self, n_models: int, default: float, normalize: bool) -> list[float]:
@@ -95,3 +105,22 @@ def check_compatible(base: StateDict | None, models: list[StateDict], names: lis
             if tensor.is_floating_point() != ref[key].is_floating_point():
                 raise MergeError(f"checkpoint {name!r}: tensor {key!r} has dtype {tensor.dtype}, "
                                  f"but {ref_name!r} has {ref[key].dtype}")
+
+
+def check_density(value: float | list[float]) -> float | list[float]:
+    """Pydantic validator body: every density must lie in (0, 1]."""
+    values = value if isinstance(value, list) else [value]
+    bad = [d for d in values if not (math.isfinite(d) and 0.0 < d <= 1.0)]
+    if bad:
+        raise ValueError(f"density must be in (0, 1] (the fraction of task-vector entries kept), got {bad}")
+    return value
+
+
+def per_model(value: float | list[float], n_models: int, what: str, key: str) -> list[float]:
+    """Broadcast a scalar parameter to one value per model, or check a per-model list's length."""
+    if isinstance(value, list):
+        if len(value) != n_models:
+            raise MergeError(f"{key}: got {len(value)} {what} values {value} for {n_models} models; "
+                             f"give one value or exactly one per model")
+        return list(value)
+    return [value] * n_models

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from components.merge.base import Merger, MergerParams, StateDict
+from components.merge.base import Merger, MergerParams, ScoreFn, StateDict
 from components.registry import Paper
 
 
@@ -29,7 +29,8 @@ class TaskArithmetic(Merger):
         scaling: float = Field(1.0, allow_inf_nan=False, description="lambda: multiplies the summed task vectors")
         normalize: bool = Field(False, description="rescale weights to sum 1 before use")
 
-    def merge(self, base: StateDict | None, models: list[StateDict], names: list[str]) -> StateDict:
+    def merge(self, base: StateDict | None, models: list[StateDict], names: list[str],
+              score_fn: ScoreFn | None = None) -> StateDict:
         self.check_inputs(base, models, names)
         weights = self.resolve_weights(len(models), default=1.0, normalize=self.params.normalize)
         scaling = self.params.scaling

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from components.merge.base import Merger, StateDict
+from components.merge.base import Merger, ScoreFn, StateDict
 from components.registry import Paper
 
 
@@ -22,7 +22,8 @@ class UniformSoup(Merger):
     )
     requires_base = False
 
-    def merge(self, base: StateDict | None, models: list[StateDict], names: list[str]) -> StateDict:
+    def merge(self, base: StateDict | None, models: list[StateDict], names: list[str],
+              score_fn: ScoreFn | None = None) -> StateDict:
         self.check_inputs(base, models, names)
         weights = self.resolve_weights(len(models), default=1.0, normalize=True)
         merged: StateDict = {}
