@@ -50,6 +50,8 @@ def main() -> None:
     result = {"recipe": args.recipe, "cold_s": cold, "warm_s": warm, "warm_over_cold": warm / cold,
               "cold_stages_and_hits": hits(cold_out), "warm_stages_and_hits": hits(warm_out)}
     out.write_text(json.dumps(result, indent=2))
+    table = cold_out[cold_out.index("results ("):cold_out.index("lineage:")] if "results (" in cold_out else ""
+    out.with_suffix(".table.txt").write_text(table)
     print(json.dumps(result, indent=2))
 
 

@@ -156,11 +156,11 @@ class ArtifactStore:
                 pid = int(tmp.name.split("-")[-2])
             except (ValueError, IndexError):
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

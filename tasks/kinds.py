@@ -58,7 +58,8 @@ KINDS: dict[str, StageKind] = {
         ),
         StageKind(
             "merge", MERGERS, "tasks.merge", "model",
-            {"base": Role(MODEL_KINDS, required=False), "models": Role(MODEL_KINDS, many=True)},
+            {"base": Role(MODEL_KINDS, required=False), "models": Role(MODEL_KINDS, many=True),
+             "tokens": Role(("tokenize",), required=False)},
         ),
         StageKind(
             "evaluate", EVALUATORS, "tasks.evaluate", "eval",

@@ -1,10 +1,18 @@
-"""merge stage: pure tensor operations over checkpoints that share a base and a tokenizer."""
+"""merge stage: pure tensor operations over checkpoints that share a base and a tokenizer.
+
+With an optional `tokens` input, methods that search (greedy soup) score candidates by
+held-out loss on the validation blocks.
+"""
 from __future__ import annotations
 
+import numpy as np
 from safetensors.torch import load_file
 
+from components.eval.perplexity import evaluate_perplexity
 from components.merge.base import MergeError
 from tasks.model_io import load_model_artifact, save_model_artifact
+
+SCORE_BLOCKS = 32  # validation blocks per candidate: enough to rank soups, cheap on CPU
 
 
 def _state_dict(art) -> dict:
@@ -26,10 +34,21 @@ def run(ctx) -> dict:
         if tok != reference:
             raise MergeError(f"stage {ctx.plan.name}: checkpoint {name!r} has a different tokenizer from "
                              f"{reference_name!r}; merged models must share one tokenizer")
-    merged = merger.merge(_state_dict(base_art) if base_art else None, [_state_dict(a) for a in models], names)
     model, tokenizer, _ = load_model_artifact(models[0])
+    score_fn = None
+    if "tokens" in ctx.inputs:
+        blocks = np.load(ctx.input("tokens").path / "validation.npy")[:SCORE_BLOCKS]
+
+        def score_fn(state_dict) -> float:  # held-out loss of a candidate merge, lower is better
+            model.load_state_dict(state_dict, strict=True)
+            return evaluate_perplexity(model, blocks)["loss"]
+
+    merged = merger.merge(_state_dict(base_art) if base_art else None, [_state_dict(a) for a in models], names,
+                          score_fn=score_fn)
     model.load_state_dict(merged, strict=True)
     facts = {"kind": "merge", "method": ctx.plan.method, "merged": names,
-             "base": base_art.manifest.get("stage") if base_art else None}
+             "base": base_art.manifest.get("stage") if base_art else None, "report": merger.report}
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
-    return {"n_models": len(models)}
+    metrics = {"n_models": len(models)}
+    metrics.update({k: v for k, v in merger.report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return metrics

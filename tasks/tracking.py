@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from tasks.artifacts import pid_alive
 from tasks.workspace import Workspace
 
 MAX_PARAM_LEN = 6000
@@ -42,16 +43,6 @@ def git_commit(root: Path) -> str:
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Tracker:
@@ -81,7 +72,7 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=500)
         for run in runs:
             tags = run.data.tags
-            if tags.get("paperdag.host") == host and not _pid_alive(int(tags.get("paperdag.pid", "0") or 0)):
+            if tags.get("paperdag.host") == host and not pid_alive(int(tags.get("paperdag.pid", "0") or 0)):
                 self.client.set_tag(run.info.run_id, "paperdag.error", "process died without ending the run (killed)")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
 

@@ -17,6 +17,10 @@ from components.registry import Method, MethodParams
 StateDict = dict[str, torch.Tensor]
 # Held-out score of a candidate merged state dict; LOWER is better (e.g. held-out loss).
 ScoreFn = Callable[[StateDict], float]
+# (tensor name, reference tensor in float64, one float64 tensor per model) -> combined float64 tensor.
+# For ``merge_task_vectors`` the reference is theta_0, the per-model tensors are the task vectors
+# tau_i = theta_i - theta_0, and the result is the delta added to theta_0.
+CombineFn = Callable[[str, torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
 class MergeError(ValueError):
@@ -74,6 +78,35 @@ class Merger(Method):
         if self.requires_base and base is None:
             raise MergeError(f"{self.key}: needs the base (pre-trained) checkpoint, got base=None")
         check_compatible(base, models, names)
+
+
+def _merge_float_tensors(reference: StateDict,
+                         combine_tensor: Callable[[str, torch.Tensor], torch.Tensor]) -> StateDict:
+    """The one loop every merger shares: integer buffers are copied from ``reference``; each float tensor
+    is ``combine_tensor(name, reference tensor in float64)`` cast back to the reference's dtype."""
+    merged: StateDict = {}
+    for key, ref_tensor in reference.items():
+        if not ref_tensor.is_floating_point():
+            merged[key] = ref_tensor.clone()
+            continue
+        merged[key] = combine_tensor(key, ref_tensor.to(torch.float64)).to(ref_tensor.dtype)
+    return merged
+
+
+def merge_weights(reference: StateDict, models: list[StateDict], combine: CombineFn) -> StateDict:
+    """Merge the models' weights themselves (soups): each float tensor is
+    ``combine(name, reference64, [theta_i in float64])``; integer buffers come from ``reference``."""
+    return _merge_float_tensors(
+        reference, lambda key, ref64: combine(key, ref64, [sd[key].to(torch.float64) for sd in models]))
+
+
+def merge_task_vectors(base: StateDict, models: list[StateDict], combine: CombineFn) -> StateDict:
+    """theta = theta_0 + combine(name, theta_0, [theta_i - theta_0]) per float tensor, all in float64 and
+    cast back to the base dtype; integer buffers come from ``base``. The task-vector list is built fresh
+    per tensor, so ``combine`` may replace its entries (e.g. to free a raw tau once it is sparsified)."""
+    return _merge_float_tensors(
+        base, lambda key, theta0: theta0 + combine(key, theta0, [sd[key].to(torch.float64) - theta0
+                                                                 for sd in models]))
 
 
 def check_compatible(base: StateDict | None, models: list[StateDict], names: list[str]) -> None:

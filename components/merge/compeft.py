@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from components.merge.base import Merger, MergerParams, ScoreFn, StateDict, check_density
+from components.merge.base import Merger, MergerParams, ScoreFn, StateDict, check_density, merge_task_vectors
 from components.registry import Paper
 
 SCALE_BYTES = 4  # the scale is stored as one float32
@@ -131,19 +131,18 @@ class ComPEFT(Merger):
         weights = self.resolve_weights(len(models), default=1.0, normalize=self.params.normalize)
         per_model = {name: 0 for name in names}
         dense = 0
-        merged: StateDict = {}
-        for key, base_tensor in base.items():
-            if not base_tensor.is_floating_point():
-                merged[key] = base_tensor.clone()
-                continue
-            theta0 = base_tensor.to(torch.float64)
+
+        def compressed_sum(key: str, theta0: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+            nonlocal dense
             task_sum = torch.zeros_like(theta0)
-            for w, sd, name in zip(weights, models, names):
-                code = compress_task_vector(sd[key].to(torch.float64) - theta0, self.params.density, self.params.alpha)
+            for w, tau, sd, name in zip(weights, taus, models, names):
+                code = compress_task_vector(tau, self.params.density, self.params.alpha)
                 per_model[name] += code.nbytes
-                dense += sd[key].numel() * sd[key].element_size()
+                dense += sd[key].numel() * sd[key].element_size()  # in the checkpoint's own dtype, not float64
                 task_sum += w * code.decompress().to(theta0.device)
-            merged[key] = (theta0 + self.params.scaling * task_sum).to(base_tensor.dtype)
+            return self.params.scaling * task_sum
+
+        merged = merge_task_vectors(base, models, compressed_sum)
         self.report = {"compressed_bytes": sum(per_model.values()), "compressed_bytes_per_model": per_model,
                        "dense_bytes": dense}
         return merged

@@ -12,7 +12,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from components.merge.base import Merger, MergeError, MergerParams, ScoreFn, StateDict, check_density, per_model
+from components.merge.base import (Merger, MergeError, MergerParams, ScoreFn, StateDict, check_density,
+                                   merge_task_vectors, per_model)
 
 Sparsification = Literal["none", "magnitude", "random_dare"]
 
@@ -114,22 +115,19 @@ class GeneralizedTaskArithmetic(Merger):
                                  f"got {', '.join(f'{n!r}: {w}' for n, w in bad)}")
         densities = per_model(getattr(self.params, "density", 1.0), len(models), "density", self.key)
         self.report = {"weights": dict(zip(names, weights)), "density": dict(zip(names, densities))}
-        merged: StateDict = {}
-        for key, base_tensor in base.items():
-            if not base_tensor.is_floating_point():
-                merged[key] = base_tensor.clone()
-                continue
-            theta0 = base_tensor.to(torch.float64)
-            taus = [self._sparsify(sd[key].to(torch.float64) - theta0, d, i, key)
-                    for i, (sd, d) in enumerate(zip(models, densities))]
+
+        def sparsify_and_combine(key: str, theta0: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+            for i, density in enumerate(densities):
+                taus[i] = self._sparsify(taus[i], density, i, key)  # in place: the raw tau is freed right away
             if self.sign_consensus:
                 combined = elect_and_combine([w * tau for w, tau in zip(weights, taus)], weights, normalize)
             else:
                 combined = torch.zeros_like(theta0)  # same accumulation as TaskArithmetic: bit-identical at density 1
                 for w, tau in zip(weights, taus):
                     combined += w * tau
-            merged[key] = (theta0 + self.params.scaling * combined).to(base_tensor.dtype)
-        return merged
+            return self.params.scaling * combined
+
+        return merge_task_vectors(base, models, sparsify_and_combine)
 
     def _sparsify(self, tau: torch.Tensor, density: float, model_index: int, key: str) -> torch.Tensor:
         if self.sparsification == "none" or density >= 1.0:

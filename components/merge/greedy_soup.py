@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import torch
-from components.merge.base import MergeError, Merger, ScoreFn, StateDict
-from components.registry import MethodParams, Paper
+
+from components.merge.base import MergeError, Merger, ScoreFn, StateDict, merge_weights
+from components.merge.uniform_soup import SOUP_PAPER
+from components.registry import MethodParams
 
 
 def uniform_average(models: list[StateDict]) -> StateDict:
     """Mean of float tensors (in float64, cast back); integer buffers from the first model."""
-    out: StateDict = {}
-    for key, first in models[0].items():
-        if not first.is_floating_point():
-            out[key] = first.clone()
-            continue
+
+    def mean(key: str, first: torch.Tensor, thetas: list[torch.Tensor]) -> torch.Tensor:
         acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
-        for sd in models:
-            acc += sd[key].to(torch.float64)
-        out[key] = (acc / len(models)).to(first.dtype)
-    return out
+        for theta in thetas:
+            acc += theta
+        return acc / len(thetas)
+
+    return merge_weights(models[0], models, mean)
 
 
 class GreedySoup(Merger):
@@ -32,12 +32,7 @@ class GreedySoup(Merger):
     """
 
     key = "greedy_soup"
-    paper = Paper(
-        title="Model soups: averaging weights of multiple fine-tuned models improves accuracy "
-              "without increasing inference time",
-        url="https://arxiv.org/abs/2203.05482",
-        arxiv="2203.05482",
-    )
+    paper = SOUP_PAPER
     requires_base = False
 
     class Params(MethodParams):

@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from components.merge.base import Merger, MergerParams, ScoreFn, StateDict, check_density
+from components.merge.base import Merger, MergerParams, ScoreFn, StateDict, check_density, merge_task_vectors
 from components.merge.task_arithmetic import TaskArithmetic
 from components.merge.ties import Ties
 from components.registry import Paper
@@ -105,16 +105,14 @@ class GroupwiseMerge(Merger):
             else:
                 inner = TaskArithmetic(TaskArithmetic.Params(weights=group_weights, scaling=self.params.scaling))
             group_results.append(inner.merge(base, [models[i] for i in group], [names[i] for i in group]))
-        merged: StateDict = {}
-        for key, base_tensor in base.items():
-            if not base_tensor.is_floating_point():
-                merged[key] = base_tensor.clone()
-                continue
-            theta0 = base_tensor.to(torch.float64)
+
+        def mean_of_groups(key: str, theta0: torch.Tensor, group_taus: list[torch.Tensor]) -> torch.Tensor:
             acc = torch.zeros_like(theta0)
-            for result in group_results:
-                acc += result[key].to(torch.float64) - theta0
-            merged[key] = (theta0 + acc / len(group_results)).to(base_tensor.dtype)
+            for tau in group_taus:
+                acc += tau
+            return acc / len(group_taus)
+
+        merged = merge_task_vectors(base, group_results, mean_of_groups)
         self.report = {"groups": [[names[i] for i in g] for g in groups],
                        "cosine_similarity": similarity.tolist()}
         return merged

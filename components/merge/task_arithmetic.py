@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from components.merge.base import Merger, MergerParams, ScoreFn, StateDict
+from components.merge.base import Merger, MergerParams, ScoreFn, StateDict, merge_task_vectors
 from components.registry import Paper
 
 
@@ -34,14 +34,11 @@ class TaskArithmetic(Merger):
         self.check_inputs(base, models, names)
         weights = self.resolve_weights(len(models), default=1.0, normalize=self.params.normalize)
         scaling = self.params.scaling
-        merged: StateDict = {}
-        for key, base_tensor in base.items():
-            if not base_tensor.is_floating_point():
-                merged[key] = base_tensor.clone()
-                continue
-            theta0 = base_tensor.to(torch.float64)
+
+        def scaled_sum(key: str, theta0: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
             task_sum = torch.zeros_like(theta0)
-            for w, sd in zip(weights, models):
-                task_sum += w * (sd[key].to(torch.float64) - theta0)
-            merged[key] = (theta0 + scaling * task_sum).to(base_tensor.dtype)
-        return merged
+            for w, tau in zip(weights, taus):
+                task_sum += w * tau
+            return scaling * task_sum
+
+        return merge_task_vectors(base, models, scaled_sum)

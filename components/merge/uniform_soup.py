@@ -3,8 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from components.merge.base import Merger, ScoreFn, StateDict
+from components.merge.base import Merger, ScoreFn, StateDict, merge_weights
 from components.registry import Paper
+
+SOUP_PAPER = Paper(
+    title="Model soups: averaging weights of multiple fine-tuned models improves accuracy "
+          "without increasing inference time",
+    url="https://arxiv.org/abs/2203.05482",
+    arxiv="2203.05482",
+)
 
 
 class UniformSoup(Merger):
@@ -14,25 +21,18 @@ class UniformSoup(Merger):
     """
 
     key = "uniform_soup"
-    paper = Paper(
-        title="Model soups: averaging weights of multiple fine-tuned models improves accuracy "
-              "without increasing inference time",
-        url="https://arxiv.org/abs/2203.05482",
-        arxiv="2203.05482",
-    )
+    paper = SOUP_PAPER
     requires_base = False
 
     def merge(self, base: StateDict | None, models: list[StateDict], names: list[str],
               score_fn: ScoreFn | None = None) -> StateDict:
         self.check_inputs(base, models, names)
         weights = self.resolve_weights(len(models), default=1.0, normalize=True)
-        merged: StateDict = {}
-        for key, first in models[0].items():
-            if not first.is_floating_point():
-                merged[key] = first.clone()
-                continue
+
+        def weighted_sum(key: str, first: torch.Tensor, thetas: list[torch.Tensor]) -> torch.Tensor:
             acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
-            for w, sd in zip(weights, models):
-                acc += w * sd[key].to(torch.float64)
-            merged[key] = acc.to(first.dtype)
-        return merged
+            for w, theta in zip(weights, thetas):
+                acc += w * theta
+            return acc
+
+        return merge_weights(models[0], models, weighted_sum)
