@@ -158,7 +158,9 @@ def execute_stage(
             metrics = run_into(run_id, lambda step, m: tracker.log_metrics(run_id, m, step))
             tracker.log_metrics(run_id, metrics)
             final = store.get(stage.kind, stage.digest)
-            tracker.set_tags(run_id, {"paperdag.facts": json.dumps(final.manifest.get("facts", {}), default=str)[:5000]})
+            facts = final.manifest.get("facts", {})
+            tracker.set_tags(run_id, {"paperdag.facts": json.dumps(facts, default=str)[:5000],
+                                      **({"paperdag.precision": facts["precision"]} if "precision" in facts else {})})
             for small in ("metrics.json", "report.md", STAGE_METRICS, "paperdag.json", "manifest.json"):
                 if (final.path / small).exists():
                     tracker.log_file(run_id, final.path / small)

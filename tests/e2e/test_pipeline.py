@@ -93,6 +93,7 @@ def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
         logged = {d.dataset.digest for d in child.inputs.dataset_inputs}
         assert logged == {d[:36] for ds in upstream.values() for d in ds}, name
     assert by_stage["pretrain_dense"].data.metrics["train_flops"] > 0
+    assert by_stage["pretrain_dense"].data.tags["paperdag.precision"] == "fp32"  # the nano recipe forces fp32
     assert "evaluate" in by_stage and by_stage["evaluate"].data.metrics["claims_total"] == 2
 
 
