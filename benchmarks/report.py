@@ -40,16 +40,9 @@ def main() -> None:
     r = _load("spdf.json")
     if r:
         out += _section("SPDF recipe", "paperdag run spdf", ["```", r["table"].rstrip(), "```"])
-    r = _load("trainer.json")
-    if r:
-        out += _section("Trainer step time vs a bare PyTorch loop (same model, batch, precision)",
-                        f"python benchmarks/bench_trainer.py --precision {r['precision']}", [
-            "| precision | bare loop s/step | paperdag s/step | paperdag / bare |", "|---|---|---|---|",
-            f"| {r['precision']} | {r['bare_s_per_step']:.3f} | {r['paperdag_s_per_step']:.3f} | "
-            f"**{r['ratio_paperdag_over_bare']:.3f}** (target ≤ 1.05) |"])
     md = RESULTS / "cpu_training.md"
     if md.exists():
-        out += _section("CPU training throughput: paperdag vs peers", "python benchmarks/bench_cpu_training.py",
+        out += _section("Training throughput on CPU: paperdag's trainer vs a bare PyTorch loop, HF Trainer and DeepSpeed", "python benchmarks/bench_cpu_training.py",
                         [md.read_text().rstrip()])
     r = _load("bf16_vs_fp32.json")
     if r:

@@ -189,6 +189,8 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
                     raise RecipeError(
                         f"{where}.inputs.{role}: stage {r!r} is a {recipe.stages[r].kind} stage; "
                         f"{role} accepts {', '.join(kind.roles[role].accepts)}")
+        if getattr(method_cls, "needs_teacher", False) and "teacher" not in spec.inputs:
+            raise RecipeError(f"{where}.inputs: method {spec.method} distills from a teacher; add `teacher: <stage>`")
         for role, spec_role in kind.roles.items():
             if spec_role.required and role not in spec.inputs:
                 raise RecipeError(f"{where}.inputs: missing required input {role!r} for a {spec.kind} stage")

@@ -50,7 +50,10 @@ KINDS: dict[str, StageKind] = {
         ),
         StageKind(
             "distill", DISTILL_METHODS, "tasks.train", "model",
-            {"tokens": Role(("tokenize",)), "teacher": Role(MODEL_KINDS)}, trains=True,
+            # teacher is optional for self-distillation methods (needs_teacher=False, e.g. ps_kd);
+            # student, when given, is the model the student starts from instead of a fresh preset
+            {"tokens": Role(("tokenize",)), "teacher": Role(MODEL_KINDS, required=False),
+             "student": Role(MODEL_KINDS, required=False)}, trains=True,
         ),
         StageKind(
             "quantize", QUANTIZERS, "tasks.quantize", "model",

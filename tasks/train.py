@@ -52,14 +52,20 @@ def run(ctx) -> dict:
         model, _, parent_facts = load_model_artifact(ctx.input("model"))
         _check_vocab(model, tokenizer, f"input model {ctx.input('model').path}", plan.name)
         parents = {"model": parent_facts}
+    elif plan.kind == "distill" and ctx.inputs.get("student"):
+        model, _, parent_facts = load_model_artifact(ctx.input("student"))  # e.g. Well-Read Students
+        _check_vocab(model, tokenizer, f"student {ctx.input('student').path}", plan.name)
+        parents = {"student": parent_facts}
     else:
         model = build_model(plan.options["model"], vocab_size=len(tokenizer), max_seq_len=blocks.shape[1],
                             seed=config.seed)
         _check_vocab(model, tokenizer, f"model {plan.options['model']!r}", plan.name)
-        if plan.kind == "distill":
-            teacher, _, parent_facts = load_model_artifact(ctx.input("teacher"))
-            _check_vocab(teacher, tokenizer, f"teacher {ctx.input('teacher').path}", plan.name)
-            parents = {"teacher": parent_facts}
+    if plan.kind == "distill" and ctx.inputs.get("teacher"):
+        teacher, _, parent_facts = load_model_artifact(ctx.input("teacher"))
+        _check_vocab(teacher, tokenizer, f"teacher {ctx.input('teacher').path}", plan.name)
+        parents["teacher"] = parent_facts
+    if plan.kind == "distill" and method.needs_teacher and teacher is None:
+        raise ValueError(f"stage {plan.name}: distill method {plan.method!r} needs a `teacher` input")
     checkpoints = ctx.workspace.state_dir / "checkpoints" / plan.digest[:DIGEST_LEN]
     result = train(model, blocks, config, method, teacher=teacher, checkpoint_dir=checkpoints,
                    on_log=lambda step, m: ctx.log_metrics(step, {f"train_{k}": v for k, v in m.items()}),

@@ -141,3 +141,9 @@ def test_committed_dvc_yaml_is_current():
     from flows.dvc_sync import render_dvc_yaml
 
     assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(REPO), "run `paperdag dvc-sync` and commit dvc.yaml"
+
+
+def test_method_needing_a_teacher_without_one(tmp_path):
+    p = _nano_with(tmp_path, "inputs: {tokens: tokenize, teacher: pretrain_dense}", "inputs: {tokens: tokenize}")
+    with pytest.raises(RecipeError, match=r"stages\.distill\.inputs: method logit_kd distills from a teacher"):
+        load_recipe(p)

@@ -16,6 +16,22 @@ def vocab_size(model: nn.Module) -> int:
     return unwrap(model).get_output_embeddings().out_features
 
 
+def soft_kl(student_flat: torch.Tensor, teacher_flat: torch.Tensor, temperature: float,
+            direction: str = "forward") -> torch.Tensor:
+    """``T^2 * KL`` between temperature-softened (positions, vocab) logits, mean over positions.
+
+    ``forward`` is KL(p_teacher || p_student), ``reverse`` is KL(p_student || p_teacher).
+    """
+    t = temperature
+    log_student = F.log_softmax(student_flat.float() / t, dim=-1)
+    log_teacher = F.log_softmax(teacher_flat.float() / t, dim=-1)
+    if direction == "forward":
+        kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
+    else:
+        kl = F.kl_div(log_teacher, log_student, log_target=True, reduction="batchmean")
+    return t * t * kl
+
+
 class LogitKD(TrainingMethod):
     """``loss = alpha * T^2 * KL(teacher_T, student_T) + (1 - alpha) * CE(student, next token)``.
 
@@ -52,7 +68,7 @@ class LogitKD(TrainingMethod):
         student_vocab, teacher_vocab = vocab_size(model), vocab_size(teacher)
         if student_vocab != teacher_vocab:
             raise ValueError(
-                f"logit_kd needs a shared vocabulary: student vocab_size={student_vocab}, "
+                f"{self.key} needs a shared vocabulary: student vocab_size={student_vocab}, "
                 f"teacher vocab_size={teacher_vocab}"
             )
         self._checked_teacher = id(teacher)
@@ -73,14 +89,7 @@ class LogitKD(TrainingMethod):
         params = self.params
         loss = student_flat.new_zeros(())
         if params.alpha > 0:
-            t = params.temperature
-            log_student = F.log_softmax(student_flat / t, dim=-1)
-            log_teacher = F.log_softmax(teacher_flat / t, dim=-1)
-            if params.direction == "forward":
-                kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean")
-            else:
-                kl = F.kl_div(log_teacher, log_student, log_target=True, reduction="batchmean")
-            loss = loss + params.alpha * t * t * kl
+            loss = loss + params.alpha * soft_kl(student_flat, teacher_flat, params.temperature, params.direction)
         if params.alpha < 1:
             loss = loss + (1 - params.alpha) * F.cross_entropy(student_flat, targets)
         return loss

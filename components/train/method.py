@@ -5,6 +5,7 @@ data order and checkpoints; a method only decides what is special about it throu
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,6 +68,14 @@ class TrainingMethod(Method):
 
     def prepare(self, model: nn.Module) -> None:
         """Called once on the plain model before the optimizer exists (e.g. install masks)."""
+
+    def bind(self, model: nn.Module, teacher: nn.Module | None, n_blocks: int) -> None:
+        """Called right after ``prepare`` (still before the optimizer exists, so modules attached to
+        ``model`` here are trained) with the teacher (or None) and the number of training blocks."""
+
+    def on_batch(self, step: int, indices: np.ndarray) -> None:
+        """Called before ``loss`` with the 1-based step and the block indices (rows of the
+        ``blocks`` array) of the batch, in batch order."""
 
     def loss(self, model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None) -> torch.Tensor:
         """Scalar loss of one batch of token ids ``(batch, seq)``; default: causal LM loss.

@@ -347,6 +347,7 @@ def train(
         teacher.eval()
         teacher.requires_grad_(False)
     method.prepare(model)
+    method.bind(model, teacher, blocks.shape[0])
 
     optimizer = _make_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
@@ -402,7 +403,9 @@ def train(
     try:
         for index in range(start_step, last_step):
             step = index + 1
-            batch = torch.from_numpy(blocks[order.indices(index)].astype(np.int64)).to(device, non_blocking=True)
+            batch_indices = order.indices(index)
+            batch = torch.from_numpy(blocks[batch_indices].astype(np.int64)).to(device, non_blocking=True)
+            method.on_batch(step, batch_indices)
             with autocast:
                 loss = method.loss(engine, batch, teacher)
             value = loss.item()  # the one sync per step; checked before backward so weights stay finite
