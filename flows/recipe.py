@@ -205,8 +205,9 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     if recipe.claims and not evaluates:
         raise RecipeError(f"{path}: claims need an evaluate stage to check them")
     evaluated = {s for n in evaluates for ref in recipe.stages[n].inputs.get("models", []) for s in ([ref] if isinstance(ref, str) else ref)}
+    evaluated |= {"eft" for n in evaluates if "eft_large_base" in recipe.stages[n].inputs}
     for claim in recipe.claims:
-        for ref in (claim.metric, claim.than):
+        for ref in (claim.metric, claim.than, *claim.plus):
             if isinstance(ref, str):
                 stage = ref.split(".", 1)[0]
                 if stage not in evaluated:

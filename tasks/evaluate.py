@@ -10,11 +10,13 @@ import logging
 import numpy as np
 
 from components.data.parquet_io import read_documents
+from components.distill.eft import EftModel
 from components.eval.claims import Claim, check_claims
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.model_io import load_model_artifact
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss")
+EFT_ROLES = ("eft_large_base", "eft_small_ft", "eft_small_base")
 # HFLM warns on every in-memory model it wraps; the evaluate stage always passes one on purpose.
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
@@ -27,7 +29,7 @@ def run(ctx) -> dict:
     examples = arithmetic_examples(heldout[(heldout["split"] == "test") & (heldout["domain"] == "arithmetic")]["text"].tolist())
     evaluator = ctx.method
     per_model: dict[str, dict] = {}
-    for art in ctx.inputs["models"]:
+    for art in ctx.inputs.get("models", []):
         name = art.manifest.get("stage", art.digest[:16])
         model, tokenizer, facts = load_model_artifact(art)
         model.eval()
@@ -35,6 +37,17 @@ def run(ctx) -> dict:
                                quant_meta=facts.get("quantization"), progress=ctx.progress)
         m.update({k: facts[k] for k in FACT_METRICS if k in facts})
         per_model[name] = m
+    eft_roles = [r for r in EFT_ROLES if r in ctx.inputs]
+    if eft_roles:
+        if len(eft_roles) != len(EFT_ROLES):
+            raise ValueError(f"stage {ctx.plan.name}: EFT needs all of {', '.join(EFT_ROLES)}; got {', '.join(eft_roles)}")
+        loaded = [load_model_artifact(ctx.input(r)) for r in EFT_ROLES]
+        eft = EftModel(*(m for m, _, _ in loaded), beta=evaluator.params.eft_beta, tokenizers=[t for _, t, _ in loaded])
+        eft.eval()
+        per_model["eft"] = evaluator.evaluate(eft, loaded[0][1], None, blocks, examples, ctx.out_dir / "eft",
+                                              progress=ctx.progress)
+    if not per_model:
+        raise ValueError(f"stage {ctx.plan.name}: nothing to evaluate; give `inputs.models` or the three EFT inputs")
     claims = [Claim.model_validate(c) for c in ctx.plan.options.get("claims", [])]
     results = check_claims(claims, per_model)
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,

@@ -66,7 +66,10 @@ KINDS: dict[str, StageKind] = {
         ),
         StageKind(
             "evaluate", EVALUATORS, "tasks.evaluate", "eval",
-            {"tokens": Role(("tokenize",)), "models": Role(MODEL_KINDS, many=True)},
+            {"tokens": Role(("tokenize",)), "models": Role(MODEL_KINDS, many=True, required=False),
+             # emulated fine-tuning (EFT): evaluated as one more model, named "eft"
+             "eft_large_base": Role(MODEL_KINDS, required=False), "eft_small_ft": Role(MODEL_KINDS, required=False),
+             "eft_small_base": Role(MODEL_KINDS, required=False)},
         ),
     ]
 }

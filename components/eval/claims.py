@@ -37,6 +37,17 @@ class Claim(BaseModel):
     than: str | float = Field(description='right-hand side: a "stage.metric" reference or a number')
     factor: float = Field(1.0, allow_inf_nan=False, description="multiplies the right-hand side")
     margin: float = Field(0.0, allow_inf_nan=False, description="added to the right-hand side after the factor")
+    plus: dict[str, float] = Field(default_factory=dict, description=(
+        'more right-hand-side terms, {"stage.metric": weight}: e.g. "keeps 90% of the gain" is '
+        "ft_c <= 0.9 * ft + 0.1 * base"))
+
+    @field_validator("plus")
+    @classmethod
+    def _plus_are_references(cls, value: dict[str, float]) -> dict[str, float]:
+        for ref in value:
+            if not _is_reference(ref):
+                raise ValueError(f'plus keys must look like "stage.metric", got {ref!r}')
+        return value
 
     @field_validator("metric")
     @classmethod
@@ -91,7 +102,9 @@ def check_claims(claims: Sequence[Claim], metrics: dict[str, dict[str, float]]) 
         else:
             ref_raw = claim.than
         lhs, ref = _as_float(lhs_raw), _as_float(ref_raw)
-        rhs = None if ref is None else claim.factor * ref + claim.margin
+        extra = {r: _as_float(_lookup(claim, r, metrics)) for r in claim.plus}
+        rhs = None if ref is None or None in extra.values() else (
+            claim.factor * ref + claim.margin + sum(w * extra[r] for r, w in claim.plus.items()))
 
         ref_text = _fmt(ref) if ref is not None else repr(ref_raw)
         rhs_text = f"{claim.than} (= {ref_text})" if isinstance(claim.than, str) else ref_text
@@ -99,7 +112,9 @@ def check_claims(claims: Sequence[Claim], metrics: dict[str, dict[str, float]]) 
             rhs_text = f"{claim.factor:.2f} × {rhs_text}"
         if claim.margin != 0.0:
             rhs_text += f" {'+' if claim.margin > 0 else '-'} {_fmt(abs(claim.margin))}"
-        if (claim.factor != 1.0 or claim.margin != 0.0) and rhs is not None:
+        for r, w in claim.plus.items():
+            rhs_text += f" + {w:.2f} × {r} (= {_fmt(extra[r]) if extra[r] is not None else '?'})"
+        if (claim.factor != 1.0 or claim.margin != 0.0 or claim.plus) and rhs is not None:
             rhs_text += f" = {_fmt(rhs)}"
         lhs_text = _fmt(lhs) if lhs is not None else repr(lhs_raw)
         detail = f"{claim.metric} = {lhs_text} {claim.op} {rhs_text}"

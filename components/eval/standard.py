@@ -29,8 +29,10 @@ class StandardEvaluation(Evaluator):
         lm_eval_limit: int | None = Field(64, ge=1)
         """Arithmetic examples run through lm-eval (None = all)."""
         lm_eval_batch_size: int = Field(16, ge=1)
+        eft_beta: float = 1.0
+        """EFT only: weight of the small models' fine-tuning difference (Mitchell et al. 2023)."""
 
-    def evaluate(self, model, tokenizer, model_dir: Path, blocks_by_domain: dict[str, np.ndarray],
+    def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
                  progress: bool = False) -> dict[str, float]:
         p = self.params
@@ -55,7 +57,8 @@ class StandardEvaluation(Evaluator):
                             batch_size=p.lm_eval_batch_size, limit=p.lm_eval_limit)
             out["arith_exact_match"] = r["exact_match"]
             out["arith_n"] = r["n"]
-        sizes = model_size_report(model_dir, quant_meta=quant_meta)
-        out.update({k: v for k, v in sizes.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        out["size_bytes"] = sizes.get("deploy_bytes", sizes.get("safetensors_bytes"))
+        if model_dir is not None:  # a wrapper such as EFT has no weights file of its own
+            sizes = model_size_report(model_dir, quant_meta=quant_meta)
+            out.update({k: v for k, v in sizes.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            out["size_bytes"] = sizes.get("deploy_bytes", sizes.get("safetensors_bytes"))
         return out

@@ -71,3 +71,13 @@ def test_claim_validation():
         claim(than="ppl_all")
     with pytest.raises(ValidationError, match="factor"):
         claim(factor=float("nan"))
+
+
+def test_plus_terms_express_a_share_of_a_gain():
+    metrics = {"base": {"ppl": 100.0}, "ft": {"ppl": 50.0}, "c": {"ppl": 54.0}, "d": {"ppl": 56.0}}
+    keeps_90 = dict(op="<=", than="ft.ppl", factor=0.9, plus={"base.ppl": 0.1}, statement="s")
+    ok, bad = check_claims([Claim(name="c", metric="c.ppl", **keeps_90), Claim(name="d", metric="d.ppl", **keeps_90)], metrics)
+    assert ok["rhs"] == pytest.approx(55.0) and ok["passed"] and not bad["passed"]
+    assert "0.10 × base.ppl (= 100)" in ok["detail"]
+    with pytest.raises(ValidationError, match="plus keys"):
+        Claim(name="x", statement="s", metric="c.ppl", op="<", than=1.0, plus={"nodot": 1.0})
