@@ -37,9 +37,23 @@ def main() -> None:
         table = (RESULTS / "quickstart.table.txt")
         if table.exists():
             out += ["Results table and claims of that cold run:", "", "```", table.read_text().rstrip(), "```", ""]
-    r = _load("spdf.json")
-    if r:
-        out += _section("SPDF recipe", "paperdag run spdf", ["```", r["table"].rstrip(), "```"])
+    cat = _load("catalogue.json")
+    if cat:
+        body = []
+        for name, entry in cat.items():
+            claims = entry.get("claims", [])
+            passed = sum(c["passed"] for c in claims)
+            body += [f"### {name}: {passed}/{len(claims)} claims pass "
+                     f"({entry.get('stages', '?')} stages, {entry.get('cache_hits', '?')} cache hits, "
+                     f"{entry['wall_s']:.0f} s, exit code {entry['returncode']})", ""]
+            body += [f"- **{'PASS' if c['passed'] else 'FAIL'}** `{c['name']}`: {c['statement']}  \n  {c['detail']}"
+                     for c in claims]
+            table = RESULTS / f"{name}.table.txt"
+            if table.exists():
+                body += ["", "```", table.read_text().rstrip(), "```"]
+            body.append("")
+        out += _section("Recipe catalogue: every recipe run in one workspace",
+                        "python benchmarks/run_catalogue.py --workspace /tmp/paperdag-catalogue", body)
     md = RESULTS / "cpu_training.md"
     if md.exists():
         out += _section("Training throughput on CPU: paperdag's trainer vs a bare PyTorch loop, HF Trainer and DeepSpeed", "python benchmarks/bench_cpu_training.py",
