@@ -139,11 +139,14 @@ def deepspeed_zero1(blocks: np.ndarray, total: int, warmup: int, bf16: bool) -> 
     return step_times(stamps, warmup)
 
 
-def paperdag(blocks: np.ndarray, total: int, warmup: int, precision: str, **extra) -> list[float]:
+def paperdag(blocks: np.ndarray, total: int, warmup: int, precision: str, compile_model: bool = False) -> list[float]:
     cfg = DenseTraining.Params(steps=total, batch_size=BATCH, lr=LR, weight_decay=WD, grad_clip=CLIP,
-                               precision=precision, log_every=1, **extra)
+                               precision=precision, log_every=1)
+    model = make_model()
+    if compile_model:  # in place, as an opt-in trainer flag would do (bench_cpu_training_next.py)
+        model.compile()
     stamps: list[float] = []
-    result = train(make_model(), blocks[: total * BATCH], cfg, DenseTraining(cfg), progress=False,
+    result = train(model, blocks[: total * BATCH], cfg, DenseTraining(cfg), progress=False,
                    on_log=lambda s, m: stamps.append(time.perf_counter()))
     paperdag.last_precision = result.precision
     # stamps[i] ends step i+1; the first gap is step 2, so drop warmup-1 more gaps

@@ -38,11 +38,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default="quickstart")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quickstart.json"))
+    ap.add_argument("--workspace", help="keep the workspace here (must not exist yet) instead of a temp dir")
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ws = Path(tmp) / "ws"
+        ws = Path(args.workspace) if args.workspace else Path(tmp) / "ws"
+        if ws.exists():
+            sys.exit(f"{ws} exists; the cold run needs an empty workspace")
         shutil.copytree(REPO / "params", ws / "params")
         cold, cold_out = run(ws, args.recipe, out.with_suffix(".cold.log"))
         warm, warm_out = run(ws, args.recipe, out.with_suffix(".warm.log"))

@@ -75,6 +75,29 @@ def main() -> None:
                         ["```json", json.dumps(r, indent=2)[:4000], "```"])
     (HERE / "RESULTS.md").write_text("\n".join(out))
     print(f"wrote {HERE / 'RESULTS.md'}")
+    if cat:
+        update_readme_catalogue(cat)
+
+
+def update_readme_catalogue(cat: dict) -> None:
+    """Rewrite the README's catalogue table (between its markers) from catalogue.json."""
+    import yaml
+
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- catalogue:start -->", "<!-- catalogue:end -->"
+    if start not in text or end not in text:
+        return
+    rows = ["| recipe | paper | claims (measured at micro scale on CPU) |", "|---|---|---|"]
+    for name, entry in cat.items():
+        recipe = yaml.safe_load((HERE.parent / "params" / f"{name}.yaml").read_text())
+        paper = f"[{recipe['paper']['title']}]({recipe['paper']['url']})"
+        claims = "<br>".join(f"{'PASS' if c['passed'] else '**FAIL**'}: {c['statement']}" for c in entry.get("claims", []))
+        rows.append(f"| `{name}` | {paper} | {claims or '(run failed: see RESULTS.md)'} |")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    readme.write_text(before + start + "\n" + "\n".join(rows) + "\n" + end + after)
+    print(f"updated the catalogue in {readme}")
 
 
 if __name__ == "__main__":
