@@ -27,7 +27,8 @@ HEADER = """\
 def render_dvc_yaml(root: Path) -> str:
     stages: dict[str, dict] = {}
     producer: dict[str, str] = {}  # digest -> dvc stage name
-    for recipe_path in sorted((root / "params").glob("*.yaml")):
+    # The quickstart names the stages other recipes share (quickstart-corpus, ...); then A-Z.
+    for recipe_path in sorted((root / "params").glob("*.yaml"), key=lambda p: (p.stem != "quickstart", p.stem)):
         _, plan = load_plan(recipe_path)
         rel_recipe = recipe_path.relative_to(root).as_posix()
         for stage in plan.stages.values():
