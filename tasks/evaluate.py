@@ -29,8 +29,9 @@ def run(ctx) -> dict:
     examples = arithmetic_examples(heldout[(heldout["split"] == "test") & (heldout["domain"] == "arithmetic")]["text"].tolist())
     evaluator = ctx.method
     per_model: dict[str, dict] = {}
-    for art in ctx.inputs.get("models", []):
-        name = art.manifest.get("stage", art.digest[:16])
+    # Name models by this recipe's stage names: an artifact shared with another recipe (same
+    # digest) carries the stage name of whichever recipe built it first.
+    for name, art in zip(ctx.plan.inputs.get("models", []), ctx.inputs.get("models", [])):
         model, tokenizer, facts = load_model_artifact(art)
         model.eval()
         m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / name,

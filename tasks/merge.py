@@ -23,12 +23,12 @@ def _state_dict(art) -> dict:
 def run(ctx) -> dict:
     merger = ctx.method
     models = ctx.inputs["models"]
-    names = [a.manifest.get("stage", a.digest[:16]) for a in models]
+    names = list(ctx.plan.inputs["models"])  # this recipe's stage names (shared artifacts keep their first name)
     base_art = (ctx.inputs.get("base") or [None])[0]
     if merger.requires_base and base_art is None:
         raise MergeError(f"stage {ctx.plan.name}: method {ctx.plan.method} needs `inputs.base` (the shared pretrained model)")
-    everything = ([base_art] if base_art else []) + list(models)
-    tokenizers = {a.manifest.get("stage"): (a.path / "tokenizer.json").read_bytes() for a in everything}
+    everything = ([("base", base_art)] if base_art else []) + list(zip(names, models))
+    tokenizers = {name: (a.path / "tokenizer.json").read_bytes() for name, a in everything}
     reference_name, reference = next(iter(tokenizers.items()))
     for name, tok in tokenizers.items():
         if tok != reference:
@@ -47,7 +47,7 @@ def run(ctx) -> dict:
                           score_fn=score_fn)
     model.load_state_dict(merged, strict=True)
     facts = {"kind": "merge", "method": ctx.plan.method, "merged": names,
-             "base": base_art.manifest.get("stage") if base_art else None, "report": merger.report}
+             "base": ctx.plan.inputs["base"][0] if base_art else None, "report": merger.report}
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
     metrics = {"n_models": len(models)}
     metrics.update({k: v for k, v in merger.report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -76,9 +76,12 @@ def _lookup(claim: Claim, ref: str, metrics: dict[str, dict[str, float]]):
         stage, metric = ".".join(parts[:i]), ".".join(parts[i:])
         if stage in metrics and metric in metrics[stage]:
             return metrics[stage][metric]
-    available = sorted(f"{s}.{m}" for s, ms in metrics.items() for m in ms)
-    raise ClaimError(f"claim {claim.name!r}: reference {ref!r} not found; available metrics: "
-                     f"{', '.join(available) if available else '(none)'}")
+    stage = parts[0]
+    if stage in metrics:
+        raise ClaimError(f"claim {claim.name!r}: stage {stage!r} has no metric {'.'.join(parts[1:])!r}; "
+                         f"its metrics: {', '.join(sorted(metrics[stage]))}")
+    raise ClaimError(f"claim {claim.name!r}: reference {ref!r} names no evaluated stage; evaluated stages: "
+                     f"{', '.join(sorted(metrics)) or '(none)'}")
 
 
 def _as_float(value) -> float | None:
