@@ -55,22 +55,28 @@ def step_times(stamps: list[float], warmup: int) -> list[float]:
     return list(np.diff(stamps)[warmup:])
 
 
-def bare_loop(blocks: np.ndarray, total: int, warmup: int, bf16: bool) -> list[float]:
+def bare_loop_stamps(blocks: np.ndarray, total: int, bf16: bool, compile_model: bool = False) -> list[float]:
+    """Step-end timestamps of a plain PyTorch training loop (stamps[0] is the start)."""
     model = make_model()
     model.train()
+    forward = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=WD, fused=True)
     stamps = [time.perf_counter()]
     for step in range(total):
         batch = torch.from_numpy(blocks[step * BATCH: (step + 1) * BATCH].astype(np.int64))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = forward(input_ids=batch, labels=batch).loss
         loss.item()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
-    return step_times(stamps, warmup)
+    return stamps
+
+
+def bare_loop(blocks: np.ndarray, total: int, warmup: int, bf16: bool) -> list[float]:
+    return step_times(bare_loop_stamps(blocks, total, bf16), warmup)
 
 
 class _Blocks(torch.utils.data.Dataset):

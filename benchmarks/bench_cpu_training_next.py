@@ -23,26 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_cpu_training import BATCH, CLIP, LR, SEQ, VOCAB, WD, make_model, paperdag  # noqa: E402
+from bench_cpu_training import BATCH, LR, SEQ, VOCAB, WD, bare_loop_stamps, make_model, paperdag  # noqa: E402
 
 
 def loop(blocks, steps: int, warmup: int, bf16: bool, compile_model: bool) -> dict:
-    model = make_model()
-    model.train()
-    forward = torch.compile(model) if compile_model else model
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=WD, fused=True)
-    stamps = [time.perf_counter()]
-    for step in range(warmup + steps):
-        batch = torch.from_numpy(blocks[step * BATCH: (step + 1) * BATCH].astype(np.int64))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(input_ids=batch, labels=batch).loss
-        loss.item()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stamps.append(time.perf_counter())
-    gaps = np.diff(stamps)
+    gaps = np.diff(bare_loop_stamps(blocks, warmup + steps, bf16, compile_model))
     return {"first_steps_s": float(sum(gaps[:warmup])), "s_per_step": float(np.median(gaps[warmup:]))}
 
 

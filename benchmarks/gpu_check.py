@@ -66,7 +66,7 @@ def trainer_step(blocks) -> tuple[float, float]:
     model = build_model("small", VOCAB, SEQ, seed=0)
     cfg = DenseTraining.Params(steps=STEPS, batch_size=BATCH, lr=3e-4, precision="auto", log_every=1)
     stamps = []
-    r = train(model, blocks, cfg, DenseTraining(cfg), progress=False, on_log=lambda s, m: stamps.append(time.perf_counter()))
+    train(model, blocks, cfg, DenseTraining(cfg), progress=False, on_log=lambda s, m: stamps.append(time.perf_counter()))
     return statistics.median(np.diff(stamps[5:])), forward_flops_per_token(model, SEQ) * 3
 
 

@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import traceback
-from pathlib import Path
 
 from tasks.workspace import Workspace
 

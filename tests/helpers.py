@@ -14,3 +14,10 @@ def make_workspace(root: Path, recipes: dict[str, Path] | None = None) -> Path:
     for name, src in (recipes or {"nano": NANO_RECIPE}).items():
         shutil.copy(src, root / "params" / f"{name}.yaml")
     return root
+
+
+def mlflow_client(workspace: Path):
+    """A client on a workspace's default MLflow store (sqlite:///<ws>/mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")

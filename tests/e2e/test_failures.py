@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 
 from flows.cli import EXIT_FAILED, main
-from tests.helpers import NANO_RECIPE
+from tests.helpers import mlflow_client
 
 pytestmark = pytest.mark.e2e
 
 
 def _runs(ws: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    client = mlflow_client(ws)
     exp = client.get_experiment_by_name("nano")
     return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
 

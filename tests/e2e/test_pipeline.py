@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tests.helpers import REPO, make_workspace
+from tests.helpers import REPO, make_workspace, mlflow_client
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ def ws(tmp_path_factory):
         os.environ["PAPERDAG_WORKSPACE"] = old
 
 
-def _run(*args) -> "FlowSummary":  # noqa: F821
+def _run(*args):
     from flows.pipeline import recipe_flow
 
     only = [a.split("=", 1)[1] for a in args if a.startswith("--only=")]
@@ -43,12 +43,6 @@ def _run(*args) -> "FlowSummary":  # noqa: F821
     overrides = [a.split("=", 1)[1] for a in args if a.startswith("--set=")]
     return recipe_flow("nano", overrides=overrides, only=only, from_stage=from_stage,
                        workspace=os.environ["PAPERDAG_WORKSPACE"], progress=False)
-
-
-def _client(ws: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
 
 
 def _recomputed(summary) -> set[str]:
@@ -75,7 +69,7 @@ def test_cold_run_through_the_cli(ws, capsys):
 
 
 def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
-    client = _client(ws)
+    client = mlflow_client(ws)
     exp = client.get_experiment_by_name("nano")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("paperdag.role") == "flow"]
@@ -136,7 +130,7 @@ def test_from_reruns_a_stage_and_everything_downstream(ws):
 
 
 def test_lineage_from_run_id_and_digest(ws, capsys):
-    client = _client(ws)
+    client = mlflow_client(ws)
     exp = client.get_experiment_by_name("nano")
     parent = client.search_runs([exp.experiment_id], filter_string="tags.`paperdag.role` = 'flow'",
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]

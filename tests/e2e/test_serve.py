@@ -17,7 +17,6 @@ pytestmark = pytest.mark.e2e
 
 
 def test_serve_registers_cron_schedule(tmp_path):
-    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 

@@ -1,7 +1,6 @@
 """Label-free KD (no CE term) and FerKD's confident-mask targets: golden numbers."""
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
