@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from components.model.presets import load_model
+from components.quant.activation import ACTIVATION_FILE, ActivationSpec, install_activation_quant
 from tasks.artifacts import Artifact, ArtifactError
 
 FACTS = "paperdag.json"
@@ -23,6 +25,10 @@ def load_model_artifact(art: Artifact):
     except Exception as e:  # safetensors/transformers raise many types for a bad file
         raise ArtifactError(f"cannot load model artifact {art.path}: {type(e).__name__}: {e}") from None
     facts = json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
+    activations = facts.get("quantization", {}).get("activations")
+    if activations:  # a WxAy model is measured with its activations quantized, as it would deploy
+        side_state = load_file(str(art.path / ACTIVATION_FILE))
+        install_activation_quant(model, ActivationSpec.from_meta(activations), side_state)
     return model, tokenizer, facts
 
 

@@ -1,9 +1,19 @@
 """quantize stage: a model that plain transformers loads (dequantized weights) plus the
-packed low-bit tensors in ``quantized.safetensors`` and their real byte size."""
+packed low-bit tensors in ``quantized.safetensors`` and their real byte size.
+
+Calibrated methods draw their calibration sequences from the training split of the stage's
+``tokens`` input. Weight+activation methods also write ``activation.safetensors``; the
+evaluate stage then quantizes activations through hooks (components/quant/activation.py).
+"""
 from __future__ import annotations
 
+import numpy as np
+from safetensors.torch import save_file
+
+from components.quant.activation import ACTIVATION_FILE
 from components.quant.base import QuantizationError
-from tasks.model_io import load_model_artifact, save_model_artifact
+from components.quant.calibration import calibration_sample
+from tasks.model_io import load_model_artifact, load_tokenizer_artifact, save_model_artifact
 
 
 def run(ctx) -> dict:
@@ -12,15 +22,39 @@ def run(ctx) -> dict:
         raise QuantizationError(
             f"stage {ctx.plan.name}: input {source.manifest.get('stage')} ({source.path}) is already quantized; "
             "point `inputs.model` at the full-precision model instead")
+    method = ctx.method
+    calibration = None
+    if method.needs_calibration:
+        if "tokens" not in ctx.inputs:
+            raise QuantizationError(
+                f"stage {ctx.plan.name}: method {ctx.plan.method!r} needs calibration data; add "
+                "`tokens: <tokenize stage>` to its inputs")
+        tokens = ctx.input("tokens")
+        calibration = calibration_sample(np.load(tokens.path / "train.npy"), method.params.calibration_sequences,
+                                         method.params.seed)
     model, tokenizer, parent_facts = load_model_artifact(source)
-    quantized = ctx.method.quantize(model)
+    if calibration is not None and len(load_tokenizer_artifact(tokens)) != model.config.vocab_size:
+        raise QuantizationError(
+            f"stage {ctx.plan.name}: calibration tokens {tokens.path} use a tokenizer of "
+            f"{len(load_tokenizer_artifact(tokens))} entries but the model has vocab_size "
+            f"{model.config.vocab_size}; calibrate on the tokens the model was trained on")
+    quantized = method.quantize(model, calibration)
     quantized.load_into(model)
     quantized.save_packed(ctx.out_dir / "quantized.safetensors")
-    facts = {"kind": "quantize", "method": ctx.plan.method, "quantization": quantized.meta,
-             "bits": quantized.meta.get("bits"), "parents": {"model": parent_facts}}
+    if quantized.activation_state or quantized.meta.get("activations"):
+        save_file({k: v.contiguous() for k, v in quantized.activation_state.items()},
+                  str(ctx.out_dir / ACTIVATION_FILE))
+    meta = quantized.meta
+    facts = {"kind": "quantize", "method": ctx.plan.method, "quantization": meta,
+             "bits": meta.get("bits"), "parents": {"model": parent_facts}}
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
-    ctx.facts.update(bits=quantized.meta.get("bits"), packed_bytes=quantized.meta.get("packed_bytes"))
+    ctx.facts.update(bits=meta.get("bits"), packed_bytes=meta.get("packed_bytes"))
     packed_file = (ctx.out_dir / "quantized.safetensors").stat().st_size
-    return {"bits": quantized.meta["bits"], "bits_per_weight": quantized.meta["bits_per_weight"],
-            "packed_bytes": quantized.meta["packed_bytes"], "packed_file_bytes": packed_file,
-            "fp32_bytes_of_quantized": quantized.meta["fp32_bytes_of_quantized"]}
+    metrics = {"bits_per_weight": meta["bits_per_weight"], "packed_bytes": meta["packed_bytes"],
+               "packed_file_bytes": packed_file, "fp32_bytes_of_quantized": meta["fp32_bytes_of_quantized"]}
+    if isinstance(meta.get("bits"), (int, float)):
+        metrics["bits"] = meta["bits"]
+    if meta.get("activations"):
+        metrics["activation_bits"] = meta["activations"]["bits"]
+    metrics.update(meta.get("metrics", {}))  # method-specific numbers (e.g. per-layer MSE, bit allocation)
+    return metrics

@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 from transformers import PreTrainedModel
 
-from components.quant.packing import unpack_int
-from components.registry import Method
+from components.quant.packing import SUPPORTED_BITS, pack_int, unpack_int
+from components.registry import Method, MethodParams
 
 # Set on a model's config once its weights hold dequantized values: quantizing twice would
 # silently compound rounding error, so quantizers refuse such models.
@@ -37,6 +38,9 @@ class QuantizedModel:
     state_dict: dict[str, torch.Tensor]
     packed: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
+    # Per-Linear tensors the activation fake-quant hooks need (transforms, shifts, static
+    # scales), saved as ``activation.safetensors``; see components/quant/activation.py.
+    activation_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def load_into(self, model: PreTrainedModel) -> PreTrainedModel:
         """Load the dequantized weights into ``model`` and mark its config as quantized."""
@@ -56,8 +60,73 @@ class QuantizedModel:
 
 def config_marker(meta: dict) -> dict:
     """The small, JSON-friendly summary stored on ``model.config``."""
-    keys = ("scheme", "bits", "granularity", "group_size", "symmetric")
-    return {k: meta[k] for k in keys if k in meta}
+    keys = ("scheme", "bits", "granularity", "group_size", "symmetric", "bits_per_weight")
+    marker = {k: meta[k] for k in keys if k in meta}
+    if meta.get("activations"):
+        marker["activation_bits"] = meta["activations"]["bits"]
+    return marker
+
+
+class PackedWeights:
+    """Collects each quantized tensor's packed codes and side tensors, then sums the real bytes.
+
+    Every quantizer stores its result through this, so ``meta`` has one shape for all of
+    them: totals (``packed_bytes``, ``bits_per_weight``: all stored bytes, scales included,
+    over the quantized weights) plus ``tensors[name]`` describing each tensor's format."""
+
+    def __init__(self) -> None:
+        self.packed: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, dict] = {}
+
+    def add_int(self, name: str, shape, codes: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor | None, bits: int, granularity: str, group_size: int | None,
+                symmetric: bool) -> None:
+        """An integer-grid tensor in the ``(code - zero) * scale`` format of the module docstring."""
+        extra = {"scales": scales} if zeros is None else {"scales": scales, "zeros": zeros}
+        self.add_codes(name, shape, codes, bits, extra, format="int", granularity=granularity,
+                       group_size=group_size if granularity == "group" else None, symmetric=symmetric,
+                       zero_point=2 ** (bits - 1) if symmetric else None)
+
+    def add_codes(self, name: str, shape, codes: torch.Tensor, bits: int,
+                  extra: dict[str, torch.Tensor], **info) -> None:
+        """Any ``bits``-wide code tensor plus named side tensors (``<name>.<key>``)."""
+        self.packed[f"{name}.qweight"] = pack_int(codes.reshape(-1), bits)
+        for key, tensor in extra.items():
+            self.packed[f"{name}.{key}"] = tensor.contiguous()
+        self.tensors[name] = dict(bits=bits, shape=list(shape), **info)
+
+    def add_raw(self, name: str, tensor: torch.Tensor) -> None:
+        """A side tensor that belongs to no single weight (e.g. a mask); counted in the bytes."""
+        self.packed[name] = tensor.contiguous()
+
+    def meta(self, scheme: str, **extra) -> dict:
+        n_weights = sum(_numel(t["shape"]) for t in self.tensors.values())
+        packed_bytes = sum(t.numel() * t.element_size() for t in self.packed.values())
+        shapes = {name: t["shape"] for name, t in self.tensors.items()}
+        return dict(scheme=scheme, quantized_tensors=list(shapes), shapes=shapes, tensors=self.tensors,
+                    n_quantized_weights=n_weights, packed_bytes=packed_bytes,
+                    fp32_bytes_of_quantized=4 * n_weights,
+                    bits_per_weight=packed_bytes * 8 / n_weights if n_weights else 0.0, **extra)
+
+
+def check_bits(method: str, bits: int) -> None:
+    """Params may be built without validation (``model_construct``), so quantizers re-check."""
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"{method}: unsupported bits={bits!r}; supported bits: {list(SUPPORTED_BITS)}")
+
+
+def uniform_int_meta(params) -> dict:
+    """The ``meta`` keys describing one integer grid used for every tensor."""
+    return dict(bits=params.bits, granularity=params.granularity,
+                group_size=params.group_size if params.granularity == "group" else None,
+                symmetric=params.symmetric, zero_point=2 ** (params.bits - 1) if params.symmetric else None)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def dequantize_packed(packed: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
@@ -79,11 +148,49 @@ def dequantize_packed(packed: dict[str, torch.Tensor], name: str, shape: tuple[i
     return ((grouped - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(shape)
 
 
-class Quantizer(Method):
-    """Turns a trained fp32 model into quantized weights (dequantized copy + packed codes)."""
+BLOCK_PREFIX = "model.layers."  # decoder blocks of a HF Llama-style model
 
-    def quantize(self, model: PreTrainedModel) -> QuantizedModel:
+
+class TargetParams(MethodParams):
+    targets: list[str] | None = Field(
+        None, min_length=1,
+        description="module-name suffixes to quantize, e.g. ['q_proj', 'mlp.down_proj']; "
+                    "None = every nn.Linear inside model.model.layers. lm_head and "
+                    "embeddings are never quantized")
+
+
+class CalibratedParams(TargetParams):
+    seed: int = Field(0, description="picks the calibration sequences (the recipe's seed by default)")
+    calibration_sequences: int = Field(
+        128, gt=0, description="training-split token blocks used as calibration data (fixed seed)")
+
+
+class Quantizer(Method):
+    """Turns a trained fp32 model into quantized weights (dequantized copy + packed codes).
+
+    ``needs_calibration`` quantizers get ``calibration``: token ids ``[n_sequences,
+    seq_len]`` drawn from the training split of the stage's ``tokens`` input."""
+
+    needs_calibration = False
+
+    def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         raise NotImplementedError
+
+    def target_linears(self, model: PreTrainedModel) -> list[tuple[str, torch.nn.Linear]]:
+        """The ``nn.Linear`` modules to quantize: inside the decoder blocks, filtered by ``targets``."""
+        targets = getattr(self.params, "targets", None)
+        found = []
+        for name, module in model.named_modules():
+            if not (isinstance(module, torch.nn.Linear) and name.startswith(BLOCK_PREFIX)):
+                continue
+            if targets is None or any(name == t or name.endswith("." + t) for t in targets):
+                found.append((name, module))
+        if not found:
+            wanted = "nn.Linear modules" if targets is None else f"nn.Linear modules matching {targets}"
+            raise QuantizationError(
+                f"{self.key}: model {type(model).__name__} has no {wanted} under '{BLOCK_PREFIX}*'; "
+                "nothing to quantize")
+        return found
 
     @staticmethod
     def refuse_if_quantized(model: PreTrainedModel) -> None:

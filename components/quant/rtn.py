@@ -11,11 +11,10 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel
 
-from components.quant.base import QuantizationError, QuantizedModel, Quantizer
-from components.quant.packing import SUPPORTED_BITS, pack_int
-from components.registry import MethodParams, Paper
+from components.quant.base import (PackedWeights, QuantizationError, QuantizedModel, Quantizer, TargetParams,
+                                   check_bits, uniform_int_meta)
+from components.registry import Paper
 
-BLOCK_PREFIX = "model.layers."  # decoder blocks of a HF Llama-style model
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -28,74 +27,30 @@ class RtnQuantizer(Quantizer):
         arxiv="2210.17323",
     )
 
-    class Params(MethodParams):
+    class Params(TargetParams):
         bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight code")
         granularity: Literal["per_tensor", "per_channel", "group"] = Field(
             "group", description="one scale per tensor, per output channel (row), or per "
                                  "`group_size` consecutive input weights of a row")
         group_size: int = Field(128, gt=0, description="input weights per group (granularity=group)")
         symmetric: bool = Field(True, description="symmetric grid around 0 (no stored zero points)")
-        targets: list[str] | None = Field(
-            None, min_length=1,
-            description="module-name suffixes to quantize, e.g. ['q_proj', 'mlp.down_proj']; "
-                        "None = every nn.Linear inside model.model.layers. lm_head and "
-                        "embeddings are never quantized")
 
-    def quantize(self, model: PreTrainedModel) -> QuantizedModel:
+    def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         p = self.params
-        if p.bits not in SUPPORTED_BITS:  # params may be built without validation (model_construct)
-            raise QuantizationError(f"rtn: unsupported bits={p.bits!r}; supported bits: {list(SUPPORTED_BITS)}")
+        check_bits(self.key, p.bits)
         self.refuse_if_quantized(model)
-        linears = self._target_linears(model)
-
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        packed: dict[str, torch.Tensor] = {}
-        shapes: dict[str, list[int]] = {}
-        n_weights = 0
-        for module_name, linear in linears:
+        store = PackedWeights()
+        for module_name, linear in self.target_linears(model):
             name = f"{module_name}.weight"
             weight = linear.weight.detach().to(torch.float32)
             codes, scales, zeros, dequant = quantize_tensor(
                 weight, p.bits, p.granularity, p.group_size, p.symmetric, name)
             state[name] = dequant.to(state[name].dtype)
-            packed[f"{name}.qweight"] = pack_int(codes, p.bits)
-            packed[f"{name}.scales"] = scales
-            if zeros is not None:
-                packed[f"{name}.zeros"] = zeros
-            shapes[name] = list(weight.shape)
-            n_weights += weight.numel()
-
-        packed_bytes = sum(t.numel() * t.element_size() for t in packed.values())
-        meta = dict(
-            scheme="rtn",
-            bits=p.bits,
-            granularity=p.granularity,
-            group_size=p.group_size if p.granularity == "group" else None,
-            symmetric=p.symmetric,
-            zero_point=2 ** (p.bits - 1) if p.symmetric else None,
-            quantized_tensors=list(shapes),
-            shapes=shapes,
-            n_quantized_weights=n_weights,
-            packed_bytes=packed_bytes,
-            fp32_bytes_of_quantized=4 * n_weights,
-            bits_per_weight=packed_bytes * 8 / n_weights,
-        )
-        return QuantizedModel(state_dict=state, packed=packed, meta=meta)
-
-    def _target_linears(self, model: PreTrainedModel) -> list[tuple[str, torch.nn.Linear]]:
-        targets = self.params.targets
-        found = []
-        for name, module in model.named_modules():
-            if not (isinstance(module, torch.nn.Linear) and name.startswith(BLOCK_PREFIX)):
-                continue
-            if targets is None or any(name == t or name.endswith("." + t) for t in targets):
-                found.append((name, module))
-        if not found:
-            wanted = "nn.Linear modules" if targets is None else f"nn.Linear modules matching {targets}"
-            raise QuantizationError(
-                f"rtn: model {type(model).__name__} has no {wanted} under '{BLOCK_PREFIX}*'; "
-                "nothing to quantize")
-        return found
+            store.add_int(name, weight.shape, codes, scales, zeros, p.bits, p.granularity, p.group_size,
+                          p.symmetric)
+        meta = store.meta("rtn", **uniform_int_meta(p))
+        return QuantizedModel(state_dict=state, packed=store.packed, meta=meta)
 
 
 def quantize_tensor(weight: torch.Tensor, bits: int, granularity: str, group_size: int,

@@ -1,0 +1,145 @@
+"""Calibration capture: the inputs each decoder block (and each Linear in it) sees.
+
+Every calibrated PTQ method (GPTQ, the block-reconstruction family, the Hessian
+sensitivity tools) starts the same way: run calibration sequences up to decoder block 0,
+keep its inputs, then walk the blocks one at a time. ``BlockInputs`` holds one block's
+inputs (a list of hidden-state batches plus the keyword arguments the block needs: the
+causal mask and the rotary position embeddings, shared by every block of a Llama-style
+model), so methods never re-run the embeddings or earlier blocks.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from components.quant.base import QuantizationError
+
+
+class _StopForward(Exception):
+    """Raised inside block 0 once its inputs are captured: nothing after it needs to run."""
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering one block, in calibration batches, plus the block's kwargs."""
+
+    batches: list[torch.Tensor]
+    kwargs: dict
+
+    def run(self, block: torch.nn.Module) -> "BlockInputs":
+        """This block's outputs, which are the next block's inputs."""
+        with torch.no_grad():
+            return BlockInputs([block(h, **self.kwargs) for h in self.batches], self.kwargs)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.batches)
+
+
+def decoder_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The decoder blocks of a HF Llama-style causal LM (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise QuantizationError(
+            f"{type(model).__name__} has no decoder blocks at model.model.layers; calibrated "
+            "quantizers support Llama-style causal LMs")
+    return layers
+
+
+def check_calibration(tokens: torch.Tensor | None, method: str, min_sequences: int = 1,
+                      min_length: int = 2) -> torch.Tensor:
+    """Validate calibration token ids ``[n_sequences, seq_len]`` before any work is done."""
+    if tokens is None:
+        raise QuantizationError(
+            f"{method}: needs calibration data; give the quantize stage a `tokens` input "
+            "(inputs: {model: ..., tokens: <tokenize stage>})")
+    if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+        raise QuantizationError(
+            f"{method}: calibration must be integer token ids of shape [n_sequences, seq_len], "
+            f"got dtype {tokens.dtype} shape {tuple(tokens.shape)}")
+    if tokens.shape[0] < min_sequences or tokens.shape[1] < min_length:
+        raise QuantizationError(
+            f"{method}: calibration data too small: {tokens.shape[0]} sequences x {tokens.shape[1]} "
+            f"tokens; need at least {min_sequences} sequences of at least {min_length} tokens")
+    return tokens.long()
+
+
+def capture_block_inputs(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 8) -> BlockInputs:
+    """Run ``tokens`` through the embeddings and stop at block 0, keeping its inputs."""
+    block0 = decoder_blocks(model)[0]
+    batches: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def catch(_module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        batches.append(hidden.detach())
+        kwargs.clear()
+        kwargs.update({k: v for k, v in kw.items() if k in ("attention_mask", "position_embeddings",
+                                                             "position_ids")})
+        raise _StopForward
+
+    handle = block0.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, tokens.shape[0], batch_size):
+                try:
+                    model(input_ids=tokens[start:start + batch_size], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    # The mask and rotary embeddings depend only on the sequence length, so one set fits every
+    # batch of equal shape; a shorter last batch would need its own, so drop it.
+    if len(batches) > 1 and batches[-1].shape[0] != batches[0].shape[0]:
+        batches.pop()
+    return BlockInputs(batches, kwargs)
+
+
+def block_linears(block: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The Linear layers of one block, by their name inside the block."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@contextmanager
+def linear_input_hooks(block: torch.nn.Module, names: list[str],
+                       fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, input)`` with the input of each named Linear on every forward."""
+    linears = block_linears(block)
+    handles = [linears[n].register_forward_pre_hook(lambda _m, args, n=n: fn(n, args[0].detach()))
+               for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def linear_groups(block: torch.nn.Module) -> list[list[str]]:
+    """Linears of a block grouped by the input they share, in forward order.
+
+    GPTQ-style sequential quantization quantizes a group, then recomputes the inputs of the
+    next group through the already-quantized layers (q/k/v share one input, then o_proj,
+    then gate/up, then down_proj)."""
+    names = list(block_linears(block))
+    order = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+             ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    if sorted(sum(order, [])) == sorted(names):
+        return order
+    return [[n] for n in names]  # unknown block layout: one Linear at a time, in module order
+
+
+def calibration_sample(blocks, n_sequences: int, seed: int) -> torch.Tensor:
+    """``n_sequences`` rows drawn without replacement (fixed seed) from packed token blocks."""
+    blocks = torch.as_tensor(blocks)
+    if blocks.shape[0] == 0:
+        raise QuantizationError("calibration data is empty (0 token blocks in the training split)")
+    if n_sequences > blocks.shape[0]:
+        raise QuantizationError(
+            f"calibration asks for {n_sequences} sequences but the training split has only "
+            f"{blocks.shape[0]} blocks; lower `calibration_sequences`")
+    g = torch.Generator().manual_seed(seed)
+    return blocks[torch.randperm(blocks.shape[0], generator=g)[:n_sequences]].long()
