@@ -1,14 +1,18 @@
 """Bit-packing of unsigned integer codes into uint8 storage.
 
-2/4/8-bit codes pack 8/bits codes per byte (lowest bits first). 3-bit codes pack 8 codes into
-3 bytes (24 bits), so the stored size is exactly ceil(numel / 8) * 3 bytes: no 4-bit fallback.
-The element count is not stored; callers keep it (the quantized tensor's shape gives it).
+Codes of ``bits`` (1..8) bits form one little-endian bit stream: code ``i`` occupies bits
+``[i*bits, (i+1)*bits)`` and each byte holds the lowest stream bits first. So 2/4-bit codes pack
+8/bits per byte (lowest bits first), 3- and 6-bit codes pack 8 and 4 codes into 3 bytes, and
+the stored size is exactly ``ceil(numel * bits / 8)`` rounded up to a whole packing unit: no
+wider fallback. The element count is not stored; callers keep it (the tensor's shape gives it).
 """
 from __future__ import annotations
 
+from math import gcd
+
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = tuple(range(1, 9))
 
 
 def _check_bits(bits: int) -> None:
@@ -16,13 +20,17 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"unsupported bit width {bits!r}; supported bits: {list(SUPPORTED_BITS)}")
 
 
+def _unit(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the smallest whole-byte packing unit."""
+    g = gcd(bits, 8)
+    return 8 // g, bits // g
+
+
 def packed_numel(numel: int, bits: int) -> int:
     """How many bytes ``pack_int`` produces for ``numel`` codes."""
     _check_bits(bits)
-    if bits == 3:
-        return -(-numel // 8) * 3
-    per_byte = 8 // bits
-    return -(-numel // per_byte)
+    codes, nbytes = _unit(bits)
+    return -(-numel // codes) * nbytes
 
 
 def pack_int(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -35,17 +43,14 @@ def pack_int(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"code {int(flat.max())} does not fit in {bits} bits (max {2**bits - 1})")
     if bits == 8:
         return flat.clone()
-    group = 8 if bits == 3 else 8 // bits  # codes per packing unit
-    pad = (-flat.numel()) % group
+    per_unit, nbytes = _unit(bits)
+    pad = (-flat.numel()) % per_unit
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    units = flat.reshape(-1, group).to(torch.int32)
-    shifts = torch.arange(group, dtype=torch.int32) * bits
-    words = (units << shifts).sum(dim=1)  # 24 bits for 3-bit, 8 bits otherwise
-    if bits == 3:
-        byte_shifts = torch.tensor([0, 8, 16], dtype=torch.int32)
-        return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return words.to(torch.uint8)
+    units = flat.reshape(-1, per_unit).to(torch.int64)  # a unit is at most 56 bits (7-bit codes)
+    words = (units << (torch.arange(per_unit, dtype=torch.int64) * bits)).sum(dim=1)
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
+    return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 
 def unpack_int(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -59,12 +64,9 @@ def unpack_int(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
                          f"(expected {expected} bytes)")
     if bits == 8:
         return packed.reshape(-1).clone()
-    group = 8 if bits == 3 else 8 // bits
-    if bits == 3:
-        triples = packed.reshape(-1, 3).to(torch.int32)
-        words = (triples << torch.tensor([0, 8, 16], dtype=torch.int32)).sum(dim=1)
-    else:
-        words = packed.reshape(-1).to(torch.int32)
-    shifts = torch.arange(group, dtype=torch.int32) * bits
+    per_unit, nbytes = _unit(bits)
+    units = packed.reshape(-1, nbytes).to(torch.int64)
+    words = (units << (torch.arange(nbytes, dtype=torch.int64) * 8)).sum(dim=1)
+    shifts = torch.arange(per_unit, dtype=torch.int64) * bits
     codes = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)

@@ -28,7 +28,7 @@ class RtnQuantizer(Quantizer):
     )
 
     class Params(TargetParams):
-        bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight code")
+        bits: Literal[2, 3, 4, 5, 6, 7, 8] = Field(4, description="bits per weight code")
         granularity: Literal["per_tensor", "per_channel", "group"] = Field(
             "group", description="one scale per tensor, per output channel (row), or per "
                                  "`group_size` consecutive input weights of a row")

@@ -138,12 +138,12 @@ def test_targets_select_layers():
 
 def test_bad_bits_is_a_params_error_and_a_runtime_error():
     with pytest.raises(ValidationError, match="bits"):
-        RtnQuantizer.Params(bits=5)
+        RtnQuantizer.Params(bits=9)
     with pytest.raises(ValidationError, match="group_size"):
         RtnQuantizer.Params(group_size=0)
-    unchecked = RtnQuantizer(RtnQuantizer.Params.model_construct(bits=5, granularity="per_channel",
+    unchecked = RtnQuantizer(RtnQuantizer.Params.model_construct(bits=9, granularity="per_channel",
                                                                   group_size=128, symmetric=True, targets=None))
-    with pytest.raises(QuantizationError, match=r"bits=5.*supported bits: \[2, 3, 4, 8\]"):
+    with pytest.raises(QuantizationError, match=r"bits=9.*supported bits: \[1, 2, 3, 4, 5, 6, 7, 8\]"):
         unchecked.quantize(nano())
 
 
