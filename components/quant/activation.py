@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 
 from components.quant.base import QuantizationError
+from components.quant.fake_quant import fake_quant_int, int_scale_zero
+from components.quant.minifloat import from_name, minifloat_fake_quant
 
 ACTIVATION_FILE = "activation.safetensors"
 SIDE_KEYS = ("act_shift", "act_transform", "act_transform_inv", "act_scale", "act_clip")
@@ -69,18 +71,13 @@ def fake_quant_activation(x: torch.Tensor, spec: ActivationSpec, side: dict[str,
 
 
 def _quantize(x: torch.Tensor, spec: ActivationSpec, static_scale, clip) -> torch.Tensor:
-    from components.quant.fake_quant import fake_quant_int, int_scale_zero
-
-    if spec.format != "int":
-        from components.quant.minifloat import minifloat_fake_quant, from_name
-
-        block = x.shape[-1] if spec.granularity == "per_token" else None
-        return minifloat_fake_quant(x, from_name(spec.format), block_size=block)
+    if spec.format != "int":  # a minifloat grid, scaled so each token's (or the tensor's) absmax fits
+        return minifloat_fake_quant(x, from_name(spec.format), scale_granularity=spec.granularity)
     if static_scale is not None:
-        qmax = 2 ** (spec.bits - 1) - 1
-        return torch.clamp(torch.round(x / static_scale), -qmax, qmax) * static_scale
-    ratio = 1.0 if clip is None else clip
-    scale, zero = int_scale_zero(x * ratio, spec.bits, spec.symmetric, spec.granularity)
+        return fake_quant_int(x, static_scale, None, spec.bits, True)
+    scale, zero = int_scale_zero(x, spec.bits, spec.symmetric, spec.granularity)
+    if clip is not None:  # a learned clipping ratio shrinks the dynamic range
+        scale = scale * clip
     return fake_quant_int(x, scale, zero, spec.bits, spec.symmetric)
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -298,3 +299,37 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, granul
     dequant = dequant.reshape(out_features, in_features)
     zeros = None if symmetric else zeros_f.to(torch.uint8)
     return codes.to(torch.uint8), scales16, zeros, dequant
+
+
+def gptq_with_grid(weight: torch.Tensor, hessian: torch.Tensor,
+                   round_column: Callable[[torch.Tensor, int], torch.Tensor], *, damp: float = 0.01,
+                   block_size: int = 128, act_order: bool = False, name: str = "weight") -> torch.Tensor:
+    """GPTQ's error-feedback loop over any fixed grid (e.g. a scaled minifloat format).
+
+    ``round_column(w [out], natural_column_index)`` returns the column rounded onto the grid
+    (fp32); the grid must be fixed before the loop (scales from the original weight), as in
+    static-group GPTQ. Returns the quantized weight ``[out, in]`` in natural column order.
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise QuantizationError(f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    order = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
+             else torch.arange(W.shape[1]))
+    W, H = W[:, order], H[order][:, order]
+    U = _factorize(H, float(damp), name).to(torch.float32)
+    Q = torch.empty_like(W)
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = round_column(W1[:, i], int(order[i1 + i]))
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - q) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(order)]
