@@ -38,7 +38,7 @@ def run(ctx) -> dict:
             f"stage {ctx.plan.name}: calibration tokens {tokens.path} use a tokenizer of "
             f"{len(load_tokenizer_artifact(tokens))} entries but the model has vocab_size "
             f"{model.config.vocab_size}; calibrate on the tokens the model was trained on")
-    quantized = method.quantize(model, calibration)
+    quantized = method.with_activations(method.quantize(model, calibration))
     quantized.load_into(model)
     quantized.save_packed(ctx.out_dir / "quantized.safetensors")
     if quantized.activation_state or quantized.meta.get("activations"):

@@ -43,6 +43,14 @@ class ActivationSpec:
     def __post_init__(self):
         if self.format == "int" and not 2 <= self.bits <= 16:
             raise QuantizationError(f"activation bits={self.bits!r}; supported: 2..16")
+        if self.format != "int":
+            try:
+                fmt = from_name(self.format)
+            except ValueError as e:
+                raise QuantizationError(f"activation format {self.format!r}: {e}") from None
+            if fmt.bits != self.bits:
+                raise QuantizationError(
+                    f"activation format {self.format!r} has {fmt.bits} bits but bits={self.bits}; make them agree")
         if self.granularity not in ("per_tensor", "per_token"):
             raise QuantizationError(f"activation granularity {self.granularity!r}; use per_tensor or per_token")
 

@@ -16,6 +16,7 @@ those dequantized values (fp32), so a model loads with plain transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -151,12 +152,23 @@ def dequantize_packed(packed: dict[str, torch.Tensor], name: str, shape: tuple[i
 BLOCK_PREFIX = "model.layers."  # decoder blocks of a HF Llama-style model
 
 
+class ActivationParams(MethodParams):
+    """Dynamic activation fake-quant for the quantized Linears' inputs (the A of WxAy)."""
+
+    bits: int = Field(8, ge=2, le=16, description="activation bits (int format)")
+    granularity: Literal["per_token", "per_tensor"] = Field("per_token", description="one scale per token or per tensor")
+    symmetric: bool = Field(True, description="symmetric grid around 0")
+    format: str = Field("int", description='"int" or a minifloat name such as "e4m3" (scaled per token/tensor)')
+
+
 class TargetParams(MethodParams):
     targets: list[str] | None = Field(
         None, min_length=1,
         description="module-name suffixes to quantize, e.g. ['q_proj', 'mlp.down_proj']; "
                     "None = every nn.Linear inside model.model.layers. lm_head and "
                     "embeddings are never quantized")
+    activations: ActivationParams | None = Field(
+        None, description="also quantize those Linears' inputs at evaluation (WxAy); None = weight-only")
 
 
 class CalibratedParams(TargetParams):
@@ -175,6 +187,22 @@ class Quantizer(Method):
 
     def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         raise NotImplementedError
+
+    def with_activations(self, quantized: QuantizedModel) -> QuantizedModel:
+        """Add the ``activations`` param's dynamic activation quantization to a weight result."""
+        act = getattr(self.params, "activations", None)
+        if act is None:
+            return quantized
+        if quantized.meta.get("activations"):
+            raise QuantizationError(
+                f"{self.key}: this method sets its own activation quantization; drop the `activations` param")
+        from components.quant.activation import ActivationSpec  # activation.py imports this module
+
+        modules = tuple(name.removesuffix(".weight") for name in quantized.meta["quantized_tensors"])
+        spec = ActivationSpec(bits=act.bits, modules=modules, granularity=act.granularity,
+                              symmetric=act.symmetric, format=act.format)
+        quantized.meta["activations"] = spec.to_meta()
+        return quantized
 
     def target_linears(self, model: PreTrainedModel) -> list[tuple[str, torch.nn.Linear]]:
         """The ``nn.Linear`` modules to quantize: inside the decoder blocks, filtered by ``targets``."""
