@@ -191,6 +191,8 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
                         f"{role} accepts {', '.join(kind.roles[role].accepts)}")
         if getattr(method_cls, "needs_teacher", False) and "teacher" not in spec.inputs:
             raise RecipeError(f"{where}.inputs: method {spec.method} distills from a teacher; add `teacher: <stage>`")
+        if getattr(method_cls, "needs_calibration", False) and "tokens" not in spec.inputs:
+            raise RecipeError(f"{where}.inputs: method {spec.method} calibrates on token data; add `tokens: <tokenize stage>`")
         for role, spec_role in kind.roles.items():
             if spec_role.required and role not in spec.inputs:
                 raise RecipeError(f"{where}.inputs: missing required input {role!r} for a {spec.kind} stage")

@@ -25,7 +25,9 @@ def results_table(metrics: dict) -> str:
     domains = metrics.get("domains", [])
     cols = ([(f"ppl_{d}", f"ppl {d}", "") for d in domains] + [("ppl_all", "ppl all", ""),
             ("arith_exact_match", "arith EM", ""), ("size_bytes", "size", "bytes"),
-            ("bits_per_weight", "bits/w", ""), ("sparsity", "sparsity", ""), ("train_flops", "train FLOPs", "flops")])
+            ("bits_per_weight", "bits/w", ""), ("activation_bits", "act bits", ""), ("sparsity", "sparsity", ""),
+            ("train_flops", "train FLOPs", "flops")])
+    cols = [c for c in cols if any(c[0] in m for m in models.values())]  # no all-"-" columns
     header = ["model"] + [c[1] for c in cols]
     rows = [[name] + [_fmt(m.get(key), kind) for key, _, kind in cols] for name, m in models.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -61,4 +61,6 @@ class StandardEvaluation(Evaluator):
             sizes = model_size_report(model_dir, quant_meta=quant_meta)
             out.update({k: v for k, v in sizes.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             out["size_bytes"] = sizes.get("deploy_bytes", sizes.get("safetensors_bytes"))
+        if quant_meta and quant_meta.get("activations"):  # measured with activation fake-quant hooks
+            out["activation_bits"] = quant_meta["activations"]["bits"]
         return out
