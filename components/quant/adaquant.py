@@ -172,6 +172,9 @@ class AdaQuantQuantizer(Quantizer):
         for bits in [p.bits] if p.bit_budget is None else sorted(set(p.candidate_bits)):
             check_bits(self.key, bits)
         tokens = check_calibration(calibration, self.key)
+        if p.bit_budget is not None and p.bit_budget < min(p.candidate_bits):
+            raise QuantizationError(f"{self.key}: bit_budget={p.bit_budget} is below the smallest candidate width "
+                                    f"{min(p.candidate_bits)} (candidate_bits={sorted(set(p.candidate_bits))})")
         linears = self.target_linears(model)
         names = [n for n, _ in linears]
         grids = {b: IntGrid(b, p.granularity, p.group_size, p.symmetric) for b in {p.bits, *p.candidate_bits}}

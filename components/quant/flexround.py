@@ -126,7 +126,7 @@ class FlexRoundQuantizer(Quantizer):
         input_stream: Literal["quantized", "fp"] = Field(
             "quantized", description="unit inputs from the already-quantized model or the fp model")
         iters: int = Field(200, ge=0, description="Adam steps per unit (reference: 5000 per block on Llama 2)")
-        lr: float = Field(5e-3, gt=0, description="Adam lr on log s1, log S2, log s3 (reference: 3e-3 W4, "
+        lr: float = Field(1e-2, gt=0, description="Adam lr on log s1, log S2, log s3 (reference: 3e-3 W4, "
                                                   "2.5e-3 W3, with 5000 steps), cosine-decayed to 0")
         batch_size: int = Field(4, gt=0, description="calibration sequences per step")
         column_scale: bool = Field(False, description="also learn a per-input-column log s4")

@@ -2,8 +2,8 @@
 
 The paper trains a one-shot supernet: the shared weights keep training while a REINFORCE
 controller samples per-layer formats, its reward trading quality against a hardware cost, with
-an entropy bonus whose coefficient follows a cosine schedule so the policy explores early and
-commits late. This is the post-training version (our simplification, as the issue allows):
+a cosine entropy-regularisation schedule (read from the abstract; we take it to mean explore
+early, commit late). This is the post-training version (our simplification, as the issue allows):
 
 - **No weight training.** The model is frozen; every candidate format's RTN-quantized copy of each
   Linear is computed once, and a sampled assignment is evaluated by swapping those copies in.
@@ -18,8 +18,8 @@ commits late. This is the post-training version (our simplification, as the issu
   over the ``iterations``; the paper's exact constants were not available to us).
 - **Reward**: ``R = -loss - penalty · max(0, avg_bits - size_budget_bits)``, ``avg_bits`` = mean
   code bits per quantized weight (the model-size cost; fp16 scales are the same for every format
-  and are left out, as in ``hawq``'s budget). The paper's absolute-value cost term also punishes
-  being *under* budget; a one-sided penalty suits a hard size cap.
+  and are left out, as in ``hawq``'s budget). One-sided, because the budget is a hard size cap
+  (the paper's exact cost term was not read).
 - **Start**: logits ``-λ·bits`` with λ set so the expected bits equal the budget (uniform if
   the average format already fits), so the controller does not spend its first steps only
   learning the budget.
@@ -114,7 +114,8 @@ class FliqsQuantizer(Quantizer):
         entropy_end: float = Field(0.0, ge=0, description="entropy coefficient β at the last update")
         penalty: float = Field(1.0, ge=0, description="reward penalty (nats) per bit over the budget")
         baseline_decay: float = Field(0.8, ge=0, lt=1, description="EMA decay of the reward baseline")
-        granularity: Literal["per_channel", "group"] = Field("per_channel", description="scale granularity, every format")
+        granularity: Literal["per_channel", "group"] = Field(
+            "per_channel", description="scale granularity, every format")
         group_size: int = Field(128, gt=0, description="input weights per scale (granularity=group)")
         batch_size: int = Field(8, gt=0, description="sequences per forward pass")
 

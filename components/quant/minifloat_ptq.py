@@ -451,7 +451,8 @@ class MinifloatPtqQuantizer(Quantizer):
                                                  "(e2m1 = FP4, e4m3/e5m2 = FP8, e3m2/e2m3 = FP6, ...)")
         rounding: Literal["rtn", "gptq", "learned"] = Field(
             "rtn", description="nearest grid value, GPTQ error feedback, or AdaRound-style learned up/down")
-        scale_granularity: Literal["per_channel", "group"] = Field("per_channel", description="one scale per row or per group")
+        scale_granularity: Literal["per_channel", "group"] = Field(
+            "per_channel", description="one scale per row or per group")
         group_size: int = Field(128, gt=0, description="input weights per scale (scale_granularity=group)")
         scale_kind: Literal["float", "pow2"] = Field(
             "float", description="fp16 scale absmax/max (no saturation) or MX-style E8M0 power of two")

@@ -481,14 +481,19 @@ def reconstruct(model: PreTrainedModel, tokens: torch.Tensor,
     Returns every target's finalised packed tuple (keyed ``"<module>.weight"``), per-unit
     metrics and the learned objects."""
     config.validate(method)
-    engine = _Engine(model, tokens, make_quant, config, targets, method)
-    missing = set(targets) - {engine.prefix[i] + n for i, gs in engine.targets.items() for g in gs for n in g}
-    if missing:
-        raise QuantizationError(f"{method}: targets outside the decoder blocks' Linears: {sorted(missing)}")
-    if config.mode == "layer":
-        engine.run_layers()
-    else:
-        engine.run_windows()
+    was_training = model.training
+    model.eval()  # no dropout in the calibration forwards; restored below
+    try:
+        engine = _Engine(model, tokens, make_quant, config, targets, method)
+        missing = set(targets) - {engine.prefix[i] + n for i, gs in engine.targets.items() for g in gs for n in g}
+        if missing:
+            raise QuantizationError(f"{method}: targets outside the decoder blocks' Linears: {sorted(missing)}")
+        if config.mode == "layer":
+            engine.run_layers()
+        else:
+            engine.run_windows()
+    finally:
+        model.train(was_training)
     return ReconstructionResult(engine.weights, engine.metrics, engine.quants)
 
 
