@@ -34,12 +34,11 @@ from pydantic import Field
 from torch.func import functional_call
 from transformers import PreTrainedModel
 
-from components.quant.base import (CalibratedParams, QuantizationError, QuantizedModel, Quantizer, check_bits,
-                                   uniform_int_meta)
+from components.quant.base import CalibratedParams, QuantizationError, QuantizedModel, Quantizer, uniform_int_meta
 from components.quant.calibration import check_calibration
 from components.quant.fake_quant import round_ste
-from components.quant.reconstruction import (IntGrid, ReconstructionConfig, flatten_metrics, quantized_model,
-                                             reconstruct, to_fp16_step)
+from components.quant.reconstruction import (IntGrid, ReconstructionConfig, check_learned_bits, flatten_metrics,
+                                             quantized_model, reconstruct, to_fp16_step)
 from components.quant.rtn import quantize_tensor
 from components.registry import Paper
 
@@ -170,7 +169,7 @@ class AdaQuantQuantizer(Quantizer):
         p = self.params
         self.refuse_if_quantized(model)
         for bits in [p.bits] if p.bit_budget is None else sorted(set(p.candidate_bits)):
-            check_bits(self.key, bits)
+            check_learned_bits(self.key, bits)
         tokens = check_calibration(calibration, self.key)
         if p.bit_budget is not None and p.bit_budget < min(p.candidate_bits):
             raise QuantizationError(f"{self.key}: bit_budget={p.bit_budget} is below the smallest candidate width "
@@ -180,8 +179,8 @@ class AdaQuantQuantizer(Quantizer):
         grids = {b: IntGrid(b, p.granularity, p.group_size, p.symmetric) for b in {p.bits, *p.candidate_bits}}
         for name, linear in linears:
             grids[p.bits].check(linear.weight, f"{name}.weight")
-        config = ReconstructionConfig(mode="layer", iters=p.iters, batch_size=p.batch_size,
-                                      input_stream=p.input_stream, schedule=p.schedule, seed=p.seed)
+        config = ReconstructionConfig(mode="layer", iters=p.iters, batch_size=p.batch_size, input_stream=p.input_stream,
+                                      schedule=p.schedule, seed=p.seed, keep_quants=False)
         meta: dict = {}
         metrics: dict = {}
         if p.bit_budget is None:

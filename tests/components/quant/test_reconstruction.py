@@ -196,3 +196,8 @@ def test_bad_config(bad, message):
 def test_factory_must_return_a_learnable_quant():
     with pytest.raises(QuantizationError, match="not a LearnableQuant"):
         reconstruct(nano(), tokens(), lambda n, l: object(), ReconstructionConfig(iters=1), targets_of(nano()))
+
+
+def test_keep_quants_false_frees_learned_objects():
+    result = run(nano(), "block", iters=5, keep_quants=False)
+    assert result.quants == {} and len(result.weights) == 14
