@@ -1,13 +1,13 @@
-"""GPTQ (Frantar et al. 2022) over a whole model: sequential, block by block, layer group by group.
+"""GPTQ (Frantar et al. 2022) over a whole model, sequentially block by block.
 
-Calibration sequences are run up to block 0 once. Inside each block the Linears are quantized
-in forward order, one input-sharing group at a time (q/k/v, then o, then gate/up, then down):
-each group's Hessian is collected from inputs that already pass through the quantized earlier
-groups, so later layers correct for earlier layers' error (the reference's "true sequential").
-The block's quantized outputs then feed the next block. The per-layer solve is
-``gptq_solver.gptq_quantize``; weights land in RTN's packed integer format.
-
-Spectra's QuantLM models are this method at 3, 4, 6 and 8 bits.
+Calibration sequences are run up to block 0 once. For each block, one forward collects the
+Hessian ``2/n XᵀX`` of every input-sharing Linear group (q/k/v share one, gate/up another), the
+block's Linears are solved with ``gptq_solver.gptq_quantize``, and the quantized block's outputs
+feed the next block, so later blocks see earlier blocks' quantization error. This is the
+reference implementation's and llm-compressor's default; ``true_sequential`` also quantizes
+the groups inside a block in forward order, recollecting each group's Hessian through the
+already-quantized earlier groups (one block forward per group). Weights land in RTN's packed
+integer format. Spectra's QuantLM models are this method at 3, 4, 6 and 8 bits.
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class GptqQuantizer(Quantizer):
         block_size: int = Field(128, gt=0, description="columns per lazy-batch update block")
         act_order: bool = Field(False, description="visit columns by descending Hessian diagonal")
         batch_size: int = Field(8, gt=0, description="calibration sequences per forward pass")
+        true_sequential: bool = Field(
+            False, description="collect each input-sharing group's Hessian after the earlier groups of its block "
+                               "are quantized (one block forward per group instead of one per block)")
 
     def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         p = self.params
@@ -58,27 +61,22 @@ class GptqQuantizer(Quantizer):
         for index, block in enumerate(tqdm(blocks, desc="gptq blocks", unit="block")):
             linears = block_linears(block)
             prefix = f"model.layers.{index}."
-            for group in linear_groups(block):
-                names = [n for n in group if prefix + n in targets]
-                if not names:
-                    continue
-                hessians = {n: HessianAccumulator(linears[n].in_features, name=prefix + n) for n in names}
-                with linear_input_hooks(block, names, lambda n, x: hessians[n].add(x)):
+            groups = [[n for n in g if prefix + n in targets] for g in linear_groups(block)]
+            groups = [g for g in groups if g]
+            # Linears of one group share their input, hence one Hessian. Without true_sequential
+            # every group's Hessian comes from one forward of the block before any of it is
+            # quantized (the reference's and llm-compressor's default); with it, each group's
+            # inputs pass through the already-quantized earlier groups.
+            passes = [[g] for g in groups] if p.true_sequential else [groups]
+            for pass_groups in passes:
+                hessians = {g[0]: HessianAccumulator(linears[g[0]].in_features, dtype=torch.float32,
+                                                     name=prefix + g[0]) for g in pass_groups}
+                with linear_input_hooks(block, list(hessians), lambda n, x: hessians[n].add(x)):
                     inputs.run(block)
-                for n in names:
-                    name = f"{prefix}{n}.weight"
-                    weight = linears[n].weight.detach().to(torch.float32)
-                    h = hessians[n].hessian
-                    codes, scales, zeros, dequant = gptq_quantize(
-                        weight, h, p.bits, p.granularity, p.group_size, p.symmetric, damp=p.damp,
-                        block_size=p.block_size, act_order=p.act_order, name=name)
-                    metrics[f"output_mse.{prefix}{n}"] = _output_error(weight, dequant, h)
-                    rtn_dequant = quantize_tensor(weight, p.bits, p.granularity, p.group_size, p.symmetric, name)[3]
-                    metrics[f"rtn_output_mse.{prefix}{n}"] = _output_error(weight, rtn_dequant, h)
-                    with torch.no_grad():
-                        linears[n].weight.copy_(dequant.to(linears[n].weight.dtype))
-                    store.add_int(name, weight.shape, codes, scales, zeros, p.bits, p.granularity, p.group_size,
-                                  p.symmetric)
+                for group in pass_groups:
+                    h = hessians[group[0]].hessian
+                    for n in group:
+                        self._quantize_linear(f"{prefix}{n}", linears[n], h, store, metrics)
             inputs = inputs.run(block)  # the quantized block's outputs feed the next block
         layers = [k.removeprefix("output_mse.") for k in metrics if k.startswith("output_mse.")]
         metrics["layers_better_than_rtn"] = sum(
@@ -88,8 +86,24 @@ class GptqQuantizer(Quantizer):
         meta = store.meta("gptq", **uniform_int_meta(p), act_order=p.act_order, metrics=metrics)
         return QuantizedModel(state_dict=state, packed=store.packed, meta=meta)
 
+    def _quantize_linear(self, module_name: str, linear: torch.nn.Linear, hessian: torch.Tensor,
+                         store: PackedWeights, metrics: dict[str, float]) -> None:
+        """GPTQ one Linear in place; record its output error next to RTN's on the same inputs."""
+        p = self.params
+        name = f"{module_name}.weight"
+        weight = linear.weight.detach().to(torch.float32)
+        codes, scales, zeros, dequant = gptq_quantize(
+            weight, hessian, p.bits, p.granularity, p.group_size, p.symmetric, damp=p.damp,
+            block_size=p.block_size, act_order=p.act_order, name=name)
+        rtn_dequant = quantize_tensor(weight, p.bits, p.granularity, p.group_size, p.symmetric, name)[3]
+        metrics[f"output_mse.{module_name}"] = _output_error(weight, dequant, hessian)
+        metrics[f"rtn_output_mse.{module_name}"] = _output_error(weight, rtn_dequant, hessian)
+        with torch.no_grad():
+            linear.weight.copy_(dequant.to(linear.weight.dtype))
+        store.add_int(name, weight.shape, codes, scales, zeros, p.bits, p.granularity, p.group_size, p.symmetric)
+
 
 def _output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """Mean squared output error ``||X Wᵀ - X Qᵀ||² / (n·out)`` from ``H = (2/n) XᵀX``."""
     delta = (weight - quantized).to(torch.float64)
-    return float(torch.einsum("oi,ij,oj->", delta, hessian, delta) / (2 * weight.shape[0]))
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.to(torch.float64), delta) / (2 * weight.shape[0]))

@@ -25,9 +25,10 @@ def test_registered_with_paper():
     assert GptqQuantizer.needs_calibration and GptqQuantizer.paper.arxiv == "2210.17323"
 
 
-@pytest.mark.parametrize("bits,granularity", [(4, "per_channel"), (3, "per_channel"), (4, "per_tensor")])
-def test_every_layer_output_error_below_rtn(bits, granularity):
-    q = gptq(bits=bits, granularity=granularity).quantize(nano(), calibration())
+@pytest.mark.parametrize("bits,granularity,true_sequential", [(4, "per_channel", False), (3, "per_channel", False),
+                                                             (4, "per_tensor", False), (3, "per_channel", True)])
+def test_every_layer_output_error_below_rtn(bits, granularity, true_sequential):
+    q = gptq(bits=bits, granularity=granularity, true_sequential=true_sequential).quantize(nano(), calibration())
     m = q.meta["metrics"]
     assert m["layers_quantized"] == 14  # 7 Linears x 2 blocks
     for name in q.meta["quantized_tensors"]:
