@@ -144,7 +144,8 @@ def test_transform_is_an_exact_identity_without_quantization(trained):
     names = result.meta["activations"]["modules"]
     with torch.no_grad():
         for name in names:
-            t, t_inv = result.activation_state[f"{name}.act_transform"], result.activation_state[f"{name}.act_transform_inv"]
+            t = result.activation_state[f"{name}.act_transform"]
+            t_inv = result.activation_state[f"{name}.act_transform_inv"]
             w = modules[name].weight
             w.copy_((w @ t_inv.T) @ t.T)
     out = logits_with(work, lambda m: identity_hooks(m, names, result.activation_state), tokens)
@@ -214,3 +215,48 @@ def test_validation():
         FlatQuantQuantizer(FlatQuantQuantizer.Params(activations={"bits": 4})).quantize(nano(), tokens)
     with pytest.raises(QuantizationError, match="calibration"):
         flatquant().quantize(nano(), None)
+
+
+class _CountingQuant:
+    """8-bit RTN weight whose optional ``fake_input`` counts calls (engine hook check)."""
+
+    def __init__(self, weight, with_input):
+        self.weight, self.calls = weight.detach().clone(), 0
+        self.grid = IntGrid(8, "per_channel", 128, True)
+        if with_input:
+            self.fake_input = self._fake_input
+
+    def _fake_input(self, x):
+        self.calls += 1
+        return x
+
+    def parameters(self):
+        return []
+
+    def fake_weight(self):
+        return self.finalize()[3]
+
+    def regularization(self, step):
+        return 0.0
+
+    def finalize(self):
+        return self.grid.quantize(self.weight, self.grid.view(self.weight).abs().amax(-1) / 127)
+
+
+@pytest.mark.parametrize("mode", ["layer", "block"])
+def test_engine_feeds_inputs_through_optional_fake_input(mode):
+    from components.quant.reconstruction import ReconstructionConfig, reconstruct
+
+    model, tokens = nano(), strided(4, 7)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")]
+    config = ReconstructionConfig(mode=mode, iters=0, progress=False)
+    results = {}
+    for with_input in (False, True):
+        made = {}
+        result = reconstruct(model, tokens, lambda n, l: made.setdefault(n, _CountingQuant(l.weight, with_input)),
+                             config, names)
+        results[with_input] = {u: (m["loss_before"], m["loss_after"]) for u, m in result.metrics.items()}
+        if with_input:
+            assert all(q.calls > 0 for q in made.values())
+    assert results[True] == results[False]  # an identity fake_input changes nothing
+    assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
