@@ -11,7 +11,7 @@ paperdag. Both load the fp32 model and the calibration tensor (``torch.load(cali
 - ``OUT.safetensors``: for every quantized Linear ``<name>.weight`` (dequantized, fp32) and
   ``<name>.weight_scale`` (fp32 ``[out, groups]``, the per-row/per-group step actually used), so the
   orchestrator can check the weights lie on a ``2**bits`` grid;
-- ``OUT.json``: timings (imports, load, quantize), versions, thread count, and for llmc the warnings
+- ``OUT.json``: timings (imports, load, quantize: wall and this process's CPU time), versions, thread count, and for llmc the warnings
   it logged (an RTN fallback on a non-PD Hessian is only a log line there).
 """
 from __future__ import annotations
@@ -45,6 +45,13 @@ def parse() -> argparse.Namespace:
                     help="diagnostic: our group scales fixed up front from the original weights, as "
                          "llm-compressor does (GptqQuantizer.Params does not expose this; the worker "
                          "passes static_groups=True to the solver)")
+    ap.add_argument("--ours-true-sequential", action="store_true",
+                    help="diagnostic: GptqQuantizer.Params(true_sequential=True) (each input-sharing group's "
+                         "Hessian through the already-quantized earlier groups of its block)")
+    ap.add_argument("--ours-ct-grid", action="store_true",
+                    help="diagnostic: our solver on compressed-tensors' symmetric grid (scale = absmax / "
+                         "((2^b-1)/2), codes [-2^(b-1), 2^(b-1)-1]; scales still rounded up to fp16) by "
+                         "wrapping gptq_solver._fit_grid/_quantize_column in this process only")
     ap.add_argument("--llmc-sequential-targets", default=None,
                     help="diagnostic: comma list for llm-compressor's sequential_targets, e.g. 'Linear' "
                          "(default: the decoder layer, llm-compressor's default)")
@@ -66,22 +73,64 @@ def run_ours(args, model, calib):
         import functools
 
         gptq_mod.gptq_quantize = functools.partial(gptq_mod.gptq_quantize, static_groups=True)
+    if args.ours_ct_grid:
+        _patch_ct_grid()
+    extra = {"true_sequential": True} if args.ours_true_sequential else {}
     params = GptqQuantizer.Params(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
                                   symmetric=True, damp=args.damp, block_size=args.block_size, act_order=False,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, **extra)
     names = target_names(model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     qm = GptqQuantizer(params).quantize(model, calib)
-    quant_s = time.perf_counter() - t0
+    quant_s = (time.perf_counter() - t0, time.process_time() - c0)
     qm.load_into(model)
     out = {}
     mods = dict(model.named_modules())
     for n in names:
         out[f"{n}.weight"] = mods[n].weight.detach().float().clone()
         out[f"{n}.weight_scale"] = qm.packed[f"{n}.weight.scales"].float().clone()
-    info = {"params": params.model_dump(), "metrics": {k: v for k, v in qm.meta.get("metrics", {}).items()
+    info = {"params": params.model_dump(), "code": _code_fingerprint(), "metrics": {k: v for k, v in qm.meta.get("metrics", {}).items()
                                                         if not k.startswith(("output_mse", "rtn_output_mse"))}}
     return quant_s, out, info
+
+
+def _code_fingerprint() -> dict:
+    """Which version of our GPTQ ran: git HEAD plus a hash of the files that implement it."""
+    import hashlib
+    import subprocess
+
+    files = ["components/quant/gptq.py", "components/quant/gptq_solver.py", "components/quant/calibration.py",
+             "components/quant/rtn.py", "components/quant/base.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update((ROOT / f).read_bytes())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *files], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return {"git_head": head, "quant_files_sha256": h.hexdigest()[:16], "quant_files_uncommitted": dirty or None}
+
+
+def _patch_ct_grid() -> None:
+    """Diagnostic only: swap our symmetric grid for compressed-tensors' in this process."""
+    import torch
+
+    import components.quant.gptq_solver as solver
+
+    fit, quant = solver._fit_grid, solver._quantize_column
+
+    def fit_ct(rows, bits, symmetric, name):
+        if not symmetric:
+            return fit(rows, bits, symmetric, name)
+        # ours: absmax / qmax; scaling the rows by qmax / ((2^b-1)/2) gives absmax / ((2^b-1)/2)
+        return fit(rows * ((2 ** (bits - 1) - 1) / ((2 ** bits - 1) / 2)), bits, symmetric, name)
+
+    def quant_ct(w, step, zero, bits, symmetric):
+        if not symmetric:
+            return quant(w, step, zero, bits, symmetric)
+        q = torch.clamp(torch.round(w / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) + zero
+        return q, (q - zero) * step
+
+    solver._fit_grid, solver._quantize_column = fit_ct, quant_ct
 
 
 def run_llmc(args, model, calib):
@@ -114,9 +163,9 @@ def run_llmc(args, model, calib):
         kwargs["sequential_targets"] = args.llmc_sequential_targets.split(",")
     # what the calibration dataloader yields, checked against the tensor before the timed call
     seen = _llmc_batches_match(ds, kwargs, calib)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(**kwargs)
-    quant_s = time.perf_counter() - t0
+    quant_s = (time.perf_counter() - t0, time.process_time() - c0)
     out = {}
     mods = dict(model.named_modules())
     for name in target_names(model):
@@ -170,7 +219,8 @@ def main() -> None:
     run = run_ours if args.side == "ours" else run_llmc
     quant_s, tensors, info = run(args, model, calib)
     save_file({k: v.contiguous() for k, v in tensors.items()}, f"{args.out}.safetensors")
-    result = {"side": args.side, "quantize_s": quant_s, "import_s": t_imports - T_START,
+    (quant_s, quant_cpu_s) = quant_s
+    result = {"side": args.side, "quantize_s": quant_s, "quantize_cpu_s": quant_cpu_s, "import_s": t_imports - T_START,
               "load_s": t_loaded - t_imports, "in_process_total_s": time.perf_counter() - T_START,
               "torch": torch.__version__, "transformers": transformers.__version__,
               "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -11,7 +11,8 @@ Measured per config (W4 per-channel, W4 group-64, W3 per-channel by default):
 - ``quantize_s``: the quantization call only (``GptqQuantizer.quantize`` / ``oneshot``), timed
   inside the worker with ``time.perf_counter`` (imports and model loading excluded); median of
   ``--repeats``. ``process_s``: the whole worker process (python start, imports, load, quantize,
-  save), timed here. Ratios are ours / llm-compressor.
+  save), timed here. Both also as CPU time (``*_cpu_s``), which other load on a shared core
+  disturbs far less than wall time. Ratios are ours / llm-compressor.
 - perplexity of fp32, ours and theirs on the eval split, all with the same code
   (``components.eval.perplexity.evaluate_perplexity``) on the same fp32 model with only the
   quantized Linear weights replaced by each side's dequantized weights;
@@ -21,9 +22,13 @@ Measured per config (W4 per-channel, W4 group-64, W3 per-channel by default):
 - RTN with each side's grid (ours: ``absmax/(2^(b-1)-1)``, codes ``±(2^(b-1)-1)``;
   compressed-tensors: ``absmax/((2^b-1)/2)``, codes ``[-2^(b-1), 2^(b-1)-1]``) as a reference
   for how much of a difference the grid alone makes;
-- with ``--diagnostics``: llm-compressor with ``sequential_targets=["Linear"]`` (each Linear's
-  Hessian collected after the earlier Linears of its block are quantized, like ours) and, for
-  group configs, ours with static groups (scales from the original weights, like llm-compressor).
+- ``kl_*``: mean per-token KL(fp32 || quantized) on the eval split: on a small, lightly trained
+  model perplexity barely moves at 4 bits, KL still separates the methods;
+- with ``--diagnostics`` (1 run each, quality only): llm-compressor with
+  ``sequential_targets=["Linear"]`` and ours with ``true_sequential=True`` (each Linear's Hessian
+  collected after the earlier Linears of its block are quantized); ours on compressed-tensors' grid (``--ours-ct-grid``); for
+  group configs ours with static groups (scales from the original weights, like llm-compressor),
+  and both together. These patch the solver inside the worker process only.
 
 Calibration: ``calibration_sample(train.npy, --n-calib, --seed)`` (the quantize stage's sampler),
 saved once as an int64 tensor and loaded by both workers; llm-compressor gets it as a pre-tokenized
@@ -46,6 +51,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +65,7 @@ OURS_PY = ROOT / ".venv" / "bin" / "python"
 LLMC_PY = ROOT / "benchmarks" / "_work" / "llmc-venv" / "bin" / "python"
 WORK = ROOT / "benchmarks" / "_work" / "gptq-bench"
 RESULT = ROOT / "benchmarks" / "results" / "gptq_llmcompressor.json"
+DIAGNOSTICS = ("llmc_seq_linear", "ours_true_sequential", "ours_ct_grid", "ours_static_groups", "ours_ct_grid_static_groups")
 
 CONFIGS = {
     "w4_per_channel": dict(bits=4, granularity="per_channel"),
@@ -80,18 +87,21 @@ def run_worker(python: Path, side: str, cfg: dict, args, out: Path, extra: list[
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
                TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH="")
     cmd = worker_cmd(python, side, cfg, args, out, list(extra))
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     process_s = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process_cpu_s = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         print(f"  {side} FAILED (exit {proc.returncode}); see {out}.log", flush=True)
         return {"ok": False, "returncode": proc.returncode, "error_tail": tail, "command": cmd,
-                "process_s": process_s}
+                "process_s": process_s, "process_cpu_s": process_cpu_s}
     info = json.loads(Path(f"{out}.json").read_text())
-    info.update(ok=True, process_s=process_s, command=cmd)
-    print(f"  {side}: quantize {info['quantize_s']:.2f} s, process {process_s:.2f} s", flush=True)
+    info.update(ok=True, process_s=process_s, process_cpu_s=process_cpu_s, command=cmd)
+    print(f"  {side}: quantize {info['quantize_s']:.2f} s (cpu {info['quantize_cpu_s']:.2f} s), "
+          f"process {process_s:.2f} s (cpu {process_cpu_s:.2f} s)", flush=True)
     return info
 
 
@@ -179,16 +189,20 @@ class Evaluator:
         import torch
         import torch.nn.functional as F
 
-        if self.ref is None:
+        starts = range(0, len(self.blocks), self.batch_size)
+        if self.ref is None:  # fp32 log-probs, computed once (eval tokens x vocab floats)
             import copy
 
-            self.ref = copy.deepcopy(self.model)
-            self.ref.load_state_dict(self.fp32, strict=True)
+            ref = copy.deepcopy(self.model)
+            ref.load_state_dict(self.fp32, strict=True)
+            with torch.no_grad():
+                self.ref = [F.log_softmax(ref(input_ids=torch.as_tensor(
+                    self.blocks[s:s + self.batch_size], dtype=torch.long)).logits.float(), -1) for s in starts]
+            del ref
         total, count = 0.0, 0
         with torch.no_grad():
-            for start in range(0, len(self.blocks), self.batch_size):
+            for p, start in zip(self.ref, starts):
                 ids = torch.as_tensor(self.blocks[start:start + self.batch_size], dtype=torch.long)
-                p = F.log_softmax(self.ref(input_ids=ids).logits.float(), -1)
                 q = F.log_softmax(self.model(input_ids=ids).logits.float(), -1)
                 total += float((p.exp() * (p - q)).sum())
                 count += ids.numel()
@@ -290,10 +304,14 @@ def main() -> None:
                                ["--llmc-sequential-targets", "Linear"])
                 d["stem"] = str(WORK / f"{name}.llmc_seqlinear")
                 runs[name]["llmc_seq_linear"] = [d]
+            diags = [("ours_true_sequential", ["--ours-true-sequential"]), ("ours_ct_grid", ["--ours-ct-grid"])]
             if cfg["granularity"] == "group":
-                d = run_worker(OURS_PY, "ours", cfg, args, WORK / f"{name}.ours_static", ["--ours-static-groups"])
-                d["stem"] = str(WORK / f"{name}.ours_static")
-                runs[name]["ours_static_groups"] = [d]
+                diags += [("ours_static_groups", ["--ours-static-groups"]),
+                          ("ours_ct_grid_static_groups", ["--ours-ct-grid", "--ours-static-groups"])]
+            for diag, flags in diags:
+                d = run_worker(OURS_PY, "ours", cfg, args, WORK / f"{name}.{diag}", flags)
+                d["stem"] = str(WORK / f"{name}.{diag}")
+                runs[name][diag] = [d]
 
     if not args.analyze_only:
         runs_file.write_text(json.dumps(runs, indent=2, default=str))
@@ -309,6 +327,10 @@ def main() -> None:
             ok = [i for i in rr[side] if i.get("ok")]
             res[f"{side}_quantize_s"] = [i["quantize_s"] for i in ok]
             res[f"{side}_process_s"] = [i["process_s"] for i in ok]
+            res[f"{side}_quantize_cpu_s"] = [i["quantize_cpu_s"] for i in ok]
+            res[f"{side}_process_cpu_s"] = [i["process_cpu_s"] for i in ok]
+            res[f"{side}_quantize_cpu_s_median"] = median(res[f"{side}_quantize_cpu_s"])
+            res[f"{side}_process_cpu_s_median"] = median(res[f"{side}_process_cpu_s"])
             res[f"{side}_quantize_s_median"] = median(res[f"{side}_quantize_s"])
             res[f"{side}_process_s_median"] = median(res[f"{side}_process_s"])
             res[f"{side}_import_s_median"] = median([i["import_s"] for i in ok])
@@ -334,11 +356,18 @@ def main() -> None:
             res["llmc_recipe"] = info["recipe"]
             res["llmc_oneshot_kwargs"] = info["oneshot_kwargs"]
         if ours_ok:
+            codes = {json.dumps(i["code"], sort_keys=True) for i in ours_ok}
+            if len(codes) > 1:  # the tree changed between repeats: the timings mix two versions
+                raise RuntimeError(f"{name}: our GPTQ code changed between repeats: {codes}; rerun")
+            res["ours_code"] = ours_ok[0]["code"]
             res["ours_params"] = ours_ok[0]["params"]
             res["ours_metrics"] = ours_ok[0]["metrics"]
         if ours_ok and llmc_ok_runs:
             res["ratio_quantize_ours_over_llmc"] = res["ours_quantize_s_median"] / res["llmc_quantize_s_median"]
             res["ratio_process_ours_over_llmc"] = res["ours_process_s_median"] / res["llmc_process_s_median"]
+            res["ratio_quantize_cpu_ours_over_llmc"] = (res["ours_quantize_cpu_s_median"]
+                                                        / res["llmc_quantize_cpu_s_median"])
+            res["ratio_process_cpu_ours_over_llmc"] = res["ours_process_cpu_s_median"] / res["llmc_process_cpu_s_median"]
             res["ppl_rel_diff_ours_vs_llmc"] = res["ppl_ours"] / res["ppl_llmc"] - 1
             res["ppl_within_1pct"] = abs(res["ppl_rel_diff_ours_vs_llmc"]) <= 0.01
             res["ppl_ours_not_worse_than_llmc_plus_1pct"] = res["ppl_ours"] <= 1.01 * res["ppl_llmc"]
@@ -348,11 +377,15 @@ def main() -> None:
         for grid in ("ours", "llmc"):
             m = ev.measure(rtn(ev.fp32, targets, cfg, grid))
             res[f"ppl_rtn_{grid}_grid"], res[f"kl_rtn_{grid}_grid"] = m["ppl"], m["kl_to_fp32"]
-        for diag in ("llmc_seq_linear", "ours_static_groups"):
+        for diag in DIAGNOSTICS:
             for i in rr.get(diag, []):
                 if i.get("ok"):
-                    res[f"diag_{diag}"] = {**ev.measure(load_tensors(Path(i["stem"]))), "quantize_s": i["quantize_s"],
+                    t = load_tensors(Path(i["stem"]))
+                    res[f"diag_{diag}"] = {**ev.measure(t), "grid": grid_check(t, cfg["bits"]), "quantize_s": i["quantize_s"],
                                            "rtn_fallback_logged": i.get("rtn_fallback_logged")}
+                    if llmc_ok_runs:
+                        agree = agreement(t, load_tensors(Path(llmc_ok_runs[0]["stem"])))
+                        res[f"diag_{diag}"]["agreement_vs_llmc"] = {k: v for k, v in agree.items() if k != "per_layer"}
                 else:
                     res[f"diag_{diag}"] = {"error_tail": i.get("error_tail")}
         res["ppl_fp32"] = ppl_fp32
@@ -360,11 +393,12 @@ def main() -> None:
 
     first = lambda side, key: next((i[key] for n in names for i in runs[n][side] if i.get("ok") and key in i), None)  # noqa: E731
     summary = {n: {k: results[n].get(k) for k in (
-        "ratio_quantize_ours_over_llmc", "ratio_process_ours_over_llmc", "ours_quantize_s_median",
+        "ratio_quantize_ours_over_llmc", "ratio_process_ours_over_llmc", "ratio_quantize_cpu_ours_over_llmc",
+        "ratio_process_cpu_ours_over_llmc", "ours_quantize_s_median",
         "llmc_quantize_s_median", "ppl_fp32", "ppl_ours", "ppl_llmc", "ppl_rel_diff_ours_vs_llmc",
         "kl_ours", "kl_llmc", "ppl_rtn_ours_grid", "ppl_rtn_llmc_grid")} for n in names}
     for n in names:
-        for diag in ("llmc_seq_linear", "ours_static_groups"):
+        for diag in DIAGNOSTICS:
             if f"diag_{diag}" in results[n]:
                 summary[n][f"diag_{diag}"] = results[n][f"diag_{diag}"]
     out = {
@@ -375,7 +409,9 @@ def main() -> None:
             "repeats": args.repeats, "damp": args.damp, "block_size": args.block_size,
             "calibration_batch_size": args.batch_size,
             "timing": "quantize_s: the quantize call only, perf_counter inside the worker (imports, model load, "
-                      "save excluded); process_s: whole worker process; medians over repeats; sides alternate",
+                      "save excluded); process_s: whole worker process; *_cpu_s: CPU time (process_time in the "
+                      "worker / rusage of the child), less sensitive to other load on the shared core; medians "
+                      "over repeats; sides alternate",
             "threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                         "affinity": sorted(os.sched_getaffinity(0))},
             "machine": platform.processor() or platform.machine(),
@@ -385,7 +421,9 @@ def main() -> None:
                                                               "compressed_tensors", "datasets")},
             "matched_config": {
                 "ours": "GptqQuantizer.Params(bits, granularity, group_size, symmetric=True, damp, block_size, "
-                        "act_order=False, batch_size); targets: every nn.Linear under model.layers.*",
+                        "act_order=False, batch_size, true_sequential=False (default: one Hessian pass per "
+                        "block, like llm-compressor's default decoder-layer sequential pipeline)); targets: "
+                        "every nn.Linear under model.layers.*",
                 "llmc": "GPTQModifier(config_groups={targets:[Linear], weights:{num_bits, type:int, symmetric:true, "
                         "strategy:channel|group, group_size, actorder:null, observer:memoryless_minmax}}, "
                         "ignore=[lm_head], block_size, dampening_frac=damp, actorder=None); oneshot(dataset="

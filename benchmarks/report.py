@@ -73,6 +73,22 @@ def main() -> None:
     if r:
         out += _section("Merging: parity and speed vs mergekit", "bash benchmarks/mergekit_env.sh && python benchmarks/bench_mergekit.py",
                         ["```json", json.dumps(r, indent=2)[:4000], "```"])
+    r = _load("gptq_llmcompressor.json")
+    if r:
+        rows = ["| config | quantize time ours / llm-compressor (median of 3) | whole process | ppl fp32 / ours / "
+                "llm-compressor | ppl relative difference | KL to fp32, ours / llm-compressor |",
+                "|---|---|---|---|---|---|"]
+        for name, c in r["summary"].items():
+            rows.append(f"| {name} | **{c['ratio_quantize_ours_over_llmc']:.2f}** ({c['ours_quantize_s_median']:.1f} s / "
+                        f"{c['llmc_quantize_s_median']:.1f} s) | {c['ratio_process_ours_over_llmc']:.2f} | "
+                        f"{c['ppl_fp32']:.3f} / {c['ppl_ours']:.3f} / {c['ppl_llmc']:.3f} | "
+                        f"{c['ppl_rel_diff_ours_vs_llmc'] * 100:+.3f}% | {c['kl_ours']:.2e} / {c['kl_llmc']:.2e} |")
+        rows += ["", "Same model, calibration tensor, bits and damping on both sides; llm-compressor runs in its own "
+                 "venv (`bash benchmarks/llmcompressor_env.sh`). Our symmetric grid uses codes ±(2^(b-1)-1), one "
+                 "level fewer than compressed-tensors' [-2^(b-1), 2^(b-1)-1]; that explains our slightly higher KL."]
+        out += _section("GPTQ vs llm-compressor on CPU",
+                        "python benchmarks/bench_gptq_llmcompressor.py --model MODEL_DIR --tokens TOKENS_DIR --repeats 3",
+                        rows)
     (HERE / "RESULTS.md").write_text("\n".join(out))
     print(f"wrote {HERE / 'RESULTS.md'}")
     if cat:
