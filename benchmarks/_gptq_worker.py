@@ -5,7 +5,7 @@
 
 ``--side ours`` runs with the project venv (paperdag's GptqQuantizer); ``--side llmc`` runs with the
 llm-compressor venv (benchmarks/_work/llmc-venv, see llmcompressor_env.sh) and imports nothing from
-paperdag. Both load the fp32 model and the calibration tensor (``torch.load(calib)``: int64
+paperdag. Both load the fp32 model and the calibration tensor (``torch.load(calib, weights_only=True)``: int64
 ``[n_seq, seq_len]``), time ONLY the quantization call with ``time.perf_counter`` and write:
 
 - ``OUT.safetensors``: for every quantized Linear ``<name>.weight`` (dequantized, fp32) and
@@ -213,7 +213,7 @@ def main() -> None:
     t_imports = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
-    calib = torch.load(args.calib)
+    calib = torch.load(args.calib, weights_only=True)
     assert calib.dtype == torch.int64 and calib.dim() == 2, (calib.dtype, calib.shape)
     t_loaded = time.perf_counter()
     run = run_ours if args.side == "ours" else run_llmc
