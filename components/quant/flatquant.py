@@ -176,6 +176,15 @@ class KroneckerTransform:
         d = self._d(q)
         return q if d is None else q * d
 
+    def factor_tensors(self) -> dict[str, torch.Tensor]:
+        """``P_L``, ``P_R`` (and the diagonal) as fp32: everything ``T`` is built from."""
+        with torch.no_grad():
+            left, right, _, _ = self.matrices()
+            out = {"transform_left": left.detach().float().clone(), "transform_right": right.detach().float().clone()}
+            if self.diag is not None:
+                out["transform_diag"] = self.diag.detach().float().clone()
+            return out
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, T^-1)`` as dense fp32 ``[in, in]`` matrices (built in float64)."""
         with torch.no_grad():
@@ -396,6 +405,15 @@ class FlatQuantQuantizer(Quantizer):
                                    factors={n: list(quants[n].transform.factors) for n in names},
                                    learnable_parameters=sum(q.learnable_count() for q in quants.values())))
         out = quantized_model(model, weights, self.key, meta, {n: grid for n in weights})
+        # The packed codes are Q(W T^-T); rebuilding the stored W_eff = Q(W T^-T) T^T needs T, so
+        # its Kronecker factors (and diagonal), one set per input-sharing group, are part of the
+        # packed weights and of bits_per_weight. The dense T in activation.safetensors is derived.
+        for name in names:
+            if quants[name].owner:
+                for key, tensor in quants[name].transform.factor_tensors().items():
+                    out.packed[f"{name}.{key}"] = tensor
+        out.meta["packed_bytes"] = sum(t.numel() * t.element_size() for t in out.packed.values())
+        out.meta["bits_per_weight"] = out.meta["packed_bytes"] * 8 / out.meta["n_quantized_weights"]
         if p.activation_bits < 16:
             for name in names:
                 for key, tensor in quants[name].side_tensors().items():

@@ -260,3 +260,24 @@ def test_engine_feeds_inputs_through_optional_fake_input(mode):
             assert all(q.calls > 0 for q in made.values())
     assert results[True] == results[False]  # an identity fake_input changes nothing
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_packed_file_alone_rebuilds_the_weights_and_counts_the_transform(trained):
+    """Codes + scales + each group's Kronecker factors and diagonal rebuild W_eff, also at 16-bit
+    activations (no activation.safetensors), and bits_per_weight counts those factors."""
+    result = flatquant(iters=5, activation_bits=16).quantize(model_from(trained), strided(16, 6))
+    for group_owner, members in (("model.layers.0.self_attn.q_proj", ["q_proj", "k_proj", "v_proj"]),
+                                 ("model.layers.1.mlp.down_proj", ["down_proj"])):
+        left = result.packed[f"{group_owner}.transform_left"].double()
+        right = result.packed[f"{group_owner}.transform_right"].double()
+        diag = result.packed[f"{group_owner}.transform_diag"].double()
+        t = diag[:, None] * torch.kron(left, right)
+        for member in members:
+            name = group_owner.rsplit(".", 1)[0] + "." + member + ".weight"
+            shape = tuple(result.state_dict[name].shape)
+            q = dequantize_packed(result.packed, name, shape, 4, zero_point=8).double()
+            assert torch.allclose((q @ t.T).float(), result.state_dict[name], atol=1e-5), name
+    assert "model.layers.0.self_attn.k_proj.transform_left" not in result.packed  # shared per group
+    stored = sum(v.numel() * v.element_size() for v in result.packed.values())
+    assert result.meta["packed_bytes"] == stored
+    assert result.meta["bits_per_weight"] == stored * 8 / result.meta["n_quantized_weights"]
