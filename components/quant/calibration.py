@@ -92,11 +92,18 @@ def capture_block_inputs(model: PreTrainedModel, tokens: torch.Tensor, batch_siz
                     pass
     finally:
         handle.remove()
-    # The mask and rotary embeddings depend only on the sequence length, so one set fits every
-    # batch of equal shape; a shorter last batch would need its own, so drop it.
-    if len(batches) > 1 and batches[-1].shape[0] != batches[0].shape[0]:
-        batches.pop()
+    # One mask/rotary set serves every batch, which holds while they broadcast over the batch
+    # (no padding mask); a short last batch then needs nothing of its own.
+    if tokens.shape[0] % batch_size and not _batch_independent(kwargs):
+        raise QuantizationError(
+            f"{tokens.shape[0]} calibration sequences do not split into batches of {batch_size} and this "
+            "model's block inputs are batch-specific; make `calibration_sequences` a multiple of `batch_size`")
     return BlockInputs(batches, kwargs)
+
+
+def _batch_independent(kwargs: dict) -> bool:
+    tensors = [t for v in kwargs.values() for t in (v if isinstance(v, tuple) else (v,)) if torch.is_tensor(t)]
+    return all(t.dim() == 0 or t.shape[0] == 1 for t in tensors)
 
 
 def block_linears(block: torch.nn.Module) -> dict[str, torch.nn.Linear]:
