@@ -32,7 +32,7 @@ def run(ctx) -> dict:
     # Name models by this recipe's stage names: an artifact shared with another recipe (same
     # digest) carries the stage name of whichever recipe built it first.
     for name, art in zip(ctx.plan.inputs.get("models", []), ctx.inputs.get("models", [])):
-        model, tokenizer, facts = load_model_artifact(art)
+        model, tokenizer, facts = load_model_artifact(art, activation_hooks=True)
         model.eval()
         m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / name,
                                quant_meta=facts.get("quantization"), progress=ctx.progress)
@@ -42,7 +42,7 @@ def run(ctx) -> dict:
     if eft_roles:
         if len(eft_roles) != len(EFT_ROLES):
             raise ValueError(f"stage {ctx.plan.name}: EFT needs all of {', '.join(EFT_ROLES)}; got {', '.join(eft_roles)}")
-        loaded = [load_model_artifact(ctx.input(r)) for r in EFT_ROLES]
+        loaded = [load_model_artifact(ctx.input(r), activation_hooks=True) for r in EFT_ROLES]
         eft = EftModel(*(m for m, _, _ in loaded), beta=evaluator.params.eft_beta, tokenizers=[t for _, t, _ in loaded])
         eft.eval()
         per_model["eft"] = evaluator.evaluate(eft, loaded[0][1], None, blocks, examples, ctx.out_dir / "eft",

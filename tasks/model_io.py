@@ -16,8 +16,11 @@ FACTS = "paperdag.json"
 hf_logging.disable_progress_bar()  # "Loading weights" bars per tiny model are noise in a stage log
 
 
-def load_model_artifact(art: Artifact):
-    """(model, tokenizer, facts) from a model artifact, verified against its manifest."""
+def load_model_artifact(art: Artifact, activation_hooks: bool = False):
+    """(model, tokenizer, facts) from a model artifact, verified against its manifest.
+
+    ``activation_hooks``: for a WxAy model, also quantize activations as it deploys (the
+    evaluate stage). Training and merging start from its weights alone."""
     art.verify()  # a corrupt or truncated model.safetensors fails here, naming the file
     try:
         model = load_model(art.path)
@@ -26,7 +29,7 @@ def load_model_artifact(art: Artifact):
         raise ArtifactError(f"cannot load model artifact {art.path}: {type(e).__name__}: {e}") from None
     facts = json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
     activations = facts.get("quantization", {}).get("activations")
-    if activations:  # a WxAy model is measured with its activations quantized, as it would deploy
+    if activations and activation_hooks:
         side_state = load_file(str(art.path / ACTIVATION_FILE))
         install_activation_quant(model, ActivationSpec.from_meta(activations), side_state)
     return model, tokenizer, facts
