@@ -28,8 +28,7 @@ from pydantic import Field
 from transformers import PreTrainedModel
 
 from components.quant.base import CalibratedParams, QuantizedModel, Quantizer, uniform_int_meta
-from components.quant.calibration import check_calibration
-from components.quant.reconstruction import (IntGrid, ReconstructionConfig, check_learned_bits, flatten_metrics,
+from components.quant.reconstruction import (IntGrid, ReconstructionConfig, checked_grid_inputs, flatten_metrics,
                                              quantized_model, reconstruct)
 from components.quant.rtn import quantize_tensor
 from components.registry import Paper
@@ -132,13 +131,7 @@ class AdaRoundQuantizer(Quantizer):
 
     def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         p = self.params
-        self.refuse_if_quantized(model)
-        check_learned_bits(self.key, p.bits)
-        tokens = check_calibration(calibration, self.key)
-        grid = IntGrid(p.bits, p.granularity, p.group_size, p.symmetric)
-        linears = self.target_linears(model)
-        for name, linear in linears:
-            grid.check(linear.weight, f"{name}.weight")
+        tokens, grid, linears = checked_grid_inputs(self, model, calibration)
         config = ReconstructionConfig(mode=p.mode, iters=p.iters, lr=p.lr, batch_size=p.batch_size,
                                       input_stream=p.input_stream, seed=p.seed, keep_quants=False)
 

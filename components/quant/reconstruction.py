@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from components.quant.base import BLOCK_PREFIX, PackedWeights, QuantizationError, QuantizedModel, check_bits
-from components.quant.calibration import capture_block_inputs, decoder_blocks, linear_groups
+from components.quant.calibration import capture_block_inputs, check_calibration, decoder_blocks, linear_groups
 from components.quant.fake_quant import int_range
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -563,6 +563,22 @@ def reconstruct(model: PreTrainedModel, tokens: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- packaging
+
+
+def checked_grid_inputs(quantizer, model: PreTrainedModel, calibration: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, IntGrid, list[tuple[str, torch.nn.Linear]]]:
+    """What an int-grid reconstruction quantizer checks before any work: not already quantized,
+    supported bits, usable calibration, and a grid that fits every target Linear. Returns
+    ``(calibration tokens, grid, target linears)``."""
+    p = quantizer.params
+    quantizer.refuse_if_quantized(model)
+    check_learned_bits(quantizer.key, p.bits)
+    tokens = check_calibration(calibration, quantizer.key)
+    grid = IntGrid(p.bits, p.granularity, p.group_size, p.symmetric)
+    linears = quantizer.target_linears(model)
+    for name, linear in linears:
+        grid.check(linear.weight, f"{name}.weight")
+    return tokens, grid, linears
 
 
 def quantized_model(model: PreTrainedModel, weights: dict[str, Finalized], scheme: str, meta: dict,
