@@ -125,6 +125,19 @@ def linear_input_hooks(block: torch.nn.Module, names: list[str],
             h.remove()
 
 
+@contextmanager
+def swapped_weights(modules, replacement: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give the named modules (``modules[name].weight``) these weights; restored after."""
+    saved = {m: modules[m].weight.data for m in replacement}
+    try:
+        for m, w in replacement.items():
+            modules[m].weight.data = w.to(saved[m].dtype)
+        yield
+    finally:
+        for m, w in saved.items():
+            modules[m].weight.data = w
+
+
 def linear_groups(block: torch.nn.Module) -> list[list[str]]:
     """Linears of a block grouped by the input they share, in forward order.
 

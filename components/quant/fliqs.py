@@ -43,8 +43,8 @@ from pydantic import Field, field_validator
 from transformers import PreTrainedModel
 
 from components.quant.base import CalibratedParams, PackedWeights, QuantizationError, QuantizedModel, Quantizer
-from components.quant.calibration import check_calibration
-from components.quant.minifloat_ptq import MinifloatGrid, mean_loss, swapped_weights, weight_format
+from components.quant.calibration import check_calibration, swapped_weights
+from components.quant.minifloat_ptq import MinifloatGrid, mean_loss, weight_format
 from components.quant.rtn import quantize_tensor
 from components.registry import Paper
 

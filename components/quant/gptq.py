@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from components.quant.base import CalibratedParams, PackedWeights, QuantizedModel, Quantizer, check_bits, uniform_int_meta
 from components.quant.calibration import (block_linears, capture_block_inputs, check_calibration, decoder_blocks,
                                           linear_groups, linear_input_hooks)
-from components.quant.gptq_solver import HessianAccumulator, gptq_quantize
+from components.quant.gptq_solver import HessianAccumulator, gptq_quantize, output_error
 from components.quant.rtn import quantize_tensor
 from components.registry import Paper
 
@@ -96,14 +96,9 @@ class GptqQuantizer(Quantizer):
             weight, hessian, p.bits, p.granularity, p.group_size, p.symmetric, damp=p.damp,
             block_size=p.block_size, act_order=p.act_order, name=name)
         rtn_dequant = quantize_tensor(weight, p.bits, p.granularity, p.group_size, p.symmetric, name)[3]
-        metrics[f"output_mse.{module_name}"] = _output_error(weight, dequant, hessian)
-        metrics[f"rtn_output_mse.{module_name}"] = _output_error(weight, rtn_dequant, hessian)
+        metrics[f"output_mse.{module_name}"] = output_error(weight, dequant, hessian)
+        metrics[f"rtn_output_mse.{module_name}"] = output_error(weight, rtn_dequant, hessian)
         with torch.no_grad():
             linear.weight.copy_(dequant.to(linear.weight.dtype))
         store.add_int(name, weight.shape, codes, scales, zeros, p.bits, p.granularity, p.group_size, p.symmetric)
 
-
-def _output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Mean squared output error ``||X Wᵀ - X Qᵀ||² / (n·out)`` from ``H = (2/n) XᵀX``."""
-    delta = (weight - quantized).to(torch.float64)
-    return float(torch.einsum("oi,ij,oj->", delta, hessian.to(torch.float64), delta) / (2 * weight.shape[0]))

@@ -301,6 +301,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, granul
     return codes.to(torch.uint8), scales16, zeros, dequant
 
 
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Mean squared output error ``||X Wᵀ - X Qᵀ||² / (n·out)`` from ``H = (2/n) XᵀX``."""
+    delta = (weight - quantized).to(torch.float64)
+    return float(torch.einsum("oi,ij,oj->", delta, hessian.to(torch.float64), delta) / (2 * weight.shape[0]))
+
+
 def gptq_with_grid(weight: torch.Tensor, hessian: torch.Tensor,
                    round_column: Callable[[torch.Tensor, int], torch.Tensor], *, damp: float = 0.01,
                    block_size: int = 128, act_order: bool = False, name: str = "weight") -> torch.Tensor:

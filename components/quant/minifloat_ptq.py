@@ -43,7 +43,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,8 +54,8 @@ from components.quant.activation import ActivationSpec
 from components.quant.adaround import AdaRoundWeight, inverse_rectified_sigmoid, rectified_sigmoid
 from components.quant.base import (CalibratedParams, PackedWeights, QuantizationError, QuantizedModel, Quantizer)
 from components.quant.calibration import (block_linears, capture_block_inputs, check_calibration, decoder_blocks,
-                                          linear_groups, linear_input_hooks)
-from components.quant.gptq_solver import HessianAccumulator, gptq_quantize, gptq_with_grid
+                                          linear_groups, linear_input_hooks, swapped_weights)
+from components.quant.gptq_solver import HessianAccumulator, gptq_quantize, gptq_with_grid, output_error
 from components.quant.minifloat import MinifloatFormat, decode, encode, from_name, round_to_format
 from components.quant.reconstruction import IntGrid, ReconstructionConfig, reconstruct
 from components.quant.rtn import quantize_tensor
@@ -296,25 +295,6 @@ class MinifloatAdaRound:
 # --------------------------------------------------------------------------- whole-model drivers
 
 
-def _output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Mean squared output error ``||X Wᵀ - X Qᵀ||² / (n·out)`` from ``H = (2/n) XᵀX``."""
-    delta = (weight - quantized).to(torch.float64)
-    return float(torch.einsum("oi,ij,oj->", delta, hessian, delta) / (2 * weight.shape[0]))
-
-
-@contextmanager
-def swapped_weights(modules: dict[str, torch.nn.Module], replacement: dict[str, torch.Tensor]):
-    """Temporarily give the named Linears these weights (restored afterwards)."""
-    saved = {m: modules[m].weight.data for m in replacement}
-    try:
-        for m, w in replacement.items():
-            modules[m].weight.data = w.to(saved[m].dtype)
-        yield
-    finally:
-        for m, w in saved.items():
-            modules[m].weight.data = w
-
-
 def sequential_hessian_solve(model: PreTrainedModel, tokens: torch.Tensor, targets: Iterable[str],
                              solve: Callable[[str, torch.Tensor, torch.Tensor], Encoded],
                              batch_size: int = 8) -> tuple[dict[str, Encoded], dict[str, float]]:
@@ -345,7 +325,7 @@ def sequential_hessian_solve(model: PreTrainedModel, tokens: torch.Tensor, targe
                     h = hessians[n].hessian
                     encoded = solve(f"{prefix}{n}.weight", weight, h)
                     results[f"{prefix}{n}.weight"] = encoded
-                    metrics[f"output_mse.{prefix}{n}"] = _output_error(weight, encoded[2], h)
+                    metrics[f"output_mse.{prefix}{n}"] = output_error(weight, encoded[2], h)
                     with torch.no_grad():
                         linears[n].weight.copy_(encoded[2].to(linears[n].weight.dtype))
             inputs = inputs.run(block)
@@ -407,7 +387,7 @@ def quantize_weights(model: PreTrainedModel, tokens: torch.Tensor | None, module
                 encoded = gptq_minifloat(w, h, grid, damp=cfg.damp, block_size=cfg.block_size,
                                          act_order=cfg.act_order, name=name)
                 rtn = grid.rtn(w, name)[2]
-            rtn_errors[f"rtn_output_mse.{name.removesuffix('.weight')}"] = _output_error(w, rtn, h)
+            rtn_errors[f"rtn_output_mse.{name.removesuffix('.weight')}"] = output_error(w, rtn, h)
             return encoded
 
         encoded, metrics = sequential_hessian_solve(model, tokens, modules, solve, cfg.batch_size)

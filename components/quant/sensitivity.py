@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 from transformers import PreTrainedModel
 
 from components.quant.base import CalibratedParams, PackedWeights, QuantizationError, QuantizedModel, Quantizer
-from components.quant.calibration import capture_block_inputs, decoder_blocks
+from components.quant.calibration import capture_block_inputs, decoder_blocks, swapped_weights
 from components.quant.rtn import quantize_tensor
 
 LossClosure = Callable[[], torch.Tensor]
@@ -273,18 +273,6 @@ def _units(layers) -> dict[str, list[str]]:
     return units
 
 
-@contextmanager
-def _swapped(modules: Mapping[str, torch.nn.Module], replacement: Mapping[str, torch.Tensor]):
-    saved = {m: modules[m].weight.data for m in replacement}
-    try:
-        for m, w in replacement.items():
-            modules[m].weight.data = w.to(saved[m].dtype)
-        yield
-    finally:
-        for m, w in saved.items():
-            modules[m].weight.data = w
-
-
 def pairwise_loss_terms(model: torch.nn.Module, layers, bits_options: Sequence[int],
                         calibration: torch.Tensor | None = None, *, quantize: Quantize | None = None,
                         pair_bits: Sequence[int] | None = None, loss: Callable[[], float] | None = None,
@@ -317,7 +305,7 @@ def pairwise_loss_terms(model: torch.nn.Module, layers, bits_options: Sequence[i
     names = list(units)
     if loss is not None:
         def measure(assign):
-            with torch.no_grad(), _swapped(modules, config(assign)):
+            with torch.no_grad(), swapped_weights(modules, config(assign)):
                 return float(loss())
         base = measure({})
         single = {u: {b: measure({u: b}) - base for b in bits_options} for u in names}
@@ -380,7 +368,7 @@ def _pairwise_blockwise(model, units, bits_options, pair_bits, calibration, modu
         for u in names:
             single[u] = {}
             for b in bits_options:
-                with _swapped(modules, config({u: b})):
+                with swapped_weights(modules, config({u: b})):
                     value, cached = run_from(span[u][0], fp_inputs[span[u][0]], keep=b in pair_bits)
                 evaluations += 1
                 single[u][b] = value - base
@@ -395,7 +383,7 @@ def _pairwise_blockwise(model, units, bits_options, pair_bits, calibration, modu
                 for bv in pair_bits:
                     bits = {u: bu, v: bv}
                     reuse = after[(first, bits[first])].get(start)
-                    with _swapped(modules, config(bits)):
+                    with swapped_weights(modules, config(bits)):
                         if reuse is not None:  # `first` lies wholly before `second`'s block
                             value, _ = run_from(start, reuse, keep=False)
                         else:
@@ -752,7 +740,7 @@ def build_mixed_result(model: PreTrainedModel, linears: Mapping[str, torch.nn.Li
 def allocation_applied(linears: Mapping[str, torch.nn.Linear], alloc: Mapping[str, int], quantize: Quantize):
     """Temporarily replace each Linear's weight by its RTN copy at the allocated bits."""
     replacement = {m: quantize(linears[m].weight.detach(), int(b), f"{m}.weight") for m, b in alloc.items()}
-    with _swapped(linears, replacement):
+    with swapped_weights(linears, replacement):
         yield
 
 

@@ -6,7 +6,8 @@ import torch
 from components.model.presets import build_model
 from components.quant.base import QuantizationError, dequantize_packed
 from components.quant.fliqs import DEFAULT_FORMATS, FliqsQuantizer, FormatBank, random_feasible_assignment
-from components.quant.minifloat_ptq import dequantize_minifloat, mean_loss, swapped_weights
+from components.quant.calibration import swapped_weights
+from components.quant.minifloat_ptq import dequantize_minifloat, mean_loss
 from components.quant.registry import QUANTIZERS
 
 # (outlier layer, the layer feeding its input channel 0): the pair is rescaled without changing the function
