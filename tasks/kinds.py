@@ -41,8 +41,20 @@ KINDS: dict[str, StageKind] = {
     k.name: k
     for k in [
         StageKind("corpus", CORPUS_BUILDERS, "tasks.corpus", "dataset"),
-        StageKind("select", SELECTORS, "tasks.select", "dataset", {"docs": Role(("corpus", "select"))}),
-        StageKind("tokenize", TOKENIZERS, "tasks.tokenize", "tokens", {"docs": Role(("corpus", "select"))}),
+        StageKind(
+            "select", SELECTORS, "tasks.select", "dataset",
+            # tokenizer: counts token budgets and is the reference models' tokenizer; reference:
+            # models that score documents (perplexity, ladders, embeddings); target: the target set
+            {"docs": Role(("corpus", "select")), "tokenizer": Role(("tokenize",), required=False),
+             "reference": Role(MODEL_KINDS, many=True, required=False),
+             "target": Role(("corpus", "select"), required=False)},
+        ),
+        StageKind(
+            "tokenize", TOKENIZERS, "tasks.tokenize", "tokens",
+            # tokenizer: reuse that stage's tokenizer instead of training one, so models trained on
+            # different selections share one vocabulary and their losses compare
+            {"docs": Role(("corpus", "select")), "tokenizer": Role(("tokenize",), required=False)},
+        ),
         StageKind("pretrain", PRETRAIN_METHODS, "tasks.train", "model", {"tokens": Role(("tokenize",))}, trains=True),
         StageKind(
             "finetune", FINETUNE_METHODS, "tasks.train", "model",

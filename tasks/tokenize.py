@@ -1,5 +1,6 @@
 """tokenize stage: train the tokenizer on the training split and pack every split into blocks.
 
+With a ``tokenizer`` input, that stage's tokenizer is reused instead of training one.
 Writes ``tokenizer/``, ``{split}.npy`` and ``{split}-{domain}.npy`` (int32, shape
 (n_blocks, seq_len)), and ``heldout/`` (the clean validation and test documents, which the
 evaluate stage turns into lm-eval task examples).
@@ -10,6 +11,7 @@ import numpy as np
 
 from components.data.parquet_io import read_documents, write_documents
 from components.data.tokenizer import pack_documents
+from tasks.model_io import load_tokenizer_artifact
 
 SPLITS = ("train", "validation", "test")
 
@@ -19,7 +21,10 @@ def run(ctx) -> dict:
     trainer = ctx.method
     seq_len = trainer.params.seq_len
     train_docs = docs[docs["split"] == "train"]
-    tokenizer = trainer.train(train_docs["text"].tolist())
+    if ctx.inputs.get("tokenizer"):  # shared vocabulary: losses of models on different selections compare
+        tokenizer = load_tokenizer_artifact(ctx.input("tokenizer"))
+    else:
+        tokenizer = trainer.train(train_docs["text"].tolist())
     tokenizer.save_pretrained(str(ctx.out_dir / "tokenizer"))
     metrics: dict = {"vocab_size": len(tokenizer), "seq_len": seq_len}
     blocks_total = 0

@@ -136,10 +136,12 @@ def test_removal_precision_recall_golden():
 
 def test_registries():
     assert CORPUS_BUILDERS.keys() == ["standard_corpus"]
-    assert SELECTORS.keys() == ["heuristic_filter", "minhash_dedup"]
+    assert {"heuristic_filter", "minhash_dedup", "random"} <= set(SELECTORS.keys())
     assert TOKENIZERS.keys() == ["byte_bpe"]
     assert SELECTORS.get("heuristic_filter").paper.arxiv == "2112.11446"
     for registry in (CORPUS_BUILDERS, SELECTORS, TOKENIZERS):
         for _, cls in registry.items():
             assert cls.paper is not None and cls.key
-            cls(cls.Params())  # defaults are valid
+            budget = {"keep_fraction": 0.5} if "keep_fraction" in cls.Params.model_fields else {}
+            needs_target = {"target_domain": "prose"} if getattr(cls, "needs_target", False) else {}
+            cls(cls.Params(**budget, **needs_target))  # defaults (plus the required budget) are valid

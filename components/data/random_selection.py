@@ -1,0 +1,25 @@
+"""Uniform random selection at a budget: the baseline every selector is compared against.
+
+Each document gets a seeded uniform random score, so the budget fill keeps a uniform random
+subset of the pool with the same token budget as the method it is compared with.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pandas as pd
+
+from components.data.selector import ScoringSelector
+from components.registry import Paper
+
+
+class RandomSelection(ScoringSelector):
+    key = "random"
+    paper = Paper(title="Uniform random sampling (the data-selection baseline)",
+                  url="https://arxiv.org/abs/2302.03169")
+
+    def score(self, docs: pd.DataFrame) -> np.ndarray:
+        # per-document seeds from the id: the score does not depend on shard boundaries or order
+        seed = self.params.seed
+        return np.array([np.random.default_rng([seed, zlib.crc32(i.encode())]).random() for i in docs["id"]])
