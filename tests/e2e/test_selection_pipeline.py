@@ -1,0 +1,97 @@
+"""The data-selection DAG end to end (tests/recipes/select_nano.yaml) and its bad-input paths.
+
+Each bad input must give a clear error naming the problem, a non-zero exit, no artifact of the
+failing stage, and no MLflow run left RUNNING.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flows.cli import EXIT_FAILED, main
+from tests.helpers import REPO, make_workspace, mlflow_client
+
+pytestmark = pytest.mark.e2e
+RECIPE = REPO / "tests" / "recipes" / "select_nano.yaml"
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory) -> Path:
+    """The whole recipe, run once: the happy path that the bad-input tests then break."""
+    root = make_workspace(tmp_path_factory.mktemp("select") / "ws", {"select_nano": RECIPE})
+    assert main(["--workspace", str(root), "run", "select_nano", "--no-progress"]) == 0
+    return root
+
+
+def _stage(ws: Path, *args) -> int:
+    return main(["--workspace", str(ws), "stage", "select_nano", *args, "--no-progress"])
+
+
+def _metrics(ws: Path, kind: str, stage: str) -> dict:
+    for path in (ws / "artifacts" / kind).iterdir():
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest["stage"] == stage:
+            return json.loads((path / "stage_metrics.json").read_text())
+    raise AssertionError(f"no {kind} artifact of stage {stage}")
+
+
+def _assert_failed_cleanly(ws: Path, kind: str, stage: str, before: set[str]) -> None:
+    after = {p.name for p in (ws / "artifacts" / kind).iterdir()}
+    assert after == before, f"stage {stage} left {sorted(after - before)} behind"
+    client = mlflow_client(ws)
+    exp = client.get_experiment_by_name("select_nano")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    failed = [r for r in runs if r.data.tags.get("paperdag.stage") == stage and r.info.status == "FAILED"]
+    assert failed, f"no FAILED MLflow run for stage {stage}"
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def _existing(ws: Path, kind: str) -> set[str]:
+    return {p.name for p in (ws / "artifacts" / kind).iterdir()}
+
+
+def test_budget_is_met_in_tokens_of_the_shared_tokenizer(selected):
+    m = _metrics(selected, "select", "select_random")
+    assert m["selected_tokens"] >= 8000 and m["selected_tokens"] < 8000 + 3000  # overshoot < one document
+    assert m["pool_tokens"] > m["selected_tokens"]
+    pool_vocab = next((selected / "artifacts" / "tokenize").glob("*/tokenizer/tokenizer.json"))
+    for tokenizer in (selected / "artifacts" / "tokenize").glob("*/tokenizer/tokenizer.json"):
+        assert tokenizer.read_bytes() == pool_vocab.read_bytes()  # one vocabulary: losses compare
+
+
+def test_budget_larger_than_the_pool(selected, capsys):
+    before = _existing(selected, "select")
+    rc = _stage(selected, "select_random", "--set", "stages.select_random.params.budget_tokens=1000000000")
+    assert rc == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "budget_tokens=1000000000 is larger than the pool" in err
+    _assert_failed_cleanly(selected, "select", "select_random", before)
+
+
+def test_token_budget_without_a_tokenizer_input(selected, capsys):
+    before = _existing(selected, "select")
+    rc = _stage(selected, "select_random", "--set", "stages.select_random.inputs={docs: corpus}")
+    assert rc == EXIT_FAILED
+    assert "budget_tokens needs a `tokenizer` input" in capsys.readouterr().err
+    _assert_failed_cleanly(selected, "select", "select_random", before)
+
+
+def test_documents_failing_the_schema(selected, capsys):
+    [corpus_dir] = (selected / "artifacts" / "corpus").iterdir()
+    shard = next((corpus_dir / "docs").glob("part-*.parquet"))
+    original = shard.read_bytes()
+    frame = pd.read_parquet(shard)
+    frame.loc[frame.index[:3], "split"] = "holdout"  # not a split the schema knows
+    frame.to_parquet(shard, index=False)
+    before = _existing(selected, "select")
+    try:
+        rc = _stage(selected, "select_random", "--set", "stages.select_random.params.seed=7")
+        assert rc == EXIT_FAILED
+        err = capsys.readouterr().err
+        assert shard.name in err and "'split'" in err and "holdout" in err
+        _assert_failed_cleanly(selected, "select", "select_random", before)
+    finally:
+        shard.write_bytes(original)
