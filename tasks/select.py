@@ -7,8 +7,13 @@ against the injected-noise labels, which the selector never sees.
 """
 from __future__ import annotations
 
+import importlib
+import os
+
 import numpy as np
 import pandas as pd
+
+from prefect.cache_policies import NO_CACHE
 
 from components.data.lm_scoring import check_tokenizer_matches
 from components.data.parquet_io import ShardWriter, document_shards, read_documents, read_shard
@@ -152,18 +157,45 @@ def _score_shard(selector: ScoringSelector, shard, tokenizer) -> dict:
             "labels": train["noise_label"].tolist()}
 
 
+SHARD_RUNNER_ENV = "PAPERDAG_SHARD_RUNNER"
+
+
+def shard_task_runner(spec: str | None = None):
+    """The Prefect task runner that scores shards, from ``$PAPERDAG_SHARD_RUNNER``:
+    ``threads`` or ``threads:N`` (default; local threads), ``dask:<scheduler address>`` or
+    ``ray:<address>`` (needs ``prefect-dask`` / ``prefect-ray`` installed)."""
+    spec = (spec if spec is not None else os.environ.get(SHARD_RUNNER_ENV, "threads")).strip()
+    scheme, _, arg = spec.partition(":")
+    if scheme == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=int(arg) if arg else None)
+    if scheme in ("dask", "ray"):
+        package = f"prefect_{scheme}"
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise SelectionError(f"{SHARD_RUNNER_ENV}={spec!r} needs the {package.replace('_', '-')} package: "
+                                 f"pip install {package.replace('_', '-')}") from None
+        if scheme == "dask":
+            return module.DaskTaskRunner(address=arg or None)
+        return module.RayTaskRunner(address=arg or None)
+    raise SelectionError(f"{SHARD_RUNNER_ENV}={spec!r}: expected threads[:N], dask:<address> or ray:<address>")
+
+
 def _map_shards(selector, shards, tokenizer) -> list[dict]:
     """Score shards as parallel Prefect tasks inside a flow run, else one after another."""
     from prefect.context import TaskRunContext
 
     if TaskRunContext.get() is None or len(shards) == 1:
         return [_score_shard(selector, s, tokenizer) for s in shards]
-    from prefect import task, unmapped
-    from prefect.cache_policies import NO_CACHE
+    from prefect import task
 
     score_task = task(_score_shard, name="score-shard", cache_policy=NO_CACHE, persist_result=False)
-    futures = score_task.map(unmapped(selector), shards, unmapped(tokenizer))
-    return [f.result() for f in futures]
+    with shard_task_runner() as runner:
+        futures = [runner.submit(score_task, {"selector": selector, "shard": s, "tokenizer": tokenizer})
+                   for s in shards]
+        return [f.result() for f in futures]
 
 
 def _run_scoring(ctx, selector: ScoringSelector, shards):
