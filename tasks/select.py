@@ -67,6 +67,8 @@ def _run_whole_table(ctx, selector):
         extra = {"train_docs_out": len(out), "train_docs_added": int((~out["id"].isin(train["id"])).sum())}
     else:
         kept = train[selector.select(train)]
+    extra.update(domain_shares(train["domain"].to_numpy(), np.ones(len(train)), train["id"].isin(kept["id"]).to_numpy())
+                 if not isinstance(selector, DocumentTransform) else {})
     if kept.empty:
         raise _empty_error(ctx, len(train))
     writer = ShardWriter(ctx.out_dir / "docs")
@@ -74,6 +76,17 @@ def _run_whole_table(ctx, selector):
     writer.close()
     ctx.facts["rows"] = len(kept) + int((~is_train).sum())
     return kept["id"].to_numpy(), train["id"].to_numpy(), train["noise_label"].tolist(), extra
+
+
+def domain_shares(domains: np.ndarray, weights: np.ndarray, keep: np.ndarray) -> dict[str, float]:
+    """Each domain's share of the pool and of the selection (by tokens when ``weights`` are token
+    counts): DSIR-style selectors are judged by how far the target's share rises."""
+    out = {}
+    for domain in sorted(set(domains.tolist())):
+        in_domain = domains == domain
+        out[f"pool_share_{domain}"] = float(weights[in_domain].sum() / max(weights.sum(), 1))
+        out[f"selected_share_{domain}"] = float(weights[in_domain & keep].sum() / max(weights[keep].sum(), 1))
+    return out
 
 
 def _context(ctx, selector, docs: pd.DataFrame | None = None) -> SelectionContext:
@@ -147,14 +160,15 @@ def _pool_sample(shards, n: int, seed: int) -> pd.DataFrame:
 def _score_shard(selector: ScoringSelector, shard, tokenizer) -> dict:
     train = read_shard(shard).query("split == 'train'").reset_index(drop=True)
     if train.empty:
-        return {"ids": np.zeros(0, object), "scores": np.zeros(0), "tokens": np.zeros(0, np.int64), "labels": []}
+        return {"ids": np.zeros(0, object), "scores": np.zeros(0), "tokens": np.zeros(0, np.int64), "labels": [],
+                "domains": np.zeros(0, object)}
     if tokenizer is not None:  # +1: packing appends EOS to every document
         encodings = tokenizer.backend_tokenizer.encode_batch(train["text"].tolist(), add_special_tokens=False)
         tokens = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(train))
     else:
         tokens = np.ones(len(train), dtype=np.int64)
     return {"ids": train["id"].to_numpy(), "scores": selector.scores(train), "tokens": tokens,
-            "labels": train["noise_label"].tolist()}
+            "labels": train["noise_label"].tolist(), "domains": train["domain"].to_numpy()}
 
 
 SHARD_RUNNER_ENV = "PAPERDAG_SHARD_RUNNER"
@@ -210,6 +224,7 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
     scores = np.concatenate([p["scores"] for p in parts])
     tokens = np.concatenate([p["tokens"] for p in parts])
     labels = [label for p in parts for label in p["labels"]]
+    domains = np.concatenate([p["domains"] for p in parts])
     keep = budget_mask(scores, tokens, params.budget_tokens, params.keep_fraction, context.stage)
     keep_ids = set(ids[keep])
     score_of = dict(zip(ids, scores))
@@ -227,6 +242,7 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
     ctx.facts.update(rows=rows, selected_tokens=int(tokens[keep].sum()), score_column=column)
     extra = {"selected_tokens": int(tokens[keep].sum()), "pool_tokens": int(tokens.sum()),
              "score_mean_kept": float(scores[keep].mean()), "score_mean_pool": float(scores.mean())}
+    extra.update(domain_shares(domains, tokens, keep))
     if context.target is not None:
         extra["target_docs"] = len(context.target)
     return ids[keep], ids, labels, extra
