@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from components.eval.claims import Claim
 from components.registry import UnknownMethodError
+from components.train.samplers.registry import SAMPLERS
 from tasks.artifacts import compute_digest
 from tasks.code_version import code_version, source_closure
 from tasks.kinds import KINDS
@@ -36,6 +37,13 @@ class PaperRef(Strict):
     arxiv: str | None = None
 
 
+class SamplerSpec(Strict):
+    method: str
+    """A registered sampler key (uniform, fixed_subset, rs2, skill_it)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """The sampler's params; validated against the sampler's own typed schema."""
+
+
 class StageSpec(Strict):
     kind: str
     """Stage kind: one of corpus, select, tokenize, pretrain, finetune, distill, quantize, merge, evaluate."""
@@ -49,6 +57,8 @@ class StageSpec(Strict):
     """pretrain/distill only: the model to build (a scale preset or an HF path). Default: the recipe's model."""
     train_domain: str | None = None
     """pretrain/finetune/distill only: train on this domain's token blocks only (e.g. prose, code)."""
+    sampler: SamplerSpec | None = None
+    """pretrain/finetune/distill only: how each step's blocks are drawn (default: uniform epochs)."""
     description: str = ""
 
 
@@ -174,6 +184,8 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
             raise RecipeError(f"{where}.method: {e}") from None
         if not kind.trains and (spec.model or spec.train_domain):
             raise RecipeError(f"{where}: `model`/`train_domain` only apply to training stages, not {spec.kind}")
+        if spec.sampler is not None:
+            _check_sampler(spec, where, path, name)
         if spec.kind == "corpus" and spec.params:
             raise RecipeError(f"{where}.params: a corpus stage takes its params from the recipe's top-level `data`")
         for role, ref in spec.inputs.items():
@@ -216,6 +228,23 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
                     raise RecipeError(
                         f"{path}: claims[{claim.name}]: {ref!r} refers to stage {stage!r}, which no evaluate stage "
                         f"evaluates; evaluated stages: {', '.join(sorted(evaluated))}")
+
+
+def _check_sampler(spec: StageSpec, where: str, path: Path, name: str) -> None:
+    if not KINDS[spec.kind].trains:
+        raise RecipeError(f"{where}.sampler: a sampler only applies to training stages, not {spec.kind}")
+    try:
+        sampler_cls = SAMPLERS.get(spec.sampler.method)
+    except UnknownMethodError as e:
+        raise RecipeError(f"{where}.sampler.method: {e}") from None
+    try:
+        sampler_cls.Params.model_validate(spec.sampler.params)
+    except ValidationError as e:
+        raise RecipeError(f"{path}: {_format_validation(e, f'stages.{name}.sampler.params')} "
+                          f"(sampler {spec.sampler.method})") from None
+    if sampler_cls.needs_skills and spec.train_domain:
+        raise RecipeError(f"{where}.sampler: sampler {spec.sampler.method} mixes domains, so it cannot be combined "
+                          f"with train_domain {spec.train_domain!r}")
 
 
 def _with_recipe_defaults(recipe: Recipe, spec: StageSpec, method_cls) -> dict:
@@ -262,6 +291,10 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
         if kind.trains:
             options["model"] = spec.model or (recipe.model if spec.kind in ("pretrain", "distill") else None)
             options["train_domain"] = spec.train_domain
+            if spec.sampler is not None:  # only when set, so stages without one keep their digests
+                sampler_cls = SAMPLERS.get(spec.sampler.method)
+                options["sampler"] = {"method": spec.sampler.method, "params": sampler_cls.Params.model_validate(
+                    spec.sampler.params).model_dump(mode="json")}
         if spec.kind == "evaluate":  # the claims it checks are part of what it produces
             options["claims"] = [c.model_dump(mode="json") for c in recipe.claims]
         files = source_closure((kind.task_module, method_cls.__module__))

@@ -59,10 +59,11 @@ def _run_whole_table(ctx, selector):
     if isinstance(selector, DocumentTransform):
         context = _context(ctx, selector, docs)
         out = selector.transform(blind(train), context)
-        # rows the transform kept (same id) get their ground truth back; new rows inherit "" unless set
+        # ground truth goes back by id; derived rows (``<id>#...``: repeats, rephrasings) inherit
+        # their source document's label, so a repeated noise document stays noise
         labels = dict(zip(train["id"], train["noise_label"]))
         if "noise_label" not in out.columns:
-            out = out.assign(noise_label=[labels.get(i, "") for i in out["id"]])
+            out = out.assign(noise_label=[labels.get(i, labels.get(i.split("#", 1)[0], "")) for i in out["id"]])
         kept = out
         extra = {"train_docs_out": len(out), "train_docs_added": int((~out["id"].isin(train["id"])).sum())}
     else:

@@ -2,7 +2,9 @@
 
 Checkpoints go to ``.paperdag/checkpoints/<digest>/`` (outside the artifact's temporary
 directory), so a run killed mid-training resumes where it stopped; they are removed once
-the artifact is complete.
+the artifact is complete. A ``sampler`` stage option (``components/train/samplers``) picks the
+blocks of each step; its skills are the domains, in the sorted order that train.npy concatenates
+``train-{domain}.npy`` in, and its validation blocks come from ``validation-{domain}.npy``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from components.model.presets import build_model, count_params
+from components.train.samplers.base import Sampler
+from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import train
 from tasks.artifacts import DIGEST_LEN
 from tasks.model_io import load_model_artifact, load_tokenizer_artifact, save_model_artifact
@@ -33,6 +37,53 @@ def _train_blocks(tokens_dir: Path, domain: str | None, stage: str) -> np.ndarra
     return blocks
 
 
+def domain_skills(tokens_dir: Path, n_train_blocks: int,
+                  stage: str) -> tuple[dict[str, tuple[int, int]], dict[str, np.ndarray]]:
+    """Row range of each domain inside train.npy and its validation blocks (memmaps).
+
+    Domains without training blocks are left out: there is nothing to sample from them.
+    """
+    domains = sorted(p.name[len("train-"):-len(".npy")] for p in tokens_dir.glob("train-*.npy"))
+    lengths = {d: int(np.load(tokens_dir / f"train-{d}.npy", mmap_mode="r").shape[0]) for d in domains}
+    if sum(lengths.values()) != n_train_blocks:
+        raise ValueError(f"stage {stage}: the train-{{domain}}.npy files of {tokens_dir} hold "
+                         f"{sum(lengths.values())} blocks ({lengths}) but train.npy holds {n_train_blocks}; "
+                         "the tokens artifact is inconsistent, re-run its tokenize stage")
+    ranges, validation, start = {}, {}, 0
+    for domain in domains:
+        if lengths[domain]:
+            ranges[domain] = (start, start + lengths[domain])
+            path = tokens_dir / f"validation-{domain}.npy"
+            validation[domain] = np.load(path, mmap_mode="r") if path.exists() else np.zeros((0, 0), np.int32)
+        start += lengths[domain]
+    return ranges, validation
+
+
+def build_sampler(options: dict, tokens_dir: Path, n_train_blocks: int, batch_size: int, seed: int,
+                  stage: str) -> Sampler | None:
+    """The stage's ``sampler`` option, bound to its training blocks; None when it has none."""
+    spec = options.get("sampler")
+    if not spec:
+        return None
+    cls = SAMPLERS.get(spec["method"])
+    sampler = cls(cls.Params.model_validate(spec.get("params") or {}))
+    domain = options.get("train_domain")
+    if domain:
+        if cls.needs_skills:
+            raise ValueError(f"stage {stage}: sampler {cls.key!r} mixes domains, so it cannot be combined with "
+                             f"train_domain {domain!r}")
+        path = tokens_dir / f"validation-{domain}.npy"
+        ranges = {domain: (0, n_train_blocks)}
+        validation = {domain: np.load(path, mmap_mode="r")} if path.exists() else {}
+    else:
+        ranges, validation = domain_skills(tokens_dir, n_train_blocks, stage)
+    try:
+        sampler.bind(n_train_blocks, batch_size, seed, ranges, validation)
+    except ValueError as e:
+        raise type(e)(f"stage {stage}: {e}") from None
+    return sampler
+
+
 def _check_vocab(model, tokenizer, what: str, stage: str) -> None:
     if model.config.vocab_size != len(tokenizer):
         raise TokenizerMismatchError(
@@ -47,6 +98,7 @@ def run(ctx) -> dict:
     blocks = _train_blocks(tokens.path, plan.options.get("train_domain"), plan.name)
     method = ctx.method
     config = method.params
+    sampler = build_sampler(plan.options, tokens.path, len(blocks), config.batch_size, config.seed, plan.name)
     teacher, parents = None, {}
     if plan.kind == "finetune":
         model, _, parent_facts = load_model_artifact(ctx.input("model"))
@@ -69,19 +121,22 @@ def run(ctx) -> dict:
     checkpoints = ctx.workspace.state_dir / "checkpoints" / plan.digest[:DIGEST_LEN]
     result = train(model, blocks, config, method, teacher=teacher, checkpoint_dir=checkpoints,
                    on_log=lambda step, m: ctx.log_metrics(step, {f"train_{k}": v for k, v in m.items()}),
-                   progress=ctx.progress)
+                   progress=ctx.progress, sampler=sampler)
     model.to("cpu")
     facts = {
         "kind": plan.kind, "method": plan.method, "precision": result.precision,
         "train_flops": result.train_flops, "train_tokens": result.tokens, "steps": result.steps,
         "final_loss": result.losses[-1], "n_params": count_params(model),
         "resumed_from_step": result.resumed_from_step, **result.method_facts,
+        "sampler": sampler.key if sampler else "uniform", **result.sampler_facts,
         "parents": parents,
     }
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
-    ctx.facts.update(precision=result.precision, train_flops=result.train_flops)
+    ctx.facts.update(precision=result.precision, train_flops=result.train_flops,
+                     sampler=sampler.key if sampler else "uniform")
     shutil.rmtree(checkpoints, ignore_errors=True)
     first = float(np.mean(result.losses[: max(1, len(result.losses) // 20)]))
     return {"final_loss": result.losses[-1], "initial_loss": first, "train_flops": result.train_flops,
             "train_tokens": result.tokens, "tokens_per_s": result.tokens / max(result.wall_seconds, 1e-9),
-            "precision_bf16": float(result.precision == "bf16")}
+            "precision_bf16": float(result.precision == "bf16"),
+            **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))}}

@@ -3,8 +3,10 @@
 Precision: fp32 master weights and optimizer state always; ``bf16`` only autocasts the
 forward. Data order is a pure function of ``(seed, step)``, and checkpoints hold the model,
 optimizer, scheduler, RNG states and losses, so a resumed run reproduces the uninterrupted
-run bit for bit (CPU, fp32, same thread count). Steps are numbered from 1: "step k" is the
-k-th optimizer update, ``step-{k:07d}`` is the checkpoint written after it.
+run bit for bit (CPU, fp32, same thread count). A ``Sampler`` (``components/train/samplers``)
+may replace the default order (``BatchOrder``); its state is checkpointed too. Steps are
+numbered from 1: "step k" is the k-th optimizer update, ``step-{k:07d}`` is the checkpoint
+written after it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from components.registry import MethodParams
 
 if TYPE_CHECKING:
     from components.train.method import TrainingMethod
+    from components.train.samplers.base import Sampler
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
 MODEL_FILE = "model.safetensors"
@@ -75,6 +78,7 @@ class TrainResult:
     wall_seconds: float  # this call only
     resumed_from_step: int  # 0 when started fresh
     method_facts: dict = field(default_factory=dict)  # method.finalize(model)
+    sampler_facts: dict = field(default_factory=dict)  # sampler.facts(steps), keys sampler_*
 
 
 def _cpu_flags() -> set[str]:
@@ -238,7 +242,8 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, losses, method, config) -> None:
+def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, losses, method, config,
+                     sampler) -> None:
     from safetensors.torch import save_file
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +264,7 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, schedule
         "python_rng": _python_rng_state(),
         "numpy_rng": _numpy_rng_state(),
         "method_state": {k: v.detach().to("cpu") for k, v in method.state_tensors().items()},
+        "sampler": {"key": sampler.key, "state": sampler.state()},
         "tied_aliases": aliases,
         "config": config.model_dump(),
     }
@@ -292,6 +298,28 @@ def _check_resume_config(state: dict, config: TrainConfig, path: Path) -> None:
             raise ValueError(f"checkpoint {path} was written with {key}={saved[key]}, config has {getattr(config, key)}")
 
 
+def _restore_sampler(state: dict, sampler: "Sampler", path: Path) -> None:
+    saved = state.get("sampler", {"key": "uniform", "state": {}})  # written before samplers existed
+    if saved["key"] != sampler.key:
+        raise ValueError(f"checkpoint {path} was written with sampler {saved['key']!r}, this run uses {sampler.key!r}")
+    sampler.load_state(saved["state"])
+
+
+def _default_sampler(n_blocks: int, config: TrainConfig) -> "Sampler":
+    from components.train.samplers.uniform import UniformSampler  # here: uniform imports this module
+
+    sampler = UniformSampler()
+    sampler.bind(n_blocks, config.batch_size, config.seed)
+    return sampler
+
+
+def _check_sampler(sampler: "Sampler", n_blocks: int, config: TrainConfig) -> None:
+    bound = (getattr(sampler, "n_blocks", None), getattr(sampler, "batch_size", None), getattr(sampler, "seed", None))
+    if bound != (n_blocks, config.batch_size, config.seed):
+        raise ValueError(f"sampler {sampler.key!r} is bound to (n_blocks, batch_size, seed) = {bound} but training "
+                         f"uses {(n_blocks, config.batch_size, config.seed)}; call sampler.bind(...) with those")
+
+
 # -- the loop ----------------------------------------------------------------------------------
 
 
@@ -318,11 +346,14 @@ def train(
     on_log: Callable[[int, dict], None] | None = None,
     progress: bool = True,
     stop_after_step: int | None = None,
+    sampler: "Sampler | None" = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``blocks`` (n_blocks, seq_len) with ``method``.
 
     With ``checkpoint_dir``, resumes from its latest complete checkpoint. ``stop_after_step``
     ends the call after that step (and its checkpoint, if due), as an interruption would.
+    ``sampler`` (already ``bind``-ed to ``len(blocks)``, ``config.batch_size`` and ``config.seed``)
+    picks each step's blocks; None is the uniform ``BatchOrder``. Its metrics go to ``on_log``.
     """
     import deepspeed
 
@@ -330,6 +361,9 @@ def train(
     _validate_blocks(blocks, model)
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method {method.key!r} needs a teacher model, got teacher=None")
+    if sampler is None:
+        sampler = _default_sampler(blocks.shape[0], config)
+    _check_sampler(sampler, blocks.shape[0], config)
     precision = resolve_precision(config.precision)
     if config.zero_stage > 0 and checkpoint_dir is not None and config.checkpoint_every:
         # ZeRO's optimizer state_dict pickles DeepSpeed objects, which weights_only loading refuses
@@ -363,6 +397,7 @@ def train(
         start_step, path = latest[0]
         state = _load_checkpoint(path, model, device)
         _check_resume_config(state, config, path)
+        _restore_sampler(state, sampler, path)
         method.load_state_tensors({k: v.to(device) for k, v in state["method_state"].items()})
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -392,7 +427,6 @@ def train(
     if state is not None:
         _restore_rng(state)  # last: DeepSpeed init must not shift the restored streams
 
-    order = BatchOrder(blocks.shape[0], config.batch_size, config.seed)
     seq_len = blocks.shape[1]
     tokens_per_step = config.batch_size * seq_len
     flops_per_token = method.flops_per_token(model, seq_len, teacher=teacher)
@@ -401,9 +435,13 @@ def train(
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {method.key}", unit="step")
     log_time, log_step = time.perf_counter(), start_step
     try:
+        if start_step == 0:  # e.g. Skill-it measures the untrained model's per-skill loss
+            first = sampler.observe(0, model, autocast)
+            if first and on_log is not None:
+                on_log(0, first)
         for index in range(start_step, last_step):
             step = index + 1
-            batch_indices = order.indices(index)
+            batch_indices = sampler.indices(index)
             batch = torch.from_numpy(blocks[batch_indices].astype(np.int64)).to(device, non_blocking=True)
             method.on_batch(step, batch_indices)
             with autocast:
@@ -416,6 +454,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(clip_params, config.grad_clip, foreach=True)
             engine.step()
             method.after_step(model)
+            sampler_metrics = sampler.observe(step, model, autocast)
             losses.append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -424,10 +463,13 @@ def train(
                 rate = (step - log_step) * tokens_per_step / max(now - log_time, 1e-9)
                 on_log(step, {"loss": value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
                 log_time, log_step = time.perf_counter(), step
+            if sampler_metrics and on_log is not None:
+                on_log(step, sampler_metrics)
             if checkpoint_dir is not None and config.checkpoint_every and (
                 step % config.checkpoint_every == 0 or step == config.steps
             ):
-                _save_checkpoint(checkpoint_dir, step, model, ds_optimizer, scheduler, losses, method, config)
+                _save_checkpoint(checkpoint_dir, step, model, ds_optimizer, scheduler, losses, method, config,
+                                 sampler)
     finally:
         bar.close()
         engine.destroy() if hasattr(engine, "destroy") else None
@@ -442,4 +484,5 @@ def train(
         wall_seconds=time.perf_counter() - start_time,
         resumed_from_step=start_step,
         method_facts=method.finalize(model),
+        sampler_facts=sampler.facts(steps_done),
     )
