@@ -89,6 +89,24 @@ def main() -> None:
         out += _section("GPTQ vs llm-compressor on CPU",
                         "python benchmarks/bench_gptq_llmcompressor.py --model MODEL_DIR --tokens TOKENS_DIR --repeats 3",
                         rows)
+    r = _load("data_selection.json")
+    if r:
+        ref, a = r["reference"], r["agreement"]
+        rows = [f"Pool: {r['corpus']['pool_docs']} quickstart train documents; target: {r['corpus']['target_docs']} "
+                f"documents ({r['corpus']['target']}); {r['settings']['num_buckets']} buckets, one core each. "
+                f"Reference: data-selection {ref['version']} (`HashedNgramDSIR`, num_proc=1), "
+                f"{ref['docs_per_s']:.0f} docs/s wall, {ref['docs_per_cpu_s']:.0f} docs/s CPU (fit + weights).", "",
+                "| scorer | fit + score, docs/s (wall) | / reference | docs/s (CPU time) | / reference |",
+                "|---|---|---|---|---|"]
+        rows += [f"| {x['name']} | {x['docs_per_s']:.0f} | **{x['ratio_docs_per_s_over_reference']:.1f}** | "
+                 f"{x['docs_per_cpu_s']:.0f} | {x['ratio_docs_per_cpu_s_over_reference']:.1f} |" for x in r["rows"]]
+        rows += ["", f"Agreement at k={a['k']} (top-k on both sides): Jaccard {a['top_k_jaccard']:.3f}; target fraction "
+                 f"ours {a['top_k_ours']['target_fraction']:.3f}, reference {a['top_k_reference']['target_fraction']:.3f} "
+                 f"(pool {a['pool_target_fraction']:.3f}); Spearman of the log weights {a['spearman_log_weights_all']:.3f}. "
+                 "The buckets differ (CRC32 vs SHA-256 hashing), so the two agree statistically, not exactly. "
+                 "Wall times share a loaded core with other work; the CPU-time ratio is the steadier number."]
+        out += _section("Data selection: DSIR vs the reference `data-selection` package",
+                        "bash benchmarks/data_selection_env.sh && python benchmarks/bench_data_selection.py", rows)
     (HERE / "RESULTS.md").write_text("\n".join(out))
     print(f"wrote {HERE / 'RESULTS.md'}")
     if cat:

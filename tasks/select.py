@@ -123,7 +123,8 @@ def _target_docs(ctx, selector, docs: pd.DataFrame | None, stage: str) -> pd.Dat
     else:
         if docs is None:  # one shard in memory at a time
             shards = document_shards(ctx.input("docs").path / "docs")
-            docs = pd.concat([read_shard(s).query("split == @params.target_split") for s in shards], ignore_index=True)
+            frames = (read_shard(s) for s in shards)
+            docs = pd.concat([f[f["split"] == params.target_split] for f in frames], ignore_index=True)
         source = docs[docs["split"] == params.target_split]
         where = f"split {params.target_split!r} of the input documents"
         if params.target_domain is None:
@@ -242,7 +243,7 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
     writer.close()
     ctx.facts.update(rows=rows, selected_tokens=int(tokens[keep].sum()), score_column=column)
     extra = {"selected_tokens": int(tokens[keep].sum()), "pool_tokens": int(tokens.sum()),
-             "score_mean_kept": float(scores[keep].mean()), "score_mean_pool": float(scores.mean())}
+             "score_median_kept": float(np.median(scores[keep])), "score_median_pool": float(np.median(scores))}
     extra.update(domain_shares(domains, tokens, keep))
     if context.target is not None:
         extra["target_docs"] = len(context.target)

@@ -11,6 +11,7 @@ per batch instead of per text. Each distinct word is CRC32-hashed once per call.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 from typing import Sequence
@@ -45,11 +46,14 @@ def hashed_ngram_counts(texts: Sequence[str], num_buckets: int = 10_000, ngram_o
         found = findall(text.lower())
         lengths[row] = len(found)
         words.extend(found)
-    # hash each distinct word once; words map to their first occurrence's index in `vocab`
-    vocab: dict[str, int] = {}
-    index = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
-    vocab_hash = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in vocab), dtype=np.uint64, count=len(vocab))
-    hashes = vocab_hash[index]
+    # Hash each distinct word once. `setdefault` with a running counter (all in C, no Python
+    # frame per word) gives every word the position of its first occurrence as its index.
+    first: dict[str, int] = {}
+    index = np.fromiter(map(first.setdefault, words, itertools.count()), dtype=np.int64, count=len(words))
+    table = np.zeros(len(words), dtype=np.uint64)
+    table[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = np.fromiter(
+        map(zlib.crc32, map(str.encode, first)), dtype=np.uint64, count=len(first))
+    hashes = table[index]
     row_of_word = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
     buckets = np.uint64(num_buckets)
     rows, cols = [], []
