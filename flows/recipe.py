@@ -220,14 +220,31 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
         raise RecipeError(f"{path}: claims need an evaluate stage to check them")
     evaluated = {s for n in evaluates for ref in recipe.stages[n].inputs.get("models", []) for s in ([ref] if isinstance(ref, str) else ref)}
     evaluated |= {"eft" for n in evaluates if "eft_large_base" in recipe.stages[n].inputs}
+    # claims may also read the stage metrics of anything upstream of an evaluate stage (e.g. a
+    # select stage's target share), which the evaluate stage collects from their artifacts
+    checkable = evaluated | {s for n in evaluates for s in _upstream(recipe, n)}
     for claim in recipe.claims:
         for ref in (claim.metric, claim.than, *claim.plus):
             if isinstance(ref, str):
                 stage = ref.split(".", 1)[0]
-                if stage not in evaluated:
+                if stage not in checkable:
                     raise RecipeError(
-                        f"{path}: claims[{claim.name}]: {ref!r} refers to stage {stage!r}, which no evaluate stage "
-                        f"evaluates; evaluated stages: {', '.join(sorted(evaluated))}")
+                        f"{path}: claims[{claim.name}]: {ref!r} refers to stage {stage!r}, which is neither evaluated "
+                        f"nor upstream of an evaluate stage; checkable stages: {', '.join(sorted(checkable))}")
+
+
+def _upstream(recipe: Recipe, name: str) -> set[str]:
+    """Every stage that ``name`` depends on, directly or not."""
+    out: set[str] = set()
+    frontier = [name]
+    while frontier:
+        spec = recipe.stages[frontier.pop()]
+        for ref in spec.inputs.values():
+            for stage in [ref] if isinstance(ref, str) else ref:
+                if stage not in out:
+                    out.add(stage)
+                    frontier.append(stage)
+    return out
 
 
 def _check_sampler(spec: StageSpec, where: str, path: Path, name: str) -> None:

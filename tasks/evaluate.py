@@ -14,8 +14,10 @@ from components.distill.eft import EftModel
 from components.eval.claims import Claim, check_claims
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.model_io import load_model_artifact
+from tasks.runner import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss")
+FACT_PREFIXES = ("sampler_",)  # numeric facts a training sampler records, copied as they are
 EFT_ROLES = ("eft_large_base", "eft_small_ft", "eft_small_base")
 # HFLM warns on every in-memory model it wraps; the evaluate stage always passes one on purpose.
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -28,6 +30,7 @@ def run(ctx) -> dict:
     heldout = read_documents(tokens.path / "heldout")
     examples = arithmetic_examples(heldout[(heldout["split"] == "test") & (heldout["domain"] == "arithmetic")]["text"].tolist())
     evaluator = ctx.method
+    extra = _extra_inputs(evaluator, tokens.path, heldout)
     per_model: dict[str, dict] = {}
     # Name models by this recipe's stage names: an artifact shared with another recipe (same
     # digest) carries the stage name of whichever recipe built it first.
@@ -35,8 +38,9 @@ def run(ctx) -> dict:
         model, tokenizer, facts = load_model_artifact(art, activation_hooks=True)
         model.eval()
         m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / name,
-                               quant_meta=facts.get("quantization"), progress=ctx.progress)
+                               quant_meta=facts.get("quantization"), progress=ctx.progress, **extra)
         m.update({k: facts[k] for k in FACT_METRICS if k in facts})
+        m.update(prefixed_fact_metrics(facts))
         per_model[name] = m
     eft_roles = [r for r in EFT_ROLES if r in ctx.inputs]
     if eft_roles:
@@ -46,11 +50,12 @@ def run(ctx) -> dict:
         eft = EftModel(*(m for m, _, _ in loaded), beta=evaluator.params.eft_beta, tokenizers=[t for _, t, _ in loaded])
         eft.eval()
         per_model["eft"] = evaluator.evaluate(eft, loaded[0][1], None, blocks, examples, ctx.out_dir / "eft",
-                                              progress=ctx.progress)
+                                              progress=ctx.progress, **extra)
     if not per_model:
         raise ValueError(f"stage {ctx.plan.name}: nothing to evaluate; give `inputs.models` or the three EFT inputs")
     claims = [Claim.model_validate(c) for c in ctx.plan.options.get("claims", [])]
-    results = check_claims(claims, per_model)
+    upstream = _upstream_metrics(ctx)
+    results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()}})
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
               "arith_examples": len(examples)}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
@@ -62,6 +67,37 @@ def run(ctx) -> dict:
     flat["claims_total"] = len(results)
     ctx.facts["claims"] = {c["name"]: "PASS" if c["passed"] else "FAIL" for c in results}
     return flat
+
+
+def _upstream_metrics(ctx) -> dict[str, dict]:
+    """Logged metrics of every stage upstream of this one, by stage name, for claims such as
+    "the selection's prose share is 3x the pool's" (``select_dsir.selected_share_prose``)."""
+    out = {}
+    for name in sorted(ctx.recipe.ancestors(ctx.plan.name)):
+        stage = ctx.recipe.stages[name]
+        art = ctx.workspace.artifacts.get(stage.kind, stage.digest)
+        path = art.path / STAGE_METRICS if art is not None else None
+        if path is not None and path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def _extra_inputs(evaluator, tokens_dir, heldout) -> dict:
+    """What an evaluator asks for beyond the test blocks: ``train_blocks`` ({domain: memmapped
+    blocks}) when it sets ``needs_train_blocks``, the ``heldout`` documents when ``needs_heldout``."""
+    extra: dict = {}
+    if getattr(evaluator, "needs_train_blocks", False):
+        extra["train_blocks"] = {p.stem.removeprefix("train-"): np.load(p, mmap_mode="r")
+                                 for p in sorted(tokens_dir.glob("train-*.npy"))}
+    if getattr(evaluator, "needs_heldout", False):
+        extra["heldout"] = heldout
+    return extra
+
+
+def prefixed_fact_metrics(facts: dict) -> dict:
+    """Numeric model facts whose key starts with one of ``FACT_PREFIXES`` (e.g. ``sampler_*``)."""
+    return {k: v for k, v in facts.items()
+            if k.startswith(FACT_PREFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _markdown(recipe, report: dict) -> str:

@@ -119,6 +119,7 @@ def run(ctx) -> dict:
     if plan.kind == "distill" and method.needs_teacher and teacher is None:
         raise ValueError(f"stage {plan.name}: distill method {plan.method!r} needs a `teacher` input")
     checkpoints = ctx.workspace.state_dir / "checkpoints" / plan.digest[:DIGEST_LEN]
+    method.use_tokenizer(tokenizer)
     result = train(model, blocks, config, method, teacher=teacher, checkpoint_dir=checkpoints,
                    on_log=lambda step, m: ctx.log_metrics(step, {f"train_{k}": v for k, v in m.items()}),
                    progress=ctx.progress, sampler=sampler)

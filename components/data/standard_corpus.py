@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
+from components.data.arithmetic_formats import ArithmeticFormattedSource, formatted_arithmetic_docs
 from components.data.corpus import CorpusBuilder
 from components.data.schema import DOCUMENT_COLUMNS, validate_documents
 from components.registry import MethodParams, Paper
@@ -99,7 +100,8 @@ class HfSource(MethodParams):
 
 
 Source = Annotated[
-    Union[PydocTopicsSource, StdlibCodeSource, ArithmeticSource, JsonlSource, ParquetSource, HfSource],
+    Union[PydocTopicsSource, StdlibCodeSource, ArithmeticSource, ArithmeticFormattedSource, JsonlSource,
+          ParquetSource, HfSource],
     Field(discriminator="type"),
 ]
 
@@ -452,6 +454,9 @@ class StandardCorpus(CorpusBuilder):
                 pairs = [(t, src.domain) for t in _stdlib_docs(src, rng)]
             elif src.type == "arithmetic":
                 pairs = [(t, src.domain) for t in _arithmetic_docs(src, rng)]
+            elif src.type == "arithmetic_formatted":
+                own_rng = np.random.default_rng([self.params.seed, 100 + index, src.seed])
+                pairs = [(t, src.domain) for t in formatted_arithmetic_docs(src, own_rng)]
             elif src.type in ("jsonl", "parquet"):
                 pairs = _local_rows(src, index)
             else:

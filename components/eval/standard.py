@@ -36,20 +36,7 @@ class StandardEvaluation(Evaluator):
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
                  progress: bool = False) -> dict[str, float]:
         p = self.params
-        out: dict[str, float] = {}
-        total_nll, total_tokens = 0.0, 0
-        for domain, blocks in sorted(blocks_by_domain.items()):
-            blocks = np.asarray(blocks[: p.max_blocks_per_domain])
-            if len(blocks) == 0:
-                continue
-            r = evaluate_perplexity(model, blocks, batch_size=p.ppl_batch_size, progress=progress)
-            out[f"ppl_{domain}"] = r["ppl"]
-            out[f"loss_{domain}"] = r["loss"]
-            total_nll += r["loss"] * r["tokens"]
-            total_tokens += r["tokens"]
-        if total_tokens:
-            out["loss_all"] = total_nll / total_tokens
-            out["ppl_all"] = math.exp(out["loss_all"])
+        out = perplexity_metrics(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain, progress)
         if task_examples:
             task_dir = work_dir / "lm_eval_task"
             write_arithmetic_task(task_dir, task_examples)
@@ -57,10 +44,41 @@ class StandardEvaluation(Evaluator):
                             batch_size=p.lm_eval_batch_size, limit=p.lm_eval_limit)
             out["arith_exact_match"] = r["exact_match"]
             out["arith_n"] = r["n"]
-        if model_dir is not None:  # a wrapper such as EFT has no weights file of its own
-            sizes = model_size_report(model_dir, quant_meta=quant_meta)
-            out.update({k: v for k, v in sizes.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            out["size_bytes"] = sizes.get("deploy_bytes", sizes.get("safetensors_bytes"))
-        if quant_meta and quant_meta.get("activations"):  # measured with activation fake-quant hooks
-            out["activation_bits"] = quant_meta["activations"]["bits"]
+        out.update(size_metrics(model_dir, quant_meta))
         return out
+
+
+def perplexity_metrics(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int, max_blocks_per_domain: int,
+                       progress: bool = False) -> dict[str, float]:
+    """``loss_{domain}``/``ppl_{domain}`` on the first ``max_blocks_per_domain`` blocks of each domain,
+    ``loss_all``/``ppl_all`` weighted by tokens, and ``loss_domain_mean``: the unweighted mean over domains."""
+    out: dict[str, float] = {}
+    total_nll, total_tokens = 0.0, 0
+    domain_losses = []
+    for domain, blocks in sorted(blocks_by_domain.items()):
+        blocks = np.asarray(blocks[:max_blocks_per_domain])
+        if len(blocks) == 0:
+            continue
+        r = evaluate_perplexity(model, blocks, batch_size=batch_size, progress=progress)
+        out[f"ppl_{domain}"] = r["ppl"]
+        out[f"loss_{domain}"] = r["loss"]
+        domain_losses.append(r["loss"])
+        total_nll += r["loss"] * r["tokens"]
+        total_tokens += r["tokens"]
+    if total_tokens:
+        out["loss_all"] = total_nll / total_tokens
+        out["ppl_all"] = math.exp(out["loss_all"])
+        out["loss_domain_mean"] = sum(domain_losses) / len(domain_losses)
+    return out
+
+
+def size_metrics(model_dir: Path | None, quant_meta: dict | None = None) -> dict[str, float]:
+    """Real bytes of a saved model (none for a wrapper such as EFT) and its activation bits."""
+    out: dict[str, float] = {}
+    if model_dir is not None:  # a wrapper such as EFT has no weights file of its own
+        sizes = model_size_report(model_dir, quant_meta=quant_meta)
+        out.update({k: v for k, v in sizes.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        out["size_bytes"] = sizes.get("deploy_bytes", sizes.get("safetensors_bytes"))
+    if quant_meta and quant_meta.get("activations"):  # measured with activation fake-quant hooks
+        out["activation_bits"] = quant_meta["activations"]["bits"]
+    return out

@@ -66,6 +66,9 @@ class TrainingMethod(Method):
     #: True when ``loss`` needs a teacher model (distillation).
     needs_teacher: bool = False
 
+    def use_tokenizer(self, tokenizer) -> None:
+        """Called first, with the tokenizer of the training tokens (e.g. to find answer tokens)."""
+
     def prepare(self, model: nn.Module) -> None:
         """Called once on the plain model before the optimizer exists (e.g. install masks)."""
 
