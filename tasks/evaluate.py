@@ -37,8 +37,9 @@ def run(ctx) -> dict:
     for name, art in zip(ctx.plan.inputs.get("models", []), ctx.inputs.get("models", [])):
         model, tokenizer, facts = load_model_artifact(art, activation_hooks=True)
         model.eval()
+        model_extra = {"facts": facts} if getattr(evaluator, "needs_model_facts", False) else {}
         m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / name,
-                               quant_meta=facts.get("quantization"), progress=ctx.progress, **extra)
+                               quant_meta=facts.get("quantization"), progress=ctx.progress, **extra, **model_extra)
         m.update({k: facts[k] for k in FACT_METRICS if k in facts})
         m.update(prefixed_fact_metrics(facts))
         per_model[name] = m

@@ -126,6 +126,7 @@ def run(ctx) -> dict:
     model.to("cpu")
     facts = {
         "kind": plan.kind, "method": plan.method, "precision": result.precision,
+        "train_domain": plan.options.get("train_domain"),
         "train_flops": result.train_flops, "train_tokens": result.tokens, "steps": result.steps,
         "final_loss": result.losses[-1], "n_params": count_params(model),
         "resumed_from_step": result.resumed_from_step, **result.method_facts,

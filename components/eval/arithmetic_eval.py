@@ -154,10 +154,13 @@ class ArithmeticExactMatch(Evaluator):
     #: tasks/evaluate.py passes ``train_blocks`` ({domain: blocks}) and ``heldout`` (documents).
     needs_train_blocks = True
     needs_heldout = True
+    needs_model_facts = True  # tasks/evaluate.py passes the model's artifact facts (its train_domain)
 
     class Params(MethodParams):
         format: ArithmeticFormat | None = Field(None, description="None: detect from the held-out documents")
-        domain: str = Field("arithmetic", min_length=1, description="domain holding the problems")
+        domain: str | None = Field("arithmetic", min_length=1, description=(
+            "domain holding the problems; null = each model's own `train_domain` (one corpus holding "
+            "every format as its own domain, one model per format)"))
         split: Literal["test", "validation"] = Field("test", description="held-out split the problems come from")
         limit: int | None = Field(256, ge=1, description="problems to generate for (the first ones); None = all")
         gen_batch_size: int = Field(64, ge=1, description="prompts per generate call")
@@ -170,30 +173,34 @@ class ArithmeticExactMatch(Evaluator):
     def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
                  progress: bool = False, train_blocks: dict[str, np.ndarray] | None = None,
-                 heldout: pd.DataFrame | None = None) -> dict[str, float]:
+                 heldout: pd.DataFrame | None = None, facts: dict | None = None) -> dict[str, float]:
         p = self.params
         if heldout is None or train_blocks is None:
             raise ArithmeticEvalError(f"{self.key} needs the held-out documents and the train blocks")
+        domain = p.domain or (facts or {}).get("train_domain")
+        if domain is None:
+            raise ArithmeticEvalError(f"{self.key}: domain is null but the model {work_dir.name} has no train_domain; "
+                                      f"set the evaluate stage's params.domain")
         out = perplexity_metrics(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain, progress)
-        fmt, problems = heldout_problems(heldout, p.domain, p.split, p.format, p.limit)
+        fmt, problems = heldout_problems(heldout, domain, p.split, p.format, p.limit)
         texts = generate_answers(model, tokenizer, fmt, problems, p.gen_batch_size, p.extra_new_tokens, progress)
         score = exact_match(fmt, problems, texts)
         out.update(exact_match=score["exact_match"], arith_parsed=score["parsed"], arith_n=len(problems))
-        out.update(self._gap(model, out, blocks_by_domain, train_blocks, progress))
+        out.update(self._gap(model, out, domain, blocks_by_domain, train_blocks, progress))
         out.update(size_metrics(model_dir, quant_meta))
         return out
 
-    def _gap(self, model, out: dict, test_blocks: dict[str, np.ndarray], train_blocks: dict[str, np.ndarray],
-             progress: bool) -> dict[str, float]:
+    def _gap(self, model, out: dict, domain: str, test_blocks: dict[str, np.ndarray],
+             train_blocks: dict[str, np.ndarray], progress: bool) -> dict[str, float]:
         p = self.params
-        train = train_blocks.get(p.domain)
-        test = test_blocks.get(p.domain)
+        train = train_blocks.get(domain)
+        test = test_blocks.get(domain)
         if train is None or len(train) == 0 or test is None or len(test) == 0:
             raise ArithmeticEvalError(
-                f"domain {p.domain!r} needs train and test token blocks for the loss gap; train blocks: "
+                f"domain {domain!r} needs train and test token blocks for the loss gap; train blocks: "
                 f"{sorted(d for d, b in train_blocks.items() if len(b))}, test blocks: "
                 f"{sorted(d for d, b in test_blocks.items() if len(b))}")
-        held = out[f"loss_{p.domain}"]  # the first max_blocks_per_domain test blocks, as for every domain
+        held = out[f"loss_{domain}"]  # the first max_blocks_per_domain test blocks, as for every domain
         seen = evaluate_perplexity(model, np.asarray(train[evenly_spaced(len(train), p.max_train_blocks)]),
                                    batch_size=p.ppl_batch_size, progress=progress)["loss"]
         return {"loss_train": seen, "loss_heldout": held, "loss_gap": held - seen}

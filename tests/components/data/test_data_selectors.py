@@ -134,14 +134,27 @@ def test_removal_precision_recall_golden():
         removal_precision_recall(["", ""], np.array([1, 0]))
 
 
+# the fewest params each method needs; everything else must have a valid default
+REQUIRED_PARAMS = {
+    "score_filter": {"column": "dsir_score", "keep_fraction": 0.5},
+    "metadata_filter": {"column": "source", "values": ["pydoc_topics"]},
+    "domain_mix": {"weights": {"prose": 1.0}, "budget_tokens": 1000},
+}
+
+
 def test_registries():
     assert CORPUS_BUILDERS.keys() == ["standard_corpus"]
-    assert {"heuristic_filter", "minhash_dedup", "random"} <= set(SELECTORS.keys())
+    assert {"heuristic_filter", "minhash_dedup", "random", "dsir", "perplexity_filter", "preselect", "got_d",
+            "instruction_mining", "prox", "score_filter", "lexicon_score", "domain_mix", "metadata_filter",
+            "snowcoder", "repeat_docs", "wrap", "continuation"} == set(SELECTORS.keys())
     assert TOKENIZERS.keys() == ["byte_bpe"]
     assert SELECTORS.get("heuristic_filter").paper.arxiv == "2112.11446"
     for registry in (CORPUS_BUILDERS, SELECTORS, TOKENIZERS):
-        for _, cls in registry.items():
+        for key, cls in registry.items():
             assert cls.paper is not None and cls.key
-            budget = {"keep_fraction": 0.5} if "keep_fraction" in cls.Params.model_fields else {}
-            needs_target = {"target_domain": "prose"} if getattr(cls, "needs_target", False) else {}
-            cls(cls.Params(**budget, **needs_target))  # defaults (plus the required budget) are valid
+            params = dict(REQUIRED_PARAMS.get(key, {}))
+            if "keep_fraction" in cls.Params.model_fields and "budget_tokens" in cls.Params.model_fields:
+                params.setdefault("keep_fraction", 0.5)
+            if getattr(cls, "needs_target", False):
+                params["target_domain"] = "prose"
+            cls(cls.Params(**params))
