@@ -12,6 +12,7 @@ import numpy as np
 from components.data.parquet_io import read_documents
 from components.distill.eft import EftModel
 from components.eval.claims import Claim, check_claims
+from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.model_io import load_model_artifact
 from tasks.runner import STAGE_METRICS
@@ -59,6 +60,10 @@ def run(ctx) -> dict:
     results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()}})
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
               "arith_examples": len(examples)}
+    plot = getattr(evaluator.params, "plot", None)
+    if plot is not None:
+        report["sweep"] = {"metric": plot.metric, "x_label": plot.x_label, "points": sweep_points(plot, per_model)}
+        write_sweep_plot(plot, report["sweep"]["points"], ctx.out_dir, f"{ctx.recipe.name}: {plot.metric}")
     (ctx.out_dir / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
     (ctx.out_dir / "report.md").write_text(_markdown(ctx.recipe, report))
     flat = {f"{model}.{k}": v for model, m in per_model.items() for k, v in m.items()

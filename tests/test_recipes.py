@@ -94,10 +94,16 @@ def test_wrong_input_kind(tmp_path):
         load_recipe(p)
 
 
-def test_claim_on_unevaluated_stage(tmp_path):
-    p = _nano_with(tmp_path, "metric: quantize.size_bytes", "metric: filter.size_bytes")
-    with pytest.raises(RecipeError, match=r"refers to stage 'filter', which no evaluate stage evaluates"):
+def test_claim_on_a_stage_no_evaluate_stage_sees(tmp_path):
+    p = _nano_with(tmp_path, "metric: quantize.size_bytes", "metric: nope.size_bytes")
+    with pytest.raises(RecipeError, match=r"refers to stage 'nope', which is neither evaluated nor upstream"):
         load_recipe(p)
+
+
+def test_claim_on_an_upstream_stage_metric_is_allowed(tmp_path):
+    # e.g. a selection's target share: the evaluate stage reads upstream stages' logged metrics
+    p = _nano_with(tmp_path, "metric: quantize.size_bytes", "metric: filter.train_docs_kept")
+    assert load_recipe(p).claims
 
 
 def test_overrides_are_strict(tmp_path):

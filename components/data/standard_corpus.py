@@ -455,7 +455,9 @@ class StandardCorpus(CorpusBuilder):
             elif src.type == "arithmetic":
                 pairs = [(t, src.domain) for t in _arithmetic_docs(src, rng)]
             elif src.type == "arithmetic_formatted":
-                own_rng = np.random.default_rng([self.params.seed, 100 + index, src.seed])
+                # no source index: sources with the same seed draw the same problems, so one corpus
+                # can hold the same problem set in every format (equal data per format)
+                own_rng = np.random.default_rng([self.params.seed, src.seed])
                 pairs = [(t, src.domain) for t in formatted_arithmetic_docs(src, own_rng)]
             elif src.type in ("jsonl", "parquet"):
                 pairs = _local_rows(src, index)

@@ -11,6 +11,7 @@ from components.eval.evaluator import Evaluator
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
 from components.eval.sizes import model_size_report
+from components.eval.sweep_plot import SweepPlot
 from components.registry import MethodParams, Paper
 
 
@@ -31,6 +32,8 @@ class StandardEvaluation(Evaluator):
         lm_eval_batch_size: int = Field(16, ge=1)
         eft_beta: float = 1.0
         """EFT only: weight of the small models' fine-tuning difference (Mitchell et al. 2023)."""
+        plot: SweepPlot | None = None
+        """Optional: plot one metric across the evaluated models (a sweep), written as a PNG."""
 
     def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
