@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import torch
 
 from prefect.cache_policies import NO_CACHE
 
@@ -68,8 +69,9 @@ def _run_whole_table(ctx, selector):
         extra = {"train_docs_out": len(out), "train_docs_added": int((~out["id"].isin(train["id"])).sum())}
     else:
         kept = train[selector.select(train)]
-    extra.update(domain_shares(train["domain"].to_numpy(), np.ones(len(train)), train["id"].isin(kept["id"]).to_numpy())
-                 if not isinstance(selector, DocumentTransform) else {})
+    if not isinstance(selector, DocumentTransform):  # no token counts here: shares of documents
+        shares = domain_shares(train["domain"].to_numpy(), np.ones(len(train)), train["id"].isin(kept["id"]).to_numpy())
+        extra.update({k.replace("_share_", "_doc_share_"): v for k, v in shares.items()})
     if kept.empty:
         raise _empty_error(ctx, len(train))
     writer = ShardWriter(ctx.out_dir / "docs")
@@ -110,6 +112,9 @@ def _context(ctx, selector, docs: pd.DataFrame | None = None) -> SelectionContex
     if len(references) < selector.min_references:
         raise SelectionError(f"{stage}: needs at least {selector.min_references} `reference` model input(s), "
                              f"got {len(references)}")
+    if not selector.needs_target and (getattr(params, "target_domain", None) or ctx.inputs.get("target")):
+        raise SelectionError(f"{stage}: {ctx.plan.method} does not use a target set; remove target_domain / the "
+                             f"`target` input from stages.{ctx.plan.name}")
     target = _target_docs(ctx, selector, docs, stage) if selector.needs_target else None
     return SelectionContext(stage=stage, seed=getattr(params, "seed", 0), target=target, tokenizer=tokenizer,
                             references=references, work_dir=ctx.out_dir / "work", progress=ctx.progress)
@@ -119,7 +124,8 @@ def _target_docs(ctx, selector, docs: pd.DataFrame | None, stage: str) -> pd.Dat
     params = selector.params
     if ctx.inputs.get("target"):
         source = read_documents(ctx.input("target").path / "docs")
-        where = f"the `target` input ({ctx.plan.inputs['target'][0]})"
+        source = source[source["split"] == params.target_split]  # never the test split the evaluation reads
+        where = f"split {params.target_split!r} of the `target` input ({ctx.plan.inputs['target'][0]})"
     else:
         if docs is None:  # one shard in memory at a time
             shards = document_shards(ctx.input("docs").path / "docs")
@@ -185,7 +191,10 @@ def shard_task_runner(spec: str | None = None):
     if scheme == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=int(arg) if arg else None)
+        # default: as many shards at once as the cores allow with torch's intra-op threads, so
+        # memory stays a few shards and model scorers do not oversubscribe the CPU
+        workers = int(arg) if arg else max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+        return ThreadPoolTaskRunner(max_workers=workers)
     if scheme in ("dask", "ray"):
         package = f"prefect_{scheme}"
         try:
@@ -219,7 +228,7 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
     context = _context(ctx, selector)
     context.pool_sample = _pool_sample(shards, params.fit_sample_docs, params.seed)
     if context.pool_sample.empty:
-        raise _empty_error(ctx, 0)
+        raise EmptySelectionError(f"{context.stage}: the input {ctx.plan.inputs['docs'][0]} has no training documents")
     selector.fit(context)
     parts = _map_shards(selector, shards, context.tokenizer)
     ids = np.concatenate([p["ids"] for p in parts])

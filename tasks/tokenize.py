@@ -22,7 +22,14 @@ def run(ctx) -> dict:
     seq_len = trainer.params.seq_len
     train_docs = docs[docs["split"] == "train"]
     if ctx.inputs.get("tokenizer"):  # shared vocabulary: losses of models on different selections compare
-        tokenizer = load_tokenizer_artifact(ctx.input("tokenizer"))
+        shared = ctx.input("tokenizer")
+        tokenizer = load_tokenizer_artifact(shared)
+        shared_vocab = shared.manifest.get("params", {}).get("vocab_size")
+        if shared_vocab is not None and shared_vocab != trainer.params.vocab_size:
+            # the params would be in the digest yet unused: say so instead of silently ignoring them
+            raise ValueError(f"stage {ctx.plan.name}: vocab_size {trainer.params.vocab_size} differs from the shared "
+                             f"tokenizer's ({shared_vocab}, stage {ctx.plan.inputs['tokenizer'][0]}); a reused "
+                             f"tokenizer is not retrained, so use the same params")
     else:
         tokenizer = trainer.train(train_docs["text"].tolist())
     tokenizer.save_pretrained(str(ctx.out_dir / "tokenizer"))

@@ -6,8 +6,8 @@ GPT-4) is the "assistant" turn. Here each training document (of the listed ``dom
 at its middle word: the first half is the instruction, the generator's output for it is the
 response, and one document ``template`` (``{instruction}`` and ``{response}`` filled in) is
 emitted per source document, with id ``<id>#cont`` and ``source =
-continuation:<style>:<generator>``. By default only these documents remain (the fine-tuning
-set); ``keep_original`` keeps the source documents too.
+continuation:<style>:<generator>``. The source documents of the listed domains are replaced
+(``keep_original`` keeps them too); documents of other domains pass through unchanged.
 
 The paper's result needs a large generator (GPT-3.5/4). ``generator: model`` with style
 ``continue`` (its default) lets a `reference` causal LM continue the text, which is the method's

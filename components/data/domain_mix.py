@@ -68,7 +68,7 @@ class DomainMix(DocumentTransform):
         budget_tokens: int = Field(ge=1, description="tokens of the mixed training set")
         normalize_weights: bool = Field(False, description="rescale weights to sum to 1 instead of "
                                                            "requiring it")
-        seed: int = Field(0, description="seeds the document order within each domain")
+        seed: int = Field(0, ge=0, description="seeds the document order within each domain")
 
         @model_validator(mode="after")
         def _positive_weights(self):

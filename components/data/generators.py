@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from components.data.selector import SelectionContext, SelectionError
+from components.data.selector import SelectionContext, SelectionError, pick_reference
 from components.registry import Method, MethodParams, Paper, Registry
 
 WRAP_PAPER = Paper(title="Rephrasing the Web: A Recipe for Compute and Data-Efficient Language Modeling",
@@ -188,7 +188,7 @@ class GenerationParams(MethodParams):
     top_p: float = Field(1.0, gt=0, le=1, description="model generator: nucleus sampling mass")
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
     prompt_template: str | None = Field(None, description="override of the style's prompt; must contain {text}")
-    seed: int = Field(0, description="seeds sampling and every random choice of the method")
+    seed: int = Field(0, ge=0, description="seeds sampling and every random choice of the method")
 
     @field_validator("prompt_template")
     @classmethod
@@ -252,22 +252,6 @@ class RestyleGenerator(TextGenerator):
             bar.update(len(batch))
         bar.close()
         return out
-
-
-def pick_reference(context: SelectionContext | None, name: str | None, who: str):
-    """The named (or first) reference model of the select stage."""
-    stage = context.stage if context else "select stage"
-    refs = context.references if context else []
-    if not refs:
-        raise GenerationError(f"{stage}: {who} needs a model: give the stage a `reference` input "
-                              f"(a pretrain/finetune stage)")
-    if name is None:
-        return refs[0]
-    for ref in refs:
-        if ref.name == name:
-            return ref
-    raise GenerationError(f"{stage}: {who}: reference={name!r} is not among the `reference` inputs "
-                          f"({', '.join(r.name for r in refs)})")
 
 
 class ModelGenerator(TextGenerator):

@@ -38,18 +38,21 @@ def document_token_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> list
     return [np.asarray([eos] + enc.ids[:max_tokens], dtype=np.int64) for enc in encodings]
 
 
-def _batches(ids: list[np.ndarray], batch_size: int, pad_id: int):
-    """Length-sorted padded batches: (positions in ``ids``, input ids, attention mask)."""
+def _batches(ids: list[np.ndarray], batch_size: int, pad_id: int, width: int):
+    """Length-sorted batches of fixed shape (batch_size, width): (positions in ``ids``, input ids,
+    attention mask, real rows). Every batch has the same shape, padded with dummy rows, because
+    float results of a matmul depend on its shape: a document's score must not depend on which
+    documents share its batch (scores are compared across shards)."""
     order = np.argsort([len(x) for x in ids], kind="stable")
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in chunk)
-        batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        batch = torch.full((batch_size, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        mask[:, 0] = 1  # dummy rows attend to one token, so no row is fully masked
         for row, i in enumerate(chunk):
             batch[row, : len(ids[i])] = torch.from_numpy(ids[i])
             mask[row, : len(ids[i])] = 1
-        yield chunk, batch, mask
+        yield chunk, batch, mask, len(chunk)
 
 
 @torch.no_grad()
@@ -63,8 +66,9 @@ def document_losses(model, tokenizer, texts: Sequence[str], max_tokens: int = 25
     out = np.full(len(ids), np.nan)
     model.eval()
     bar = tqdm(total=len(ids), desc="document loss", unit="doc", disable=not progress)
-    for chunk, batch, mask in _batches(ids, batch_size, tokenizer.eos_token_id):
-        logits = model(input_ids=batch, attention_mask=mask).logits[:, :-1].float()
+    for chunk, batch, mask, rows in _batches(ids, batch_size, tokenizer.eos_token_id, max_tokens + 1):
+        logits = model(input_ids=batch, attention_mask=mask).logits[:rows, :-1].float()
+        batch, mask = batch[:rows], mask[:rows]
         targets = batch[:, 1:]
         valid = mask[:, 1:].bool()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -87,8 +91,9 @@ def mean_pooled_states(model, tokenizer, texts: Sequence[str], max_tokens: int =
     out = np.zeros((len(ids), hidden), dtype=np.float32)
     model.eval()
     bar = tqdm(total=len(ids), desc="embed", unit="doc", disable=not progress)
-    for chunk, batch, mask in _batches(ids, batch_size, tokenizer.eos_token_id):
-        states = model(input_ids=batch, attention_mask=mask, output_hidden_states=True).hidden_states[layer].float()
+    for chunk, batch, mask, rows in _batches(ids, batch_size, tokenizer.eos_token_id, max_tokens + 1):
+        states = model(input_ids=batch, attention_mask=mask, output_hidden_states=True).hidden_states[layer][:rows].float()
+        mask = mask[:rows]
         weights = mask.clone().float()
         has_text = mask.sum(1) > 1
         weights[has_text, 0] = 0.0  # pool the text's tokens, not the shared EOS marker

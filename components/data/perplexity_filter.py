@@ -18,7 +18,7 @@ import pandas as pd
 from pydantic import Field
 
 from components.data.lm_scoring import check_tokenizer_matches, document_losses
-from components.data.selector import BudgetParams, ScoringSelector, SelectionContext, SelectionError
+from components.data.selector import BudgetParams, ScoringSelector, SelectionContext, pick_reference
 from components.registry import Paper
 
 # A document with no tokens has no perplexity: it ranks below every scored document.
@@ -40,16 +40,7 @@ class PerplexityFilter(ScoringSelector):
 
     def fit(self, context: SelectionContext) -> None:
         where = f"{context.stage} ({self.key})"
-        if not context.references:
-            raise SelectionError(f"{where}: needs a `reference` model input to score perplexity")
-        names = [ref.name for ref in context.references]
-        wanted = self.params.reference
-        if wanted is None:
-            reference = context.references[0]
-        elif wanted in names:
-            reference = context.references[names.index(wanted)]
-        else:
-            raise SelectionError(f"{where}: reference={wanted!r} is not a `reference` input; inputs: {names}")
+        reference = pick_reference(context, self.params.reference, "perplexity_filter")
         check_tokenizer_matches(reference.model, context.tokenizer, where)
         self._model = reference.model
         self._tokenizer = context.tokenizer

@@ -18,7 +18,8 @@ The loss: the code compares each document's ``total_loss`` (summed nats over its
 ``data_processing/bpc/main.py``); the README speaks of normalised loss / BPC. Here every
 reference shares the `tokenizer` input, so a document has the same tokens under every model and
 the summed loss, the mean loss per token (``document_losses``, used here) and BPC order the models
-identically: the pair counts are exactly the code's.
+identically on the tokens scored. Documents are truncated to ``max_tokens`` (the code scores whole
+documents), so on longer documents the ordering is that of their first ``max_tokens`` tokens.
 
 Deviations and guesses:
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from components.data.selector import SelectionContext, SelectionError
+from components.data.selector import SelectionContext, SelectionError, pick_reference
 from components.registry import MethodParams
 
 DEFAULT_BOILERPLATE_PHRASES = (
@@ -184,16 +184,7 @@ class ModelPrograms:
         self.facts: dict = {}
 
     def _reference(self, context: SelectionContext):
-        refs = context.references
-        if not refs:
-            raise SelectionError(f"{context.stage}: prox source `model` needs a `reference` model input")
-        if self.params.reference is None:
-            return refs[0].model
-        for ref in refs:
-            if ref.name == self.params.reference:
-                return ref.model
-        raise SelectionError(f"{context.stage}: prox model.reference={self.params.reference!r} is not a "
-                             f"`reference` input; inputs: {', '.join(r.name for r in refs)}")
+        return pick_reference(context, self.params.reference, "prox source `model`").model
 
     def template(self, tokenizer) -> tuple[list[int], list[int]]:
         """Token ids before and after the user message (chat template if the tokenizer has one)."""

@@ -16,7 +16,8 @@ from components.registry import Paper
 
 class RandomSelection(ScoringSelector):
     key = "random"
-    paper = Paper(title="Uniform random sampling (the data-selection baseline)",
+    # the baseline every paper in this suite compares against; DSIR's paper reports it as "random"
+    paper = Paper(title="Uniform random selection (the baseline of Xie et al. 2023, DSIR)",
                   url="https://arxiv.org/abs/2302.03169")
 
     def score(self, docs: pd.DataFrame) -> np.ndarray:

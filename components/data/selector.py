@@ -59,6 +59,21 @@ class SelectionContext:
     progress: bool = False
 
 
+def pick_reference(context: SelectionContext, name: str | None, who: str) -> ReferenceModel:
+    """The `reference` input named ``name`` (default: the first one), with a clear error."""
+    refs = context.references
+    if not refs:
+        raise SelectionError(f"{context.stage}: {who} needs a model: give the stage a `reference` input "
+                             f"(a pretrain/finetune stage)")
+    if name is None:
+        return refs[0]
+    for ref in refs:
+        if ref.name == name:
+            return ref
+    raise SelectionError(f"{context.stage}: {who}: reference={name!r} is not among the `reference` inputs "
+                         f"({', '.join(r.name for r in refs)})")
+
+
 class Selector(Method):
     """Decides per document whether to keep it. Selectors never see ``noise_label``.
 
@@ -96,7 +111,8 @@ class TargetParams(MethodParams):
     domain), else the held-out ``target_split`` of the input documents in ``target_domain``."""
 
     target_domain: str | None = Field(None, min_length=1, description="domain of the target set")
-    target_split: Literal["validation", "test", "train"] = Field(
+    # never "test": the evaluate stage measures on the test split, so targeting it would leak
+    target_split: Literal["validation", "train"] = Field(
         "validation", description="split the target documents are taken from (held-out by default)")
     target_max_docs: int | None = Field(None, ge=1, description="cap on target documents (seeded sample)")
 
@@ -108,7 +124,7 @@ class BudgetParams(TargetParams):
 
     budget_tokens: int | None = Field(None, ge=1, description="keep top documents until this many tokens")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="keep this fraction of documents")
-    seed: int = Field(0, description="seeds every random choice of the method")
+    seed: int = Field(0, ge=0, description="seeds every random choice of the method")
     fit_sample_docs: int = Field(4000, ge=1, description="pool documents sampled for `fit`")
 
     @model_validator(mode="after")

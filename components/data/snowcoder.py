@@ -33,9 +33,8 @@ from pydantic import Field
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from components.data.generators import pick_reference
 from components.data.lm_scoring import check_tokenizer_matches, mean_pooled_states
-from components.data.selector import BudgetParams, ScoringSelector, SelectionContext, SelectionError
+from components.data.selector import BudgetParams, ScoringSelector, SelectionContext, SelectionError, pick_reference
 from components.registry import Paper
 
 

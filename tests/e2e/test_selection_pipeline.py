@@ -57,9 +57,10 @@ def test_budget_is_met_in_tokens_of_the_shared_tokenizer(selected):
     m = _metrics(selected, "select", "select_random")
     assert m["selected_tokens"] >= 8000 and m["selected_tokens"] < 8000 + 3000  # overshoot < one document
     assert m["pool_tokens"] > m["selected_tokens"]
-    pool_vocab = next((selected / "artifacts" / "tokenize").glob("*/tokenizer/tokenizer.json"))
-    for tokenizer in (selected / "artifacts" / "tokenize").glob("*/tokenizer/tokenizer.json"):
-        assert tokenizer.read_bytes() == pool_vocab.read_bytes()  # one vocabulary: losses compare
+    vocab = {json.loads((p / "manifest.json").read_text())["stage"]: (p / "tokenizer" / "tokenizer.json").read_bytes()
+             for p in (selected / "artifacts" / "tokenize").iterdir()}
+    assert vocab["tokenize_random"] == vocab["tokenize_pool"] == vocab["tokenize_dsir"]  # losses compare
+    assert vocab["tokenize_other"] != vocab["tokenize_pool"]
 
 
 def test_budget_larger_than_the_pool(selected, capsys):
@@ -95,3 +96,34 @@ def test_documents_failing_the_schema(selected, capsys):
         _assert_failed_cleanly(selected, "select", "select_random", before)
     finally:
         shard.write_bytes(original)
+
+
+def test_dsir_claim_reads_the_select_stage_metrics(selected):
+    m = _metrics(selected, "select", "select_dsir")
+    assert m["selected_share_code"] > 2 * m["pool_share_code"]
+    report = json.loads(next((selected / "artifacts" / "evaluate").glob("*/metrics.json")).read_text())
+    [claim] = report["claims"]
+    assert claim["name"] == "dsir_target_share" and claim["passed"]
+
+
+def test_perplexity_filter_ran_on_the_shared_tokenizer(selected):
+    m = _metrics(selected, "select", "select_ppl")
+    assert m["selected_tokens"] >= 8000 and m["score_median_kept"] > m["score_median_pool"]
+
+
+def test_empty_target_set(selected, capsys):
+    before = _existing(selected, "select")
+    rc = _stage(selected, "select_dsir", "--set", "stages.select_dsir.params.target_domain=klingon")
+    assert rc == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "the target set is empty" in err and "'klingon'" in err and "arithmetic, code, prose" in err
+    _assert_failed_cleanly(selected, "select", "select_dsir", before)
+
+
+def test_reference_model_with_another_tokenizer(selected, capsys):
+    before = _existing(selected, "select")
+    rc = _stage(selected, "select_ppl", "--set", "stages.select_ppl.inputs.reference=[pretrain_other]")
+    assert rc == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "reference pretrain_other" in err and "600" in err and "512" in err
+    _assert_failed_cleanly(selected, "select", "select_ppl", before)

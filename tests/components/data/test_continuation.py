@@ -66,7 +66,7 @@ def test_model_generator_continues_the_text():
     for text, original in zip(out["text"], TEXTS):
         assert text.startswith(f"User: {first_half(original)}\nAssistant: ")
         assert text.split("\nAssistant: ", 1)[1].strip()
-    with pytest.raises(GenerationError, match="needs a model"):
+    with pytest.raises(SelectionError, match="needs a model"):
         Continuation(Continuation.Params(generator="model")).transform(_docs(), CTX)
 
 

@@ -295,5 +295,5 @@ def test_model_source_with_an_untrained_model_changes_little(tokenizer, make_doc
     assert prox.facts["prox_model_generated_tokens"] > 0
     with pytest.raises(SelectionError, match="reference"):
         ProX(ProX.Params(source="model", model=params)).transform(make_docs([DOC_A]), context(tokenizer=tokenizer))
-    with pytest.raises(SelectionError, match="'other' is not a `reference` input; inputs: ref"):
+    with pytest.raises(SelectionError, match=r"'other' is not among the `reference` inputs \(ref\)"):
         ProX(ProX.Params(source="model", model=ModelSourceParams(reference="other"))).transform(make_docs([DOC_A]), ctx)

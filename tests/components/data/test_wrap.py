@@ -107,7 +107,7 @@ def test_generator_params_errors():
 
 def test_model_generator_needs_a_reference_and_tokenizer(lm):
     params = GenerationParams(generator="model", style="qa")
-    with pytest.raises(GenerationError, match="needs a model: give the stage a `reference` input"):
+    with pytest.raises(SelectionError, match="needs a model: give the stage a `reference` input"):
         make_generator(params, CTX)
     with pytest.raises(GenerationError, match="needs the `tokenizer` input"):
         make_generator(params, SelectionContext(stage="s", seed=0, references=[ReferenceModel("m", lm[1])]))
@@ -210,7 +210,7 @@ def test_wrap_with_the_model_generator(lm):
     synthetic = out.iloc[1:]
     assert len(synthetic) == len(sentence_chunks(PROSE, 40)) and synthetic["text"].str.strip().str.len().gt(0).all()
     assert (synthetic["source"] == "wrap:hard:model").all()
-    with pytest.raises(GenerationError, match="needs a model"):
+    with pytest.raises(SelectionError, match="needs a model"):
         Wrap(Wrap.Params(generator="model", style="hard")).transform(docs, CTX)
 
 
