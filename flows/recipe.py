@@ -214,6 +214,8 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
         except ValidationError as e:
             prefix = "data" if spec.kind == "corpus" else f"stages.{name}.params"
             raise RecipeError(f"{path}: {_format_validation(e, prefix)} (method {spec.method})") from None
+        if spec.kind == "select":
+            _check_selector_inputs(spec, where, method_cls(method_cls.Params.model_validate(params)))
     order = topological_order(recipe, path)
     evaluates = [n for n in order if recipe.stages[n].kind == "evaluate"]
     if recipe.claims and not evaluates:
@@ -231,6 +233,26 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
                     raise RecipeError(
                         f"{path}: claims[{claim.name}]: {ref!r} refers to stage {stage!r}, which is neither evaluated "
                         f"nor upstream of an evaluate stage; checkable stages: {', '.join(sorted(checkable))}")
+
+
+def _check_selector_inputs(spec: StageSpec, where: str, selector) -> None:
+    """What a selector needs (target set, tokenizer, reference models), checked before any stage
+    runs rather than after its upstream training stages have."""
+    params = selector.params
+    refs = spec.inputs.get("reference", [])
+    n_refs = len(refs) if isinstance(refs, list) else 1
+    has_target = getattr(params, "target_domain", None) is not None or "target" in spec.inputs
+    if selector.needs_target and not has_target:
+        raise RecipeError(f"{where}.params: method {spec.method} selects toward a target set; set target_domain "
+                          f"or add a `target` input")
+    if not selector.needs_target and has_target:
+        raise RecipeError(f"{where}: method {spec.method} does not use a target set; remove target_domain / `target`")
+    if n_refs < selector.min_references:
+        raise RecipeError(f"{where}.inputs: method {spec.method} needs at least {selector.min_references} "
+                          f"`reference` model(s), got {n_refs}")
+    if (selector.needs_tokenizer or getattr(params, "budget_tokens", None)) and "tokenizer" not in spec.inputs:
+        need = "budget_tokens" if getattr(params, "budget_tokens", None) else f"method {spec.method}"
+        raise RecipeError(f"{where}.inputs: {need} needs a `tokenizer` input (a tokenize stage) to count tokens")
 
 
 def _upstream(recipe: Recipe, name: str) -> set[str]:

@@ -153,3 +153,17 @@ def test_method_needing_a_teacher_without_one(tmp_path):
     p = _nano_with(tmp_path, "inputs: {tokens: tokenize, teacher: pretrain_dense}", "inputs: {tokens: tokenize}")
     with pytest.raises(RecipeError, match=r"stages\.distill\.inputs: method logit_kd distills from a teacher"):
         load_recipe(p)
+
+
+SELECT_NANO = Path(__file__).parent / "recipes" / "select_nano.yaml"
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("select_dsir", "params={budget_tokens: 8000}", r"selects toward a target set; set target_domain"),
+    ("select_random", "params={budget_tokens: 8000, target_domain: prose}", r"does not use a target set"),
+    ("select_ppl", "inputs={docs: corpus, tokenizer: tokenize_pool}", r"needs at least 1 `reference` model"),
+    ("select_random", "inputs={docs: corpus}", r"budget_tokens needs a `tokenizer` input"),
+])
+def test_selector_inputs_are_checked_before_anything_runs(stage, override, message):
+    with pytest.raises(RecipeError, match=rf"stages\.{stage}.*{message}"):
+        load_recipe(SELECT_NANO, [f"stages.{stage}.{override}"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.cli import EXIT_FAILED, main
+from flows.cli import EXIT_FAILED, EXIT_USAGE, main
 from tests.helpers import REPO, make_workspace, mlflow_client
 
 pytestmark = pytest.mark.e2e
@@ -73,11 +73,13 @@ def test_budget_larger_than_the_pool(selected, capsys):
 
 
 def test_token_budget_without_a_tokenizer_input(selected, capsys):
+    # caught when the recipe is compiled, before any stage runs
     before = _existing(selected, "select")
     rc = _stage(selected, "select_random", "--set", "stages.select_random.inputs={docs: corpus}")
-    assert rc == EXIT_FAILED
-    assert "budget_tokens needs a `tokenizer` input" in capsys.readouterr().err
-    _assert_failed_cleanly(selected, "select", "select_random", before)
+    assert rc == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "stages.select_random.inputs: budget_tokens needs a `tokenizer` input" in err
+    assert _existing(selected, "select") == before
 
 
 def test_documents_failing_the_schema(selected, capsys):
