@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+STAGE_METRICS = "stage_metrics.json"  # the metrics a stage logged, kept with its artifact
 DIGEST_LEN = 16
 
 

@@ -15,7 +15,7 @@ from components.eval.claims import Claim, check_claims
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.model_io import load_model_artifact
-from tasks.runner import STAGE_METRICS
+from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss")
 FACT_PREFIXES = ("sampler_",)  # numeric facts a training sampler records, copied as they are

@@ -14,14 +14,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from tasks.artifacts import Artifact, ArtifactError
+from tasks.artifacts import STAGE_METRICS, Artifact, ArtifactError
 from tasks.code_version import relative_paths
 from tasks.kinds import KINDS
 from tasks.plan import RecipePlan, StagePlan
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace
-
-STAGE_METRICS = "stage_metrics.json"
 
 
 class StageInputError(RuntimeError):

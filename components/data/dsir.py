@@ -42,14 +42,13 @@ differ by tens of nats, so the Gumbel noise rarely changes which documents are k
 """
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
 from components.data.hashed_ngrams import hashed_ngram_counts
-from components.data.selector import BudgetParams, ScoringSelector, SelectionContext, SelectionError
+from components.data.selector import BudgetParams, ScoringSelector, SelectionContext, SelectionError, document_uniforms
 from components.registry import Paper
 
 EPS = 1e-8  # the reference's floor inside both logs
@@ -60,13 +59,7 @@ SHORT_PENALTY = 1e12
 
 def gumbel_noise(ids, seed: int) -> np.ndarray:
     """Standard Gumbel noise, one draw per document, a pure function of ``(seed, id)``."""
-    prefix = f"{seed}\x00".encode()
-    words = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(prefix + str(i).encode(), digest_size=8).digest(), "little") for i in ids),
-        dtype=np.uint64, count=len(ids))
-    # top 53 bits -> uniform in the open interval (0, 1): the +0.5 keeps both logs finite
-    uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
-    return -np.log(-np.log(uniform))
+    return -np.log(-np.log(document_uniforms(ids, seed)))
 
 
 class DSIR(ScoringSelector):

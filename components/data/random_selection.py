@@ -5,12 +5,11 @@ subset of the pool with the same token budget as the method it is compared with.
 """
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pandas as pd
 
-from components.data.selector import ScoringSelector
+from components.data.selector import ScoringSelector, document_uniforms
 from components.registry import Paper
 
 
@@ -21,6 +20,4 @@ class RandomSelection(ScoringSelector):
                   url="https://arxiv.org/abs/2302.03169")
 
     def score(self, docs: pd.DataFrame) -> np.ndarray:
-        # per-document seeds from the id: the score does not depend on shard boundaries or order
-        seed = self.params.seed
-        return np.array([np.random.default_rng([seed, zlib.crc32(i.encode())]).random() for i in docs["id"]])
+        return document_uniforms(docs["id"], self.params.seed)

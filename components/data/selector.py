@@ -14,6 +14,7 @@ truth): that column exists only to score the selection afterwards.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,16 @@ from pydantic import Field, model_validator
 from components.registry import Method, MethodParams
 
 HIDDEN_COLUMNS = ("noise_label",)
+
+
+def document_uniforms(keys, seed: int) -> np.ndarray:
+    """One uniform draw in the open interval (0, 1) per key (e.g. a document id), a pure function
+    of ``(seed, key)``: a document's draw does not depend on its shard or its position."""
+    prefix = f"{seed}\x00".encode()
+    words = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(prefix + str(k).encode(), digest_size=8).digest(), "little") for k in keys),
+        dtype=np.uint64, count=len(keys))
+    return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # top 53 bits; +0.5 avoids 0 and 1
 
 
 def blind(docs: pd.DataFrame) -> pd.DataFrame:

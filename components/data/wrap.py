@@ -20,7 +20,6 @@ is a chunk of its own) and the ratio-by-subset rule are guesses.
 """
 from __future__ import annotations
 
-import zlib
 from typing import Literal
 
 import numpy as np
@@ -28,7 +27,7 @@ import pandas as pd
 from pydantic import Field
 
 from components.data.generators import WRAP_PAPER, GenerationError, GenerationParams, make_generator, sentence_spans
-from components.data.selector import DocumentTransform, SelectionContext, SelectionError
+from components.data.selector import DocumentTransform, SelectionContext, SelectionError, document_uniforms
 
 
 def sentence_chunks(text: str, chunk_size: int, count=None) -> list[str]:
@@ -60,7 +59,7 @@ def chosen_chunks(keys: list[tuple[str, int]], ratio: float, seed: int) -> np.nd
     a chunk depends on its (doc id, index) and the seed, not on the table's order."""
     if ratio >= 1:
         return np.ones(len(keys), dtype=bool)
-    draws = np.array([np.random.default_rng([seed % 2**32, zlib.crc32(doc.encode()), k]).random() for doc, k in keys])
+    draws = document_uniforms([f"{doc}\x00{k}" for doc, k in keys], seed)
     keep = np.zeros(len(keys), dtype=bool)
     keep[np.argsort(draws, kind="stable")[: int(round(ratio * len(keys)))]] = True
     return keep
