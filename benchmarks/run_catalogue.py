@@ -34,7 +34,6 @@ def main() -> None:
     names = args.recipes or sorted(p.stem for p in (REPO / "params").glob("*.yaml"))
     names = sorted(names, key=lambda n: n != "quickstart")  # the quickstart fills the shared cache
     out_file = RESULTS / "catalogue.json"
-    catalogue = json.loads(out_file.read_text()) if out_file.exists() else {}
     env = dict(os.environ, PAPERDAG_WORKSPACE=str(ws), HF_HUB_OFFLINE="1")
     for name in names:
         t = time.perf_counter()
@@ -54,8 +53,13 @@ def main() -> None:
             for metrics_file in (ws / "artifacts" / "evaluate").glob(f"{digest}*/metrics.json"):
                 claims += json.loads(metrics_file.read_text())["claims"]
         entry["claims"] = [{k: c[k] for k in ("name", "statement", "passed", "detail")} for c in claims]
+        # re-read before writing: another run_catalogue (another workspace, other recipes) may
+        # have recorded its results meanwhile
+        catalogue = json.loads(out_file.read_text()) if out_file.exists() else {}
         catalogue[name] = entry
-        out_file.write_text(json.dumps(catalogue, indent=2))
+        tmp = out_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(catalogue, indent=2))
+        os.replace(tmp, out_file)
         print(f"{name}: rc={proc.returncode} {wall:.0f}s "
               f"{sum(c['passed'] for c in claims)}/{len(claims)} claims pass", flush=True)
 
