@@ -10,38 +10,7 @@ from components.data.perplexity_filter import PerplexityFilter
 from components.data.registry import SELECTORS
 from components.data.selector import ReferenceModel, SelectionContext, SelectionError
 from components.model.presets import build_model
-
-SUBJECTS = ["the farmer", "a child", "the teacher", "my neighbour", "the old dog", "a young cat", "the doctor"]
-VERBS = ["reads", "finds", "carries", "watches", "likes", "paints", "buys", "sells"]
-OBJECTS = ["a book", "the red apple", "some bread", "the long letter", "a small boat", "the garden gate"]
-PLACES = ["in the morning", "at the market", "near the river", "after dinner", "before school"]
-
-
-def english(rng, sentences=6):
-    return " ".join(f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
-                    f"{rng.choice(PLACES)}." for _ in range(sentences))
-
-
-def gibberish(rng, words=30):
-    letters = list("abcdefghijklmnopqrstuvwxyz#@%&")
-    return " ".join("".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(words))
-
-
-def train_nano(tokenizer, texts, steps, seed=0):
-    """A nano model trained for ``steps`` AdamW steps on random 64-token windows of ``texts``."""
-    model = build_model("nano", len(tokenizer), 64, seed)
-    ids = np.concatenate([[tokenizer.eos_token_id] + tokenizer.backend_tokenizer.encode(t).ids for t in texts])
-    data = torch.as_tensor(ids)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - 65, (16,), generator=generator)
-        batch = torch.stack([data[s:s + 64] for s in starts])
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+from tests.components.data.text_worlds import english, gibberish, train_nano
 
 
 @pytest.fixture(scope="module")
