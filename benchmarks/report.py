@@ -96,16 +96,34 @@ def main() -> None:
                 f"documents ({r['corpus']['target']}); {r['settings']['num_buckets']} buckets, one core each. "
                 f"Reference: data-selection {ref['version']} (`HashedNgramDSIR`, num_proc=1), "
                 f"{ref['docs_per_s']:.0f} docs/s wall, {ref['docs_per_cpu_s']:.0f} docs/s CPU (fit + weights).", "",
-                "| scorer | fit + score, docs/s (wall) | / reference | docs/s (CPU time) | / reference |",
-                "|---|---|---|---|---|"]
-        rows += [f"| {x['name']} | {x['docs_per_s']:.0f} | **{x['ratio_docs_per_s_over_reference']:.1f}** | "
-                 f"{x['docs_per_cpu_s']:.0f} | {x['ratio_docs_per_cpu_s_over_reference']:.1f} |" for x in r["rows"]]
+                "| scorer | fit + score, docs/s (wall) | / reference | docs/s (CPU time) | / reference | "
+                "fit s + score s (median) | repeats | setup |",
+                "|---|---|---|---|---|---|---|---|"]
+
+        def ratio(x: float) -> str:
+            return f"{x:.1f}" if x >= 10 else f"{x:.2g}" if x >= 0.1 else f"{x:.3f}"
+
+        rows += [f"| {x['name']} | {x['docs_per_s']:.0f} | **{ratio(x['ratio_docs_per_s_over_reference'])}** | "
+                 f"{x['docs_per_cpu_s']:.0f} | {ratio(x['ratio_docs_per_cpu_s_over_reference'])} | "
+                 f"{x['fit_s_median']:.2f} + {x['score_s_median']:.2f} | {x.get('repeats', r['settings']['repeats'])} | "
+                 f"{x.get('note', '')} |" for x in r["rows"]]
+        models = r.get("reference_models")
+        if models:
+            m0 = next(iter(models["models"].values()))
+            rows += ["", f"Rows with a model score with `{models['preset']}` models ({m0['params']:,} parameters, "
+                     f"the selection recipes' preset, context {models['tokenizer']['seq_len']}) on a byte-level BPE "
+                     f"tokenizer ({models['tokenizer']['vocab_size']} tokens) trained on the pool; each model is "
+                     f"trained {models['steps']} AdamW steps (batch {models['batch_size']}, lr {models['lr']}) before "
+                     "timing: " + ", ".join(f"`{n}` on {m['trained_on']} (loss {m['first_loss']:.2f} → "
+                                            f"{m['last_loss']:.2f})" for n, m in models["models"].items())
+                     + ". Such brief training makes poor models; that hardly changes the time per document, which "
+                     "the model's size and the tokens scored set."]
         rows += ["", f"Agreement at k={a['k']} (top-k on both sides): Jaccard {a['top_k_jaccard']:.3f}; target fraction "
                  f"ours {a['top_k_ours']['target_fraction']:.3f}, reference {a['top_k_reference']['target_fraction']:.3f} "
                  f"(pool {a['pool_target_fraction']:.3f}); Spearman of the log weights {a['spearman_log_weights_all']:.3f}. "
                  "The buckets differ (CRC32 vs SHA-256 hashing), so the two agree statistically, not exactly. "
                  "Wall times share a loaded core with other work; the CPU-time ratio is the steadier number."]
-        out += _section("Data selection: DSIR vs the reference `data-selection` package",
+        out += _section("Data selection: every scorer vs the reference DSIR (`data-selection` package)",
                         "bash benchmarks/data_selection_env.sh && python benchmarks/bench_data_selection.py", rows)
     (HERE / "RESULTS.md").write_text("\n".join(out))
     print(f"wrote {HERE / 'RESULTS.md'}")
