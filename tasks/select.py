@@ -253,7 +253,10 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
     ctx.facts.update(rows=rows, selected_tokens=int(tokens[keep].sum()), score_column=column)
     extra = {"selected_tokens": int(tokens[keep].sum()), "pool_tokens": int(tokens.sum()),
              "score_median_kept": float(np.median(scores[keep])), "score_median_pool": float(np.median(scores))}
-    extra.update(domain_shares(domains, tokens, keep))
+    shares = domain_shares(domains, tokens, keep)
+    if context.tokenizer is None:  # no token counts (tokens are all 1): these are document shares
+        shares = {k.replace("_share_", "_doc_share_"): v for k, v in shares.items()}
+    extra.update(shares)
     if context.target is not None:
         extra["target_docs"] = len(context.target)
     return ids[keep], ids, labels, extra
