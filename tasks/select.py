@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from components.data.lm_scoring import check_tokenizer_matches
 from components.data.parquet_io import ShardWriter, document_shards, read_documents, read_shard
 from components.data.selection_metrics import removal_precision_recall
+from components.data.tokenizer import document_token_counts
 from components.data.selector import (DocumentTransform, ReferenceModel, ScoringSelector, SelectionContext,
                                       SelectionError, blind, budget_mask)
 from tasks.model_io import load_model_artifact, load_tokenizer_artifact
@@ -170,9 +171,8 @@ def _score_shard(selector: ScoringSelector, shard, tokenizer) -> dict:
     if train.empty:
         return {"ids": np.zeros(0, object), "scores": np.zeros(0), "tokens": np.zeros(0, np.int64), "labels": [],
                 "domains": np.zeros(0, object)}
-    if tokenizer is not None:  # +1: packing appends EOS to every document
-        encodings = tokenizer.backend_tokenizer.encode_batch(train["text"].tolist(), add_special_tokens=False)
-        tokens = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(train))
+    if tokenizer is not None:
+        tokens = document_token_counts(tokenizer, train["text"])
     else:
         tokens = np.ones(len(train), dtype=np.int64)
     return {"ids": train["id"].to_numpy(), "scores": selector.scores(train), "tokens": tokens,

@@ -27,8 +27,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from components.data.generators import GenerationError, GenerationParams, make_generator
-from components.data.selector import DocumentTransform, SelectionContext, SelectionError
-from components.data.wrap import apply_domains
+from components.data.selector import DocumentTransform, SelectionContext, SelectionError, apply_domains
 from components.registry import Paper
 
 _WORD = re.compile(r"\S+")

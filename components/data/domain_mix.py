@@ -21,13 +21,8 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from components.data.selector import DocumentTransform, SelectionContext, SelectionError
+from components.data.tokenizer import document_token_counts
 from components.registry import MethodParams, Paper
-
-
-def token_counts(tokenizer, texts) -> np.ndarray:
-    """Tokens per document as the select stage counts them (+1: packing appends EOS)."""
-    encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    return np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
 
 
 def _fill(order: np.ndarray, tokens: np.ndarray, wanted: float) -> tuple[np.ndarray, int]:
@@ -94,7 +89,7 @@ class DomainMix(DocumentTransform):
             raise SelectionError(f"{context.stage}: domain_mix weights name domain(s) {unknown} that are not in "
                                  f"the training docs; present domains: {', '.join(present)}")
         total_weight = sum(p.weights.values())
-        tokens = token_counts(context.tokenizer, docs["text"])
+        tokens = document_token_counts(context.tokenizer, docs["text"])
         domains = docs["domain"].to_numpy()
         keep = np.zeros(len(docs), dtype=bool)
         achieved: dict[str, int] = {}

@@ -50,7 +50,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from components.data.prox_programs import ModelSourceParams, RuleBasedParams, program_source
-from components.data.selector import DocumentTransform, SelectionContext, SelectionError
+from components.data.selector import DocumentTransform, SelectionContext, apply_domains
 from components.registry import MethodParams, Paper
 
 DOC_OPS = ("drop_doc", "keep_doc")
@@ -260,16 +260,7 @@ class ProX(DocumentTransform):
         self.facts: dict = {}
 
     def transform(self, docs: pd.DataFrame, context: SelectionContext) -> pd.DataFrame:
-        domains = self.params.domains
-        if domains is not None:
-            present = sorted(docs["domain"].unique())
-            unknown = sorted(set(domains) - set(present))
-            if unknown:
-                raise SelectionError(f"{context.stage}: prox domains {unknown} are not in the training docs "
-                                     f"(present: {', '.join(present)})")
-            rows = np.flatnonzero(docs["domain"].isin(domains).to_numpy())
-        else:
-            rows = np.arange(len(docs))
+        rows = np.flatnonzero(apply_domains(docs, self.params.domains, f"{context.stage}: prox"))
         subset = docs.iloc[rows].reset_index(drop=True)
         programs = self.source.programs(subset, context)
         if len(programs) != len(subset):

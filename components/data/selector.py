@@ -47,6 +47,18 @@ class SelectionError(ValueError):
     """A selection cannot be made as asked (empty target, budget larger than the pool, ...)."""
 
 
+def apply_domains(docs: pd.DataFrame, domains: list[str] | None, where: str) -> np.ndarray:
+    """Rows the transform rewrites: all, or those whose domain is listed (checked to exist)."""
+    if domains is None:
+        return np.ones(len(docs), dtype=bool)
+    present = set(docs["domain"])
+    missing = [d for d in domains if d not in present]
+    if missing:
+        raise SelectionError(f"{where}: domains={missing} not among the training documents' domains "
+                             f"(present: {', '.join(sorted(present)) or 'none'})")
+    return docs["domain"].isin(domains).to_numpy()
+
+
 @dataclass
 class ReferenceModel:
     """A model produced by an earlier stage, handed to a selector (e.g. to score perplexity)."""

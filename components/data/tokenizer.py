@@ -16,6 +16,13 @@ class TokenizerTrainer(Method):
         raise NotImplementedError(f"{type(self).__name__} must implement train()")
 
 
+def document_token_counts(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> np.ndarray:
+    """Tokens each text takes in packed blocks: its tokens plus the EOS that ``pack_documents``
+    appends (token budgets count with this, so a budget is what training will see)."""
+    encodings = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    return np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+
+
 def pack_documents(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], seq_len: int) -> np.ndarray:
     """Token ids of every text, each followed by EOS, concatenated and cut into full blocks.
 

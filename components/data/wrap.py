@@ -27,7 +27,8 @@ import pandas as pd
 from pydantic import Field
 
 from components.data.generators import WRAP_PAPER, GenerationError, GenerationParams, make_generator, sentence_spans
-from components.data.selector import DocumentTransform, SelectionContext, SelectionError, document_uniforms
+from components.data.selector import (DocumentTransform, SelectionContext, SelectionError, apply_domains,
+                                      document_uniforms)
 
 
 def sentence_chunks(text: str, chunk_size: int, count=None) -> list[str]:
@@ -63,18 +64,6 @@ def chosen_chunks(keys: list[tuple[str, int]], ratio: float, seed: int) -> np.nd
     keep = np.zeros(len(keys), dtype=bool)
     keep[np.argsort(draws, kind="stable")[: int(round(ratio * len(keys)))]] = True
     return keep
-
-
-def apply_domains(docs: pd.DataFrame, domains: list[str] | None, where: str) -> np.ndarray:
-    """Rows the transform rewrites: all, or those whose domain is listed (checked to exist)."""
-    if domains is None:
-        return np.ones(len(docs), dtype=bool)
-    present = set(docs["domain"])
-    missing = [d for d in domains if d not in present]
-    if missing:
-        raise SelectionError(f"{where}: domains={missing} not among the training documents' domains "
-                             f"({', '.join(sorted(present)) or 'none'})")
-    return docs["domain"].isin(domains).to_numpy()
 
 
 class Wrap(DocumentTransform):

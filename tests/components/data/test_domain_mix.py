@@ -3,7 +3,8 @@ import pytest
 from pydantic import ValidationError
 
 from components.data.byte_bpe import ByteBpeTokenizer
-from components.data.domain_mix import DomainMix, token_counts
+from components.data.domain_mix import DomainMix
+from components.data.tokenizer import document_token_counts
 from components.data.registry import SELECTORS
 from components.data.schema import validate_documents
 from components.data.selector import SelectionContext, SelectionError
@@ -38,8 +39,8 @@ def test_mix_hits_the_token_shares_and_budget(docs, tokenizer):
     mix = DomainMix(DomainMix.Params(weights=weights, budget_tokens=3000, seed=1))
     out = mix.transform(docs, ctx(tokenizer))
     validate_documents(out.assign(noise_label=""), "domain_mix output")
-    tokens = token_counts(tokenizer, out["text"])
-    pool_tokens = token_counts(tokenizer, docs["text"])
+    tokens = document_token_counts(tokenizer, out["text"])
+    pool_tokens = document_token_counts(tokenizer, docs["text"])
     for domain, weight in weights.items():
         got = tokens[out["domain"].to_numpy() == domain].sum()
         # first fit, then the best closing document: off by at most half the domain's shortest document
@@ -64,7 +65,7 @@ def test_errors_name_the_domain(docs, tokenizer):
     with pytest.raises(SelectionError, match=r"\['math'\] that are not in the training docs; present domains: "
                                              r"arithmetic, code, prose"):
         DomainMix(DomainMix.Params(weights={"math": 1.0}, budget_tokens=100)).transform(docs, ctx(tokenizer))
-    available = token_counts(tokenizer, docs[docs["domain"] == "code"]["text"]).sum()
+    available = document_token_counts(tokenizer, docs[docs["domain"] == "code"]["text"]).sum()
     with pytest.raises(SelectionError, match=rf"domain 'code' has {available} tokens .* asks for 100000"):
         DomainMix(DomainMix.Params(weights={"prose": 0.5, "code": 0.5}, budget_tokens=200_000)).transform(
             docs, ctx(tokenizer))
@@ -86,7 +87,7 @@ def test_weight_validation():
 def test_a_long_document_is_skipped_rather_than_overshooting(make_docs, tokenizer):
     long_doc = " ".join([PROSE] * 40)
     docs = make_docs([long_doc] + [f"{PROSE} {i}" for i in range(30)]).drop(columns="noise_label")
-    tokens = token_counts(tokenizer, docs["text"])
+    tokens = document_token_counts(tokenizer, docs["text"])
     budget = int(tokens[1:6].sum())  # about five short docs, far less than the long one
     for seed in range(5):
         mix = DomainMix(DomainMix.Params(weights={"prose": 1.0}, budget_tokens=budget, seed=seed))
