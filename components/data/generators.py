@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from components.data.lm_scoring import left_padded
 from components.data.selector import SelectionContext, SelectionError, pick_reference
 from components.registry import Method, MethodParams, Paper, Registry
 
@@ -307,12 +308,8 @@ class ModelGenerator(TextGenerator):
         bar = self._bar(len(ids))
         for batch_index, start in enumerate(range(0, len(order), params.batch_size)):
             chunk = order[start:start + params.batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):  # left padding: every row's last token is its prompt's last
-                input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]):] = 1
+            input_ids, mask = left_padded([ids[i] for i in chunk], pad)
+            width = input_ids.shape[1]
             kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=pad,
                           do_sample=params.do_sample)
             if params.do_sample:

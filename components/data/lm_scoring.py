@@ -55,6 +55,19 @@ def _batches(ids: list[np.ndarray], batch_size: int, pad_id: int, width: int):
         yield chunk, batch, mask, len(chunk)
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token-id prompts padded on the left, so every row of a
+    ``generate`` batch continues from its own last token; the new tokens start at column
+    ``input_ids.shape[1]``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def document_losses(model, tokenizer, texts: Sequence[str], max_tokens: int = 256, batch_size: int = 16,
                     progress: bool = False) -> np.ndarray:

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from components.data.lm_scoring import left_padded
 from components.data.selector import SelectionContext, SelectionError, pick_reference
 from components.registry import MethodParams
 
@@ -242,13 +243,8 @@ class ModelPrograms:
         device = next(model.parameters()).device
         outputs: list[str] = []
         for start in range(0, len(prompts), self.params.batch_size):
-            batch = prompts[start : start + self.params.batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, prompt in enumerate(batch):  # left padding: every row continues from its own end
-                ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-                mask[row, width - len(prompt):] = 1
+            ids, mask = left_padded(prompts[start : start + self.params.batch_size], pad)
+            width = ids.shape[1]
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
