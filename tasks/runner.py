@@ -21,6 +21,9 @@ from tasks.plan import RecipePlan, StagePlan
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace
 
+# How a stage ran on its hardware (facts of train stages), also set as MLflow tags to filter runs by.
+EXECUTION_TAGS = ("precision", "torch_compile", "attention")
+
 
 class StageInputError(RuntimeError):
     """A stage's input artifact does not exist yet."""
@@ -158,7 +161,7 @@ def execute_stage(
             final = store.get(stage.kind, stage.digest)
             facts = final.manifest.get("facts", {})
             tracker.set_tags(run_id, {"paperdag.facts": json.dumps(facts, default=str)[:5000],
-                                      **({"paperdag.precision": facts["precision"]} if "precision" in facts else {})})
+                                      **{f"paperdag.{key}": str(facts[key]) for key in EXECUTION_TAGS if key in facts}})
             for small in ("metrics.json", "report.md", STAGE_METRICS, "paperdag.json", "manifest.json"):
                 if (final.path / small).exists():
                     tracker.log_file(run_id, final.path / small)

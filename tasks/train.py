@@ -126,6 +126,7 @@ def run(ctx) -> dict:
     model.to("cpu")
     facts = {
         "kind": plan.kind, "method": plan.method, "precision": result.precision,
+        "torch_compile": result.compiled, "attention": result.attention,
         "train_domain": plan.options.get("train_domain"),
         "train_flops": result.train_flops, "train_tokens": result.tokens, "steps": result.steps,
         "final_loss": result.losses[-1], "n_params": count_params(model),
@@ -134,7 +135,8 @@ def run(ctx) -> dict:
         "parents": parents,
     }
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
-    ctx.facts.update(precision=result.precision, train_flops=result.train_flops,
+    ctx.facts.update(precision=result.precision, torch_compile=result.compiled, attention=result.attention,
+                     train_flops=result.train_flops,
                      sampler=sampler.key if sampler else "uniform")
     shutil.rmtree(checkpoints, ignore_errors=True)
     first = float(np.mean(result.losses[: max(1, len(result.losses) // 20)]))

@@ -27,6 +27,13 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from components.registry import MethodParams
+from components.train.acceleration import (
+    attention_implementation,
+    compiled_engine,
+    resolve_attention,
+    resolve_compile,
+    resolve_precision,
+)
 
 if TYPE_CHECKING:
     from components.train.method import TrainingMethod
@@ -56,14 +63,26 @@ class TrainConfig(MethodParams):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto': bf16 autocast where the hardware has bf16 units, else fp32."
     )
+    torch_compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the model (inductor). 'auto': on CPU when the run is long "
+        "enough to repay compiling (components/train/acceleration.py), never on CUDA.")
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel while training. 'auto': HF eager attention on CPU for short "
+        "sequences (faster there), else the model's own. The saved model keeps its own.")
     zero_stage: Literal[0, 1] = Field(0, description="DeepSpeed ZeRO stage (1 partitions optimizer state).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = never).")
     log_every: int = Field(10, ge=1, description="Call `on_log` every N steps.")
 
-    @field_validator("precision", mode="before")
+    @field_validator("precision", "attention", mode="before")
     @classmethod
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("torch_compile", mode="before")
+    @classmethod
+    def _compile_words(cls, value):  # YAML reads on/off as booleans already; accept the strings too
+        words = {"auto": "auto", "true": True, "on": True, "false": False, "off": False}
+        return words.get(value.lower(), value) if isinstance(value, str) else value
 
 
 @dataclass
@@ -75,37 +94,12 @@ class TrainResult:
     tokens: int
     train_flops: float
     precision: str
+    compiled: bool  # torch.compile was used
+    attention: str  # attention implementation used while training
     wall_seconds: float  # this call only
     resumed_from_step: int  # 0 when started fresh
     method_facts: dict = field(default_factory=dict)  # method.finalize(model)
     sampler_facts: dict = field(default_factory=dict)  # sampler.facts(steps), keys sampler_*
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def resolve_precision(requested: str) -> str:
-    """'fp32' or 'bf16'. 'auto' picks bf16 on a bf16-capable CUDA GPU or a CPU with
-    avx512_bf16/amx_bf16 (where bf16 autocast is actually faster), else fp32."""
-    requested = requested.lower()
-    if requested in ("fp32", "bf16"):
-        return requested
-    if requested != "auto":
-        raise ValueError(f"precision {requested!r} is not one of 'auto', 'fp32', 'bf16'")
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if {"avx512_bf16", "amx_bf16"} & _cpu_flags():
-        return "bf16"
-    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX512_BF16"?
-    return "bf16" if ("BF16" in capability.upper() or "AMX" in capability.upper()) else "fp32"
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -430,46 +424,50 @@ def train(
     seq_len = blocks.shape[1]
     tokens_per_step = config.batch_size * seq_len
     flops_per_token = method.flops_per_token(model, seq_len, teacher=teacher)
+    compiled = resolve_compile(config.torch_compile, device, flops_per_token * tokens_per_step * config.steps)
+    attention = resolve_attention(config.attention, model, device, seq_len, compiled)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     last_step = config.steps if stop_after_step is None else min(config.steps, stop_after_step)
     bar = tqdm(total=config.steps, initial=start_step, disable=not progress, desc=f"train {method.key}", unit="step")
     log_time, log_step = time.perf_counter(), start_step
+    models = [model] + ([teacher] if teacher is not None else [])
     try:
-        if start_step == 0:  # e.g. Skill-it measures the untrained model's per-skill loss
-            first = sampler.observe(0, model, autocast)
-            if first and on_log is not None:
-                on_log(0, first)
-        for index in range(start_step, last_step):
-            step = index + 1
-            batch_indices = sampler.indices(index)
-            batch = torch.from_numpy(blocks[batch_indices].astype(np.int64)).to(device, non_blocking=True)
-            method.on_batch(step, batch_indices)
-            with autocast:
-                loss = method.loss(engine, batch, teacher)
-            value = loss.item()  # the one sync per step; checked before backward so weights stay finite
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
-            engine.backward(loss)
-            if clip_params is not None:
-                torch.nn.utils.clip_grad_norm_(clip_params, config.grad_clip, foreach=True)
-            engine.step()
-            method.after_step(model)
-            sampler_metrics = sampler.observe(step, model, autocast)
-            losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            if on_log is not None and step % config.log_every == 0:
-                now = time.perf_counter()
-                rate = (step - log_step) * tokens_per_step / max(now - log_time, 1e-9)
-                on_log(step, {"loss": value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
-                log_time, log_step = time.perf_counter(), step
-            if sampler_metrics and on_log is not None:
-                on_log(step, sampler_metrics)
-            if checkpoint_dir is not None and config.checkpoint_every and (
-                step % config.checkpoint_every == 0 or step == config.steps
-            ):
-                _save_checkpoint(checkpoint_dir, step, model, ds_optimizer, scheduler, losses, method, config,
-                                 sampler)
+        with attention_implementation(models, attention), compiled_engine(engine, model, compiled):
+            if start_step == 0:  # e.g. Skill-it measures the untrained model's per-skill loss
+                first = sampler.observe(0, model, autocast)
+                if first and on_log is not None:
+                    on_log(0, first)
+            for index in range(start_step, last_step):
+                step = index + 1
+                batch_indices = sampler.indices(index)
+                batch = torch.from_numpy(blocks[batch_indices].astype(np.int64)).to(device, non_blocking=True)
+                method.on_batch(step, batch_indices)
+                with autocast:
+                    loss = method.loss(engine, batch, teacher)
+                value = loss.item()  # the one sync per step; checked before backward so weights stay finite
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
+                engine.backward(loss)
+                if clip_params is not None:
+                    torch.nn.utils.clip_grad_norm_(clip_params, config.grad_clip, foreach=True)
+                engine.step()
+                method.after_step(model)
+                sampler_metrics = sampler.observe(step, model, autocast)
+                losses.append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                if on_log is not None and step % config.log_every == 0:
+                    now = time.perf_counter()
+                    rate = (step - log_step) * tokens_per_step / max(now - log_time, 1e-9)
+                    on_log(step, {"loss": value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
+                    log_time, log_step = time.perf_counter(), step
+                if sampler_metrics and on_log is not None:
+                    on_log(step, sampler_metrics)
+                if checkpoint_dir is not None and config.checkpoint_every and (
+                    step % config.checkpoint_every == 0 or step == config.steps
+                ):
+                    _save_checkpoint(checkpoint_dir, step, model, ds_optimizer, scheduler, losses, method, config,
+                                     sampler)
     finally:
         bar.close()
         engine.destroy() if hasattr(engine, "destroy") else None
@@ -481,6 +479,8 @@ def train(
         tokens=steps_done * tokens_per_step,
         train_flops=float(flops_per_token * steps_done * tokens_per_step),
         precision=precision,
+        compiled=compiled,
+        attention=attention,
         wall_seconds=time.perf_counter() - start_time,
         resumed_from_step=start_step,
         method_facts=method.finalize(model),

@@ -88,6 +88,8 @@ def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
         assert logged == {d[:36] for ds in upstream.values() for d in ds}, name
     assert by_stage["pretrain_dense"].data.metrics["train_flops"] > 0
     assert by_stage["pretrain_dense"].data.tags["paperdag.precision"] == "fp32"  # the nano recipe forces fp32
+    assert by_stage["pretrain_dense"].data.tags["paperdag.torch_compile"] == "False"  # a tiny run: not worth it
+    assert by_stage["pretrain_dense"].data.tags["paperdag.attention"] == "eager"  # CPU, short blocks
     assert "evaluate" in by_stage and by_stage["evaluate"].data.metrics["claims_total"] == 2
 
 

@@ -10,7 +10,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from components.model.presets import build_model  # noqa: E402
-from components.train import trainer as trainer_module  # noqa: E402
+from components.train import acceleration  # noqa: E402
 from components.train.dense import DenseTraining  # noqa: E402
 from components.train.trainer import (  # noqa: E402
     BatchOrder,
@@ -142,11 +142,11 @@ def test_precision_resolution(monkeypatch):
         resolve_precision("fp16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(acceleration, "_cpu_flags", lambda: {"avx2", "fma"})
     assert resolve_precision("auto") == "fp32"
-    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(acceleration, "_cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert resolve_precision("auto") == "bf16"
-    monkeypatch.setattr(trainer_module, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(acceleration, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert resolve_precision("auto") == "bf16"
     assert TrainConfig(precision="FP32").precision == "fp32"
 

@@ -1,0 +1,128 @@
+"""How the shared trainer runs on the hardware it finds: precision, torch.compile, attention kernel.
+
+Each choice is ``auto`` by default and can be forced from a recipe. ``auto`` follows rules
+measured on the hardware named below (numbers in benchmarks/RESULTS.md, "CPU training
+throughput"); the choice made is recorded in the model's metadata and as MLflow tags.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+# Cold inductor compile of the micro model (5.3M params, batch 16 x 256) takes ~33 s on 2 CPU
+# cores and saves ~0.16 s of ~0.59 s per bf16 step: it repays itself after ~200 steps, ~2.2e13
+# training FLOPs. Below this budget, eager mode finishes first.
+CPU_COMPILE_MIN_TRAIN_FLOPS = 3e13
+# HF's eager attention (matmul + softmax) beat the SDPA flash kernel on CPU for short sequences
+# (seq 128-256: 5-15% per step under bf16 autocast; seq 512: 5% only when compiled) and lost
+# above (seq 1024: 1.9x slower in eager mode), where its seq^2 score tensors also cost memory.
+CPU_EAGER_ATTENTION_MAX_SEQ = 256
+CPU_EAGER_ATTENTION_MAX_SEQ_COMPILED = 512
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_precision(requested: str) -> str:
+    """'fp32' or 'bf16'. 'auto' picks bf16 on a bf16-capable CUDA GPU or a CPU with
+    avx512_bf16/amx_bf16 (where bf16 autocast is actually faster), else fp32."""
+    requested = requested.lower()
+    if requested in ("fp32", "bf16"):
+        return requested
+    if requested != "auto":
+        raise ValueError(f"precision {requested!r} is not one of 'auto', 'fp32', 'bf16'")
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if {"avx512_bf16", "amx_bf16"} & _cpu_flags():
+        return "bf16"
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX512_BF16"?
+    return "bf16" if ("BF16" in capability.upper() or "AMX" in capability.upper()) else "fp32"
+
+
+def resolve_compile(requested: bool | str, device: torch.device, train_flops: float) -> bool:
+    """Whether to ``torch.compile`` the model for this run. 'auto' compiles on CPU once the run's
+    training FLOPs repay a cold compile; on CUDA it does not (not measured there: force ``true``)."""
+    if isinstance(requested, bool):
+        return requested
+    if requested != "auto":
+        raise ValueError(f"torch_compile {requested!r} is not one of 'auto', true, false")
+    return device.type == "cpu" and train_flops >= CPU_COMPILE_MIN_TRAIN_FLOPS
+
+
+def resolve_attention(requested: str, model: torch.nn.Module, device: torch.device, seq_len: int,
+                      compiled: bool) -> str:
+    """The attention implementation to train with. 'auto' keeps the model's own, except on CPU for
+    short sequences, where HF's 'eager' attention is faster than SDPA (see the limits above)."""
+    if requested in ("sdpa", "eager"):
+        return requested
+    if requested != "auto":
+        raise ValueError(f"attention {requested!r} is not one of 'auto', 'sdpa', 'eager'")
+    own = current_attention(model)
+    if device.type != "cpu" or own not in ("sdpa", "eager"):
+        return own
+    limit = CPU_EAGER_ATTENTION_MAX_SEQ_COMPILED if compiled else CPU_EAGER_ATTENTION_MAX_SEQ
+    return "eager" if seq_len <= limit else own
+
+
+def current_attention(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "unknown")
+
+
+@contextlib.contextmanager
+def attention_implementation(models: list[torch.nn.Module], name: str) -> Iterator[None]:
+    """Run the block with ``name`` attention in every model, then put each model's own back, so the
+    saved config (and every later use of the model) is unchanged."""
+    previous = [(model, current_attention(model)) for model in models]
+    changed = []
+    try:
+        for model, own in previous:
+            if own == name:
+                continue
+            if not hasattr(model, "set_attn_implementation"):
+                raise ValueError(f"attention={name!r}: {type(model).__name__} cannot switch its attention "
+                                 f"implementation (it uses {own!r}); set attention: auto")
+            model.set_attn_implementation(name)
+            changed.append((model, own))
+        yield
+    finally:
+        for model, own in changed:
+            model.set_attn_implementation(own)
+
+
+@contextlib.contextmanager
+def compiled_engine(engine, model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """``engine.compile()`` (DeepSpeed's torch.compile of the module, inductor backend) for the
+    block; afterwards the plain model runs eagerly again, as evaluation and export expect."""
+    if not enabled:
+        yield
+        return
+    # Inductor lowers the embedding backward (index_put with accumulate) to parallel atomic adds,
+    # so two compiled runs from one seed drifted apart after a few steps (1e-7, then growing).
+    # In deterministic mode it keeps the eager, ordered kernel: runs and resumes are bit-identical
+    # again. Scoped to the compiled run; empty tensors are not NaN-filled (that costs time).
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    engine.compile()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+        # nn.Module.compile() stores the compiled forward here; None is its uncompiled state
+        # (checked by tests/components/train/test_acceleration.py, which fails if torch changes it).
+        model._compiled_call_impl = None

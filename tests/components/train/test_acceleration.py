@@ -1,0 +1,134 @@
+"""The trainer's hardware choices: torch.compile and the attention kernel (precision: test_trainer)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from components.model.presets import build_model  # noqa: E402
+from components.train.acceleration import (  # noqa: E402
+    CPU_COMPILE_MIN_TRAIN_FLOPS,
+    attention_implementation,
+    resolve_attention,
+    resolve_compile,
+)
+from components.train.dense import DenseTraining  # noqa: E402
+from components.train.spdf import SpdfTraining  # noqa: E402
+from components.train.trainer import TrainConfig, train  # noqa: E402
+
+VOCAB, SEQ = 64, 16
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def pattern_blocks(n: int = 64) -> np.ndarray:
+    starts = np.random.default_rng(0).integers(0, VOCAB, size=(n, 1))
+    return ((starts + np.arange(SEQ)) % VOCAB).astype(np.int32)
+
+
+def nano(seed: int = 0):
+    return build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=seed)
+
+
+def dense(**overrides):
+    params = dict(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, precision="fp32", log_every=1)
+    config = DenseTraining.Params(**{**params, **overrides})
+    return config, DenseTraining(config)
+
+
+def test_compile_rule():
+    assert resolve_compile(True, CUDA, 0.0) is True
+    assert resolve_compile(False, CPU, 1e20) is False
+    assert resolve_compile("auto", CPU, CPU_COMPILE_MIN_TRAIN_FLOPS) is True
+    assert resolve_compile("auto", CPU, CPU_COMPILE_MIN_TRAIN_FLOPS * 0.99) is False
+    assert resolve_compile("auto", CUDA, 1e20) is False  # not measured on GPUs: opt in with true
+    with pytest.raises(ValueError, match="'sometimes'"):
+        resolve_compile("sometimes", CPU, 0.0)
+
+
+def test_attention_rule():
+    model = nano()
+    assert model.config._attn_implementation == "sdpa"
+    assert resolve_attention("auto", model, CPU, 256, compiled=False) == "eager"
+    assert resolve_attention("auto", model, CPU, 512, compiled=False) == "sdpa"
+    assert resolve_attention("auto", model, CPU, 512, compiled=True) == "eager"
+    assert resolve_attention("auto", model, CPU, 1024, compiled=True) == "sdpa"
+    assert resolve_attention("auto", model, CUDA, 128, compiled=True) == "sdpa"  # flash kernels win there
+    assert resolve_attention("sdpa", model, CPU, 16, compiled=False) == "sdpa"
+    with pytest.raises(ValueError, match="'flash'"):
+        resolve_attention("flash", model, CPU, 16, compiled=False)
+
+
+def test_config_accepts_yaml_words_and_rejects_others():
+    assert TrainConfig(torch_compile="on").torch_compile is True
+    assert TrainConfig(torch_compile="OFF").torch_compile is False
+    assert TrainConfig(torch_compile=True).torch_compile is True
+    assert TrainConfig().torch_compile == "auto" and TrainConfig().attention == "auto"
+    assert TrainConfig(attention="EAGER").attention == "eager"
+    with pytest.raises(Exception, match="torch_compile"):
+        TrainConfig(torch_compile="sometimes")
+    with pytest.raises(Exception, match="attention"):
+        TrainConfig(attention="flash")
+
+
+def test_attention_switch_is_undone_on_error():
+    model = nano()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attention_implementation([model], "eager"):
+            assert model.config._attn_implementation == "eager"
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_eager_and_sdpa_attention_train_alike_and_the_model_keeps_its_own():
+    losses = {}
+    for attention in ("sdpa", "eager"):
+        config, method = dense(attention=attention)
+        model = nano()
+        result = train(model, pattern_blocks(), config, method, progress=False)
+        assert result.attention == attention and result.compiled is False
+        assert model.config._attn_implementation == "sdpa"  # what gets saved is unchanged
+        losses[attention] = result.losses
+    # the same math in another kernel: fp32 rounding differences only
+    np.testing.assert_allclose(losses["eager"], losses["sdpa"], rtol=1e-4)
+
+
+def test_compiled_training_matches_eager_and_resumes_bit_identically(tmp_path):
+    config, method = dense(torch_compile=False)
+    eager = train(nano(), pattern_blocks(), config, method, progress=False)
+
+    config, method = dense(torch_compile=True, checkpoint_every=4)
+    straight_model = nano()
+    straight = train(straight_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path / "a", progress=False)
+    assert straight.compiled is True
+    # inductor fuses and reorders fp32 arithmetic: close to eager, not equal
+    np.testing.assert_allclose(straight.losses, eager.losses, rtol=1e-4)
+    # afterwards the model runs eagerly again (evaluation, export): nn.Module.compile() is undone
+    assert straight_model._compiled_call_impl is None
+    assert not torch.are_deterministic_algorithms_enabled()  # the deterministic mode was scoped to the run
+
+    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path / "b", progress=False, stop_after_step=4)
+    resumed_model = nano()
+    resumed = train(resumed_model, pattern_blocks(), config, DenseTraining(config), checkpoint_dir=tmp_path / "b",
+                    progress=False)
+    assert resumed.resumed_from_step == 4
+    assert resumed.losses == straight.losses
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+def test_spdf_masks_hold_under_compiled_bf16():
+    config = SpdfTraining.Params(steps=10, batch_size=8, lr=1e-2, warmup_steps=2, precision="bf16",
+                                 torch_compile=True, sparsity=0.75, mask_seed=3)
+    method = SpdfTraining(config)
+    model = nano()
+    result = train(model, pattern_blocks(), config, method, progress=False)
+    assert result.compiled and result.precision == "bf16"
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    assert result.method_facts["density"] == pytest.approx(0.25, abs=0.01)
+    for name, module in model.named_modules():
+        if name in method.masks:
+            assert torch.count_nonzero(module.weight[~method.masks[name]]) == 0, name
