@@ -2,8 +2,10 @@
 
 Builds the default StandardCorpus, trains a byte-level BPE (vocab 4096) on its train split,
 packs train and validation into 128-token blocks, then trains the ``micro`` preset with
-paperdag's trainer at a fixed seed in fp32 and in bf16 (autocast; fp32 master weights), for
-each seed. Validation loss is evaluated in fp32 for both. Reports per-seed relative
+paperdag's trainer at a fixed seed, for each seed, in two ways (``MODES``): the reference fp32
+eager-mode run with the model's own SDPA attention, and the fastest CPU path (bf16 autocast
+with fp32 master weights, torch.compile, attention ``auto``: eager at this length). Validation
+loss is evaluated in fp32, eagerly, for both. Reports per-seed relative
 differences and the fp32 seed-to-seed spread as the natural yardstick.
 
     .venv/bin/python benchmarks/bf16_vs_fp32_loss.py [--steps 300] [--seeds 0 1]
@@ -36,6 +38,10 @@ from components.train.dense import DenseTraining  # noqa: E402
 from components.train.trainer import train  # noqa: E402
 
 VOCAB, SEQ = 4096, 128
+MODES = {  # name -> trainer params
+    "fp32": {"precision": "fp32", "torch_compile": False, "attention": "sdpa"},
+    "bf16": {"precision": "bf16", "torch_compile": True, "attention": "auto"},
+}
 
 
 def build_blocks() -> tuple[np.ndarray, np.ndarray]:
@@ -46,13 +52,14 @@ def build_blocks() -> tuple[np.ndarray, np.ndarray]:
     return pack_documents(tokenizer, train_texts, SEQ), pack_documents(tokenizer, val_texts, SEQ)
 
 
-def run(train_blocks, val_blocks, seed: int, precision: str, args) -> dict:
+def run(train_blocks, val_blocks, seed: int, mode: str, args) -> dict:
     model = build_model("micro", VOCAB, SEQ, seed=seed)
     cfg = DenseTraining.Params(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=args.warmup,
-                               seed=seed, precision=precision)
+                               seed=seed, **MODES[mode])
     result = train(model, train_blocks, cfg, DenseTraining(cfg), progress=False)
     val = evaluate_perplexity(model, val_blocks, batch_size=32)
-    return {"seed": seed, "precision": result.precision, "val_loss": val["loss"], "val_ppl": val["ppl"],
+    return {"seed": seed, "precision": result.precision, "compiled": result.compiled, "attention": result.attention,
+            "val_loss": val["loss"], "val_ppl": val["ppl"],
             "final_train_loss_mean_last10": float(np.mean(result.losses[-10:])),
             "train_seconds": result.wall_seconds}
 
@@ -72,10 +79,10 @@ def main() -> None:
           flush=True)
     runs = []
     for seed in args.seeds:
-        for precision in ("fp32", "bf16"):
-            row = run(train_blocks, val_blocks, seed, precision, args)
+        for mode in MODES:
+            row = run(train_blocks, val_blocks, seed, mode, args)
             runs.append(row)
-            print(f"[{time.perf_counter() - t0:5.0f}s] seed {seed} {precision}: val loss {row['val_loss']:.4f} "
+            print(f"[{time.perf_counter() - t0:5.0f}s] seed {seed} {mode}: val loss {row['val_loss']:.4f} "
                   f"(train {row['train_seconds']:.0f}s)", flush=True)
     per_seed = []
     for seed in args.seeds:
@@ -88,7 +95,7 @@ def main() -> None:
     bf16_losses = [p["bf16_val_loss"] for p in per_seed]
     result = {
         "model": "micro preset", "vocab": VOCAB, "seq_len": SEQ, "steps": args.steps, "batch": args.batch,
-        "lr": args.lr, "warmup": args.warmup, "train_blocks": list(train_blocks.shape),
+        "lr": args.lr, "warmup": args.warmup, "modes": MODES, "train_blocks": list(train_blocks.shape),
         "validation_blocks": list(val_blocks.shape), "torch_threads": torch.get_num_threads(),
         "runs": runs, "per_seed": per_seed,
         "max_abs_rel_diff": max(abs(p["rel_diff"]) for p in per_seed),
