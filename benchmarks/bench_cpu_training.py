@@ -9,8 +9,8 @@ Same micro-shaped Llama (hidden 256, 4 layers, 4 heads, intermediate 688 as issu
 it; the ``micro`` preset uses 704 so group-64 quantization divides it), vocab 4096, batch 16 x
 seq 256, AdamW, same random token data. Each configuration runs ``--warmup`` + ``--steps``
 optimizer steps per repeat; step time is the gap between consecutive step-end timestamps
-(warmup steps excluded). Configurations alternate inside every repeat so load noise hits all
-alike; the reported number is the median over repeats of each repeat's median step time.
+(warmup steps excluded). Each configuration runs in its own process, and configurations alternate inside every repeat
+(forward, then reversed) so load noise hits all alike; the reported number is the median over repeats of each repeat's median step time.
 Also measures fp32/bf16 GEMM throughput and reports model FLOP/s (``3 * forward_flops_per_token``
 per token: 6N + attention) as a fraction of it.
 
@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ from components.train.trainer import _init_distributed, train  # noqa: E402
 VOCAB, SEQ, BATCH = 4096, 256, 16
 SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=688)
 LR, WD, CLIP = 1e-3, 0.1, 1.0
+RESULT_PREFIX = "RESULT "
 RUN_STEPS = 1000  # the run length paperdag is configured for (its `auto` compile rule looks at it)
 RESULTS = Path(__file__).parent / "results"
 
@@ -180,47 +182,73 @@ def gemm_flops(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+OURS = {  # paperdag's default first; the rest force one choice each (ablations)
+    "paperdag_auto": {},
+    "paperdag_no_compile": {"torch_compile": False},
+    "paperdag_sdpa_attention": {"attention": "sdpa"},
+    "paperdag_fp32": {"precision": "fp32"},
+}
+
+
+def make_configs(blocks: np.ndarray, total: int, warmup: int) -> dict:
+    peers = {
+        "hf_trainer_fp32": lambda: hf_trainer(blocks, total, warmup, False),
+        "hf_trainer_bf16": lambda: hf_trainer(blocks, total, warmup, True),
+        "hf_trainer_bf16_compile": lambda: hf_trainer(blocks, total, warmup, True, compile_model=True),
+        "bare_fp32": lambda: bare_loop(blocks, total, warmup, False),
+        "bare_bf16_autocast": lambda: bare_loop(blocks, total, warmup, True),
+        "bare_bf16_autocast_compile": lambda: bare_loop(blocks, total, warmup, True, compile_model=True),
+        "deepspeed_zero1_fp32": lambda: deepspeed_zero1(blocks, total, warmup, False),
+        "deepspeed_zero1_bf16": lambda: deepspeed_zero1(blocks, total, warmup, True),
+    }
+    return {**peers, **{name: (lambda p=params: paperdag(blocks, total, warmup, **p)) for name, params in OURS.items()}}
+
+
+def run_one(name: str, args) -> dict:
+    """Run one configuration in a fresh process: DeepSpeed's process group (RANK, WORLD_SIZE) and
+    accelerate's singleton state would otherwise leak into the next one (HF Trainer then wrapped
+    its model in DistributedDataParallel), and each compile starts from an empty dynamo cache."""
+    cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps (torch.compile runs here)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", help="run this one configuration here and print its step times (internal)")
     ap.add_argument("--out", default=str(RESULTS / "cpu_training.json"))
     args = ap.parse_args()
     total = args.warmup + args.steps
     blocks = np.random.default_rng(0).integers(0, VOCAB, (BATCH * total, SEQ), dtype=np.int32)
-    # HF first in each repeat: its accelerate state is a process singleton, created before
-    # DeepSpeed sets RANK/WORLD_SIZE, so it stays a plain single-process CPU run.
-    peers = {
-        "hf_trainer_fp32": lambda: hf_trainer(blocks, total, args.warmup, False),
-        "hf_trainer_bf16": lambda: hf_trainer(blocks, total, args.warmup, True),
-        "hf_trainer_bf16_compile": lambda: hf_trainer(blocks, total, args.warmup, True, compile_model=True),
-        "bare_fp32": lambda: bare_loop(blocks, total, args.warmup, False),
-        "bare_bf16_autocast": lambda: bare_loop(blocks, total, args.warmup, True),
-        "bare_bf16_autocast_compile": lambda: bare_loop(blocks, total, args.warmup, True, compile_model=True),
-        "deepspeed_zero1_fp32": lambda: deepspeed_zero1(blocks, total, args.warmup, False),
-        "deepspeed_zero1_bf16": lambda: deepspeed_zero1(blocks, total, args.warmup, True),
-    }
-    ours = {  # the default first; the rest force one choice each (ablations)
-        "paperdag_auto": {},
-        "paperdag_no_compile": {"torch_compile": False},
-        "paperdag_sdpa_attention": {"attention": "sdpa"},
-        "paperdag_fp32": {"precision": "fp32"},
-    }
-    configs = {**peers, **{name: (lambda p=params: paperdag(blocks, total, args.warmup, **p))
-                           for name, params in ours.items()}}
+    names = list(make_configs(blocks, total, args.warmup))
+    if args.only:
+        started = time.perf_counter()
+        times = make_configs(blocks, total, args.warmup)[args.only]()
+        choice = next(iter(paperdag.choices.values()), None)
+        print(RESULT_PREFIX + json.dumps({"times": [float(t) for t in times], "choice": choice,
+                                          "seconds": time.perf_counter() - started}), flush=True)
+        return
     t0 = time.perf_counter()
     gemm = {"fp32": [], "bf16": []}
-    per_repeat: dict[str, list[float]] = {k: [] for k in configs}
+    per_repeat: dict[str, list[float]] = {k: [] for k in names}
+    choices: dict[str, str] = {}
     for r in range(args.repeats):
         gemm["fp32"].append(gemm_flops(torch.float32))
         gemm["bf16"].append(gemm_flops(torch.bfloat16))
-        order = list(configs) if r % 2 == 0 else list(configs)[:3] + list(configs)[3:][::-1]
-        for name in order:
-            times = configs[name]()
-            per_repeat[name].append(statistics.median(times))
-            print(f"[{time.perf_counter() - t0:6.0f}s] repeat {r + 1}/{args.repeats} {name:24s} "
-                  f"{statistics.median(times):.3f} s/step ({len(times)} timed)", flush=True)
+        for name in (names if r % 2 == 0 else names[::-1]):
+            one = run_one(name, args)
+            per_repeat[name].append(statistics.median(one["times"]))
+            if one["choice"]:
+                choices[name] = one["choice"]
+            print(f"[{time.perf_counter() - t0:6.0f}s] repeat {r + 1}/{args.repeats} {name:27s} "
+                  f"{per_repeat[name][-1]:.3f} s/step ({len(one['times'])} timed, {one['seconds']:.0f} s in all)",
+                  flush=True)
 
     model = make_model()
     fpt = 3 * forward_flops_per_token(model, SEQ)
@@ -238,14 +266,14 @@ def main() -> None:
             "fraction_of_bf16_gemm": flops / gemm_bf16, "fraction_of_fp32_gemm": flops / gemm_fp32,
         }
     auto = rows["paperdag_auto"]
-    best_peer = max(peers, key=lambda k: rows[k]["tokens_per_s"])
+    best_peer = max((k for k in rows if k not in OURS), key=lambda k: rows[k]["tokens_per_s"])
     result = {
         "model": {"shape": "micro-shaped Llama (issue 6: intermediate 688; preset 'micro' uses 704)", **SHAPE,
                   "vocab": VOCAB, "params": n_params},
         "batch": BATCH, "seq_len": SEQ, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
-        "paperdag_choices": {name: paperdag.choices[tuple(sorted(p.items()))] for name, p in ours.items()},
+        "paperdag_choices": choices,
         "train_flops_per_token": fpt,
         "gemm_2048_flops_per_s": {"fp32": gemm_fp32, "bf16": gemm_bf16, "repeats": gemm},
         "configs": rows,

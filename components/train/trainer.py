@@ -64,8 +64,8 @@ class TrainConfig(MethodParams):
         "auto", description="'auto': bf16 autocast where the hardware has bf16 units, else fp32."
     )
     torch_compile: bool | Literal["auto"] = Field(
-        "auto", description="torch.compile the model (inductor). 'auto': on CPU when the run is long "
-        "enough to repay compiling (components/train/acceleration.py), never on CUDA.")
+        "auto", description="torch.compile the model (inductor). 'auto': when the run is long enough "
+        "to repay compiling on its device (components/train/acceleration.py).")
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="Attention kernel while training. 'auto': HF eager attention on CPU for short "
         "sequences (faster there), else the model's own. The saved model keeps its own.")

@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from components.model.presets import build_model  # noqa: E402
 from components.train.acceleration import (  # noqa: E402
     CPU_COMPILE_MIN_TRAIN_FLOPS,
+    CUDA_COMPILE_MIN_TRAIN_FLOPS,
     attention_implementation,
     resolve_attention,
     resolve_compile,
@@ -44,7 +45,9 @@ def test_compile_rule():
     assert resolve_compile(False, CPU, 1e20) is False
     assert resolve_compile("auto", CPU, CPU_COMPILE_MIN_TRAIN_FLOPS) is True
     assert resolve_compile("auto", CPU, CPU_COMPILE_MIN_TRAIN_FLOPS * 0.99) is False
-    assert resolve_compile("auto", CUDA, 1e20) is False  # not measured on GPUs: opt in with true
+    assert resolve_compile("auto", CUDA, CPU_COMPILE_MIN_TRAIN_FLOPS) is False  # a GPU gets there far sooner
+    assert resolve_compile("auto", CUDA, CUDA_COMPILE_MIN_TRAIN_FLOPS) is True
+    assert resolve_compile("auto", torch.device("meta"), 1e30) is False  # never measured: eager
     with pytest.raises(ValueError, match="'sometimes'"):
         resolve_compile("sometimes", CPU, 0.0)
 
