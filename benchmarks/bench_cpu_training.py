@@ -164,7 +164,8 @@ def paperdag(blocks: np.ndarray, total: int, warmup: int, **params) -> list[floa
     result = train(make_model(), blocks, cfg, DenseTraining(cfg), progress=False, stop_after_step=total,
                    on_log=lambda s, m: stamps.append(time.perf_counter()))
     paperdag.choices[tuple(sorted(params.items()))] = (
-        f"{result.precision}, {'compiled' if result.compiled else 'eager mode'}, {result.attention} attention")
+        f"{result.precision}, {'compiled' if result.compiled else 'eager mode'}, {result.attention} attention, "
+        f"{'cached' if result.allocator_cache else 'system'} CPU allocator")
     return step_times(stamps, warmup)
 
 
@@ -187,7 +188,9 @@ OURS = {  # paperdag's default first; the rest force one choice each (ablations)
     "paperdag_no_compile": {"torch_compile": False},
     "paperdag_sdpa_attention": {"attention": "sdpa"},
     "paperdag_fp32": {"precision": "fp32"},
+    "paperdag_system_allocator": {},  # with CONFIG_ENV below
 }
+CONFIG_ENV = {"paperdag_system_allocator": {"PAPERDAG_CPU_ALLOCATOR": "system"}}
 
 
 def make_configs(blocks: np.ndarray, total: int, warmup: int) -> dict:
@@ -209,7 +212,7 @@ def run_one(name: str, args) -> dict:
     accelerate's singleton state would otherwise leak into the next one (HF Trainer then wrapped
     its model in DistributedDataParallel), and each compile starts from an empty dynamo cache."""
     cmd = [sys.executable, __file__, "--only", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **CONFIG_ENV.get(name, {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -1,8 +1,9 @@
 """Candidate next speedups for CPU training (issue 6), same model/batch as bench_cpu_training.py.
 
 Measures, in one run: (1) torch.compile (inductor) of the model vs eager in a bare bf16/fp32
-loop: compile time (first steps) and steady-state step time; (2) paperdag's trainer on an eager vs in-place compiled model; (3) AdamW ``fused=True`` vs
+loop: compile time (first steps) and steady-state step time; (2) AdamW ``fused=True`` vs
 ``foreach=True``: optimizer.step() time alone, median of many calls on real gradients.
+paperdag's own trainer with and without compile is measured by bench_cpu_training.py.
 
     .venv/bin/python benchmarks/bench_cpu_training_next.py [--steps 10] [--repeats 2]
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_cpu_training import BATCH, LR, SEQ, VOCAB, WD, bare_loop_stamps, make_model, paperdag  # noqa: E402
+from bench_cpu_training import BATCH, LR, SEQ, VOCAB, WD, bare_loop_stamps, make_model  # noqa: E402
 
 
 def loop(blocks, steps: int, warmup: int, bf16: bool, compile_model: bool) -> dict:
@@ -76,23 +77,13 @@ def main() -> None:
         extra = comp["first_steps_s"] - eager["first_steps_s"]
         compile_summary[f"{precision}_speedup"] = eager["s_per_step"] / comp["s_per_step"]
         compile_summary[f"{precision}_break_even_steps"] = extra / saved if saved > 0 else None
-    trainer_runs: dict[str, list[float]] = {"paperdag_auto_eager": [], "paperdag_auto_compile": []}
-    for r in range(args.repeats):  # model.compile() in place before paperdag's train()
-        for compiled in ((False, True) if r % 2 == 0 else (True, False)):
-            torch._dynamo.reset()
-            name = f"paperdag_auto_{'compile' if compiled else 'eager'}"
-            trainer_runs[name].append(statistics.median(
-                paperdag(blocks, args.warmup + args.steps, args.warmup, "auto", compile_model=compiled)))
-            print(f"[{time.perf_counter() - t0:5.0f}s] {name}: {trainer_runs[name][-1]:.3f} s/step", flush=True)
-    trainer_summary = {k: statistics.median(v) for k, v in trainer_runs.items()}
-    trainer_summary["speedup"] = trainer_summary["paperdag_auto_eager"] / trainer_summary["paperdag_auto_compile"]
     opt_times = {"fused": [], "foreach": []}
     for _ in range(3):
         for kind in ("fused", "foreach"):
             opt_times[kind].append(optimizer_step_time(kind))
     optim = {k: statistics.median(v) for k, v in opt_times.items()}
     result = {"batch": BATCH, "seq_len": SEQ, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "compile": compile_summary, "trainer_compile": trainer_summary, "adamw_step_s": optim, "adamw_step_s_repeats": opt_times,
+              "compile": compile_summary, "adamw_step_s": optim, "adamw_step_s_repeats": opt_times,
               "wall_seconds": time.perf_counter() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

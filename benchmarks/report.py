@@ -65,10 +65,17 @@ def main() -> None:
     r = _load("gpu_check.json")
     if r:
         out += _section(f"GPU check ({r['device']}, torch {r['torch']})", "python benchmarks/gpu_check.py (on the GPU machine)", [
-            "| auto precision | paperdag / bare bf16 loop (small preset) | paperdag MFU vs measured bf16 GEMM | "
-            "SPDF density under bf16 | CUDA resume bit-identical |", "|---|---|---|---|---|",
+            "| auto precision | paperdag / bare bf16 loop step time (small preset, eager) | paperdag MFU vs measured "
+            "bf16 GEMM | SPDF density under bf16 | CUDA resume bit-identical |", "|---|---|---|---|---|",
             f"| {r['auto_precision']} | {r['ratio_paperdag_over_bare']:.3f} | {r['paperdag_mfu']:.3f} "
-            f"({r['bf16_gemm_tflops']:.0f} TFLOP/s GEMM) | {r['spdf_cuda_bf16_density']:.3f} | {r['cuda_resume_bit_identical']} |"])
+            f"({r['bf16_gemm_tflops']:.0f} TFLOP/s GEMM) | {r['spdf_cuda_bf16_density']:.3f} | {r['cuda_resume_bit_identical']} |",
+            *([
+                "", "| torch_compile: true | compiled speedup over eager (paperdag) | compiled MFU | "
+                "first 5 steps, compiled / eager | compiled resume bit-identical |", "|---|---|---|---|---|",
+                f"| attention {r['paperdag_compiled_choices']['attention']} | {r['compiled_speedup_over_eager']:.2f}x | "
+                f"{r['paperdag_compiled_mfu']:.3f} | {r['paperdag_compiled_choices']['first_5_steps_s']:.1f} s / "
+                f"{r['paperdag_auto_choices']['first_5_steps_s']:.1f} s | {r['cuda_compiled_resume_bit_identical']} |",
+            ] if "compiled_speedup_over_eager" in r else [])])
     r = _load("mergekit.json")
     if r:
         out += _section("Merging: parity and speed vs mergekit", "bash benchmarks/mergekit_env.sh && python benchmarks/bench_mergekit.py",

@@ -126,7 +126,7 @@ def run(ctx) -> dict:
     model.to("cpu")
     facts = {
         "kind": plan.kind, "method": plan.method, "precision": result.precision,
-        "torch_compile": result.compiled, "attention": result.attention,
+        "torch_compile": result.compiled, "attention": result.attention, "cpu_allocator_cache": result.allocator_cache,
         "train_domain": plan.options.get("train_domain"),
         "train_flops": result.train_flops, "train_tokens": result.tokens, "steps": result.steps,
         "final_loss": result.losses[-1], "n_params": count_params(model),

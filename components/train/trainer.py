@@ -30,6 +30,7 @@ from components.registry import MethodParams
 from components.train.acceleration import (
     attention_implementation,
     compiled_engine,
+    cpu_allocator_cache,
     resolve_attention,
     resolve_compile,
     resolve_precision,
@@ -96,6 +97,7 @@ class TrainResult:
     precision: str
     compiled: bool  # torch.compile was used
     attention: str  # attention implementation used while training
+    allocator_cache: bool  # freed CPU memory kept in the process heap (cpu_allocator_cache)
     wall_seconds: float  # this call only
     resumed_from_step: int  # 0 when started fresh
     method_facts: dict = field(default_factory=dict)  # method.finalize(model)
@@ -432,7 +434,8 @@ def train(
     log_time, log_step = time.perf_counter(), start_step
     models = [model] + ([teacher] if teacher is not None else [])
     try:
-        with attention_implementation(models, attention), compiled_engine(engine, model, compiled):
+        with (attention_implementation(models, attention), compiled_engine(engine, model, compiled),
+              cpu_allocator_cache(device) as allocator_cache):
             if start_step == 0:  # e.g. Skill-it measures the untrained model's per-skill loss
                 first = sampler.observe(0, model, autocast)
                 if first and on_log is not None:
@@ -481,6 +484,7 @@ def train(
         precision=precision,
         compiled=compiled,
         attention=attention,
+        allocator_cache=allocator_cache,
         wall_seconds=time.perf_counter() - start_time,
         resumed_from_step=start_step,
         method_facts=method.finalize(model),

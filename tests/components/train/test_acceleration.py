@@ -13,7 +13,9 @@ from components.model.presets import build_model  # noqa: E402
 from components.train.acceleration import (  # noqa: E402
     CPU_COMPILE_MIN_TRAIN_FLOPS,
     CUDA_COMPILE_MIN_TRAIN_FLOPS,
+    CPU_ALLOCATOR_ENV,
     attention_implementation,
+    cpu_allocator_cache,
     resolve_attention,
     resolve_compile,
 )
@@ -135,3 +137,33 @@ def test_spdf_masks_hold_under_compiled_bf16():
     for name, module in model.named_modules():
         if name in method.masks:
             assert torch.count_nonzero(module.weight[~method.masks[name]]) == 0, name
+
+
+def _rss_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_kept_after_free(mb: int = 256) -> int:
+    before = _rss_bytes()
+    block = torch.ones(mb * 2**18)  # mb MiB of fp32, touched
+    del block
+    return _rss_bytes() - before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_cpu_allocator_cache_keeps_freed_memory_in_the_process(monkeypatch):
+    # system first: a cached block left over from the second check would hide a failing first one
+    monkeypatch.setenv(CPU_ALLOCATOR_ENV, "system")
+    with cpu_allocator_cache(CPU) as applied:
+        assert not applied
+        assert _rss_kept_after_free() < 64 * 2**20  # glibc hands a 256 MiB block straight back
+    monkeypatch.delenv(CPU_ALLOCATOR_ENV)
+    with cpu_allocator_cache(CPU) as applied:
+        assert applied
+        assert _rss_kept_after_free() > 200 * 2**20  # freed, but kept for the next step
+    with cpu_allocator_cache(CUDA) as applied:
+        assert not applied
+    monkeypatch.setenv(CPU_ALLOCATOR_ENV, "bogus")
+    with pytest.raises(ValueError, match="PAPERDAG_CPU_ALLOCATOR='bogus'"):
+        with cpu_allocator_cache(CPU):
+            pass
