@@ -71,6 +71,10 @@ class Recipe(Strict):
     """Scale preset (nano, micro, micro_student, small) or a Hugging Face model path."""
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    torch_compile: bool | Literal["auto"] = "auto"
+    """Training stages: torch.compile the model ('auto': when the run repays compiling)."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Training stages: attention kernel ('auto': eager on CPU for short sequences, else the model's)."""
     data: dict[str, Any] = Field(default_factory=dict)
     """Params of the corpus stage (sources, noise, split)."""
     stages: dict[str, StageSpec]
@@ -88,7 +92,7 @@ class Recipe(Strict):
 
 
 # Recipe-level defaults copied into a method's params when the method has the field.
-RECIPE_DEFAULTS = ("seed", "precision")
+RECIPE_DEFAULTS = ("seed", "precision", "torch_compile", "attention")
 
 
 def _format_validation(err: ValidationError, prefix: str = "") -> str:
@@ -144,7 +148,8 @@ def apply_override(raw: dict, assignment: str, path: Path) -> None:
     # then rejects it if the method does not know it. Elsewhere the key must already exist.
     free_form = parts[0] == "data" or (len(parts) >= 2 and parts[-2] in ("params", "inputs"))
     stage_field = len(parts) == 3 and parts[0] == "stages" and leaf in StageSpec.model_fields
-    if leaf not in node and not free_form and not stage_field:
+    recipe_field = len(parts) == 1 and leaf in Recipe.model_fields  # e.g. precision, left to its default
+    if leaf not in node and not free_form and not stage_field and not recipe_field:
         raise RecipeError(f"{path}: override --set {key}: unknown key {leaf!r}; known keys there: {', '.join(node)}")
     node[leaf] = value
 

@@ -167,3 +167,14 @@ SELECT_NANO = Path(__file__).parent / "recipes" / "select_nano.yaml"
 def test_selector_inputs_are_checked_before_anything_runs(stage, override, message):
     with pytest.raises(RecipeError, match=rf"stages\.{stage}.*{message}"):
         load_recipe(SELECT_NANO, [f"stages.{stage}.{override}"])
+
+
+def test_recipe_level_execution_choices_reach_every_training_stage():
+    _, plan = load_plan(NANO_RECIPE, ["torch_compile=off", "attention=sdpa"])
+    trained = [s for s in plan.stages.values() if "torch_compile" in s.params]
+    assert trained and all(s.params["torch_compile"] is False and s.params["attention"] == "sdpa" for s in trained)
+    assert all("torch_compile" not in s.params for s in plan.stages.values() if s.kind == "quantize")
+    _, default = load_plan(NANO_RECIPE)
+    assert all(default.stages[s.name].params["torch_compile"] == "auto" for s in trained)
+    with pytest.raises(RecipeError, match="attention"):
+        load_plan(NANO_RECIPE, ["attention=flash"])
