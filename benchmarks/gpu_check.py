@@ -77,6 +77,19 @@ def trainer_step(blocks, **params) -> tuple[float, float, dict]:
     return statistics.median(np.diff(stamps[6:])), forward_flops_per_token(model, SEQ) * 3, choices
 
 
+def resume_check(blocks, **params) -> tuple[bool, float]:
+    """12 fp32 steps of the nano model straight vs stopped after 8 and resumed: (bit-identical, max diff)."""
+    def run(stop, ckpt):
+        m = build_model("nano", 512, 64, seed=0)
+        c = DenseTraining.Params(steps=12, batch_size=8, precision="fp32", checkpoint_every=4, **params)
+        return train(m, blocks, c, DenseTraining(c), checkpoint_dir=ckpt, progress=False, stop_after_step=stop)
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        straight = run(None, Path(a)).losses
+        run(8, Path(b))
+        resumed = run(None, Path(b)).losses
+    return straight == resumed, max(abs(x - y) for x, y in zip(straight, resumed))
+
+
 def save(report: dict) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "gpu_check.json").write_text(json.dumps(report, indent=2))
@@ -104,16 +117,7 @@ def main() -> None:
     w = model.model.layers[0].mlp.up_proj.weight
     report["spdf_cuda_bf16_density"] = float((w != 0).float().mean())
     # resume on CUDA, fp32
-    def run(stop, ckpt):
-        m = build_model("nano", 512, 64, seed=0)
-        c = DenseTraining.Params(steps=12, batch_size=8, precision="fp32", checkpoint_every=4)
-        return train(m, small_blocks, c, DenseTraining(c), checkpoint_dir=ckpt, progress=False, stop_after_step=stop)
-    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-        straight = run(None, Path(a)).losses
-        run(8, Path(b))
-        resumed = run(None, Path(b)).losses
-    report["cuda_resume_bit_identical"] = straight == resumed
-    report["cuda_resume_max_abs_diff"] = max(abs(x - y) for x, y in zip(straight, resumed))
+    report["cuda_resume_bit_identical"], report["cuda_resume_max_abs_diff"] = resume_check(small_blocks)
     save(report)
     # torch.compile on CUDA, forced on
     compiled, _, compiled_choices = trainer_step(blocks, torch_compile=True)
@@ -121,17 +125,8 @@ def main() -> None:
                   paperdag_compiled_choices=compiled_choices,
                   paperdag_compiled_mfu=tokens / compiled * flops_per_token / (report["bf16_gemm_tflops"] * 1e12))
     save(report)
-
-    def compiled_run(stop, ckpt):
-        m = build_model("nano", 512, 64, seed=0)
-        c = DenseTraining.Params(steps=12, batch_size=8, precision="fp32", checkpoint_every=4, torch_compile=True)
-        return train(m, small_blocks, c, DenseTraining(c), checkpoint_dir=ckpt, progress=False, stop_after_step=stop)
-    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-        straight = compiled_run(None, Path(a)).losses
-        compiled_run(8, Path(b))
-        resumed = compiled_run(None, Path(b)).losses
-    report["cuda_compiled_resume_bit_identical"] = straight == resumed
-    report["cuda_compiled_resume_max_abs_diff"] = max(abs(x - y) for x, y in zip(straight, resumed))
+    (report["cuda_compiled_resume_bit_identical"],
+     report["cuda_compiled_resume_max_abs_diff"]) = resume_check(small_blocks, torch_compile=True)
     save(report)
     print(json.dumps(report, indent=2))
 
