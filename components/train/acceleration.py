@@ -18,8 +18,9 @@ import torch
 # cores and saves ~0.16 s of ~0.59 s per bf16 step: it repays itself after ~200 steps, ~2.2e13
 # training FLOPs. Below this budget, eager mode finishes first.
 CPU_COMPILE_MIN_TRAIN_FLOPS = 3e13
-# On an H200 (torch 2.11, `small` preset, batch 16 x 512) compiling took ~35 s and halved the step
-# time (0.068 -> 0.033 s, 2.08x): repaid after ~1000 steps, ~5.6e15 training FLOPs.
+# On an H200 (torch 2.11, `small` preset, batch 16 x 512; two runs) compiling took 31-35 s and cut
+# the step time 1.87-2.08x (0.050 -> 0.027 s, 0.068 -> 0.033 s): repaid after ~1000-1300 steps,
+# 5.6e15-7.4e15 training FLOPs.
 CUDA_COMPILE_MIN_TRAIN_FLOPS = 1e16
 # HF's eager attention (matmul + softmax) beat the SDPA flash kernel on CPU for short sequences
 # (seq 128-256: 3-15% per step under bf16 autocast; seq 512: 5% only when compiled) and lost
