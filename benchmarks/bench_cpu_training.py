@@ -9,8 +9,9 @@ Same micro-shaped Llama (hidden 256, 4 layers, 4 heads, intermediate 688 as issu
 it; the ``micro`` preset uses 704 so group-64 quantization divides it), vocab 4096, batch 16 x
 seq 256, AdamW, same random token data. Each configuration runs ``--warmup`` + ``--steps``
 optimizer steps per repeat; step time is the gap between consecutive step-end timestamps
-(warmup steps excluded). Each configuration runs in its own process, and configurations alternate inside every repeat
-(forward, then reversed) so load noise hits all alike; the reported number is the median over repeats of each repeat's median step time.
+(warmup steps excluded). Each configuration runs in its own process, and configurations
+alternate inside every repeat (forward, then reversed) so load noise hits all alike; the
+reported number is the median over repeats of each repeat's median step time.
 Also measures fp32/bf16 GEMM throughput and reports model FLOP/s (``3 * forward_flops_per_token``
 per token: 6N + attention) as a fraction of it.
 
@@ -229,10 +230,11 @@ def main() -> None:
     args = ap.parse_args()
     total = args.warmup + args.steps
     blocks = np.random.default_rng(0).integers(0, VOCAB, (BATCH * total, SEQ), dtype=np.int32)
-    names = list(make_configs(blocks, total, args.warmup))
+    configs = make_configs(blocks, total, args.warmup)
+    names = list(configs)
     if args.only:
         started = time.perf_counter()
-        times = make_configs(blocks, total, args.warmup)[args.only]()
+        times = configs[args.only]()
         choice = paperdag.last_choice
         print(RESULT_PREFIX + json.dumps({"times": [float(t) for t in times], "choice": choice,
                                           "seconds": time.perf_counter() - started}), flush=True)

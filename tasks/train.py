@@ -135,9 +135,7 @@ def run(ctx) -> dict:
         "parents": parents,
     }
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
-    ctx.facts.update(precision=result.precision, torch_compile=result.compiled, attention=result.attention,
-                     train_flops=result.train_flops,
-                     sampler=sampler.key if sampler else "uniform")
+    ctx.facts.update({key: facts[key] for key in ("precision", "torch_compile", "attention", "train_flops", "sampler")})
     shutil.rmtree(checkpoints, ignore_errors=True)
     first = float(np.mean(result.losses[: max(1, len(result.losses) // 20)]))
     return {"final_loss": result.losses[-1], "initial_loss": first, "train_flops": result.train_flops,
