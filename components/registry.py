@@ -7,6 +7,7 @@ paper it implements, so ``paperdag list`` and MLflow can show where a method com
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, Iterable, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +44,13 @@ class Method:
 
     def __init__(self, params: MethodParams | None = None):
         self.params = params if params is not None else self.Params()
+
+    def input_files(self) -> dict[str, list[Path]]:
+        """Local files or directories this method reads, by a label naming the recipe key.
+
+        Their contents are hashed into the stage's digest, so editing one reruns the stage.
+        Methods that read nothing from disk keep the default."""
+        return {}
 
 
 M = TypeVar("M", bound=type[Method])

@@ -15,12 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from components.eval.claims import Claim
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
+from components.model.presets import PRESETS
 from tasks.artifacts import compute_digest
 from tasks.code_version import code_version, source_closure
+from tasks.fingerprint import InputFileError, hash_inputs
 from tasks.kinds import KINDS
 from tasks.plan import RecipePlan, StagePlan
 
-STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# Recipe and stage names become MLflow experiment names, directory names and DVC stage names:
+# identifiers only, so none can carry a path separator, `..` or a shell metacharacter.
+IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class RecipeError(ValueError):
@@ -64,6 +68,7 @@ class StageSpec(Strict):
 
 class Recipe(Strict):
     name: str
+    """The experiment's name (MLflow experiment, DVC stage prefix): snake_case."""
     paper: PaperRef
     reproduces: str
     """What this recipe reproduces from the paper, in one or two sentences."""
@@ -80,11 +85,18 @@ class Recipe(Strict):
     stages: dict[str, StageSpec]
     claims: list[Claim] = Field(default_factory=list)
 
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if not IDENTIFIER.match(name):
+            raise ValueError(f"recipe name {name!r} must be snake_case (a lower-case letter, then letters, digits, _)")
+        return name
+
     @field_validator("stages")
     @classmethod
     def _names(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
         for name in stages:
-            if not STAGE_NAME.match(name):
+            if not IDENTIFIER.match(name):
                 raise ValueError(f"stage name {name!r} must be snake_case (letters, digits, _)")
         if not stages:
             raise ValueError("a recipe needs at least one stage")
@@ -113,15 +125,29 @@ def _known_keys(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
 def resolve_recipe_path(name_or_path: str, workspace: Path) -> Path:
-    p = Path(name_or_path)
-    candidates = [p] if p.suffix in (".yaml", ".yml") else [workspace / "params" / f"{name_or_path}.yaml", p]
-    for c in candidates:
-        c = c if c.is_absolute() else (workspace / c if not c.exists() else c)
-        if c.exists():
-            return c.resolve()
+    """A recipe name (``params/<name>.yaml``) or a path to a ``.yaml``/``.yml`` file.
+
+    Nothing else is opened: a path without a YAML suffix is refused unread, so no error
+    message can echo lines of a file that is not a recipe."""
     known = sorted(x.stem for x in (workspace / "params").glob("*.yaml")) if (workspace / "params").exists() else []
-    raise RecipeError(f"recipe {name_or_path!r} not found (looked in {workspace / 'params'}); known recipes: {', '.join(known) or '(none)'}")
+    p = Path(name_or_path)
+    if p.suffix in RECIPE_SUFFIXES:
+        for c in ([p] if p.is_absolute() else [p, workspace / p]):
+            if c.is_file():
+                return c.resolve()
+        raise RecipeError(f"recipe file {name_or_path} does not exist")
+    if IDENTIFIER.match(name_or_path):
+        c = workspace / "params" / f"{name_or_path}.yaml"
+        if c.is_file():
+            return c.resolve()
+        raise RecipeError(f"recipe {name_or_path!r} not found (looked in {workspace / 'params'}); "
+                          f"known recipes: {', '.join(known) or '(none)'}")
+    raise RecipeError(f"{name_or_path!r} is neither a recipe name ({', '.join(known) or 'none in params/'}) "
+                      f"nor a path to a {'/'.join(RECIPE_SUFFIXES)} file")
 
 
 def apply_override(raw: dict, assignment: str, path: Path) -> None:
@@ -156,7 +182,9 @@ def apply_override(raw: dict, assignment: str, path: Path) -> None:
 
 def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
-    if not path.exists():
+    if path.suffix not in RECIPE_SUFFIXES:
+        raise RecipeError(f"{path}: a recipe is a {'/'.join(RECIPE_SUFFIXES)} file; not reading it")
+    if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -166,6 +194,8 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
         raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
     for assignment in overrides:
         apply_override(raw, assignment, path)
+    if not {"name", "stages"} & set(raw):  # not a recipe: do not list what the file holds
+        raise RecipeError(f"{path} is not a paperdag recipe: it has neither a `name` nor a `stages` key")
     unknown = set(raw) - set(Recipe.model_fields)
     if unknown:
         raise RecipeError(f"{path}: unknown top-level key(s) {sorted(unknown)}; known keys: {_known_keys(Recipe)}")
@@ -344,10 +374,27 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
         files = source_closure((kind.task_module, method_cls.__module__))
         version = code_version(files)
         input_digests = {role: [plans[r].digest for r in refs] for role, refs in inputs.items()}
-        digest = compute_digest(spec.kind, spec.method, {"params": params, "options": options}, input_digests, version)
-        plans[name] = StagePlan(name, spec.kind, spec.method, params, options, inputs, digest, files, version, input_digests)
+        local_files = _local_input_files(method_cls(method_cls.Params.model_validate(params)), options)
+        try:
+            file_digests = hash_inputs(local_files)
+        except InputFileError as e:  # the message starts with the label: data.sources[0].path, model
+            raise RecipeError(f"{path}: {'' if spec.kind == 'corpus' else f'stages.{name}.'}{e}") from None
+        digest = compute_digest(spec.kind, spec.method, {"params": params, "options": options}, input_digests,
+                                version, file_digests)
+        plans[name] = StagePlan(name, spec.kind, spec.method, params, options, inputs, digest, files, version,
+                                input_digests, local_files, file_digests)
     return RecipePlan(recipe.name, Path(path), plans, [c.model_dump(mode="json") for c in recipe.claims],
                       recipe.paper.model_dump())
+
+
+def _local_input_files(method, options: dict) -> dict[str, list[Path]]:
+    """The local files a stage reads: its method's own (data files) and a training stage's
+    starting model when that is a local checkpoint directory rather than a preset."""
+    files = dict(method.input_files())
+    model = options.get("model")
+    if model and model not in PRESETS and Path(model).is_dir():
+        files["model"] = [Path(model)]
+    return files
 
 
 def load_plan(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recipe, RecipePlan]:

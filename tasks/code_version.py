@@ -2,10 +2,10 @@
 
 Prefect's TASK_SOURCE policy hashes only a task's own text and misses the helpers it calls
 (PrefectHQ/prefect#23062). Here the code version is the closure of project modules a stage
-imports, found by reading ``import`` statements: the stage's task module, the method's
-module and every ``components`` module they reach. Editing any of those files reruns the
-stage (and, through the input digests, everything downstream); editing an unrelated
-method's file does not.
+imports, found by reading ``import`` statements (also those inside functions): the stage's
+task module, the method's module and every ``components`` and ``tasks`` module they reach.
+Editing any of those files reruns the stage (and, through the input digests, everything
+downstream); editing an unrelated method's file does not.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-FOLLOWED_PACKAGES = ("components",)
+FOLLOWED_PACKAGES = ("components", "tasks")
 
 
 def _module_file(name: str) -> Path | None:

@@ -17,6 +17,8 @@ class StagePlan:
     code_files: tuple[Path, ...]
     code_version: str
     input_digests: dict[str, list[str]] = field(default_factory=dict)
+    input_files: dict[str, list[Path]] = field(default_factory=dict)  # label -> local files it reads
+    file_digests: dict[str, str] = field(default_factory=dict)  # label -> content hash (in the digest)
 
     @property
     def upstream(self) -> list[str]:

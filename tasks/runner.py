@@ -110,20 +110,36 @@ def execute_stage(
     stage = plan.stages[name]
     store = ws.artifacts
     start = time.perf_counter()
-    existing = store.get(stage.kind, stage.digest)
-    if existing is not None and not force:
-        metrics = json.loads((existing.path / STAGE_METRICS).read_text()) if (existing.path / STAGE_METRICS).exists() else {}
-        run_id = None
-        if tracker is not None:
-            tags = stage_tags(plan, stage, launcher) | {
-                "paperdag.cache": "hit", "paperdag.artifact_path": str(existing.path),
-                "paperdag.produced_by_run": existing.manifest.get("mlflow_run_id", "")}
-            with tracker.run(name, tags, parent_run_id) as run_id:
-                tracker.log_params(run_id, {"method": stage.method, "params": stage.params, "options": stage.options})
-                tracker.log_input_artifacts(run_id, _existing_inputs(plan, stage, ws))
-                tracker.log_metrics(run_id, metrics)
-        return StageOutcome(name, stage.kind, stage.digest, existing.path, True, time.perf_counter() - start, metrics, run_id)
+    # A hit is served only after its files check out against the manifest (Artifact.verify).
+    existing = None if force else store.get(stage.kind, stage.digest)
+    if existing is not None:
+        return _cache_hit(plan, stage, ws, existing, tracker, parent_run_id, launcher, start)
+    with store.lock(stage.kind, stage.digest, f"stage {name}"):
+        existing = None if force else store.get(stage.kind, stage.digest)
+        if existing is not None:  # built by another process while this one waited
+            return _cache_hit(plan, stage, ws, existing, tracker, parent_run_id, launcher, start)
+        return _build(plan, stage, ws, tracker, parent_run_id, force, launcher, progress, start)
 
+
+def _cache_hit(plan: RecipePlan, stage: StagePlan, ws: Workspace, existing: Artifact, tracker: Tracker | None,
+               parent_run_id: str | None, launcher: str, start: float) -> StageOutcome:
+    metrics = json.loads((existing.path / STAGE_METRICS).read_text()) if (existing.path / STAGE_METRICS).exists() else {}
+    run_id = None
+    if tracker is not None:
+        tags = stage_tags(plan, stage, launcher) | {
+            "paperdag.cache": "hit", "paperdag.artifact_path": str(existing.path),
+            "paperdag.produced_by_run": existing.manifest.get("mlflow_run_id") or ""}
+        with tracker.run(stage.name, tags, parent_run_id) as run_id:
+            tracker.log_params(run_id, {"method": stage.method, "params": stage.params, "options": stage.options})
+            tracker.log_input_artifacts(run_id, _existing_inputs(plan, stage, ws))
+            tracker.log_metrics(run_id, metrics)
+    return StageOutcome(stage.name, stage.kind, stage.digest, existing.path, True, time.perf_counter() - start,
+                        metrics, run_id)
+
+
+def _build(plan: RecipePlan, stage: StagePlan, ws: Workspace, tracker: Tracker | None, parent_run_id: str | None,
+           force: bool, launcher: str, progress: bool, start: float) -> StageOutcome:
+    name, store = stage.name, ws.artifacts
     inputs = resolve_inputs(plan, stage, ws)
     module = importlib.import_module(KINDS[stage.kind].task_module)
     manifest = {
@@ -137,6 +153,7 @@ def execute_stage(
         "input_stages": stage.inputs,
         "code_version": stage.code_version,
         "code_files": relative_paths(stage.code_files),
+        "input_files": stage.file_digests,
     }
     tags = stage_tags(plan, stage, launcher) | {"paperdag.cache": "miss",
                                                  "paperdag.artifact_path": str(store.path_for(stage.kind, stage.digest))}

@@ -23,7 +23,7 @@ class Workspace:
 
     @property
     def artifacts(self) -> ArtifactStore:
-        return ArtifactStore(self.root / "artifacts")
+        return ArtifactStore(self.root / "artifacts", self.state_dir)
 
     @property
     def state_dir(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sysconfig
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -140,6 +141,13 @@ _MIN_WORDS_TO_DEDUP_PARAGRAPH = 8  # short headings like "Notes:" may repeat
 _MIN_WORDS_PER_PYDOC_DOC = 20
 
 
+def pydoc_topics_file() -> Path:
+    """The module the prose source reads (``pydoc_data/topics.py`` of this Python)."""
+    import pydoc_data.topics
+
+    return Path(pydoc_data.topics.__file__)
+
+
 def _pydoc_docs(src: PydocTopicsSource) -> list[str]:
     from pydoc_data.topics import topics
 
@@ -180,7 +188,8 @@ def _pydoc_docs(src: PydocTopicsSource) -> list[str]:
 _STDLIB_EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "encodings"}
 
 
-def stdlib_python_files() -> list[Path]:
+@lru_cache(maxsize=1)
+def stdlib_python_files() -> tuple[Path, ...]:
     """Sorted stdlib ``.py`` files eligible for the code source (relative order is stable)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
@@ -189,7 +198,7 @@ def stdlib_python_files() -> list[Path]:
         if any(part in _STDLIB_EXCLUDED_DIRS or part.startswith("dist-packages") for part in parts[:-1]):
             continue
         files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
 
 
 def _chunk_lines(lines: list[str], target: int) -> list[str]:
@@ -438,6 +447,22 @@ class StandardCorpus(CorpusBuilder):
 
     def _rng(self, purpose: int) -> np.random.Generator:
         return np.random.default_rng([self.params.seed, purpose])
+
+    def input_files(self) -> dict[str, list[Path]]:
+        """Every local file a source reads: data files, a local HF dataset directory, and the
+        Python installation's own text (which differs between Python versions)."""
+        files: dict[str, list[Path]] = {}
+        for index, src in enumerate(self.params.sources):
+            key = f"data.sources[{index}]"
+            if src.type in ("jsonl", "parquet"):
+                files[f"{key}.path"] = [Path(src.path)]
+            elif src.type == "hf" and Path(src.name).is_dir():
+                files[f"{key}.name"] = [Path(src.name)]
+            elif src.type == "pydoc_topics":
+                files[key] = [pydoc_topics_file()]
+            elif src.type == "stdlib_code":
+                files[key] = list(stdlib_python_files())
+        return files
 
     def _source_rows(self) -> list[dict]:
         """Clean rows from every source, ids ``{source}-{n:06d}``, exact duplicates dropped."""

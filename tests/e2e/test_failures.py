@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import EXIT_FAILED, main
+from flows.cli import EXIT_FAILED, EXIT_USAGE, main
 from tests.helpers import mlflow_client
 
 pytestmark = pytest.mark.e2e
@@ -39,13 +39,14 @@ def _assert_failed_cleanly(ws: Path, kind: str, stage: str) -> None:
     assert all(r.info.status != "RUNNING" for r in _runs(ws))
 
 
-def test_missing_data_file(workspace, capsys):
+def test_missing_data_file_is_refused_before_anything_runs(workspace, capsys):
+    # a data file is an input of the digest, so a missing one fails when the recipe compiles
     missing = workspace / "nope.jsonl"
     rc = _stage("corpus", "--set", f"data.sources=[{{type: jsonl, path: {missing}}}]")
-    assert rc == EXIT_FAILED
+    assert rc == EXIT_USAGE
     err = capsys.readouterr().err
     assert str(missing) in err and "data.sources[0].path" in err
-    _assert_failed_cleanly(workspace, "corpus", "corpus")
+    assert _artifacts(workspace, "corpus") == [] and _runs(workspace) == []
 
 
 def test_empty_corpus_after_filtering(workspace, capsys):
@@ -71,8 +72,10 @@ def test_corrupt_safetensors_is_detected(pretrained, capsys):
     weights.write_bytes(bytes(data))
     assert _stage("quantize") == EXIT_FAILED
     err = capsys.readouterr().err
-    assert "model.safetensors" in err and "corrupt" in err
-    _assert_failed_cleanly(pretrained, "quantize", "quantize")
+    assert "model.safetensors" in err and "corrupt" in err and "paperdag run nano --only pretrain_dense" in err
+    # the input is checked before the stage starts: no artifact, no run of it, nothing RUNNING
+    assert _artifacts(pretrained, "quantize") == []
+    assert all(r.info.status != "RUNNING" for r in _runs(pretrained))
 
 
 def test_nan_loss_stops_the_stage_and_names_the_step(pretrained, capsys):
