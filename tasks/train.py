@@ -139,6 +139,6 @@ def run(ctx) -> dict:
     shutil.rmtree(checkpoints, ignore_errors=True)
     first = float(np.mean(result.losses[: max(1, len(result.losses) // 20)]))
     return {"final_loss": result.losses[-1], "initial_loss": first, "train_flops": result.train_flops,
-            "train_tokens": result.tokens, "tokens_per_s": result.tokens / max(result.wall_seconds, 1e-9),
+            "train_tokens": result.tokens, "tokens_per_s": result.tokens_per_second,
             "precision_bf16": float(result.precision == "bf16"),
             **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))}}

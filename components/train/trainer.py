@@ -10,6 +10,9 @@ written after it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
 import random
@@ -43,7 +46,10 @@ if TYPE_CHECKING:
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
+CHECKSUMS_FILE = "checksums.json"  # sha256 and size of the two files above, written last
 KEEP_CHECKPOINTS = 2
+
+log = logging.getLogger("paperdag.train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,6 +108,12 @@ class TrainResult:
     resumed_from_step: int  # 0 when started fresh
     method_facts: dict = field(default_factory=dict)  # method.finalize(model)
     sampler_facts: dict = field(default_factory=dict)  # sampler.facts(steps), keys sampler_*
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Throughput of this call: the steps it ran (not those restored) over its wall time."""
+        ran = self.steps - self.resumed_from_step
+        return ran * (self.tokens / max(self.steps, 1)) / max(self.wall_seconds, 1e-9)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -233,9 +245,49 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in checkpoint_dir.iterdir():
         match = CHECKPOINT_PATTERN.match(path.name)
-        if match and (path / MODEL_FILE).is_file() and (path / STATE_FILE).is_file():
+        if match and all((path / f).is_file() for f in (MODEL_FILE, STATE_FILE, CHECKSUMS_FILE)):
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a file differs from its recorded hash), or None."""
+    try:
+        recorded = json.loads((path / CHECKSUMS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{CHECKSUMS_FILE} is unreadable ({e})"
+    for name in (MODEL_FILE, STATE_FILE):
+        meta = recorded.get(name) if isinstance(recorded, dict) else None
+        if not isinstance(meta, dict):
+            return f"{CHECKSUMS_FILE} has no entry for {name}"
+        file = path / name
+        if file.stat().st_size != meta.get("bytes") or _sha256(file) != meta.get("sha256"):
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def latest_intact_checkpoint(checkpoint_dir: Path) -> tuple[int, Path] | None:
+    """The newest checkpoint whose files match their hashes. A corrupt one is renamed to
+    ``corrupt-step-*`` (kept for a look, never resumed from) with a warning naming it, and
+    the previous one is tried; None means a fresh start."""
+    for step, path in reversed(complete_checkpoints(checkpoint_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return step, path
+        aside = path.with_name(f"corrupt-{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(path, aside)
+        log.warning("checkpoint %s is corrupt (%s); moved it to %s and falling back to an earlier one",
+                    path, problem, aside.name)
+    return None
 
 
 def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, losses, method, config,
@@ -265,6 +317,9 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, schedule
         "config": config.model_dump(),
     }
     torch.save(state, tmp / STATE_FILE)
+    checksums = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                 for name in (MODEL_FILE, STATE_FILE)}
+    (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums))
     if final.exists():  # a rerun re-wrote the same step: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -384,13 +439,15 @@ def train(
 
     losses: list[float] = []
     start_step = 0
-    latest = complete_checkpoints(checkpoint_dir)[-1:] if checkpoint_dir is not None else []
     if checkpoint_dir is not None and checkpoint_dir.is_dir():
         for stale in checkpoint_dir.glob(".tmp-step-*"):  # a crash mid-write leaves these behind
             shutil.rmtree(stale, ignore_errors=True)
+    latest = latest_intact_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoint_dir is not None and latest is None and any(checkpoint_dir.glob("corrupt-step-*")):
+        log.warning("no intact checkpoint left in %s; training starts again from step 0", checkpoint_dir)
     state = None
     if latest:
-        start_step, path = latest[0]
+        start_step, path = latest
         state = _load_checkpoint(path, model, device)
         _check_resume_config(state, config, path)
         _restore_sampler(state, sampler, path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,49 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed.losses == straight.losses
     assert states_equal(resumed_model, straight_model)
     assert [step for step, _ in complete_checkpoints(tmp_path / "b")] == [8, 12]  # only the last 2 kept
+
+
+def _flip_sign_of_first_row(checkpoint: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    name = next(k for k in sorted(tensors) if tensors[k].ndim == 2)
+    tensors[name][0] = -tensors[name][0]
+    save_file(tensors, str(checkpoint / "model.safetensors"), metadata={"step": checkpoint.name[5:].lstrip("0")})
+
+
+@pytest.mark.parametrize("corrupt_both", [False, True])
+def test_corrupt_checkpoint_is_skipped_and_the_resume_stays_exact(tmp_path, corrupt_both, caplog):
+    """A sign-flipped row in the newest checkpoint used to resume silently into different weights."""
+    config, method = dense(checkpoint_every=4)
+    straight_model = nano()
+    straight = train(straight_model, pattern_blocks(), config, method, progress=False)
+
+    train(nano(), pattern_blocks(), config, dense(checkpoint_every=4)[1], checkpoint_dir=tmp_path,
+          progress=False, stop_after_step=8)
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [4, 8]
+    _flip_sign_of_first_row(tmp_path / "step-0000008")
+    if corrupt_both:
+        (tmp_path / "step-0000004" / "trainer_state.pt").write_bytes(b"\0" * 64)
+    resumed_model = nano()
+    with caplog.at_level("WARNING", logger="paperdag.train"):
+        resumed = train(resumed_model, pattern_blocks(), config, DenseTraining(config), checkpoint_dir=tmp_path,
+                        progress=False)
+    assert "step-0000008 is corrupt (model.safetensors does not match its recorded sha256)" in caplog.text
+    assert resumed.resumed_from_step == (0 if corrupt_both else 4)
+    if corrupt_both:
+        assert "trainer_state.pt does not match" in caplog.text and "starts again from step 0" in caplog.text
+    assert resumed.losses == straight.losses
+    assert states_equal(resumed_model, straight_model)
+    assert (tmp_path / "corrupt-step-0000008").is_dir()  # kept aside for a look, never resumed from
+
+
+def test_tokens_per_second_counts_only_the_steps_this_call_ran(tmp_path):
+    config, method = dense(checkpoint_every=4)
+    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path, progress=False, stop_after_step=8)
+    resumed = train(nano(), pattern_blocks(), config, DenseTraining(config), checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from_step == 8 and resumed.tokens == 12 * 8 * SEQ
+    assert resumed.tokens_per_second == pytest.approx(4 * 8 * SEQ / resumed.wall_seconds)
 
 
 def test_partial_checkpoints_are_ignored(tmp_path):
