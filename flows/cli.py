@@ -3,16 +3,25 @@
     paperdag run RECIPE [--set k=v] [--only STAGE | --from STAGE]
     paperdag stage RECIPE STAGE          # one stage; the entry point dvc.yaml calls
     paperdag serve RECIPE --cron "0 3 * * *"
+    paperdag verify [RECIPE|DIGEST]      # re-hash artifacts against their manifests
     paperdag dvc-sync [--check]
     paperdag lineage DIGEST_OR_RUN_ID
     paperdag list | validate RECIPE
+
+Failures print one line (``--verbose`` adds the traceback). Exit codes: 0 ok, 1 a stage or
+the environment failed, 2 a wrong request (recipe, override, selection), 130 Ctrl-C,
+143 SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
 
 from tasks.workspace import Workspace
 
@@ -20,14 +29,46 @@ EXIT_USAGE = 2  # invalid recipe, override or stage selection
 EXIT_FAILED = 1  # a stage failed
 
 
-def _workspace(args) -> Workspace:
+def _workspace(args, writes: bool = False) -> Workspace:
     ws = Workspace.from_env(args.workspace)
     ws.configure_environment()
+    if writes:
+        ws.check_writable()
     return ws
 
 
+@contextmanager
+def _prefect_api(ws: Workspace):
+    """Flows report to the user's PREFECT_API_URL, or to a local server this process owns
+    (flows/prefect_server.py) instead of Prefect's ephemeral one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.prefect_server import prefect_api_url
+
+    url = prefect_api_url(ws.state_dir)
+    if url is None:
+        _check_prefect_api(os.environ["PREFECT_API_URL"])
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+def _check_prefect_api(url: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
+            return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+    raise ConnectionError(f"Prefect API {url} is unreachable ({reason}); start it, or unset PREFECT_API_URL "
+                          "to let paperdag run a local one")
+
+
 def cmd_run(args) -> int:
-    ws = _workspace(args)
+    ws = _workspace(args, writes=True)
     from flows.pipeline import recipe_flow, stages_to_run
     from flows.recipe import load_plan, resolve_recipe_path
     from flows.report import print_summary
@@ -36,14 +77,16 @@ def cmd_run(args) -> int:
     _, plan = load_plan(path, args.set)  # fail fast, before Prefect starts
     stages_to_run(plan, args.only, args.from_stage)
     print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
-    summary = recipe_flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
-                          workspace=str(ws.root), progress=not args.no_progress)
+    with _prefect_api(ws):
+        summary = recipe_flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
+                              workspace=str(ws.root), progress=not args.no_progress)
     print_summary(summary, plan, ws)
     return 0
 
 
 def cmd_stage(args) -> int:
-    ws = _workspace(args)
+    ws = _workspace(args, writes=True)
+    from flows.errors import StageFailedError
     from flows.recipe import load_plan, resolve_recipe_path
     from tasks.runner import execute_stage
     from tasks.tracking import Tracker
@@ -59,14 +102,17 @@ def cmd_stage(args) -> int:
               f"{args.expect_digest}; run `paperdag dvc-sync` and then `dvc repro`", file=sys.stderr)
         return EXIT_USAGE
     tracker = None if args.no_track else Tracker(ws, plan.name)
-    outcome = execute_stage(plan, args.stage, ws, tracker, force=args.force, launcher=args.launcher,
-                            progress=not args.no_progress)
+    try:
+        outcome = execute_stage(plan, args.stage, ws, tracker, force=args.force, launcher=args.launcher,
+                                progress=not args.no_progress)
+    except Exception as e:
+        raise StageFailedError(args.stage, stage.kind, stage.method, e) from e
     print(f"{args.stage}: {'cached' if outcome.cached else 'done'} {outcome.path}")
     return 0
 
 
 def cmd_serve(args) -> int:
-    ws = _workspace(args)
+    ws = _workspace(args, writes=True)
     from prefect import serve
     from prefect.deployments.runner import EntrypointType
 
@@ -84,12 +130,13 @@ def cmd_serve(args) -> int:
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
     print(f"paperdag: serving {plan.name} on cron {args.cron!r} (Ctrl-C to stop)")
-    serve(deployment, print_starting_message=True)
+    with _prefect_api(ws):
+        serve(deployment, print_starting_message=True)
     return 0
 
 
 def cmd_dvc_sync(args) -> int:
-    ws = _workspace(args)
+    ws = _workspace(args, writes=not args.check)
     from flows.dvc_sync import render_dvc_yaml
 
     text = render_dvc_yaml(ws.root)
@@ -105,6 +152,13 @@ def cmd_dvc_sync(args) -> int:
     os.replace(tmp, target)
     print(f"wrote {target}")
     return 0
+
+
+def cmd_verify(args) -> int:
+    ws = _workspace(args)
+    from flows.verify import verify
+
+    return verify(ws, args.ref)
 
 
 def cmd_lineage(args) -> int:
@@ -137,7 +191,8 @@ def cmd_validate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paperdag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", help="project root holding params/ (default: $PAPERDAG_WORKSPACE or cwd)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", "-v", "--debug", dest="verbose", action="store_true",
+                   help="show tracebacks and Prefect's own log")
     sub = p.add_subparsers(dest="command", required=True)
 
     def recipe_cmd(name, fn, help_):
@@ -170,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--check", action="store_true", help="fail if dvc.yaml is out of date")
     d.set_defaults(fn=cmd_dvc_sync)
 
+    ve = sub.add_parser("verify", help="re-hash artifacts against their manifests (all, a recipe's, or one)")
+    ve.add_argument("ref", nargs="?", help="recipe name or path, or artifact digest (prefix); default: every artifact")
+    ve.set_defaults(fn=cmd_verify)
+
     li = sub.add_parser("lineage", help="print the chain from an artifact or MLflow run back to the data")
     li.add_argument("ref", help="artifact digest (prefix) or MLflow run id")
     li.set_defaults(fn=cmd_lineage)
@@ -181,25 +240,68 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raise_interrupted(signum, _frame):
+    from flows.errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _signals_as_interrupts():
+    """SIGTERM takes the Ctrl-C path: runs end KILLED, temp dirs go, the local server stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """paperdag's own warnings (a corrupt checkpoint skipped, a reconstruction that got worse)
+    go to stderr as one line each; Prefect's own log only with --verbose."""
+    logger = logging.getLogger("paperdag")
+    if not any(getattr(h, "_paperdag", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("paperdag: %(message)s"))
+        handler._paperdag = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+    if verbose:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
+    else:  # a failed stage is reported once, by us, not as Prefect's task and flow tracebacks
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    Workspace.from_env(args.workspace).configure_environment()  # before Prefect/MLflow are imported
-    from flows.pipeline_errors import USAGE_ERRORS
+    _configure_logging(args.verbose)
+    ws = Workspace.from_env(args.workspace)
+    ws.configure_environment()  # before Prefect/MLflow are imported
+    from flows.errors import Interrupted, StageSelectionError, describe
+    from flows.recipe import RecipeError
+    from flows.verify import VerifyTargetError
 
     try:
-        return args.fn(args)
-    except USAGE_ERRORS as e:
-        if args.debug:
+        with _signals_as_interrupts():
+            return args.fn(args)
+    except (RecipeError, StageSelectionError, VerifyTargetError) as e:
+        if args.verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a failed stage: say which error, not a wall of traceback
-        if args.debug:
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}); runs marked KILLED, finished stages stay cached",
+              file=sys.stderr)
+        return 128 + signum
+    except Exception as e:  # a failed stage or environment: one line, not a wall of traceback
+        if args.verbose:
             traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {describe(e, ws.root)}" if not hasattr(e, "stage") else f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -15,15 +15,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
+from flows.errors import StageFailedError, StageSelectionError
 from flows.recipe import load_plan, resolve_recipe_path
 from tasks.plan import RecipePlan
 from tasks.runner import StageOutcome, execute_stage
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace
-
-
-class StageSelectionError(ValueError):
-    pass
 
 
 @dataclass
@@ -55,7 +52,11 @@ def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, pare
               force: bool, progress: bool, index: str):
     stage = plan.stages[name]
     print(f"{index} {name:<18} {stage.kind:<9} {stage.method:<16} {stage.digest[:12]} ", end="", flush=True)
-    outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force, progress=progress)
+    try:
+        outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force, progress=progress)
+    except Exception as e:
+        print("failed", flush=True)
+        raise StageFailedError(name, stage.kind, stage.method, e) from e
     print(f"{'cached' if outcome.cached else 'done'} in {outcome.seconds:.1f}s", flush=True)
     if outcome.cached:
         return Completed(name="Cached", message=f"artifact {outcome.digest[:16]} exists", data=outcome)

@@ -11,12 +11,15 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
-from contextlib import contextmanager
+import urllib.error
+import urllib.request
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
-from tasks.artifacts import pid_alive
+from tasks.artifacts import file_lock, pid_alive
 from tasks.workspace import Workspace
 
 MAX_PARAM_LEN = 6000
@@ -45,6 +48,38 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+class TrackingServerError(ConnectionError):
+    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """One request to an HTTP tracking server's health endpoint, so a wrong or down server is
+    reported in seconds rather than after MLflow's retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise TrackingServerError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
+                              "MLFLOW_TRACKING_URI to track in the workspace's SQLite file")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _is_interruption(e: BaseException) -> bool:
+    """Ctrl-C, or SIGTERM: inside a flow Prefect turns SIGTERM into its TerminationSignal (an
+    ExternalSignal), matched by name so this module need not import Prefect."""
+    return isinstance(e, KeyboardInterrupt) or any(c.__name__ == "ExternalSignal" for c in type(e).__mro__)
+
+
 class Tracker:
     def __init__(self, workspace: Workspace, experiment: str):
         import mlflow
@@ -52,17 +87,27 @@ class Tracker:
 
         self.mlflow = mlflow
         self.workspace = workspace
-        self.client = MlflowClient(tracking_uri=workspace.tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            workspace.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
-            try:
-                self.experiment_id = self.client.create_experiment(
-                    experiment, artifact_location=(workspace.mlflow_artifact_root / experiment).as_uri())
-            except mlflow.exceptions.MlflowException:  # created concurrently by another process
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+        uri = workspace.tracking_uri
+        check_tracking_server(uri)
+        # A new SQLite store is created by an alembic migration; two processes doing it at once
+        # fail ("table ... already exists"). Whoever holds the lock creates it; others wait.
+        db = _sqlite_path(uri)
+        init_lock = file_lock(db.with_name(f".{db.name}.lock"), f"another process is creating {db}") if db \
+            else nullcontext()
+        with init_lock:
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifact_dir = (workspace.mlflow_artifact_root / experiment).resolve()
+                if not artifact_dir.is_relative_to(workspace.mlflow_artifact_root.resolve()):
+                    raise ValueError(f"experiment name {experiment!r} would put MLflow files outside {workspace.root}")
+                workspace.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_dir.as_uri())
+                except mlflow.exceptions.MlflowException:  # created concurrently by another process
+                    self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
         self.commit = git_commit(workspace.root)
         self._mark_orphans_killed()
 
@@ -89,16 +134,24 @@ class Tracker:
         run_id = run.info.run_id
         try:
             yield run_id
-        except KeyboardInterrupt:
-            self.client.set_tag(run_id, "paperdag.error", "interrupted")
-            self.client.set_terminated(run_id, status="KILLED")
-            raise
         except BaseException as e:
-            self.client.set_tag(run_id, "paperdag.error", f"{type(e).__name__}: {e}"[:5000])
-            self.client.set_terminated(run_id, status="FAILED")
+            if _is_interruption(e):
+                self._end(run_id, "KILLED", "interrupted")
+            else:
+                self._end(run_id, "FAILED", f"{type(e).__name__}: {e}"[:5000])
             raise
         else:
             self.client.set_terminated(run_id, status="FINISHED")
+
+    def _end(self, run_id: str, status: str, error: str) -> None:
+        """End a run on a failure path without hiding the failure: if the store cannot be
+        written now (a full disk), the next tracker on this host marks the run KILLED."""
+        try:
+            self.client.set_tag(run_id, "paperdag.error", error)
+            self.client.set_terminated(run_id, status=status)
+        except Exception as e:  # noqa: BLE001 - the original exception is the one to report
+            print(f"paperdag: could not mark MLflow run {run_id} {status}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

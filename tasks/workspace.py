@@ -13,6 +13,10 @@ from pathlib import Path
 from tasks.artifacts import ArtifactStore
 
 
+class WorkspaceError(OSError):
+    """The workspace cannot hold paperdag's state (read-only, missing, full disk)."""
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -37,9 +41,24 @@ class Workspace:
     def mlflow_artifact_root(self) -> Path:
         return self.state_dir / "mlartifacts"
 
+    def check_writable(self) -> None:
+        """Fail in one line, before Prefect or MLflow start, if the workspace cannot be written.
+
+        Without this a read-only workspace surfaced as a Prefect server start-up timeout after
+        two minutes and dozens of tracebacks."""
+        for directory in (self.root, self.state_dir, self.root / "artifacts"):
+            probe = directory / f".paperdag-write-probe-{os.getpid()}"
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise WorkspaceError(
+                    f"workspace {self.root} is not writable: {e.strerror} ({directory}); paperdag keeps its "
+                    f"artifacts and state there. Fix its permissions or pass --workspace DIR") from None
+
     def configure_environment(self) -> None:
         """Set the embedded defaults before Prefect or MLflow are imported."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("PREFECT_HOME", str(self.state_dir / "prefect"))
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -47,6 +66,11 @@ class Workspace:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("DO_NOT_TRACK", "true")
         os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+        # MLflow's HTTP client retries 7 times with backoff by default: over four minutes before a
+        # down tracking server is reported. Start-up checks the server in seconds (tracking.py);
+        # these bound an outage in the middle of a run.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # per-tensor loading bars and advisory warnings drown the stage progress on tiny models
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from flows.cli import EXIT_FAILED, EXIT_USAGE, main
+from tasks.fingerprint import sha256_file
 from tests.helpers import REPO, make_workspace, mlflow_client
 
 pytestmark = pytest.mark.e2e
@@ -89,6 +90,15 @@ def test_documents_failing_the_schema(selected, capsys):
     frame = pd.read_parquet(shard)
     frame.loc[frame.index[:3], "split"] = "holdout"  # not a split the schema knows
     frame.to_parquet(shard, index=False)
+    # re-record the shard in the manifest: the artifact is then intact as files (an edited file is
+    # caught as corrupt before any schema check) and only its rows are wrong, as rows from an
+    # older writer or an imported dataset would be
+    manifest_path = corpus_dir / "manifest.json"
+    original_manifest = manifest_path.read_text()
+    manifest = json.loads(original_manifest)
+    manifest["files"][str(shard.relative_to(corpus_dir))] = {"bytes": shard.stat().st_size,
+                                                             "sha256": sha256_file(shard)}
+    manifest_path.write_text(json.dumps(manifest))
     before = _existing(selected, "select")
     try:
         rc = _stage(selected, "select_random", "--set", "stages.select_random.params.seed=7")
@@ -98,6 +108,7 @@ def test_documents_failing_the_schema(selected, capsys):
         _assert_failed_cleanly(selected, "select", "select_random", before)
     finally:
         shard.write_bytes(original)
+        manifest_path.write_text(original_manifest)
 
 
 def test_dsir_claim_reads_the_select_stage_metrics(selected):
