@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--only", action="append", default=[], metavar="STAGE", help="rerun just this stage on cached inputs")
     g.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and everything downstream")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--allow-over-budget", action="store_true",
+                   help="run stages that would take over PAPERDAG_MAX_STAGE_HOURS or more memory than is free")
 
     s = recipe_cmd("stage", cmd_stage, "run one stage (the entry point dvc.yaml uses)")
     s.add_argument("stage")
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--expect-digest", help=argparse.SUPPRESS)
     s.add_argument("--no-track", action="store_true", help="do not record an MLflow run")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--allow-over-budget", action="store_true", help="see `paperdag run --help`")
 
     sv = recipe_cmd("serve", cmd_serve, "register a scheduled Prefect deployment and serve it")
     sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     from flows.recipe import RecipeError
     from flows.verify import VerifyTargetError
 
+    if getattr(args, "allow_over_budget", False):
+        os.environ["PAPERDAG_ALLOW_OVER_BUDGET"] = "1"
     try:
         with _signals_as_interrupts():
             return args.fn(args)

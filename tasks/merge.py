@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from components.eval.perplexity import evaluate_perplexity
 from components.merge.base import MergeError
+from components.model.health import check_model_health
 from tasks.model_io import load_model_artifact, save_model_artifact
 
 SCORE_BLOCKS = 32  # validation blocks per candidate: enough to rank soups, cheap on CPU
@@ -46,6 +47,7 @@ def run(ctx) -> dict:
     merged = merger.merge(_state_dict(base_art) if base_art else None, [_state_dict(a) for a in models], names,
                           score_fn=score_fn)
     model.load_state_dict(merged, strict=True)
+    check_model_health(model, f"stage {ctx.plan.name}: the merged model ({ctx.plan.method} with {ctx.plan.params})")
     facts = {"kind": "merge", "method": ctx.plan.method, "merged": names,
              "base": ctx.plan.inputs["base"][0] if base_art else None, "report": merger.report}
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)

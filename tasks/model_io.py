@@ -24,7 +24,7 @@ def load_model_artifact(art: Artifact, activation_hooks: bool = False):
     art.verify()  # a corrupt or truncated model.safetensors fails here, naming the file
     try:
         model = load_model(art.path)
-        tokenizer = AutoTokenizer.from_pretrained(str(art.path))
+        tokenizer = AutoTokenizer.from_pretrained(str(art.path), trust_remote_code=False)
     except Exception as e:  # safetensors/transformers raise many types for a bad file
         raise ArtifactError(f"cannot load model artifact {art.path}: {type(e).__name__}: {e}") from None
     facts = json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
@@ -42,4 +42,4 @@ def save_model_artifact(model, tokenizer, out_dir: Path, facts: dict) -> None:
 
 
 def load_tokenizer_artifact(art: Artifact):
-    return AutoTokenizer.from_pretrained(str(art.path / "tokenizer"))
+    return AutoTokenizer.from_pretrained(str(art.path / "tokenizer"), trust_remote_code=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from safetensors.torch import save_file
 
+from components.model.health import check_model_health
 from components.quant.activation import ACTIVATION_FILE
 from components.quant.base import QuantizationError
 from components.quant.calibration import calibration_sample
@@ -40,6 +41,7 @@ def run(ctx) -> dict:
             f"{model.config.vocab_size}; calibrate on the tokens the model was trained on")
     quantized = method.with_activations(method.quantize(model, calibration))
     quantized.load_into(model)
+    check_model_health(model, f"stage {ctx.plan.name}: the quantized model ({ctx.plan.method})")
     quantized.save_packed(ctx.out_dir / "quantized.safetensors")
     if quantized.activation_state or quantized.meta.get("activations"):
         save_file({k: v.contiguous() for k, v in quantized.activation_state.items()},

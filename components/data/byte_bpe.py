@@ -7,6 +7,7 @@ from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from components.budget import BPE_BYTES_PER_VOCAB_ENTRY, check_memory
 from components.data.tokenizer import TokenizerTrainer
 from components.registry import MethodParams, Paper
 
@@ -29,6 +30,8 @@ class ByteBpeTokenizer(TokenizerTrainer):
         seq_len: int = Field(256, ge=1, description="training block length; stored as model_max_length")
 
     def train(self, texts: Iterable[str]) -> PreTrainedTokenizerFast:
+        check_memory(self.params.vocab_size * BPE_BYTES_PER_VOCAB_ENTRY,
+                     f"training a byte-level BPE with vocab_size={self.params.vocab_size:,}")
         backend = Tokenizer(models.BPE())
         # No prefix space: decode(encode(text)) must reproduce the text exactly.
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

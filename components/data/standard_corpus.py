@@ -276,6 +276,14 @@ def _rows_from_records(records: list[dict], src, where: str, key: str) -> list[t
     return rows
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _local_rows(src, index: int) -> list[tuple[str, str]]:
     key = f"data.sources[{index}]"
     path = Path(src.path)
@@ -283,8 +291,13 @@ def _local_rows(src, index: int) -> list[tuple[str, str]]:
         raise DataSourceError(f"{key}.path: {src.type} file {path} does not exist")
     if src.type == "jsonl":
         records = []
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
+        with path.open("rb") as handle:  # bytes: a bad line is named by number, never echoed
+            for line_no, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                                     f"{err.start}); is this a binary file?") from None
                 if not line.strip():
                     continue
                 try:
@@ -293,6 +306,10 @@ def _local_rows(src, index: int) -> list[tuple[str, str]]:
                     raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
                 if not isinstance(records[-1], dict):
                     raise ValueError(f"{path}:{line_no}: expected a JSON object per line")
+                for field, value in records[-1].items():
+                    if isinstance(value, str) and not _encodable(value):
+                        raise ValueError(f"{path}:{line_no}: field {field!r} holds an unpaired UTF-16 surrogate "
+                                         "(a \\ud800-\\udfff escape without its pair), which is not valid text")
     else:
         try:
             records = pd.read_parquet(path).to_dict("records")

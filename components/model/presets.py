@@ -35,7 +35,10 @@ def build_model(preset: str, vocab_size: int, max_seq_len: int, seed: int) -> Pr
 
 def load_model(path: str | Path) -> PreTrainedModel:
     """Load a causal LM with plain transformers (safetensors only, fp32 on CPU)."""
-    return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, use_safetensors=True)
+    # trust_remote_code=False: a config that maps to custom code is refused, never run (and never
+    # answered by transformers' interactive [y/N] prompt, which hangs a pipeline)
+    return AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=False)
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -33,6 +33,7 @@ initial grid (RTN-like), after = the learned one.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -48,6 +49,11 @@ from transformers import PreTrainedModel
 from components.quant.base import BLOCK_PREFIX, PackedWeights, QuantizationError, QuantizedModel, check_bits
 from components.quant.calibration import capture_block_inputs, check_calibration, decoder_blocks, linear_groups
 from components.quant.fake_quant import int_range
+
+log = logging.getLogger("paperdag.quant")
+# A unit whose loss ends more than 1% above where it started is reported: learning made the
+# rounding worse (a diverging lr, bad calibration data). 1% keeps batch noise quiet.
+WORSE_TOLERANCE = 0.01
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 FP16_TINY = float(torch.finfo(torch.float16).tiny)  # smallest normal fp16: a safe lower bound for steps
@@ -391,6 +397,10 @@ class _Engine:
                         self.bar.set_postfix_str(
                             f"{unit} step {step} loss {loss_value:.4g} reg {float(reg.detach()):.3g}")
         after = evaluate()
+        if not after <= before * (1 + WORSE_TOLERANCE):  # also true for a NaN loss
+            log.warning("%s: the reconstruction loss of %s rose from %.4g to %.4g while learning (lr=%g, %d iters); "
+                        "the learned result is worse than where it started: lower the lr or check the calibration "
+                        "data", self.method, unit, before, after, cfg.lr, cfg.iters)
         self.metrics[unit] = dict(loss_before=before, loss_after=after, iters=cfg.iters,
                                   last_batch_loss=loss_value)
 

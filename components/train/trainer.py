@@ -29,6 +29,7 @@ import torch
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from components.budget import check_compute
 from components.registry import MethodParams
 from components.train.acceleration import (
     attention_implementation,
@@ -456,6 +457,12 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         losses = [float(x) for x in state["losses"]]
 
+    seq_len = blocks.shape[1]
+    tokens_per_step = config.batch_size * seq_len
+    flops_per_token = method.flops_per_token(model, seq_len, teacher=teacher)
+    check_compute(flops_per_token * tokens_per_step * (config.steps - start_step), device.type,
+                  f"training {method.key} for {config.steps - start_step:,} steps of {tokens_per_step:,} tokens")
+
     _init_distributed()
     ds_config = {
         "train_micro_batch_size_per_gpu": config.batch_size,
@@ -480,9 +487,6 @@ def train(
     if state is not None:
         _restore_rng(state)  # last: DeepSpeed init must not shift the restored streams
 
-    seq_len = blocks.shape[1]
-    tokens_per_step = config.batch_size * seq_len
-    flops_per_token = method.flops_per_token(model, seq_len, teacher=teacher)
     compiled = resolve_compile(config.torch_compile, device, flops_per_token * tokens_per_step * config.steps)
     attention = resolve_attention(config.attention, model, device, seq_len, compiled)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -170,3 +170,34 @@ def test_params_are_strict():
 def test_too_few_docs_per_domain_is_a_clear_error():
     with pytest.raises(ValueError, match="domain 'arithmetic' has only 2 documents"):
         build({"sources": [{"type": "arithmetic", "n_docs": 2}], "noise": NO_NOISE})
+
+
+def test_binary_jsonl_names_the_file_and_line_without_echoing_it(tmp_path):
+    bad = tmp_path / "binary.jsonl"
+    bad.write_bytes(b'{"text": "fine line"}\n' + b'\x89PNG\r\n\x1a\nSECRET\xff\xfe\n')
+    with pytest.raises(ValueError) as err:
+        build({"sources": [{"type": "jsonl", "path": str(bad)}], "noise": NO_NOISE})
+    message = str(err.value)
+    assert f"{bad}:2: not UTF-8 text (byte 0x89" in message and "SECRET" not in message
+
+
+def test_lone_surrogate_in_jsonl_names_the_file_line_and_field(tmp_path):
+    bad = tmp_path / "surrogate.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "broken \\ud800 text"}\n')  # a JSON escape with no pair
+    with pytest.raises(ValueError, match=rf"{bad}:2: field 'text' holds an unpaired UTF-16 surrogate"):
+        build({"sources": [{"type": "jsonl", "path": str(bad)}], "noise": NO_NOISE})
+
+
+def test_input_files_name_every_local_file_a_source_reads(tmp_path):
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "x"}\n')
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    corpus = StandardCorpus(StandardCorpus.Params(sources=[
+        {"type": "pydoc_topics"}, {"type": "stdlib_code"}, {"type": "jsonl", "path": str(jsonl)},
+        {"type": "hf", "name": str(hf_dir)}, {"type": "hf", "name": "some/hub-dataset"}, {"type": "arithmetic"}]))
+    files = corpus.input_files()
+    assert set(files) == {"data.sources[0]", "data.sources[1]", "data.sources[2].path", "data.sources[3].name"}
+    assert files["data.sources[0]"][0].name == "topics.py"
+    assert files["data.sources[1]"] == list(stdlib_python_files())
+    assert files["data.sources[2].path"] == [jsonl] and files["data.sources[3].name"] == [hf_dir]

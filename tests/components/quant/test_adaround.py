@@ -82,6 +82,23 @@ def test_h_is_binary_after_annealing_and_every_unit_improves():
         assert m["loss_after"] < m["loss_before"], unit
 
 
+def test_a_diverging_lr_warns_that_the_reconstruction_got_worse(caplog):
+    """AdaRound with lr=1e30 used to finish with a 30x worse reconstruction loss and no word."""
+    model = nano()
+    cal, _ = data()
+    with caplog.at_level("WARNING", logger="paperdag.quant"):
+        q = adaround(lr=1e30, iters=20).quantize(model, cal)
+    worse = [u for u in q.meta["metrics"] if u.endswith("/loss_after")
+             and not q.meta["metrics"][u] <= q.meta["metrics"][u.replace("after", "before")] * 1.01]
+    assert worse, "lr=1e30 should make at least one unit worse"
+    assert "rose from" in caplog.text and "lower the lr" in caplog.text
+    assert caplog.text.count("rose from") == len(worse)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="paperdag.quant"):
+        adaround(iters=50).quantize(model, cal)  # a sane lr: nothing to report
+    assert "rose from" not in caplog.text
+
+
 @pytest.mark.parametrize("bits, granularity", [(4, "per_tensor"), (3, "per_channel")])
 def test_beats_rtn_on_held_out_data(bits, granularity):
     model = nano()
