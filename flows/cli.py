@@ -33,7 +33,10 @@ def _workspace(args, writes: bool = False) -> Workspace:
     ws = Workspace.from_env(args.workspace)
     ws.configure_environment()
     if writes:
+        from tasks.tracking import check_tracking_server
+
         ws.check_writable()
+        check_tracking_server(ws.tracking_uri)  # seconds, before the recipe compiles and servers start
     return ws
 
 
@@ -106,7 +109,7 @@ def cmd_stage(args) -> int:
         outcome = execute_stage(plan, args.stage, ws, tracker, force=args.force, launcher=args.launcher,
                                 progress=not args.no_progress)
     except Exception as e:
-        raise StageFailedError(args.stage, stage.kind, stage.method, e) from e
+        raise StageFailedError(args.stage, stage.kind, stage.method, e, ws.root) from e
     print(f"{args.stage}: {'cached' if outcome.cached else 'done'} {outcome.path}")
     return 0
 
@@ -273,6 +276,9 @@ def _configure_logging(verbose: bool) -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+    # MLflow logs its migrations at INFO and store errors with tracebacks; the CLI reports those itself
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO" if verbose else os.environ.get("MLFLOW_LOGGING_LEVEL", "CRITICAL")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
     if verbose:
         os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
     else:  # a failed stage is reported once, by us, not as Prefect's task and flow tracebacks

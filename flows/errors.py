@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import errno
-import shutil
 from pathlib import Path
+
+from tasks.diskspace import disk_full, exception_chain, free_bytes
+from tasks.tracking import TrackingServerError
+from tasks.workspace import WorkspaceError
 
 
 class StageSelectionError(ValueError):
@@ -19,8 +22,8 @@ class StageSelectionError(ValueError):
 class StageFailedError(RuntimeError):
     """A stage raised; carries its name so the CLI can say which one in one line."""
 
-    def __init__(self, stage: str, kind: str, method: str, cause: BaseException):
-        super().__init__(f"stage {stage} ({kind}/{method}) failed: {describe(cause)}")
+    def __init__(self, stage: str, kind: str, method: str, cause: BaseException, workspace: Path | None = None):
+        super().__init__(f"stage {stage} ({kind}/{method}) failed: {describe(cause, workspace)}")
         self.stage, self.cause = stage, cause
 
 
@@ -32,45 +35,18 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-_DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "file write failed",
-                   "disk quota exceeded")
-
-
-def disk_full_path(exc: BaseException) -> str | None:
-    """The path a disk-full failure was writing (or '' if it does not say); None if not disk-full.
-
-    torch.save reports ENOSPC as ``RuntimeError: [enforce fail at inline_container.cc] ... file
-    write failed`` and SQLite as ``database or disk is full``, so the text is read as well."""
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return str(e.filename or "")
-        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
-            return ""
-    return None
-
-
 def describe(exc: BaseException, workspace: Path | None = None) -> str:
     """``Type: message`` of a failure, with a full disk and a read-only file system named as such."""
-    full = disk_full_path(exc)
+    full = disk_full(exc, workspace)
     if full is not None:
-        where = Path(full or workspace or ".")
-        while not where.exists() and where != where.parent:
-            where = where.parent
-        try:
-            free = f", {shutil.disk_usage(where).free / 1e6:.1f} MB free"
-        except OSError:
-            free = ""
-        return (f"disk full: no space left on the device holding {full or where}{free}; free some space and "
-                f"rerun (finished stages stay cached)")
-    for e in _chain(exc):
+        where = full or str(workspace or ".")
+        free = free_bytes(Path(where))
+        return (f"disk full: no space left on the device holding {where}"
+                + (f" ({free / 1e6:.1f} MB free)" if free is not None else "")
+                + "; free some space and rerun (finished stages stay cached)")
+    for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno == errno.EROFS:
             return f"read-only file system: cannot write {e.filename or workspace}"
+    if isinstance(exc, (WorkspaceError, TrackingServerError, ConnectionError)):
+        return str(exc)  # already says what is wrong and what to do
     return f"{type(exc).__name__}: {exc}"

@@ -56,7 +56,7 @@ def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, pare
         outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force, progress=progress)
     except Exception as e:
         print("failed", flush=True)
-        raise StageFailedError(name, stage.kind, stage.method, e) from e
+        raise StageFailedError(name, stage.kind, stage.method, e, ws.root) from e
     print(f"{'cached' if outcome.cached else 'done'} in {outcome.seconds:.1f}s", flush=True)
     if outcome.cached:
         return Completed(name="Cached", message=f"artifact {outcome.digest[:16]} exists", data=outcome)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from components.failpoints import failpoint
 from tasks.fingerprint import sha256_file, stat_key
 
 SCHEMA_VERSION = 1
@@ -252,6 +253,7 @@ class ArtifactStore:
                 shutil.rmtree(tmp)
                 return
             else:
+                failpoint("artifact-rename")
                 os.rename(tmp, final)
             # a directory rename keeps every file's inode and times, so these stamps still hold
             self._write_stamps(Artifact(final, full, self), stamps)

@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+from components.failpoints import failpoint
 from tasks.artifacts import STAGE_METRICS, Artifact, ArtifactError
 from tasks.code_version import relative_paths
 from tasks.kinds import KINDS
@@ -174,6 +175,7 @@ def _build(plan: RecipePlan, stage: StagePlan, ws: Workspace, tracker: Tracker |
             tracker.log_params(run_id, {"method": stage.method, "params": stage.params, "options": stage.options})
             tracker.log_input_artifacts(run_id, inputs)
             metrics = run_into(run_id, lambda step, m: tracker.log_metrics(run_id, m, step))
+            failpoint("mlflow-log")
             tracker.log_metrics(run_id, metrics)
             final = store.get(stage.kind, stage.digest)
             facts = final.manifest.get("facts", {})

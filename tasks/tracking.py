@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tasks.artifacts import file_lock, pid_alive
+from tasks.diskspace import disk_full, release_reserve
 from tasks.workspace import Workspace
 
 MAX_PARAM_LEN = 6000
@@ -118,8 +119,7 @@ class Tracker:
         for run in runs:
             tags = run.data.tags
             if tags.get("paperdag.host") == host and not pid_alive(int(tags.get("paperdag.pid", "0") or 0)):
-                self.client.set_tag(run.info.run_id, "paperdag.error", "process died without ending the run (killed)")
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self._end(run.info.run_id, "KILLED", "process died without ending the run (killed)")
 
     def _base_tags(self) -> dict[str, str]:
         return {"paperdag.host": socket.gethostname(), "paperdag.pid": str(os.getpid()),
@@ -146,12 +146,18 @@ class Tracker:
     def _end(self, run_id: str, status: str, error: str) -> None:
         """End a run on a failure path without hiding the failure: if the store cannot be
         written now (a full disk), the next tracker on this host marks the run KILLED."""
-        try:
-            self.client.set_tag(run_id, "paperdag.error", error)
-            self.client.set_terminated(run_id, status=status)
-        except Exception as e:  # noqa: BLE001 - the original exception is the one to report
-            print(f"paperdag: could not mark MLflow run {run_id} {status}: {type(e).__name__}: {e}",
-                  file=sys.stderr)
+        for attempt in range(2):
+            try:
+                self.client.set_tag(run_id, "paperdag.error", error)
+                self.client.set_terminated(run_id, status=status)
+                return
+            except Exception as e:  # noqa: BLE001 - the original exception is the one to report
+                # a full disk: give SQLite the workspace's reserve and try once more
+                if attempt == 0 and disk_full(e) is not None and release_reserve(self.workspace.state_dir):
+                    continue
+                print(f"paperdag: could not mark MLflow run {run_id} {status}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0]}", file=sys.stderr)
+                return
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.artifacts import ArtifactStore
+from tasks.diskspace import ensure_reserve
 
 
 class WorkspaceError(OSError):
@@ -56,6 +57,7 @@ class Workspace:
                 raise WorkspaceError(
                     f"workspace {self.root} is not writable: {e.strerror} ({directory}); paperdag keeps its "
                     f"artifacts and state there. Fix its permissions or pass --workspace DIR") from None
+        ensure_reserve(self.state_dir)
 
     def configure_environment(self) -> None:
         """Set the embedded defaults before Prefect or MLflow are imported."""

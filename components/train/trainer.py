@@ -30,6 +30,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from components.budget import check_compute
+from components.failpoints import failpoint
 from components.registry import MethodParams
 from components.train.acceleration import (
     attention_implementation,
@@ -293,16 +294,30 @@ def latest_intact_checkpoint(checkpoint_dir: Path) -> tuple[int, Path] | None:
 
 def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, losses, method, config,
                      sampler) -> None:
-    from safetensors.torch import save_file
-
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / f"step-{step:07d}"
     tmp = checkpoint_dir / f".tmp-step-{step:07d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, step, model, optimizer, scheduler, losses, method, config, sampler)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back
+        raise
+    if final.exists():  # a rerun re-wrote the same step: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for _, old in complete_checkpoints(checkpoint_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, losses, method, config, sampler) -> None:
+    from safetensors.torch import save_file
+
     tensors, aliases = _unique_state_dict(model)
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    failpoint("checkpoint-write")
     state = {
         "step": step,
         "losses": list(losses),
@@ -321,11 +336,6 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, schedule
     checksums = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
                  for name in (MODEL_FILE, STATE_FILE)}
     (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums))
-    if final.exists():  # a rerun re-wrote the same step: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for _, old in complete_checkpoints(checkpoint_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(path: Path, model, device) -> dict:
