@@ -143,7 +143,7 @@ class ArtifactStore:
             return None
         manifest, problem = read_manifest(path)
         if problem is None and manifest.get("digest") != digest:
-            problem = f"its manifest names digest {str(manifest.get('digest'))[:DIGEST_LEN]}, not {digest[:DIGEST_LEN]}"
+            problem = f"{MANIFEST} names digest {str(manifest.get('digest'))[:DIGEST_LEN]}, not {digest[:DIGEST_LEN]}"
         if problem is not None:
             self.quarantine(path, problem)
             return None

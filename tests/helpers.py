@@ -11,7 +11,7 @@ NANO_RECIPE = REPO / "tests" / "recipes" / "nano.yaml"
 def make_workspace(root: Path, recipes: dict[str, Path] | None = None) -> Path:
     """A project directory with params/ holding the given recipes (name -> source file)."""
     (root / "params").mkdir(parents=True, exist_ok=True)
-    for name, src in (recipes or {"nano": NANO_RECIPE}).items():
+    for name, src in (recipes if recipes is not None else {"nano": NANO_RECIPE}).items():
         shutil.copy(src, root / "params" / f"{name}.yaml")
     return root
 
