@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -53,14 +52,17 @@ def cli_env(ws: Path, **extra: str) -> dict:
 
 def start_cli(ws: Path, *args: str, **env: str) -> subprocess.Popen:
     """``paperdag ARGS`` as its own process group (as a terminal would run it), output to a log."""
-    log = open(ws / f"cli-{time.monotonic_ns()}.log", "w+")
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=cli_env(ws, **env),
-                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log_path = ws / f"cli-{time.monotonic_ns()}.log"
+    started_ms = int(time.time() * 1000)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=cli_env(ws, **env),
+                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log_path, proc.started_ms = log_path, started_ms
+    return proc
 
 
 def output(proc: subprocess.Popen) -> str:
-    proc.stdout.seek(0)
-    return proc.stdout.read()
+    return proc.log_path.read_text(errors="replace")
 
 
 def server_processes(parent_pid: int) -> list[int]:
