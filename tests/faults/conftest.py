@@ -31,3 +31,26 @@ def nano_copy(built_nano, tmp_path) -> Path:
     return ws
 
 
+
+
+# -- the tally (benchmarks/fault_tally.py sets PAPERDAG_FAULT_TALLY to a JSON path) ----------------
+_TALLY: list[dict] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    marker = item.get_closest_marker("fault")
+    if marker is not None and (report.when == "call" or (report.when == "setup" and not report.passed)):
+        _TALLY.append({"case": item.nodeid, "outcome": marker.args[0], "passed": report.passed,
+                       "skipped": report.skipped, "seconds": round(report.duration, 2)})
+    return report
+
+
+def pytest_sessionfinish(session):
+    import json
+    import os
+
+    target = os.environ.get("PAPERDAG_FAULT_TALLY")
+    if target and _TALLY:
+        Path(target).write_text(json.dumps(_TALLY, indent=1))

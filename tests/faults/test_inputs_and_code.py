@@ -59,6 +59,22 @@ def test_an_edited_data_file_rebuilds_its_corpus_and_what_follows(tmp_path, caps
     assert "cached" in run_stage(ws, "corpus", capsys)
 
 
+@pytest.mark.fault("recovers")
+def test_dvc_lists_the_data_file_as_a_dependency(tmp_path, monkeypatch):
+    """dvc.yaml listed only the recipe and code, so `dvc repro` never saw an edited data file."""
+    import yaml
+
+    from flows.dvc_sync import render_dvc_yaml
+
+    ws = make_workspace(tmp_path / "ws", {})
+    (ws / "params" / "data_edit.yaml").write_text(DATA_RECIPE)
+    monkeypatch.chdir(ws)
+    write_docs(ws / "data" / "docs.jsonl", 50)
+    corpus = yaml.safe_load(render_dvc_yaml(ws))["stages"]["data_edit-corpus"]
+    assert "data/docs.jsonl" in corpus["deps"]
+    assert not any(dep.startswith("/") for dep in corpus["deps"])  # the Python installation's files stay out
+
+
 DIGESTS = """
 import json, sys
 from pathlib import Path
