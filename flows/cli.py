@@ -58,16 +58,11 @@ def _prefect_api(ws: Workspace):
 
 
 def _check_prefect_api(url: str) -> None:
-    import urllib.error
-    import urllib.request
+    from tasks.tracking import unhealthy
 
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
-            return
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-    raise ConnectionError(f"Prefect API {url} is unreachable ({reason}); start it, or unset PREFECT_API_URL "
-                          "to let paperdag run a local one")
+    if (reason := unhealthy(url)) is not None:
+        raise ConnectionError(f"Prefect API {url} is unreachable ({reason}); start it, or unset PREFECT_API_URL "
+                              "to let paperdag run a local one")
 
 
 def cmd_run(args) -> int:
@@ -290,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     ws = Workspace.from_env(args.workspace)
     ws.configure_environment()  # before Prefect/MLflow are imported
-    from flows.errors import Interrupted, StageSelectionError, describe
+    from flows.errors import Interrupted, StageFailedError, StageSelectionError, describe
     from flows.recipe import RecipeError
     from flows.verify import VerifyTargetError
 
@@ -312,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failed stage or environment: one line, not a wall of traceback
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {describe(e, ws.root)}" if not hasattr(e, "stage") else f"error: {e}", file=sys.stderr)
+        print(f"error: {e if isinstance(e, StageFailedError) else describe(e, ws.root)}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -27,11 +27,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from tasks.artifacts import file_lock
+from tasks.tracking import unhealthy
 
 STARTUP_TIMEOUT_S = 180.0  # a first start migrates a new database: ~10-60 s on 2 cores
 
@@ -110,12 +109,8 @@ class ManagedPrefectServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return False
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
+            if unhealthy(self.api_url, timeout=2) is None:
+                return True
             time.sleep(0.1)
         self.stop()
         raise PrefectServerError(f"the local Prefect server did not answer within the startup timeout; end of "

@@ -53,22 +53,22 @@ class TrackingServerError(ConnectionError):
     """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
 
 
-def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
-    """One request to an HTTP tracking server's health endpoint, so a wrong or down server is
-    reported in seconds rather than after MLflow's retries."""
-    if not uri.startswith(("http://", "https://")):
-        return
+def unhealthy(base_url: str, timeout: float = 5.0) -> str | None:
+    """Why ``<base_url>/health`` does not answer 200 within ``timeout`` (None if it does). One
+    request, so a wrong or down server is reported in seconds rather than after client retries."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
     except urllib.error.HTTPError as e:
-        reason = f"HTTP {e.code}"
+        return f"HTTP {e.code}"
     except (urllib.error.URLError, OSError) as e:
-        reason = str(getattr(e, "reason", e))
-    raise TrackingServerError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
-                              "MLFLOW_TRACKING_URI to track in the workspace's SQLite file")
+        return str(getattr(e, "reason", e))
+
+
+def check_tracking_server(uri: str) -> None:
+    if uri.startswith(("http://", "https://")) and (reason := unhealthy(uri)) is not None:
+        raise TrackingServerError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
+                                  "MLFLOW_TRACKING_URI to track in the workspace's SQLite file")
 
 
 def _sqlite_path(uri: str) -> Path | None:

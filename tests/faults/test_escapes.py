@@ -80,3 +80,18 @@ def test_a_checkpoint_mapping_to_custom_code_is_refused_without_running_it(tmp_p
                           stdin=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode != 0 and "trust_remote_code" in done.stderr
     assert not marker.exists()
+
+
+@pytest.mark.fault("clear_error")
+def test_a_recipe_cannot_make_paperdag_write_outside_its_workspace(tmp_path, capsys):
+    ws = make_workspace(tmp_path / "ws")
+    dataset = tmp_path / "hf_local"
+    dataset.mkdir()
+    (dataset / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 5}) + "\n" for i in range(40)))
+    outside = tmp_path / "elsewhere"
+    rc = main(["--workspace", str(ws), "stage", "nano", "corpus", "--no-progress", "--set",
+               f"data.sources=[{{type: hf, name: {dataset}, domain: prose, cache_dir: {outside}}}, "
+               "{type: arithmetic, n_docs: 40}]"])
+    assert rc == 1
+    assert f"data.sources[0].cache_dir: {outside} is outside the workspace" in capsys.readouterr().err
+    assert not outside.exists() and not list(ws.glob("artifacts/corpus/*"))
