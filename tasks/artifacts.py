@@ -242,8 +242,9 @@ class ArtifactStore:
             full = dict(manifest, digest=digest, schema_version=SCHEMA_VERSION, files=files,
                         content_sha256=content, created_unix=time.time())
             write_file_synced(tmp / MANIFEST, json.dumps(full, indent=2, sort_keys=True, default=str))
-            if final.exists() and not replace and read_manifest(final)[1] is not None:
-                self.quarantine(final, read_manifest(final)[1])
+            problem = read_manifest(final)[1] if final.exists() and not replace else None
+            if problem is not None:  # a directory that is not an artifact sits in the way
+                self.quarantine(final, problem)
             if final.exists() and replace:
                 trash = final.parent / f".tmp-old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 os.rename(final, trash)
