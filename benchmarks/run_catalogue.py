@@ -1,8 +1,14 @@
-"""Run every recipe in params/ in one workspace and record its results table and claims.
+"""Run every recipe in params/ in one workspace, at one commit, and record what each measured.
 
 Recipes share data, tokenizer and pretraining artifacts by digest, so after the quickstart
-the others only run their own stages. Writes benchmarks/results/catalogue.json (per recipe:
-wall time, stages, cache hits, claims with PASS/FAIL) and <recipe>.table.txt.
+the others only run their own stages. Writes benchmarks/results/catalogue.json: per recipe the
+commit, every stage's digest and code version, wall time, stages, cache hits, and each claim
+with its verdict (PASS, FAIL, NOT DISCRIMINATING), kind, control and interval; and
+<recipe>.table.txt / <recipe>.log. README section 5 and RESULTS.md are generated from that
+file (`python benchmarks/report.py`), and a test fails when they were not.
+
+The tree must be clean: a number is only worth quoting with the commit that produced it.
+Rows of another commit are dropped, so the file always describes one commit.
 
     python benchmarks/run_catalogue.py --workspace /tmp/paperdag-catalogue [recipe ...]
 """
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -20,20 +27,58 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+CATALOGUE = RESULTS / "catalogue.json"
+CODE_DIRS = ("flows", "tasks", "components", "params")
 
 
-def main() -> None:
+class DirtyTreeError(RuntimeError):
+    pass
+
+
+def clean_commit() -> str:
+    """HEAD, refusing a tree with changes to tracked files or untracked files in code or recipes."""
+    status = subprocess.run(["git", "status", "--porcelain", "--", *CODE_DIRS, "pyproject.toml"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    if status:
+        raise DirtyTreeError("the tree has uncommitted changes; commit them first, so every number is recorded "
+                             "with the code that produced it:\n" + status)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def stage_record(name: str) -> dict:
+    """Each stage's digest and code version as this commit compiles the recipe."""
+    sys.path.insert(0, str(REPO))
+    from flows.recipe import load_plan
+
+    _, plan = load_plan(REPO / "params" / f"{name}.yaml")
+    return {"digests": {s.name: s.digest for s in plan.stages.values()},
+            "code_versions": {s.name: s.code_version for s in plan.stages.values()}}
+
+
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", required=True)
     ap.add_argument("recipes", nargs="*")
     args = ap.parse_args()
+    try:
+        commit = clean_commit()
+    except DirtyTreeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ws = Path(args.workspace)
     (ws / "params").mkdir(parents=True, exist_ok=True)
-    for recipe in sorted((REPO / "params").glob("*.yaml")):
-        shutil.copy(recipe, ws / "params" / recipe.name)
+    shutil.copytree(REPO / "params", ws / "params", dirs_exist_ok=True)
     names = args.recipes or sorted(p.stem for p in (REPO / "params").glob("*.yaml"))
     names = sorted(names, key=lambda n: n != "quickstart")  # the quickstart fills the shared cache
-    out_file = RESULTS / "catalogue.json"
     env = dict(os.environ, PAPERDAG_WORKSPACE=str(ws), HF_HUB_OFFLINE="1")
     for name in names:
         t = time.perf_counter()
@@ -41,7 +86,8 @@ def main() -> None:
                               capture_output=True, text=True)
         wall = time.perf_counter() - t
         (RESULTS / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        entry = {"returncode": proc.returncode, "wall_s": wall}
+        entry = {"commit": commit, "cpu": cpu_model(), "returncode": proc.returncode, "wall_s": round(wall, 1),
+                 **stage_record(name)}
         m = re.search(r"(\d+) stages, (\d+) cache hits", proc.stdout)
         if m:
             entry.update(stages=int(m.group(1)), cache_hits=int(m.group(2)))
@@ -49,20 +95,25 @@ def main() -> None:
             table = proc.stdout[proc.stdout.index("results ("):proc.stdout.index("lineage:")]
             (RESULTS / f"{name}.table.txt").write_text(table)
         claims = []
-        for digest in re.findall(r"^\[\d+/\d+\] \S+\s+evaluate\s+\S+\s+([0-9a-f]{12})", proc.stdout, re.M):
-            for metrics_file in (ws / "artifacts" / "evaluate").glob(f"{digest}*/metrics.json"):
+        for stage, digest in entry["digests"].items():
+            metrics_file = ws / "artifacts" / "evaluate" / digest[:16] / "metrics.json"
+            if metrics_file.exists():
                 claims += json.loads(metrics_file.read_text())["claims"]
-        entry["claims"] = [{k: c[k] for k in ("name", "statement", "passed", "detail")} for c in claims]
-        # re-read before writing: another run_catalogue (another workspace, other recipes) may
-        # have recorded its results meanwhile
-        catalogue = json.loads(out_file.read_text()) if out_file.exists() else {}
+        entry["claims"] = [{k: c[k] for k in ("name", "statement", "kind", "verdict", "detail", "slack",
+                                               "slack_interval", "control") if k in c} for c in claims]
+        # re-read before writing (another run on another workspace may record meanwhile); rows of
+        # another commit are dropped: the file describes one commit
+        catalogue = json.loads(CATALOGUE.read_text()) if CATALOGUE.exists() else {}
+        catalogue = {k: v for k, v in catalogue.items() if v.get("commit") == commit}
         catalogue[name] = entry
-        tmp = out_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(catalogue, indent=2))
-        os.replace(tmp, out_file)
-        print(f"{name}: rc={proc.returncode} {wall:.0f}s "
-              f"{sum(c['passed'] for c in claims)}/{len(claims)} claims pass", flush=True)
+        tmp = CATALOGUE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(sorted(catalogue.items(), key=lambda kv: kv[0] != "quickstart")), indent=2))
+        os.replace(tmp, CATALOGUE)
+        verdicts = [c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "") for c in entry["claims"]]
+        print(f"{name}: rc={proc.returncode} {wall:.0f}s " + ", ".join(
+            f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts))), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

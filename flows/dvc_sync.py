@@ -1,12 +1,13 @@
 """Generate ``dvc.yaml`` from the recipes: the recipes stay the single source of truth.
 
 Each stage becomes a DVC stage whose command is the same entry point the Prefect flow runs
-(``paperdag stage``), whose deps are the recipe, the stage's source closure, its input
-artifacts and the local data files it reads, and whose out is its content-addressed artifact
-directory. Because a digest is a function of the recipe, the code and the data files, the
-out path is known before anything runs, and both launchers write the same directory. A stage shared by several recipes (the same digest) is
-declared once. Outs are ``persist: true`` so an artifact Prefect already built is a cache hit
-for ``dvc repro`` too, instead of being deleted and rebuilt.
+(``paperdag stage``), whose deps are the recipe and the files it includes, the stage's source
+closure, its input artifacts and the local data files it reads, and whose out is its
+content-addressed artifact directory. Because a digest is a function of the recipe, the code
+and the data files, the out path is known before anything runs, and both launchers write the
+same directory. A stage shared by several recipes (the same digest) is declared once. Outs are
+``persist: true`` so an artifact Prefect already built is a cache hit for ``dvc repro`` too,
+instead of being deleted and rebuilt.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.recipe import load_plan
+from flows.recipe import load_plan, recipe_files
 from tasks.artifacts import DIGEST_LEN
 from tasks.code_version import relative_paths
 
@@ -48,13 +49,14 @@ def render_dvc_yaml(root: Path) -> str:
     for recipe_path in sorted((root / "params").glob("*.yaml"), key=lambda p: (p.stem != "quickstart", p.stem)):
         _, plan = load_plan(recipe_path)
         rel_recipe = recipe_path.relative_to(root).as_posix()
+        sources = [p.relative_to(root.resolve()).as_posix() for p in recipe_files(recipe_path)]  # + includes
         for stage in plan.stages.values():
             if stage.digest in producer:
                 continue
             dvc_name = f"{plan.name}-{stage.name}"
             producer[stage.digest] = dvc_name
             out = f"artifacts/{stage.kind}/{stage.digest[:DIGEST_LEN]}"
-            deps = [rel_recipe, *relative_paths(stage.code_files), *data_deps(stage, root)]
+            deps = [*sources, *relative_paths(stage.code_files), *data_deps(stage, root)]
             for upstream in stage.upstream:
                 up = plan.stages[upstream]
                 deps.append(f"artifacts/{up.kind}/{up.digest[:DIGEST_LEN]}")

@@ -35,14 +35,16 @@ class FlowSummary:
 def stages_to_run(plan: RecipePlan, only: list[str], from_stage: str | None) -> tuple[list[str], set[str]]:
     """(stages to visit in order, stages to force-recompute)."""
     for name in [*only, *([from_stage] if from_stage else [])]:
-        if name not in plan.stages:
+        if name not in plan.stages and name not in plan.seed_copies:
             raise StageSelectionError(f"recipe {plan.name} has no stage {name!r}; stages: {', '.join(plan.stages)}")
     if only and from_stage:
         raise StageSelectionError("use either --only or --from, not both")
-    if only:
+    if only:  # a seed-dependent stage's name selects all its per-seed copies
+        only = [c for name in only for c in plan.seed_copies.get(name, [name])]
         return [s for s in plan.stages if s in only], set(only)
     if from_stage:
-        forced = {from_stage} | plan.descendants(from_stage)
+        starts = plan.seed_copies.get(from_stage, [from_stage])
+        forced = set(starts).union(*(plan.descendants(s) for s in starts))
         return list(plan.stages), forced
     return list(plan.stages), set()
 

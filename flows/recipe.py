@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from components.eval.claims import Claim
+from components.eval.claims import Claim, SeedPlan, claim_stages
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
 from components.model.presets import PRESETS
@@ -80,10 +80,37 @@ class Recipe(Strict):
     """Training stages: torch.compile the model ('auto': when the run repays compiling)."""
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     """Training stages: attention kernel ('auto': eager on CPU for short sequences, else the model's)."""
+    seeds: list[int] | None = None
+    """Run the seed-dependent stages once per seed (distinct digests); claims are then judged on
+    paired per-seed values with a 95% interval. A stage depends on the seed when its method takes
+    a ``seed`` the stage does not fix, or when it reads such a stage (evaluate stages excepted)."""
+    include: list[str] = Field(default_factory=list)
+    """Files merged under this one, in order (paths relative to this file): shared data blocks and
+    stages are written once. This file's own keys win; mappings merge key by key."""
     data: dict[str, Any] = Field(default_factory=dict)
     """Params of the corpus stage (sources, noise, split)."""
     stages: dict[str, StageSpec]
     claims: list[Claim] = Field(default_factory=list)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None:
+            if not seeds:
+                raise ValueError("seeds is empty; give at least one seed or leave the key out")
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds has duplicates: {seeds}")
+            if any(s < 0 for s in seeds):
+                raise ValueError(f"seeds must be >= 0: {seeds}")
+        return seeds
+
+    @field_validator("claims")
+    @classmethod
+    def _claim_names(cls, claims: list[Claim]) -> list[Claim]:
+        names = [c.name for c in claims]
+        if len(set(names)) != len(names):
+            raise ValueError(f"claim names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        return claims
 
     @field_validator("name")
     @classmethod
@@ -180,18 +207,63 @@ def apply_override(raw: dict, assignment: str, path: Path) -> None:
     node[leaf] = value
 
 
+def _read_yaml_mapping(path: Path, what: str) -> dict:
+    if path.suffix not in RECIPE_SUFFIXES:
+        raise RecipeError(f"{path}: a {what} is a {'/'.join(RECIPE_SUFFIXES)} file; not reading it")
+    if not path.is_file():
+        raise RecipeError(f"{what} file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a {what} must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key, anything else in ``top`` replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def _with_includes(path: Path, trail: tuple[Path, ...] = ()) -> tuple[dict, list[Path]]:
+    """The file's mapping merged over its includes (recursively), and every file read."""
+    path = path.resolve()
+    if path in trail:
+        cycle = " -> ".join(p.name for p in (*trail[trail.index(path):], path))
+        raise RecipeError(f"{trail[0]}: include cycle: {cycle}")
+    raw = _read_yaml_mapping(path, "recipe" if not trail else "included")
+    includes = raw.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise RecipeError(f"{path}: include must be a list of file paths, got {includes!r}")
+    merged, files = {}, [path]
+    for index, name in enumerate(includes):
+        target = (path.parent / name)
+        if not target.is_file():
+            raise RecipeError(f"{path}: include[{index}]: {name!r} does not exist (looked for {target})")
+        part, part_files = _with_includes(target, (*trail, path))
+        merged = deep_merge(merged, part)
+        files += [f for f in part_files if f not in files]
+    return deep_merge(merged, raw), files
+
+
+def recipe_files(path: Path) -> list[Path]:
+    """The recipe file and every file it includes: what its digests are computed from."""
+    return _with_includes(Path(path))[1]
+
+
 def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
     if path.suffix not in RECIPE_SUFFIXES:
         raise RecipeError(f"{path}: a recipe is a {'/'.join(RECIPE_SUFFIXES)} file; not reading it")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: malformed YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw, _ = _with_includes(path)
     for assignment in overrides:
         apply_override(raw, assignment, path)
     if not {"name", "stages"} & set(raw):  # not a recipe: do not list what the file holds
@@ -261,13 +333,14 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     # select stage's target share), which the evaluate stage collects from their artifacts
     checkable = evaluated | {s for n in evaluates for s in _upstream(recipe, n)}
     for claim in recipe.claims:
-        for ref in (claim.metric, claim.than, *claim.plus):
-            if isinstance(ref, str):
-                stage = ref.split(".", 1)[0]
-                if stage not in checkable:
-                    raise RecipeError(
-                        f"{path}: claims[{claim.name}]: {ref!r} refers to stage {stage!r}, which is neither evaluated "
-                        f"nor upstream of an evaluate stage; checkable stages: {', '.join(sorted(checkable))}")
+        control = claim.effective_control()
+        for stage in sorted(claim_stages(claim)):
+            if stage not in checkable:
+                role = "its control's baseline" if control and stage in control.replace.values() else "it"
+                raise RecipeError(
+                    f"{path}: claims[{claim.name}]: {role} refers to stage {stage!r}, which is neither evaluated "
+                    f"nor upstream of an evaluate stage; checkable stages: {', '.join(sorted(checkable))}")
+    expand_seeds(recipe, path)  # a seed-dependent stage in a one-stage role is an error now, not at run time
 
 
 def _check_selector_inputs(spec: StageSpec, where: str, selector) -> None:
@@ -352,8 +425,70 @@ def topological_order(recipe: Recipe, path: Path) -> list[str]:
     return order
 
 
+def seed_dependent(recipe: Recipe, path: Path) -> set[str]:
+    """Stages that change with the seed: a method taking a ``seed`` the stage does not fix (the
+    corpus stays fixed: seeds vary selection, training and calibration, not the data), and
+    every stage reading one, except evaluate stages, which gather all seeds."""
+    dependent: set[str] = set()
+    for name in topological_order(recipe, path):
+        spec = recipe.stages[name]
+        if spec.kind == "evaluate":
+            continue
+        fields = KINDS[spec.kind].registry.get(spec.method).Params.model_fields
+        own = spec.kind != "corpus" and "seed" in fields and "seed" not in spec.params
+        reads = {r for ref in spec.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)}
+        if own or reads & dependent:
+            dependent.add(name)
+    return dependent
+
+
+def seed_copy(name: str, seed: int) -> str:
+    return f"{name}_s{seed}"
+
+
+def expand_seeds(recipe: Recipe, path: Path) -> tuple[Recipe, SeedPlan | None]:
+    """With ``seeds``, every seed-dependent stage becomes one copy per seed (``<stage>_s<seed>``,
+    its own seed set), reading its upstream's copy of the same seed; an evaluate stage's
+    ``models`` list takes every copy. Without seeds the recipe is returned as it is."""
+    if not recipe.seeds:
+        return recipe, None
+    dependent = seed_dependent(recipe, path)
+    copies = {name: [seed_copy(name, s) for s in recipe.seeds] for name in dependent}
+    clash = sorted({c for cs in copies.values() for c in cs} & set(recipe.stages))
+    if clash:
+        raise RecipeError(f"{path}: seeds: stage name(s) {clash} collide with the per-seed copies of other stages")
+    stages: dict[str, StageSpec] = {}
+    for name, spec in recipe.stages.items():
+        if name not in dependent:
+            if spec.kind == "evaluate":
+                spec = spec.model_copy(update={"inputs": _evaluate_inputs(spec, copies, f"{path}: stages.{name}")})
+            stages[name] = spec
+            continue
+        fields = KINDS[spec.kind].registry.get(spec.method).Params.model_fields
+        for i, seed in enumerate(recipe.seeds):
+            inputs = {role: ([copies[r][i] if r in copies else r for r in ref] if isinstance(ref, list)
+                             else copies.get(ref, [ref] * len(recipe.seeds))[i]) for role, ref in spec.inputs.items()}
+            params = {**spec.params, "seed": seed} if "seed" in fields and "seed" not in spec.params else spec.params
+            stages[copies[name][i]] = spec.model_copy(update={"inputs": inputs, "params": params})
+    return recipe.model_copy(update={"stages": stages}), SeedPlan(list(recipe.seeds), copies)
+
+
+def _evaluate_inputs(spec: StageSpec, copies: dict[str, list[str]], where: str) -> dict:
+    inputs = {}
+    for role, ref in spec.inputs.items():
+        if isinstance(ref, list):
+            inputs[role] = [c for r in ref for c in copies.get(r, [r])]
+        elif ref in copies:
+            raise RecipeError(f"{where}.inputs.{role}: stage {ref!r} depends on the seed, but {role} takes one stage; "
+                              f"fix its seed (params.seed) or the seed of what it reads")
+        else:
+            inputs[role] = ref
+    return inputs
+
+
 def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
-    """Resolve params and compute every stage's digest, in topological order."""
+    """Resolve params and compute every stage's digest, in topological order (seeds expanded)."""
+    recipe, seed_plan = expand_seeds(recipe, path)
     plans: dict[str, StagePlan] = {}
     for name in topological_order(recipe, path):
         spec = recipe.stages[name]
@@ -371,6 +506,8 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
                     spec.sampler.params).model_dump(mode="json")}
         if spec.kind == "evaluate":  # the claims it checks are part of what it produces
             options["claims"] = [c.model_dump(mode="json") for c in recipe.claims]
+            if seed_plan is not None:
+                options["seeds"] = {"seeds": seed_plan.seeds, "expanded": seed_plan.expanded}
         files = source_closure((kind.task_module, method_cls.__module__))
         version = code_version(files)
         input_digests = {role: [plans[r].digest for r in refs] for role, refs in inputs.items()}
@@ -384,7 +521,7 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
         plans[name] = StagePlan(name, spec.kind, spec.method, params, options, inputs, digest, files, version,
                                 input_digests, local_files, file_digests)
     return RecipePlan(recipe.name, Path(path), plans, [c.model_dump(mode="json") for c in recipe.claims],
-                      recipe.paper.model_dump())
+                      recipe.paper.model_dump(), seed_plan.expanded if seed_plan else {})
 
 
 def _local_input_files(method, options: dict) -> dict[str, list[Path]]:

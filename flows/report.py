@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from components.eval.claims import verdict_label
+from components.eval.summary import scored_blocks
 from tasks.plan import RecipePlan
 from tasks.workspace import Workspace
 
@@ -33,11 +35,14 @@ def results_table(metrics: dict) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    scored = scored_blocks(metrics)
+    if scored:
+        out.append(f"perplexity over the test split: {scored}")
     claims = metrics.get("claims", [])
     if claims:
         out += ["", "claims:"]
         for c in claims:
-            out.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {c['statement']}")
+            out.append(f"  [{verdict_label(c)}] {c['name']}: {c['statement']}")
             out.append(f"         {c['detail']}")
     return "\n".join(out)
 
@@ -54,18 +59,46 @@ def print_summary(summary, plan: RecipePlan, ws: Workspace) -> None:
     print(f"         paperdag lineage {summary.parent_run_id}")
 
 
-def print_catalogue(ws: Workspace) -> None:
-    from flows.recipe import RecipeError, load_recipe
+CATALOGUE = Path("benchmarks") / "results" / "catalogue.json"
 
+
+def measured_status(name: str, digests: dict[str, str], catalogue: dict) -> str:
+    """Whether the catalogue's numbers for this recipe still describe it: the recorded stage
+    digests against the ones it compiles to now (any code, param or data change moves them)."""
+    entry = catalogue.get(name)
+    if entry is None:
+        return "not measured in the catalogue"
+    recorded = entry.get("digests", {})
+    changed = sorted(s for s in digests if recorded.get(s) != digests[s])
+    at = f"commit {entry.get('commit', '?')[:12]}"
+    if changed:
+        return (f"STALE: {len(changed)} of {len(digests)} stages changed since it was measured at {at} "
+                f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})")
+    return f"measured at {at}: " + ", ".join(
+        f"{sum(c['verdict'] == v and c.get('kind') != 'accounting' for c in entry.get('claims', []))} {v}"
+        for v in ("PASS", "FAIL", "NOT DISCRIMINATING")) + \
+        f", {sum(c.get('kind') == 'accounting' for c in entry.get('claims', []))} accounting"
+
+
+def print_catalogue(ws: Workspace) -> None:
+    from flows.recipe import RecipeError, compile_recipe, load_recipe
+
+    catalogue_file = ws.root / CATALOGUE
+    catalogue = json.loads(catalogue_file.read_text()) if catalogue_file.exists() else {}
     for path in sorted((ws.root / "params").glob("*.yaml")):
         try:
             r = load_recipe(path)
+            plan = compile_recipe(r, path)
         except RecipeError as e:
             print(f"{path.stem}: INVALID: {e}")
             continue
         print(f"{r.name}  ({path.relative_to(ws.root)})")
-        print(f"  paper:  {r.paper.title} {r.paper.url}")
-        print(f"  stages: {' -> '.join(r.stages)}")
+        print(f"  paper:   {r.paper.title} {r.paper.url}")
+        print(f"  stages:  {' -> '.join(r.stages)}" + (f"  (x{len(r.seeds)} seeds: {r.seeds})" if r.seeds else ""))
         for c in r.claims:
-            print(f"  claim:  {c.statement}")
+            control = c.effective_control()
+            print(f"  claim:   {c.statement}" + (" [accounting]" if c.kind == "accounting" else
+                                                 f" [control: {control.why or control.replace}]" if control else ""))
+        if catalogue:
+            print(f"  results: {measured_status(r.name, {s.name: s.digest for s in plan.stages.values()}, catalogue)}")
         print()

@@ -11,7 +11,8 @@ import numpy as np
 
 from components.data.parquet_io import read_documents
 from components.distill.eft import EftModel
-from components.eval.claims import Claim, check_claims
+from components.eval.claims import Claim, SeedPlan, check_claims, verdict_label
+from components.eval.summary import scored_blocks
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.model_io import load_model_artifact
@@ -56,8 +57,10 @@ def run(ctx) -> dict:
     if not per_model:
         raise ValueError(f"stage {ctx.plan.name}: nothing to evaluate; give `inputs.models` or the three EFT inputs")
     claims = [Claim.model_validate(c) for c in ctx.plan.options.get("claims", [])]
+    seeds = ctx.plan.options.get("seeds")
     upstream = _upstream_metrics(ctx)
-    results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()}})
+    results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()}},
+                           SeedPlan(seeds["seeds"], seeds["expanded"]) if seeds else None)
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
               "arith_examples": len(examples)}
     plot = getattr(evaluator.params, "plot", None)
@@ -70,8 +73,12 @@ def run(ctx) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
     flat.update({f"claim.{c['name']}": float(c["passed"]) for c in results})
     flat["claims_passed"] = sum(c["passed"] for c in results)
+    flat["claims_reproduced"] = sum(c["reproduced"] for c in results)
+    flat["claims_not_discriminating"] = sum(c["verdict"] == "NOT DISCRIMINATING" for c in results)
+    flat["claims_accounting"] = sum(c["kind"] == "accounting" for c in results)
     flat["claims_total"] = len(results)
-    ctx.facts["claims"] = {c["name"]: "PASS" if c["passed"] else "FAIL" for c in results}
+    ctx.facts["claims"] = {c["name"]: c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "")
+                           for c in results}
     return flat
 
 
@@ -113,9 +120,11 @@ def _markdown(recipe, report: dict) -> str:
     lines.append("|---|" + "---|" * len(cols))
     for name, m in report["models"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(m.get(c)) for c in cols) + " |")
+    if scored_blocks(report):
+        lines += ["", f"Perplexity over the test split: {scored_blocks(report)}."]
     lines += ["", "## Claims", ""]
     for c in report["claims"]:
-        lines.append(f"- **{'PASS' if c['passed'] else 'FAIL'}** {c['name']}: {c['statement']}  \n  {c['detail']}")
+        lines.append(f"- **{verdict_label(c)}** {c['name']}: {c['statement']}  \n  {c['detail']}")
     return "\n".join(lines) + "\n"
 
 

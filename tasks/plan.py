@@ -34,6 +34,7 @@ class RecipePlan:
     stages: dict[str, StagePlan]  # insertion order is a topological order
     claims: list[dict]
     paper: dict
+    seed_copies: dict[str, list[str]] = field(default_factory=dict)  # seed-dependent stage -> its per-seed copies
 
     def descendants(self, stage: str) -> set[str]:
         out: set[str] = set()

@@ -1,6 +1,7 @@
 """Every shipped recipe validates; every kind of bad recipe is a clear error with exit code 2."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,112 @@ def test_recipe_level_execution_choices_reach_every_training_stage():
     assert all(default.stages[s.name].params["torch_compile"] == "auto" for s in trained)
     with pytest.raises(RecipeError, match="attention"):
         load_plan(NANO_RECIPE, ["attention=flash"])
+
+
+# -- includes, seeds, controls --------------------------------------------------------------------
+
+def _recipe_with_include(tmp_path, include_text: str, recipe_extra: str = "") -> Path:
+    (tmp_path / "bases").mkdir(exist_ok=True)
+    (tmp_path / "bases" / "shared.yaml").write_text(include_text)
+    text = NANO_RECIPE.read_text()
+    head, _, stages = text.partition("stages:\n")
+    # the data block and the first stages move to the included file
+    head = head.split("data:\n")[0]
+    stages = stages.split("  pretrain_dense:\n", 1)[1]
+    return _write(tmp_path, head + "include: [bases/shared.yaml]\n" + recipe_extra + "stages:\n  pretrain_dense:\n" + stages)
+
+
+SHARED = """\
+data:
+  sources:
+    - {type: pydoc_topics, max_docs: 120}
+    - {type: stdlib_code, max_files: 12, max_chunks_per_file: 4}
+    - {type: arithmetic, n_docs: 150, max_digits: 2}
+  noise: {boilerplate: 0.05, gibberish: 0.05, exact_duplicate: 0.05, near_duplicate: 0.05, spam: 0.05}
+  split: {validation: 0.1, test: 0.1}
+stages:
+  corpus: {kind: corpus, method: standard_corpus}
+  filter: {kind: select, method: heuristic_filter, inputs: {docs: corpus}}
+  dedup: {kind: select, method: minhash_dedup, inputs: {docs: filter}}
+  tokenize: {kind: tokenize, method: byte_bpe, inputs: {docs: dedup}, params: {vocab_size: 512, seq_len: 32}}
+"""
+
+
+def test_an_included_file_gives_the_same_digests_as_writing_it_out(tmp_path):
+    _, inline = load_plan(NANO_RECIPE)
+    _, included = load_plan(_recipe_with_include(tmp_path, SHARED))
+    assert {n: s.digest for n, s in included.stages.items()} == {n: s.digest for n, s in inline.stages.items()}
+    # overrides reach included stages; the file's own keys win over the include's
+    _, over = load_plan(_recipe_with_include(tmp_path, SHARED), ["stages.tokenize.params.vocab_size=600"])
+    assert over.stages["tokenize"].params["vocab_size"] == 600
+    from flows.recipe import recipe_files
+
+    assert [p.name for p in recipe_files(tmp_path / "r.yaml")] == ["r.yaml", "shared.yaml"]
+
+
+def test_a_missing_or_cyclic_include_is_a_clear_error(tmp_path):
+    p = _recipe_with_include(tmp_path, SHARED)
+    p.write_text(p.read_text().replace("bases/shared.yaml", "bases/absent.yaml"))
+    with pytest.raises(RecipeError, match=r"r\.yaml: include\[0\]: 'bases/absent\.yaml' does not exist"):
+        load_recipe(p)
+    p = _recipe_with_include(tmp_path, "include: [../r.yaml]\n" + SHARED)
+    with pytest.raises(RecipeError, match=r"include cycle: r\.yaml -> shared\.yaml -> r\.yaml"):
+        load_recipe(p)
+
+
+def test_seeds_expand_exactly_the_seed_dependent_stages(tmp_path):
+    p = _nano_with(tmp_path, "seed: 0", "seed: 0\nseeds: [0, 1, 2]")
+    # MinHash takes a seed: pinned, as a shared data pipeline would, it stays one stage
+    p.write_text(p.read_text().replace("method: minhash_dedup, inputs: {docs: filter}}",
+                                       "method: minhash_dedup, inputs: {docs: filter}, params: {seed: 0}}"))
+    _, single = load_plan(p, ["seeds=null"])
+    _, plan = load_plan(p)
+    trained = {"pretrain_dense", "pretrain_spdf", "finetune_spdf", "finetune_prose", "finetune_code", "distill"}
+    downstream = {"quantize", "merge"}
+    assert set(plan.seed_copies) == trained | downstream
+    for name in ("corpus", "filter", "dedup", "tokenize"):  # the data stays fixed
+        assert plan.stages[name].digest == single.stages[name].digest
+    copies = plan.seed_copies["pretrain_dense"]
+    assert copies == ["pretrain_dense_s0", "pretrain_dense_s1", "pretrain_dense_s2"]
+    assert [plan.stages[c].params["seed"] for c in copies] == [0, 1, 2]
+    assert plan.stages["pretrain_dense_s0"].digest == single.stages["pretrain_dense"].digest  # seed 0 is shared
+    assert plan.stages["quantize_s2"].inputs == {"model": ["pretrain_dense_s2"]}
+    assert plan.stages["merge_s1"].inputs["models"] == ["finetune_prose_s1", "finetune_code_s1"]
+    assert len(plan.stages["evaluate"].inputs["models"]) == 6 * 3
+    assert plan.stages["evaluate"].options["seeds"]["seeds"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("seeds, message", [("[]", "seeds is empty"), ("[0, 1, 1]", "seeds has duplicates"),
+                                            ("[-1]", "seeds must be >= 0")])
+def test_bad_seeds_are_named(tmp_path, seeds, message):
+    with pytest.raises(RecipeError, match=rf"r\.yaml: seeds: .*{re.escape(message)}"):
+        load_recipe(_nano_with(tmp_path, "seed: 0", f"seed: 0\nseeds: {seeds}"))
+
+
+def test_a_seed_dependent_stage_in_a_one_stage_role_is_refused(tmp_path):
+    p = _nano_with(tmp_path, "seed: 0", "seeds: [0, 1]\nseed: 0")
+    p.write_text(p.read_text().replace("inputs:\n      tokens: tokenize\n", "inputs:\n      tokens: tokenize\n", 1))
+    text = p.read_text().replace("  tokenize:\n    kind: tokenize\n    method: byte_bpe\n    inputs: {docs: dedup}",
+                                 "  tokenize:\n    kind: tokenize\n    method: byte_bpe\n    inputs: {docs: dedup}")
+    text = text.replace("  dedup: {kind: select, method: minhash_dedup, inputs: {docs: filter}}",
+                        "  dedup: {kind: select, method: random, inputs: {docs: filter}, params: {keep_fraction: 0.9}}")
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=r"stages\.evaluate\.inputs\.tokens: stage 'tokenize' depends on the seed"):
+        load_recipe(p)
+
+
+def test_a_claim_whose_control_names_a_missing_stage(tmp_path):
+    p = _nano_with(tmp_path, "    than: pretrain_dense.size_bytes",
+                   "    than: pretrain_dense.size_bytes\n    control: {replace: {quantize: rtn_missing}}")
+    p.write_text(p.read_text().replace("    statement: \"RTN int4 stores the model in fewer bytes than fp32\"\n"
+                                       "    kind: accounting\n", "    statement: \"x\"\n"))
+    with pytest.raises(RecipeError, match=r"claims\[int4_smaller\]: its control's baseline refers to stage "
+                                          r"'rtn_missing', which is neither evaluated"):
+        load_recipe(p)
+
+
+def test_an_experiment_claim_without_a_control_is_refused(tmp_path):
+    p = _nano_with(tmp_path, "    kind: accounting\n    metric: quantize.size_bytes\n    op: \"<\"",
+                   "    metric: quantize.size_bytes\n    op: \"<=\"")  # not strict: the baseline itself would pass
+    with pytest.raises(RecipeError, match=r"claims\.1: .*an experiment claim needs a control"):
+        load_recipe(p)

@@ -40,7 +40,8 @@ measures loss on a held-out instruction set):
   come from the data;
 - indicators are standardised with the mean and std over the indicator sample; the rule is fitted
   on the subsets not held out, and ``facts`` records its Spearman rank correlation with the
-  measured loss on the held-out subsets (``rule_spearman_heldout``), its in-sample R^2 and its
+  measured loss on the held-out subsets (``rule_spearman_heldout``; ``..._shuffled`` is the same fit on
+  shuffled losses, the control that must fail), its in-sample R^2 and its
   coefficients (``coef_<indicator>``).
 """
 from __future__ import annotations
@@ -263,11 +264,14 @@ class InstructionMining(ScoringSelector):
         held[np.random.default_rng([p.seed, 13]).choice(p.n_subsets, round(p.holdout_fraction * p.n_subsets),
                                                         replace=False)] = True
         intercept, coef, r2 = fit_linear_rule(x[~held], y[~held])
-        predicted = intercept + x[held] @ coef
-        rho = spearmanr(predicted, y[held]).statistic if np.ptp(predicted) > 0 and np.ptp(y[held]) > 0 else 0.0
+        rho = _heldout_spearman(intercept, coef, x[held], y[held])
+        # the control: the same fit on shuffled losses, so the indicators carry no signal by construction
+        shuffled = np.random.default_rng([p.seed, 17]).permutation(y[~held])
+        rho_shuffled = _heldout_spearman(*fit_linear_rule(x[~held], shuffled)[:2], x[held], y[held])
         self._fitted.update(mean=mean, std=std, coef=coef)
         self.facts = {
             "rule_spearman_heldout": float(rho),
+            "rule_spearman_heldout_shuffled": float(rho_shuffled),
             "rule_r2_insample": float(r2),
             "rule_intercept": intercept,
             **{f"coef_{name}": float(c) for name, c in zip(p.indicators, coef)},
@@ -283,3 +287,10 @@ class InstructionMining(ScoringSelector):
         f = self._fitted
         z = (self.indicator_matrix(docs["text"].tolist()) - f["mean"]) / f["std"]
         return -(z @ f["coef"])  # lowest predicted log-loss first
+
+
+def _heldout_spearman(intercept: float, coef: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rho between a fitted rule's predictions and the measured held-out losses
+    (0 when either side is constant)."""
+    predicted = intercept + x @ coef
+    return float(spearmanr(predicted, y).statistic) if np.ptp(predicted) > 0 and np.ptp(y) > 0 else 0.0

@@ -166,7 +166,8 @@ class ArithmeticExactMatch(Evaluator):
         gen_batch_size: int = Field(64, ge=1, description="prompts per generate call")
         extra_new_tokens: int = Field(4, ge=0, description="new-token budget beyond the gold completion's length")
         ppl_batch_size: int = Field(8, ge=1, description="blocks per forward pass for losses")
-        max_blocks_per_domain: int = Field(64, ge=1, description="held-out blocks per domain (the first ones)")
+        max_blocks_per_domain: int | None = Field(None, ge=1, description="test blocks per domain (the first "
+                                                  "ones); None scores the whole test split")
         max_train_blocks: int = Field(64, ge=1, description="train blocks for loss_train (evenly spaced)")
         eft_beta: float = Field(1.0, description="EFT only: weight of the small models' fine-tuning difference")
 
@@ -200,7 +201,7 @@ class ArithmeticExactMatch(Evaluator):
                 f"domain {domain!r} needs train and test token blocks for the loss gap; train blocks: "
                 f"{sorted(d for d, b in train_blocks.items() if len(b))}, test blocks: "
                 f"{sorted(d for d, b in test_blocks.items() if len(b))}")
-        held = out[f"loss_{domain}"]  # the first max_blocks_per_domain test blocks, as for every domain
+        held = out[f"loss_{domain}"]  # the same test blocks as every domain's perplexity
         seen = evaluate_perplexity(model, np.asarray(train[evenly_spaced(len(train), p.max_train_blocks)]),
                                    batch_size=p.ppl_batch_size, progress=progress)["loss"]
         return {"loss_train": seen, "loss_heldout": held, "loss_gap": held - seen}

@@ -25,8 +25,9 @@ class StandardEvaluation(Evaluator):
     class Params(MethodParams):
         ppl_batch_size: int = Field(8, ge=1)
         """Blocks per forward pass when measuring perplexity."""
-        max_blocks_per_domain: int = Field(64, ge=1)
-        """Cap on held-out blocks per domain (the first ones, so the cap is deterministic)."""
+        max_blocks_per_domain: int | None = Field(None, ge=1)
+        """Cap on test blocks per domain (the first ones); None, the default, scores the whole test
+        split, so claims are judged on all of it. The count used is logged as ``blocks_<domain>``."""
         lm_eval_limit: int | None = Field(64, ge=1)
         """Arithmetic examples run through lm-eval (None = all)."""
         lm_eval_batch_size: int = Field(16, ge=1)
@@ -51,10 +52,11 @@ class StandardEvaluation(Evaluator):
         return out
 
 
-def perplexity_metrics(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int, max_blocks_per_domain: int,
-                       progress: bool = False) -> dict[str, float]:
-    """``loss_{domain}``/``ppl_{domain}`` on the first ``max_blocks_per_domain`` blocks of each domain,
-    ``loss_all``/``ppl_all`` weighted by tokens, and ``loss_domain_mean``: the unweighted mean over domains."""
+def perplexity_metrics(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int,
+                       max_blocks_per_domain: int | None = None, progress: bool = False) -> dict[str, float]:
+    """``loss_{domain}``/``ppl_{domain}`` on each domain's blocks (all of them, or the first
+    ``max_blocks_per_domain``), ``blocks_{domain}`` (how many were scored), ``loss_all``/``ppl_all``
+    weighted by tokens, and ``loss_domain_mean``: the unweighted mean over domains."""
     out: dict[str, float] = {}
     total_nll, total_tokens = 0.0, 0
     domain_losses = []
@@ -65,6 +67,7 @@ def perplexity_metrics(model, blocks_by_domain: dict[str, np.ndarray], batch_siz
         r = evaluate_perplexity(model, blocks, batch_size=batch_size, progress=progress)
         out[f"ppl_{domain}"] = r["ppl"]
         out[f"loss_{domain}"] = r["loss"]
+        out[f"blocks_{domain}"] = float(len(blocks))
         domain_losses.append(r["loss"])
         total_nll += r["loss"] * r["tokens"]
         total_tokens += r["tokens"]

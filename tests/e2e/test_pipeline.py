@@ -57,7 +57,7 @@ def test_cold_run_through_the_cli(ws, capsys):
     assert main(["run", "nano", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "13 stages, 0 cache hits" in out
-    assert "claims:" in out and "[PASS] spdf_fewer_flops" in out
+    assert "claims:" in out and "[PASS (accounting)] spdf_fewer_flops" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'}" in out
     metrics = json.loads(next((ws / "artifacts" / "evaluate").glob("*/metrics.json")).read_text())
     assert set(metrics["models"]) == {"pretrain_dense", "pretrain_spdf", "finetune_spdf", "distill", "quantize", "merge"}

@@ -116,7 +116,11 @@ def test_dsir_claim_reads_the_select_stage_metrics(selected):
     assert m["selected_share_code"] > 2 * m["pool_share_code"]
     report = json.loads(next((selected / "artifacts" / "evaluate").glob("*/metrics.json")).read_text())
     [claim] = report["claims"]
-    assert claim["name"] == "dsir_target_share" and claim["passed"]
+    assert claim["name"] == "dsir_target_share" and claim["control"]["replace"] == {"select_dsir": "select_random"}
+    # the control is the same comparison on the random selection's logged shares
+    r = _metrics(selected, "select", "select_random")
+    assert claim["control"]["slack"] == pytest.approx(r["selected_share_code"] - 2 * r["pool_share_code"])
+    assert claim["slack"] == pytest.approx(m["selected_share_code"] - 2 * m["pool_share_code"])
 
 
 def test_perplexity_filter_ran_on_the_shared_tokenizer(selected):

@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import pytest
 from pydantic import ValidationError
 
@@ -13,7 +15,9 @@ METRICS = {
 
 
 def claim(**kw):
-    base = dict(name="c", statement="s", metric="finetune_spdf.ppl_all", op="<=", than="finetune_dense.ppl_all")
+    """An accounting claim: these tests are about the comparison arithmetic, not controls."""
+    base = dict(name="c", statement="s", metric="finetune_spdf.ppl_all", op="<=", than="finetune_dense.ppl_all",
+                kind="accounting")
     return Claim(**(base | kw))
 
 
@@ -75,9 +79,102 @@ def test_claim_validation():
 
 def test_plus_terms_express_a_share_of_a_gain():
     metrics = {"base": {"ppl": 100.0}, "ft": {"ppl": 50.0}, "c": {"ppl": 54.0}, "d": {"ppl": 56.0}}
-    keeps_90 = dict(op="<=", than="ft.ppl", factor=0.9, plus={"base.ppl": 0.1}, statement="s")
+    keeps_90 = dict(op="<=", than="ft.ppl", factor=0.9, plus={"base.ppl": 0.1}, statement="s", kind="accounting")
     ok, bad = check_claims([Claim(name="c", metric="c.ppl", **keeps_90), Claim(name="d", metric="d.ppl", **keeps_90)], metrics)
     assert ok["rhs"] == pytest.approx(55.0) and ok["passed"] and not bad["passed"]
     assert "0.10 × base.ppl (= 100)" in ok["detail"]
     with pytest.raises(ValidationError, match="plus keys"):
-        Claim(name="x", statement="s", metric="c.ppl", op="<", than=1.0, plus={"nodot": 1.0})
+        Claim(name="x", statement="s", metric="c.ppl", op="<", than=1.0, plus={"nodot": 1.0}, kind="accounting")
+
+
+# -- kinds, controls, two-sided claims, seeds -----------------------------------------------------
+
+PTQ = {"fp32": {"ppl": 100.0}, "gptq": {"ppl": 101.0}, "rtn": {"ppl": 101.5}, "rtn8": {"ppl": 100.01}}
+
+
+def experiment(**kw):
+    base = dict(name="e", statement="s", metric="gptq.ppl", op="<=", than="fp32.ppl", factor=1.02,
+                control={"replace": {"gptq": "rtn"}})
+    return Claim(**(base | kw))
+
+
+def test_a_control_that_clears_the_bar_too_makes_the_claim_not_discriminating():
+    [r] = check_claims([experiment()], PTQ)  # GPTQ within 2% of fp32 -- but so is RTN
+    assert r["verdict"] == "NOT DISCRIMINATING" and not r["passed"] and not r["reproduced"]
+    assert "control (rtn for gptq): rtn.ppl = 101.5 <= 1.02 × fp32.ppl (= 100) = 102" in r["detail"]
+    assert r["control"]["clears_bar"] is True
+    [r] = check_claims([experiment(factor=1.012)], PTQ)  # a bar RTN misses and GPTQ clears
+    assert r["verdict"] == "PASS" and r["passed"] and r["reproduced"]
+    assert r["control"]["clears_bar"] is False and "does not clear it" in r["detail"]
+    [r] = check_claims([experiment(factor=1.005)], PTQ)  # neither clears it
+    assert r["verdict"] == "FAIL"
+
+
+def test_a_strict_comparison_against_the_baseline_controls_itself():
+    c = Claim(name="d", statement="s", metric="gptq.ppl", op="<", than="rtn.ppl")
+    assert c.control is None and c.effective_control().replace == {"gptq": "rtn"}
+    [r] = check_claims([c], PTQ)
+    assert r["verdict"] == "PASS" and "control (rtn in place of gptq): rtn.ppl = 101.5 < rtn.ppl" in r["detail"]
+
+
+def test_experiment_claims_without_a_control_are_refused():
+    with pytest.raises(ValidationError, match="an experiment claim needs a control"):
+        Claim(name="x", statement="s", metric="gptq.ppl", op="<=", than="fp32.ppl", factor=1.02)
+    with pytest.raises(ValidationError, match="needs a control"):  # not strict: equal would pass
+        Claim(name="x", statement="s", metric="gptq.ppl", op="<=", than="rtn.ppl")
+    with pytest.raises(ValidationError, match="control replaces \\['nope'\\], which the claim does not refer to"):
+        experiment(control={"replace": {"nope": "rtn"}})
+    with pytest.raises(ValidationError, match="takes no control"):
+        experiment(kind="accounting")
+
+
+def test_accounting_claims_pass_but_are_never_reproduced():
+    [r] = check_claims([experiment(kind="accounting", control=None, factor=1.1)], PTQ)
+    assert r["verdict"] == "PASS" and r["passed"] and not r["reproduced"] and r["kind"] == "accounting"
+
+
+def test_a_two_sided_claim_fails_if_either_side_fails():
+    within = dict(op="within", tolerance=0.01, factor=1.0, control={"replace": {"gptq": "rtn"}})
+    [near] = check_claims([experiment(metric="rtn8.ppl", op="within", tolerance=0.005, factor=1.0,
+                                      control={"replace": {"rtn8": "gptq"}})], PTQ)
+    assert near["verdict"] == "PASS" and "within ±0.005× of" in near["detail"]  # gptq's 1% misses it
+    high = check_claims([experiment(**within)], {"fp32": {"ppl": 100.0}, "gptq": {"ppl": 101.5}, "rtn": {"ppl": 103}})
+    low = check_claims([experiment(**within)], {"fp32": {"ppl": 100.0}, "gptq": {"ppl": 98.5}, "rtn": {"ppl": 103}})
+    assert high[0]["verdict"] == low[0]["verdict"] == "FAIL"
+    with pytest.raises(ValidationError, match="needs a tolerance"):
+        experiment(op="within")
+
+
+def seeded(values: dict[str, list[float]]):
+    from components.eval.claims import SeedPlan
+
+    plan = SeedPlan([0, 1, 2], {k: [f"{k}_s{s}" for s in (0, 1, 2)] for k in values if k != "fp32"})
+    metrics = {"fp32": {"ppl": 100.0}}
+    for stage, per_seed in values.items():
+        if stage != "fp32":
+            metrics.update({f"{stage}_s{s}": {"ppl": v} for s, v in zip((0, 1, 2), per_seed)})
+    return metrics, plan
+
+
+def test_seeds_judge_the_paired_interval_not_the_mean():
+    c = Claim(name="d", statement="s", metric="gptq.ppl", op="<", than="rtn.ppl")
+    metrics, plan = seeded({"gptq": [101.0, 101.1, 100.9], "rtn": [101.5, 101.6, 101.4]})
+    [r] = check_claims([c], metrics, plan)
+    assert r["verdict"] == "PASS" and r["slack_per_seed"] == pytest.approx([0.5, 0.5, 0.5])
+    assert r["slack_interval"] == pytest.approx([0.5, 0.5])
+    # the same mean gain, but one seed goes the other way: the interval straddles 0
+    metrics, plan = seeded({"gptq": [100.0, 101.0, 102.5], "rtn": [101.5, 101.6, 101.9]})
+    [r] = check_claims([c], metrics, plan)
+    assert r["slack"] == pytest.approx(0.5) and r["slack_interval"][0] < 0 < r["slack_interval"][1]
+    assert r["verdict"] == "FAIL" and "95% interval" in r["detail"] and len(r["per_seed"]) == 3
+
+
+def test_t_interval_matches_scipy():
+    from scipy import stats
+
+    from components.eval.claims import t_interval
+
+    values = [0.3, 0.7, 0.2, 0.9]
+    mean, low, high = t_interval(values)
+    ref = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert (low, high) == pytest.approx(ref) and mean == pytest.approx(0.525)

@@ -142,7 +142,9 @@ def test_ablation_grid_table_and_claims():
     results = check_claims(claims, grid_metrics(rows))
     assert {r["name"] for r in results} == {"learned_rounding_beats_rtn", "more_dof_helps",
                                             "small_calibration_suffices"}
-    assert next(r for r in results if r["name"] == "small_calibration_suffices")["passed"]
+    small = next(r for r in results if r["name"] == "small_calibration_suffices")
+    # a 10x tolerance is cleared by the method and by RTN alike: the bar proves nothing
+    assert small["slack"] >= 0 and small["control"]["clears_bar"] and small["verdict"] == "NOT DISCRIMINATING"
 
 
 def test_ablation_grid_errors_name_the_bad_value():
