@@ -1,7 +1,7 @@
 """merge stage: pure tensor operations over checkpoints that share a base and a tokenizer.
 
-With an optional `tokens` input, methods that search (greedy soup) score candidates by
-held-out loss on the validation blocks.
+With an optional `tokens` input, methods that search (greedy soup, ComPEFT's alpha) score
+candidates by held-out loss on the validation blocks (of one domain with `validation_domain`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,13 @@ def run(ctx) -> dict:
     model, tokenizer, _ = load_model_artifact(models[0])
     score_fn = None
     if "tokens" in ctx.inputs:
-        blocks = np.load(ctx.input("tokens").path / "validation.npy")[:SCORE_BLOCKS]
+        domain = merger.params.validation_domain
+        path = ctx.input("tokens").path / (f"validation-{domain}.npy" if domain else "validation.npy")
+        if not path.exists():
+            known = sorted(p.stem.removeprefix("validation-") for p in ctx.input("tokens").path.glob("validation-*.npy"))
+            raise MergeError(f"stage {ctx.plan.name}: validation_domain {domain!r} has no validation blocks; "
+                             f"domains: {', '.join(known)}")
+        blocks = np.load(path)[:SCORE_BLOCKS]
 
         def score_fn(state_dict) -> float:  # held-out loss of a candidate merge, lower is better
             model.load_state_dict(state_dict, strict=True)

@@ -8,7 +8,8 @@ and a small closed registry, ``GENERATORS``:
   ``Question: ... / Answer: ...`` pair (a yes/no question by subject-auxiliary inversion where
   the sentence has an auxiliary verb, else a "what does the passage say about ..." question),
   ``wikipedia`` strips markup and normalises whitespace into plain declarative paragraphs,
-  ``simple`` drops parentheticals and splits long sentences at clause boundaries.
+  ``simple`` drops parentheticals and splits long sentences at clause boundaries; ``verbatim``
+  returns the text unchanged (the control: exact duplication instead of a rephrasing).
 - ``model``: a causal LM from the select stage's ``reference`` inputs, decoded with HF
   ``generate`` (greedy, or sampling seeded per batch). The papers' results need a large
   instruction-tuned generator (WRAP: Mistral-7B-Instruct; non-instructional FT: GPT-3.5/4);
@@ -169,7 +170,13 @@ def restyle_qa(text: str) -> str:
     return "\n\n".join(pairs)
 
 
-RESTYLERS = {"qa": restyle_qa, "wikipedia": restyle_wikipedia, "simple": restyle_simple}
+def restyle_verbatim(text: str) -> str:
+    """The text unchanged: WRAP's control. Real data plus an exact copy of each chunk adds the
+    same tokens as a rephrasing, so a rephrasing must beat mere repetition to count."""
+    return text
+
+
+RESTYLERS = {"qa": restyle_qa, "wikipedia": restyle_wikipedia, "simple": restyle_simple, "verbatim": restyle_verbatim}
 
 
 # ---- params, base class, registry ----------------------------------------------------------

@@ -7,6 +7,8 @@ top-k (renormalized to sum to 1), per block and position, on the CPU.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,9 @@ from torch import nn
 from components.registry import Paper
 from components.train.method import TrainingMethod
 
+
+log = logging.getLogger("paperdag.train")
+MIN_EPOCHS = 2.0  # below this most steps never see a previous prediction
 
 def alpha_schedule(step: int, batch_size: int, n_blocks: int, total_steps: int, alpha_T: float) -> np.ndarray:
     """``alpha_t = alpha_T * t / T`` for each row of the batch of 1-based ``step``.
@@ -79,6 +84,17 @@ class PSKD(TrainingMethod):
 
     def bind(self, model: nn.Module, teacher: nn.Module | None, n_blocks: int) -> None:
         self._n_blocks = n_blocks
+        epochs = self.epochs()
+        if epochs < MIN_EPOCHS:
+            # alpha is 0 for the whole first epoch: a short run is plain cross-entropy, silently
+            log.warning("ps_kd: %d steps of %d blocks cover %.2f epochs of the %d training blocks; PS-KD's own "
+                        "predictions get weight 0 for the whole first epoch, so %.0f%% of the steps are plain "
+                        "cross-entropy. Train for several epochs (the paper trains 200-300)", self.params.steps,
+                        self.params.batch_size, epochs, n_blocks, 100 * min(1.0, 1.0 / max(epochs, 1e-9)))
+
+    def epochs(self) -> float:
+        """How many passes over the training blocks the run makes."""
+        return self.params.steps * self.params.batch_size / max(self._n_blocks, 1)
 
     def on_batch(self, step: int, indices: np.ndarray) -> None:
         self._step, self._indices = step, np.asarray(indices)
@@ -131,4 +147,4 @@ class PSKD(TrainingMethod):
                                  f"the data has {self._n_blocks}")
 
     def finalize(self, model: nn.Module) -> dict:
-        return {"ps_kd_alpha_T": self.params.alpha_T, "ps_kd_top_k": self.params.top_k}
+        return {"ps_kd_alpha_T": self.params.alpha_T, "ps_kd_top_k": self.params.top_k, "ps_kd_epochs": self.epochs()}

@@ -32,6 +32,9 @@ class MergerParams(MethodParams):
         None, min_length=1,
         description="one weight per merged model, in the order the models are given; "
                     "None = the method's default")
+    validation_domain: str | None = Field(
+        None, description="methods that search (greedy soup, ComPEFT's alpha) score candidates on this domain's "
+                          "validation blocks of the stage's `tokens` input; None = every domain")
 
     @field_validator("weights")
     @classmethod

@@ -90,3 +90,17 @@ def test_self_targets_change_the_loss():
 def test_registry_and_no_teacher():
     assert DISTILL_METHODS.get("ps_kd") is PSKD and not PSKD.needs_teacher
     assert PSKD.paper.arxiv == "2006.12000"
+
+
+def test_a_run_shorter_than_two_epochs_warns_that_it_is_mostly_plain_cross_entropy(caplog):
+    blocks = pattern_blocks(16)  # batch 8: 2 steps per epoch
+    with caplog.at_level("WARNING", logger="paperdag.train"):
+        short = PSKD(config(steps=3, checkpoint_every=0))
+        result = train(nano(seed=3), blocks, short.params, short, progress=False)
+    assert "ps_kd: 3 steps of 8 blocks cover 1.50 epochs of the 16 training blocks" in caplog.text
+    assert result.method_facts["ps_kd_epochs"] == pytest.approx(1.5)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="paperdag.train"):
+        long = PSKD(config(steps=8, checkpoint_every=0))  # 4 epochs
+        train(nano(seed=3), blocks, long.params, long, progress=False)
+    assert "ps_kd" not in caplog.text

@@ -199,7 +199,11 @@ def test_compeft_ternary_structure_and_byte_counts():
     tau = torch.randn(1000, generator=gen, dtype=torch.float64)
     code = compress_task_vector(tau, density=0.1, alpha=2.0)
     dense = code.decompress()
-    scale = float(np.float32(2.0 * tau.std(correction=0).item()))
+    trimmed = torch.zeros_like(tau)
+    keep = torch.argsort(tau.abs(), descending=True)[:100]
+    trimmed[keep] = tau[keep]
+    scale = float(np.float32(2.0 * trimmed.std(correction=0).item()))  # the std of the trimmed vector
+    assert scale < 2.0 * tau.std(correction=0).item()  # the untrimmed std was ~1.3x too large here
     assert set(dense.abs().unique().tolist()) == {0.0, scale}
     top = torch.argsort(tau.abs(), descending=True)[:100]
     assert torch.equal(torch.sort(top).values, torch.nonzero(dense).flatten())
@@ -221,10 +225,23 @@ def test_compeft_merge_matches_per_tensor_codes_on_nano():
     key = "model.layers.0.mlp.up_proj.weight"
     expected = base[key].double() + 0.5 * sum(
         compress_task_vector(m[key].double() - base[key].double(), 0.05, 1.5).decompress() for m in models)
-    torch.testing.assert_close(merged[key], expected.float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(merged[key], expected.float(), rtol=0, atol=1e-6)
+    assert merger.report["alpha"] == 1.5 and "alpha_scores" not in merger.report  # no held-out score: fixed
     total = sum(compress_task_vector(m[k].double() - base[k].double(), 0.05, 1.5).nbytes
                 for m in models for k in base if base[k].is_floating_point())
     assert merger.report["compressed_bytes"] == total < merger.report["dense_bytes"] / 10
+
+
+def test_compeft_tunes_alpha_on_the_held_out_score():
+    base = vec([0.0] * 8)
+    tuned = vec([0.4, -0.4, 0.3, -0.3, 0.02, -0.02, 0.01, 0.0])
+    target = vec([1.2, -1.2, 0.9, -0.9, 0.0, 0.0, 0.0, 0.0])
+    merger = make(ComPEFT, density=0.5, alpha_grid=[0.5, 1.0, 2.0, 4.0])
+    merged = merger.merge(base, [tuned], ["t"], score_fn=lambda sd: float((sd["w"] - target["w"]).pow(2).sum()))
+    scores = merger.report["alpha_scores"]
+    assert merger.report["alpha"] == min(scores, key=scores.get) and set(scores) == {0.5, 1.0, 2.0, 4.0}
+    code = compress_task_vector(tuned["w"] - base["w"], 0.5, merger.report["alpha"])
+    torch.testing.assert_close(merged["w"], code.decompress().to(merged["w"].dtype))
 
 
 # ---- group-wise -------------------------------------------------------------------------------------
