@@ -59,12 +59,13 @@ def domain_skills(tokens_dir: Path, n_train_blocks: int,
     return ranges, validation
 
 
-def build_sampler(options: dict, tokens_dir: Path, n_train_blocks: int, batch_size: int, seed: int,
+def build_sampler(options: dict, tokens_dir: Path, blocks: np.ndarray, batch_size: int, seed: int,
                   stage: str) -> Sampler | None:
     """The stage's ``sampler`` option, bound to its training blocks; None when it has none."""
     spec = options.get("sampler")
     if not spec:
         return None
+    n_train_blocks = len(blocks)
     cls = SAMPLERS.get(spec["method"])
     sampler = cls(cls.Params.model_validate(spec.get("params") or {}))
     domain = options.get("train_domain")
@@ -78,7 +79,7 @@ def build_sampler(options: dict, tokens_dir: Path, n_train_blocks: int, batch_si
     else:
         ranges, validation = domain_skills(tokens_dir, n_train_blocks, stage)
     try:
-        sampler.bind(n_train_blocks, batch_size, seed, ranges, validation)
+        sampler.bind(n_train_blocks, batch_size, seed, ranges, validation, train_blocks=blocks)
     except ValueError as e:
         raise type(e)(f"stage {stage}: {e}") from None
     return sampler
@@ -98,7 +99,7 @@ def run(ctx) -> dict:
     blocks = _train_blocks(tokens.path, plan.options.get("train_domain"), plan.name)
     method = ctx.method
     config = method.params
-    sampler = build_sampler(plan.options, tokens.path, len(blocks), config.batch_size, config.seed, plan.name)
+    sampler = build_sampler(plan.options, tokens.path, blocks, config.batch_size, config.seed, plan.name)
     teacher, parents = None, {}
     if plan.kind == "finetune":
         model, _, parent_facts = load_model_artifact(ctx.input("model"))

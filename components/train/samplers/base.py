@@ -35,9 +35,11 @@ class Sampler(Method):
     needs_skills: bool = False
 
     def bind(self, n_blocks: int, batch_size: int, seed: int, skill_ranges: SkillRanges | None = None,
-             validation: dict[str, np.ndarray] | None = None) -> None:
+             validation: dict[str, np.ndarray] | None = None, train_blocks: np.ndarray | None = None) -> None:
         """Attach the data: ``n_blocks`` training blocks, ``skill_ranges`` partitioning them (in
-        row order) and ``validation`` blocks per skill, each ``(n, seq_len)`` integer arrays."""
+        row order) and ``validation`` blocks per skill, each ``(n, seq_len)`` integer arrays;
+        ``train_blocks``, the training blocks themselves, for samplers that train on them
+        outside the run (Skill-it's graph estimation)."""
         if n_blocks < 1 or batch_size < 1:
             raise SamplerError(f"sampler {self.key!r}: need n_blocks >= 1 and batch_size >= 1, "
                                f"got {n_blocks} and {batch_size}")
@@ -46,6 +48,7 @@ class Sampler(Method):
         self.n_blocks, self.batch_size, self.seed = int(n_blocks), int(batch_size), int(seed)
         self.skill_ranges = check_skill_ranges(skill_ranges or {}, n_blocks, self.key)
         self.validation = dict(validation or {})
+        self.train_blocks = train_blocks
 
     def indices(self, step_index: int) -> np.ndarray:
         """Rows of ``blocks`` for the update with 0-based index ``step_index``, in batch order."""

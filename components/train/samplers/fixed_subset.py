@@ -31,8 +31,8 @@ class FixedSubsetSampler(Sampler):
         fraction: float = Field(0.1, gt=0, le=1, description="Fraction of the training blocks in the fixed "
                                                              "subset (round(fraction * n), at least 1).")
 
-    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None) -> None:
-        super().bind(n_blocks, batch_size, seed, skill_ranges, validation)
+    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None, train_blocks=None) -> None:
+        super().bind(n_blocks, batch_size, seed, skill_ranges, validation, train_blocks)
         self.subset_blocks = subset_size(self.params.fraction, self.n_blocks)
         self.subset = np.random.default_rng([self.seed, _TAG]).permutation(self.n_blocks)[: self.subset_blocks]
         self._stream = CycleStream(self.subset_blocks, self._epoch, self.batch_size)

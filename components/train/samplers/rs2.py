@@ -44,8 +44,8 @@ class Rs2Sampler(Sampler):
         replacement: bool = Field(False, description="Draw each epoch's subset independently (RS2 with "
                                                      "replacement) instead of taking chunks of one shuffle.")
 
-    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None) -> None:
-        super().bind(n_blocks, batch_size, seed, skill_ranges, validation)
+    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None, train_blocks=None) -> None:
+        super().bind(n_blocks, batch_size, seed, skill_ranges, validation, train_blocks)
         self.epoch_blocks = subset_size(self.params.fraction, self.n_blocks)
         self.epochs_per_round = math.ceil(self.n_blocks / self.epoch_blocks)
         if self.params.replacement:  # one cycle = one epoch's subset

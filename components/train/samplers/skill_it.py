@@ -3,9 +3,13 @@
 Skills are the corpus domains (the row ranges of ``train-{domain}.npy`` inside train.npy).
 Follows the reference code (HazyResearch/skill-it, ``trainer/mw_trainer.py``, ``main.py``):
 
-- the skills graph ``A`` is the identity by default; ``graph`` gives it explicitly, and
-  ``off_diagonal`` fills every off-diagonal entry (the reference sets the off-diagonal edges of
-  a binary graph to 0.5);
+- the skills graph ``A`` is the paper's core: ``estimate_graph`` estimates it before training
+  by the paper's brute-force procedure (train a copy of the model on skill ``i`` alone for
+  ``graph_steps`` steps; ``A[i, j]`` is the drop of skill ``j``'s validation loss, clipped at 0,
+  then scaled so the largest entry is 1: the scaling is ours); ``graph`` gives it explicitly;
+  without either it is the identity, and ``off_diagonal`` fills every off-diagonal entry (the
+  reference sets the off-diagonal edges of a binary graph to 0.5). The reference repository
+  ships its estimated graphs as ``.npy`` files (``ni_graphs/``);
 - every ``update_steps`` steps the validation loss ``L`` of each skill is measured, and the new
   mixture is ``w = w_init * exp(eta * A @ sum(L over the last `window` evaluations))``,
   normalised; ``normalize_loss`` divides the summed losses by ``L_0`` first (reference
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import math
 import re
+from copy import deepcopy
 
 import numpy as np
 import torch
@@ -78,6 +83,10 @@ class SkillItSampler(Sampler):
         prior: dict[str, float] | None = Field(None, description="Positive prior weight per skill (w_init); "
                                                                  "uniform when unset.")
         val_blocks: int = Field(8, ge=1, description="Validation blocks per skill used for each evaluation.")
+        estimate_graph: bool = Field(False, description="Estimate the skills graph before training: train a copy on "
+                                                        "each skill alone and measure every skill's loss drop.")
+        graph_steps: int = Field(20, ge=1, description="estimate_graph: AdamW steps on each skill alone.")
+        graph_lr: float = Field(1e-3, gt=0, description="estimate_graph: learning rate of those steps.")
 
         @field_validator("graph")
         @classmethod
@@ -102,14 +111,14 @@ class SkillItSampler(Sampler):
 
         @model_validator(mode="after")
         def _one_graph(self):
-            if self.graph is not None and self.off_diagonal:
-                raise ValueError("give either `graph` or `off_diagonal`, not both")
+            if sum([self.graph is not None, bool(self.off_diagonal), self.estimate_graph]) > 1:
+                raise ValueError("give one of `graph`, `off_diagonal` or `estimate_graph`, not several")
             return self
 
     # -- setup -------------------------------------------------------------------------------
 
-    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None) -> None:
-        super().bind(n_blocks, batch_size, seed, skill_ranges, validation)
+    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None, train_blocks=None) -> None:
+        super().bind(n_blocks, batch_size, seed, skill_ranges, validation, train_blocks)
         self.skills = list(self.skill_ranges)
         k = len(self.skills)
         if k < 2:
@@ -138,6 +147,11 @@ class SkillItSampler(Sampler):
                                    f"there are {k} skills {self.skills}")
         else:
             self.graph = np.eye(k) + self.params.off_diagonal * (1.0 - np.eye(k))
+        self.graph_estimated = False
+        self.graph_loss_drops: np.ndarray | None = None
+        if self.params.estimate_graph and self.train_blocks is None:
+            raise SamplerError("sampler 'skill_it': estimate_graph trains on each skill, so bind() needs the training "
+                               "blocks (train_blocks=)")
         if self.params.prior is not None:
             if set(self.params.prior) != set(self.skills):
                 raise SamplerError(f"sampler 'skill_it': prior names {sorted(self.params.prior)} but the skills "
@@ -202,6 +216,36 @@ class SkillItSampler(Sampler):
             out[f"sampler_val_loss_{_metric_name(name)}"] = float(losses[i])
         return out
 
+    def _estimate_graph(self, model: torch.nn.Module, autocast, losses_0: np.ndarray) -> None:
+        """The paper's brute-force estimate: per skill, a copy trained on that skill alone."""
+        p = self.params
+        device = next(model.parameters()).device
+        drops = np.zeros((len(self.skills), len(self.skills)))
+        for i, name in enumerate(self.skills):
+            start, stop = self.skill_ranges[name]
+            rng = np.random.default_rng([self.seed, _TAG, 7, i])
+            copy = deepcopy(model).to(device)
+            copy.train()
+            optimizer = torch.optim.AdamW(copy.parameters(), lr=p.graph_lr)
+            for _ in range(p.graph_steps):
+                rows = start + rng.choice(stop - start, size=self.batch_size)
+                x = torch.from_numpy(np.asarray(self.train_blocks[np.sort(rows)]).astype(np.int64)).to(device)
+                with autocast:
+                    loss = copy(input_ids=x, labels=x).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            drops[i] = losses_0 - self._evaluate(copy, autocast)
+            del copy, optimizer
+        self.graph_loss_drops = drops
+        graph = np.clip(drops, 0.0, None)
+        if graph.max() <= 0:
+            raise SamplerError("sampler 'skill_it': training on no skill lowered any skill's validation loss during "
+                               f"graph estimation ({p.graph_steps} steps at lr {p.graph_lr}); raise graph_steps or "
+                               "graph_lr")
+        self.graph = graph / graph.max()
+        self.graph_estimated = True
+
     def observe(self, step: int, model: torch.nn.Module, autocast) -> dict[str, float]:
         if self._pending is not None and self._pending[0] == step - 1:
             self.counts = self._pending[1]
@@ -209,6 +253,8 @@ class SkillItSampler(Sampler):
         if step != 0 and step % self.params.update_steps:
             return {}
         losses = self._evaluate(model, autocast)
+        if step == 0 and self.params.estimate_graph and not self.graph_estimated:
+            self._estimate_graph(model, autocast, losses)
         if not np.all(np.isfinite(losses)):
             raise SamplerError(f"sampler 'skill_it': non-finite validation loss {losses.tolist()} at step {step}")
         self.loss_last = losses
@@ -240,6 +286,8 @@ class SkillItSampler(Sampler):
             "loss_last": as_list(self.loss_last),
             "loss_first_update": as_list(self.loss_first_update),
             "updates": int(self.updates),
+            "graph": [[float(x) for x in row] for row in self.graph],
+            "graph_estimated": bool(self.graph_estimated),
         }
 
     def load_state(self, state: dict) -> None:
@@ -253,10 +301,15 @@ class SkillItSampler(Sampler):
         self.loss_0, self.loss_last = as_array(state["loss_0"]), as_array(state["loss_last"])
         self.loss_first_update = as_array(state["loss_first_update"])
         self.updates = int(state["updates"])
+        if "graph" in state:  # written since graphs can be estimated
+            self.graph = np.array(state["graph"], dtype=np.float64)
+            self.graph_estimated = bool(state.get("graph_estimated"))
         self._pending = None
 
     def facts(self, steps: int) -> dict:
-        facts: dict = {"sampler_skills": len(self.skills), "sampler_updates": self.updates}
+        facts: dict = {"sampler_skills": len(self.skills), "sampler_updates": self.updates,
+                       "sampler_graph": [[round(float(x), 4) for x in row] for row in self.graph],
+                       "sampler_graph_estimated": self.graph_estimated}
         drawn = max(int(self.counts.sum()), 1)
         for i, name in enumerate(self.skills):
             tag = _metric_name(name)

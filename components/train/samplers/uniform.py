@@ -25,8 +25,8 @@ class UniformSampler(Sampler):
     class Params(MethodParams):
         """No params: every block once per epoch."""
 
-    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None) -> None:
-        super().bind(n_blocks, batch_size, seed, skill_ranges, validation)
+    def bind(self, n_blocks, batch_size, seed, skill_ranges=None, validation=None, train_blocks=None) -> None:
+        super().bind(n_blocks, batch_size, seed, skill_ranges, validation, train_blocks)
         self._order = BatchOrder(self.n_blocks, self.batch_size, self.seed)
 
     def indices(self, step_index: int) -> np.ndarray:

@@ -101,7 +101,8 @@ def test_fixed_subset_always_uses_the_same_subset_reshuffled():
     ("skill_it", {"graph": [[1, 0], [0]]}, "square"),
     ("skill_it", {"graph": [[1, -0.5], [0, 1]]}, ">= 0"),
     ("skill_it", {"graph": [[0, 1], [1, 1]]}, "diagonal"),
-    ("skill_it", {"graph": [[1, 0], [0, 1]], "off_diagonal": 0.5}, "either `graph` or `off_diagonal`"),
+    ("skill_it", {"graph": [[1, 0], [0, 1]], "off_diagonal": 0.5}, "one of `graph`, `off_diagonal` or `estimate_graph`"),
+    ("skill_it", {"estimate_graph": True, "off_diagonal": 0.5}, "one of `graph`, `off_diagonal` or `estimate_graph`"),
     ("skill_it", {"prior": {"a": 0.0}}, "prior"),
 ])
 def test_bad_params_name_the_field(key, params, match):
@@ -213,11 +214,41 @@ def test_skill_it_draws_rows_within_skills_without_repeats_and_resumes_from_stat
     ({"skills": {"a": (0, 10), "b": (12, 20)}, "validation": skill_validation()}, "expected it to start at row 10"),
     ({"skills": {"a": (0, 10), "b": (10, 18)}, "validation": skill_validation()}, "cover 18 rows but there are 20"),
     ({"skills": SKILLS, "validation": skill_validation(), "graph": [[1, 0], [0, 1]]}, "graph is 2x2 but there are 3"),
+    ({"skills": SKILLS, "validation": skill_validation(), "estimate_graph": True}, "needs the training blocks"),
     ({"skills": SKILLS, "validation": skill_validation(), "prior": {"a": 1.0}}, "prior names"),
 ])
 def test_skill_it_bind_errors(kwargs, match):
     with pytest.raises(SamplerError, match=match):
         make("skill_it", 20, 4, **kwargs)
+
+
+def test_skill_it_estimates_the_graph_from_each_skills_effect_on_the_others():
+    """Skills a and b share one pattern (counting up), c another (counting down): training on a
+    must lower b's loss much more than c's, and the estimated graph must say so."""
+    from components.model.presets import build_model
+
+    vocab, seq = 32, 16
+    rng = np.random.default_rng(0)
+    up = lambda n: (rng.integers(0, vocab, (n, 1)) + np.arange(seq)) % vocab  # noqa: E731
+    down = lambda n: (rng.integers(0, vocab, (n, 1)) - np.arange(seq)) % vocab  # noqa: E731
+    train_blocks = np.concatenate([up(40), up(40), down(40)]).astype(np.int32)
+    validation = {"a": up(8).astype(np.int32), "b": up(8).astype(np.int32), "c": down(8).astype(np.int32)}
+    skills = {"a": (0, 40), "b": (40, 80), "c": (80, 120)}
+    cls = SAMPLERS.get("skill_it")
+    sampler = cls(cls.Params(estimate_graph=True, graph_steps=15, graph_lr=5e-3))
+    sampler.bind(120, 8, 0, skills, validation, train_blocks=train_blocks)
+    model = build_model("nano", vocab_size=vocab, max_seq_len=seq, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sampler.observe(0, model, torch.autocast("cpu", enabled=False))
+    graph = sampler.graph
+    assert sampler.graph_estimated and graph.max() == pytest.approx(1.0) and (graph >= 0).all()
+    assert graph[0, 1] > 2 * graph[0, 2] and graph[2, 2] > 2 * graph[2, 0]  # a helps b, not c; c helps itself
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # only copies were trained
+    twin = cls(cls.Params(estimate_graph=True))
+    twin.bind(120, 8, 0, skills, validation, train_blocks=train_blocks)
+    twin.load_state(sampler.state())  # a resume restores the estimate instead of redoing it
+    assert np.array_equal(twin.graph, graph) and twin.graph_estimated
+    assert sampler.facts(0)["sampler_graph_estimated"] is True
 
 
 # -- recipe option and training task -------------------------------------------------------------
@@ -275,6 +306,10 @@ def _tokens_dir(tmp_path, lengths: dict[str, int], val: dict[str, int], seq: int
     return tmp_path
 
 
+def _blocks(n: int) -> np.ndarray:
+    return np.zeros((n, 4), np.int32)
+
+
 def test_domain_skills_follow_the_sorted_concatenation(tmp_path):
     tokens = _tokens_dir(tmp_path, {"prose": 5, "code": 3, "empty": 0, "arith": 2}, {"prose": 2, "code": 1, "arith": 1})
     ranges, validation = domain_skills(tokens, 10, "pre")
@@ -282,12 +317,12 @@ def test_domain_skills_follow_the_sorted_concatenation(tmp_path):
     assert {k: len(v) for k, v in validation.items()} == {"arith": 1, "code": 1, "prose": 2}
     with pytest.raises(ValueError, match=r"stage pre: .* hold 10 blocks .* but train\.npy holds 11"):
         domain_skills(tokens, 11, "pre")
-    sampler = build_sampler({"sampler": {"method": "skill_it", "params": {}}, "train_domain": None}, tokens, 10, 4, 0,
-                            "pre")
+    sampler = build_sampler({"sampler": {"method": "skill_it", "params": {}}, "train_domain": None}, tokens,
+                            _blocks(10), 4, 0, "pre")
     assert sampler.skills == ["arith", "code", "prose"] and sampler.batch_size == 4
-    assert build_sampler({"train_domain": None}, tokens, 10, 4, 0, "pre") is None
+    assert build_sampler({"train_domain": None}, tokens, _blocks(10), 4, 0, "pre") is None
     rs2 = build_sampler({"sampler": {"method": "rs2", "params": {"fraction": 0.5}}, "train_domain": "prose"},
-                        tokens, 5, 2, 0, "pre")
+                        tokens, _blocks(5), 2, 0, "pre")
     assert rs2.n_blocks == 5 and rs2.epoch_blocks == 2
 
 
@@ -295,10 +330,10 @@ def test_build_sampler_errors_name_the_stage(tmp_path):
     tokens = _tokens_dir(tmp_path, {"prose": 5, "code": 3}, {"prose": 2})
     with pytest.raises(ValueError, match="stage pre: sampler 'skill_it' mixes domains, so it cannot be combined "
                                          "with train_domain 'prose'"):
-        build_sampler({"sampler": {"method": "skill_it"}, "train_domain": "prose"}, tokens, 5, 2, 0, "pre")
+        build_sampler({"sampler": {"method": "skill_it"}, "train_domain": "prose"}, tokens, _blocks(5), 2, 0, "pre")
     with pytest.raises(SamplerError, match="stage pre: sampler 'skill_it': skill 'code' has no validation blocks"):
-        build_sampler({"sampler": {"method": "skill_it"}}, tokens, 8, 2, 0, "pre")
+        build_sampler({"sampler": {"method": "skill_it"}}, tokens, _blocks(8), 2, 0, "pre")
     (tmp_path / "one").mkdir()
     one = _tokens_dir(tmp_path / "one", {"prose": 4}, {"prose": 2})
     with pytest.raises(SamplerError, match=r"needs at least 2 skills \(domains\) to mix, got \['prose'\]"):
-        build_sampler({"sampler": {"method": "skill_it"}}, one, 4, 2, 0, "pre")
+        build_sampler({"sampler": {"method": "skill_it"}}, one, _blocks(4), 2, 0, "pre")
