@@ -5,6 +5,8 @@ candidates by held-out loss on the validation blocks (of one domain with `valida
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from safetensors.torch import load_file
 
@@ -50,6 +52,8 @@ def run(ctx) -> dict:
             model.load_state_dict(state_dict, strict=True)
             return evaluate_perplexity(model, blocks)["loss"]
 
+    if merger.needs_domain_losses:
+        _measure_transfer(ctx, merger, model, base_art, models, names)
     merged = merger.merge(_state_dict(base_art) if base_art else None, [_state_dict(a) for a in models], names,
                           score_fn=score_fn)
     model.load_state_dict(merged, strict=True)
@@ -60,3 +64,24 @@ def run(ctx) -> dict:
     metrics = {"n_models": len(models)}
     metrics.update({k: v for k, v in merger.report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return metrics
+
+
+def _measure_transfer(ctx, merger, model, base_art, models, names) -> None:
+    """Validation loss of the base and of every fine-tune on every fine-tune's training domain."""
+    if "tokens" not in ctx.inputs or base_art is None:
+        raise MergeError(f"stage {ctx.plan.name}: method {ctx.plan.method} measures each fine-tune's effect on the "
+                         "others' domains: give it `tokens` (a tokenize stage) and `base` inputs")
+    domains = []
+    for name, art in zip(names, models):
+        facts = json.loads((art.path / "paperdag.json").read_text()) if (art.path / "paperdag.json").exists() else {}
+        if not facts.get("train_domain"):
+            raise MergeError(f"stage {ctx.plan.name}: fine-tune {name!r} has no train_domain; grouping by transfer "
+                             "needs each fine-tune's domain (or use grouping: cosine)")
+        domains.append(facts["train_domain"])
+    blocks = {d: np.load(ctx.input("tokens").path / f"validation-{d}.npy")[:SCORE_BLOCKS] for d in sorted(set(domains))}
+
+    def losses(art) -> dict[str, float]:
+        model.load_state_dict(_state_dict(art), strict=True)
+        return {d: evaluate_perplexity(model, b)["loss"] for d, b in blocks.items()}
+
+    merger.measure(losses(base_art), [losses(a) for a in models], domains)

@@ -51,6 +51,9 @@ class Merger(Method):
 
     Params = MergerParams
     requires_base: bool = False
+    #: True when the merge stage must first measure every model's (and the base's) held-out loss on
+    #: each model's training domain and pass them to ``measure(...)`` (group-wise merging by transfer).
+    needs_domain_losses: bool = False
 
     def __init__(self, params: MethodParams | None = None):
         super().__init__(params)

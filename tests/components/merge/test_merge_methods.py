@@ -40,7 +40,7 @@ def test_registry_papers():
     assert MERGERS.get("dare_linear").paper.arxiv == MERGERS.get("dare_ties").paper.arxiv == "2311.03099"
     assert MERGERS.get("greedy_soup").paper.arxiv == "2203.05482"
     assert MERGERS.get("compeft").paper.arxiv == "2311.13171"
-    assert "not identified" in MERGERS.get("groupwise").paper.title.lower()
+    assert MERGERS.get("groupwise").paper.title.startswith("Asymmetric Conflict and Synergy")
     assert (Ties.sparsification, Ties.sign_consensus) == ("magnitude", True)
     assert (DareLinear.sparsification, DareLinear.sign_consensus) == ("random_dare", False)
     assert (DareTies.sparsification, DareTies.sign_consensus) == ("random_dare", True)
@@ -264,16 +264,36 @@ def test_groupwise_clusters_two_distinct_families():
     assert sim[0, 2] > 0.9 and abs(sim[0, 1]) < 0.2
     assert agglomerate(sim, None, 0.5) == [[0, 2], [1, 3]] == agglomerate(sim, 2, None)
     assert agglomerate(sim, 1, None) == [[0, 1, 2, 3]]
-    merger = make(GroupwiseMerge, within="task_arithmetic")
+    merger = make(GroupwiseMerge, grouping="cosine", threshold=0.5, within="task_arithmetic")
     merged = merger.merge(base, models, names)
     assert merger.report["groups"] == [["fr1", "fr2"], ["de1", "de2"]]
     taus = [m["w"] - base["w"] for m in models]
     expected = base["w"] + ((taus[0] + taus[2]) + (taus[1] + taus[3])) / 2
     torch.testing.assert_close(merged["w"], expected, rtol=0, atol=1e-12)
-    ties = make(GroupwiseMerge, n_groups=2, density=1.0)
+    ties = make(GroupwiseMerge, grouping="cosine", n_groups=2, density=1.0)
     merged_ties = ties.merge(base, models, names)
     assert ties.report["groups"] == merger.report["groups"]
     assert merged_ties["w"].shape == base["w"].shape
+
+
+def test_groupwise_groups_by_measured_synergy_and_keeps_conflicts_apart():
+    from components.merge.groupwise import transfer_matrix
+
+    base, models, names = two_family_models()
+    # prose fine-tunes help each other's domain; code helps itself only; prose and code hurt each other
+    base_losses = {"prose": 4.0, "code": 4.0}
+    losses = [{"prose": 3.0, "code": 4.2}, {"prose": 4.3, "code": 3.0}, {"prose": 3.2, "code": 4.1},
+              {"prose": 4.2, "code": 3.1}]
+    domains = ["prose", "code", "prose", "code"]
+    transfer = transfer_matrix(base_losses, losses, domains)
+    assert transfer[2, 0] == pytest.approx(0.8) and transfer[1, 0] == pytest.approx(-0.3)  # asymmetric shares
+    merger = make(GroupwiseMerge, within="task_arithmetic")
+    with pytest.raises(MergeError, match="needs measured losses"):
+        merger.merge(base, models, names)
+    merger.measure(base_losses, losses, domains)
+    merger.merge(base, models, names)
+    assert merger.needs_domain_losses and merger.report["groups"] == [["fr1", "fr2"], ["de1", "de2"]]
+    assert merger.report["domains"] == domains and merger.report["grouping"] == "transfer"
 
 
 def test_groupwise_params():
