@@ -54,6 +54,8 @@ def run(ctx) -> dict:
 
     if merger.needs_domain_losses:
         _measure_transfer(ctx, merger, model, base_art, models, names)
+    if merger.needs_training_blocks:
+        merger.use_training(model, _fine_tune_blocks(ctx, models[0], names[0]))
     merged = merger.merge(_state_dict(base_art) if base_art else None, [_state_dict(a) for a in models], names,
                           score_fn=score_fn)
     model.load_state_dict(merged, strict=True)
@@ -66,6 +68,24 @@ def run(ctx) -> dict:
     return metrics
 
 
+def _fine_tune_blocks(ctx, art, name: str) -> np.ndarray:
+    """The training blocks of the fine-tune's own domain (all of train.npy if it had none)."""
+    if "tokens" not in ctx.inputs:
+        raise MergeError(f"stage {ctx.plan.name}: method {ctx.plan.method} trains on the fine-tune's data: give it a "
+                         "`tokens` input (the tokenize stage the fine-tune used)")
+    domain = _facts(art).get("train_domain")
+    path = ctx.input("tokens").path / (f"train-{domain}.npy" if domain else "train.npy")
+    if not path.exists():
+        raise MergeError(f"stage {ctx.plan.name}: fine-tune {name!r} trained on domain {domain!r}, which the tokens "
+                         f"input {ctx.input('tokens').path} has no training blocks for")
+    return np.load(path, mmap_mode="r")
+
+
+def _facts(art) -> dict:
+    path = art.path / "paperdag.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _measure_transfer(ctx, merger, model, base_art, models, names) -> None:
     """Validation loss of the base and of every fine-tune on every fine-tune's training domain."""
     if "tokens" not in ctx.inputs or base_art is None:
@@ -73,7 +93,7 @@ def _measure_transfer(ctx, merger, model, base_art, models, names) -> None:
                          "others' domains: give it `tokens` (a tokenize stage) and `base` inputs")
     domains = []
     for name, art in zip(names, models):
-        facts = json.loads((art.path / "paperdag.json").read_text()) if (art.path / "paperdag.json").exists() else {}
+        facts = _facts(art)
         if not facts.get("train_domain"):
             raise MergeError(f"stage {ctx.plan.name}: fine-tune {name!r} has no train_domain; grouping by transfer "
                              "needs each fine-tune's domain (or use grouping: cosine)")

@@ -54,6 +54,9 @@ class Merger(Method):
     #: True when the merge stage must first measure every model's (and the base's) held-out loss on
     #: each model's training domain and pass them to ``measure(...)`` (group-wise merging by transfer).
     needs_domain_losses: bool = False
+    #: True when the merge stage must pass the model and the fine-tune's training blocks to
+    #: ``use_training(model, blocks)`` first (grafting learns its mask on the task loss).
+    needs_training_blocks: bool = False
 
     def __init__(self, params: MethodParams | None = None):
         super().__init__(params)

@@ -2,6 +2,7 @@
 from components.merge.base import Merger
 from components.merge.compeft import ComPEFT
 from components.merge.dare import DareLinear, DareTies
+from components.merge.grafting import Grafting
 from components.merge.greedy_soup import GreedySoup
 from components.merge.groupwise import GroupwiseMerge
 from components.merge.task_arithmetic import TaskArithmetic
@@ -10,4 +11,4 @@ from components.merge.uniform_soup import UniformSoup
 from components.registry import Registry
 
 MERGERS = Registry("merge", Merger, [UniformSoup, TaskArithmetic, Ties, DareLinear, DareTies,
-                                     GreedySoup, ComPEFT, GroupwiseMerge])
+                                     GreedySoup, ComPEFT, GroupwiseMerge, Grafting])

@@ -173,3 +173,29 @@ def test_dvc_repro_reaches_the_same_artifacts(ws):
         assert again["content_sha256"] == manifests[stage][1]["content_sha256"]
     r = run("dvc", "status", "nano-quantize")
     assert r.returncode == 0 and "changed" not in r.stdout, r.stdout
+
+
+def test_a_recipe_including_nano_adds_merges_that_train_and_measure(ws):
+    """Grafting learns its mask on the fine-tune's own domain blocks, and group-wise merging
+    measures every fine-tune on every domain, through the real merge stage; the included recipe
+    shares nano's artifacts by digest."""
+    (ws / "params" / "nano_merges.yaml").write_text(
+        "include: [nano.yaml]\nname: nano_merges\nstages:\n"
+        "  graft: {kind: merge, method: graft, inputs: {base: pretrain_dense, models: [finetune_prose], "
+        "tokens: tokenize}, params: {density: 0.05, steps: 5}}\n"
+        "  groupwise: {kind: merge, method: groupwise, inputs: {base: pretrain_dense, "
+        "models: [finetune_prose, finetune_code], tokens: tokenize}}\n")
+    from flows.recipe import load_plan
+
+    _, nano = load_plan(ws / "params" / "nano.yaml")
+    _, merges = load_plan(ws / "params" / "nano_merges.yaml")
+    assert all(merges.stages[n].digest == s.digest for n, s in nano.stages.items() if n != "evaluate")
+    for stage in ("graft", "groupwise"):
+        assert main(["stage", "nano_merges", stage, "--no-progress"]) == 0, stage
+    facts = {json.loads(m.read_text())["stage"]: json.loads((m.parent / "paperdag.json").read_text())
+             for m in (ws / "artifacts" / "merge").glob("*/manifest.json")}
+    graft = facts["graft"]["report"]
+    assert 0 < graft["grafted_fraction"] <= 0.05 and graft["mask_loss_first"] > 0
+    groupwise = facts["groupwise"]["report"]
+    assert groupwise["grouping"] == "transfer" and groupwise["domains"] == ["prose", "code"]
+    assert len(groupwise["transfer"]) == 2 and sorted(sum(groupwise["groups"], [])) == ["finetune_code", "finetune_prose"]

@@ -331,3 +331,46 @@ def test_base_required_and_shapes_checked(cls):
         make(cls).merge(None, [A, B], ["a", "b"])
     with pytest.raises(MergeError, match=r"checkpoint 'b': tensor 'w' has shape \(3,\)"):
         make(cls).merge(BASE, [A, vec([1.0, 2.0, 3.0])], ["a", "b"])
+
+
+# ---- grafting ---------------------------------------------------------------------------------------
+
+def test_grafting_keeps_exactly_its_density_and_learning_lowers_the_task_loss():
+    from components.merge.grafting import Grafting
+    from components.model.presets import build_model
+
+    torch.manual_seed(0)
+    model = build_model("nano", vocab_size=64, max_seq_len=16, seed=0)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    starts = np.random.default_rng(0).integers(0, 64, (64, 1))
+    blocks = ((starts + np.arange(16)) % 64).astype(np.int32)  # a learnable counting task
+    tuned = build_model("nano", vocab_size=64, max_seq_len=16, seed=0)
+    opt = torch.optim.AdamW(tuned.parameters(), lr=1e-2)
+    for _ in range(30):  # the "fine-tune"
+        x = torch.from_numpy(blocks[:16].astype(np.int64))
+        loss = tuned(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ft = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
+    n_float = sum(v.numel() for v in base.values() if v.is_floating_point())
+
+    magnitude = make(Grafting, density=0.05, steps=0)
+    graft0 = magnitude.merge(base, [ft], ["ft"])
+    assert magnitude.report["grafted_params"] == int(0.05 * n_float)
+    changed = sum(int((graft0[k] != base[k]).sum()) for k in base if base[k].is_floating_point())
+    assert changed <= int(0.05 * n_float)
+    whole = make(Grafting, density=1.0, steps=0).merge(base, [ft], ["ft"])
+    assert all(torch.allclose(whole[k], ft[k], atol=1e-6) for k in ft)  # grafting everything is the fine-tune
+
+    learned = make(Grafting, density=0.05, steps=40, lr=0.5)
+    learned.use_training(model, blocks)
+    graft = learned.merge(base, [ft], ["ft"])
+    assert learned.report["grafted_params"] == int(0.05 * n_float)
+    assert learned.report["mask_loss_last"] < learned.report["mask_loss_first"]
+    assert all(torch.equal(model.state_dict()[k], base[k]) for k in base)  # the model's own weights untouched
+    with pytest.raises(MergeError, match="needs the model and the fine-tune's training blocks"):
+        make(Grafting, steps=5).merge(base, [ft], ["ft"])
+    with pytest.raises(MergeError, match="grafts one fine-tune"):
+        make(Grafting, steps=0).merge(base, [ft, ft], ["a", "b"])
+    assert graft.keys() == base.keys()
