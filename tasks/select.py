@@ -8,6 +8,7 @@ against the injected-noise labels, which the selector never sees.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ from components.data.lm_scoring import check_tokenizer_matches
 from components.data.parquet_io import ShardWriter, document_shards, read_documents, read_shard
 from components.data.selection_metrics import removal_precision_recall
 from components.data.tokenizer import document_token_counts
+from components.data.quality_review import borderline
 from components.data.selector import (DocumentTransform, ReferenceModel, ScoringSelector, SelectionContext,
                                       SelectionError, blind, budget_mask)
 from tasks.model_io import load_model_artifact, load_tokenizer_artifact
@@ -240,6 +242,8 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
     keep_ids = set(ids[keep])
     score_of = dict(zip(ids, scores))
     column = f"{selector.key}_score"
+    queue = _review_queue(selector, ids, scores, keep)  # id -> (score, kept), for a person to label
+    queue_rows = []
     writer = ShardWriter(ctx.out_dir / "docs")
     rows = 0
     for shard in shards:  # second pass: kept training rows (with their score) and held-out rows
@@ -249,6 +253,10 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
         out[column] = [score_of.get(i, np.nan) if t else np.nan for i, t in zip(out["id"], out["split"] == "train")]
         writer.write(out)
         rows += len(out)
+        if queue:
+            for doc in frame[is_train & frame["id"].isin(queue)].itertuples():
+                queue_rows.append({"id": doc.id, "domain": doc.domain, "score": float(queue[doc.id][0]),
+                                   "kept": bool(queue[doc.id][1]), "label": None, "text": doc.text})
     writer.close()
     ctx.facts.update(rows=rows, selected_tokens=int(tokens[keep].sum()), score_column=column)
     extra = {"selected_tokens": int(tokens[keep].sum()), "pool_tokens": int(tokens.sum()),
@@ -259,4 +267,27 @@ def _run_scoring(ctx, selector: ScoringSelector, shards):
     extra.update(shares)
     if context.target is not None:
         extra["target_docs"] = len(context.target)
+    if getattr(selector, "writes_review_queue", False):
+        extra.update(_write_review_queue(ctx.out_dir / REVIEW_QUEUE, queue_rows, selector, ids, labels, keep))
     return ids[keep], ids, labels, extra
+
+
+REVIEW_QUEUE = "review_queue.jsonl"
+
+
+def _review_queue(selector, ids: np.ndarray, scores: np.ndarray, keep: np.ndarray) -> dict:
+    if not getattr(selector, "writes_review_queue", False):
+        return {}
+    reviewed = np.isin(ids, list(selector.reviewed_ids()))
+    picks = borderline(scores, keep, selector.params.review_size, reviewed)
+    return {ids[i]: (scores[i], keep[i]) for i in picks}
+
+
+def _write_review_queue(path, rows: list[dict], selector, ids: np.ndarray, labels: list[str], keep: np.ndarray) -> dict:
+    """The borderline documents for a person (highest score first), and how well the selection
+    removes noise among the documents nobody reviewed (what the review taught the classifier)."""
+    rows.sort(key=lambda r: -r["score"])
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    unreviewed = ~np.isin(ids, list(selector.reviewed_ids()))
+    pr = removal_precision_recall([label for label, u in zip(labels, unreviewed) if u], keep[unreviewed])
+    return {"review_queue_docs": len(rows), **{f"noise_{k}_unreviewed": pr[k] for k in ("precision", "recall", "f1")}}

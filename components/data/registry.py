@@ -17,6 +17,7 @@ from components.data.dsir import DSIR
 from components.data.got_d import GotD
 from components.data.instruction_mining import InstructionMining
 from components.data.prox import ProX
+from components.data.quality_review import QualityReview
 from components.data.score_filter import ScoreFilter
 from components.data.lexicon_score import LexiconScore
 from components.data.domain_mix import DomainMix
@@ -26,5 +27,5 @@ from components.data.tokenizer import TokenizerTrainer
 from components.registry import Registry
 
 CORPUS_BUILDERS = Registry("corpus", CorpusBuilder, [StandardCorpus])
-SELECTORS = Registry("select", Selector, [HeuristicFilter, MinHashDedup, RandomSelection, PerplexityFilter, PreSelect, SnowCoder, RepeatDocs, Wrap, Continuation, DSIR, GotD, InstructionMining, ProX, ScoreFilter, LexiconScore, DomainMix, MetadataFilter])
+SELECTORS = Registry("select", Selector, [HeuristicFilter, MinHashDedup, RandomSelection, PerplexityFilter, PreSelect, SnowCoder, RepeatDocs, Wrap, Continuation, DSIR, GotD, InstructionMining, ProX, ScoreFilter, LexiconScore, DomainMix, MetadataFilter, QualityReview])
 TOKENIZERS = Registry("tokenize", TokenizerTrainer, [ByteBpeTokenizer])

@@ -144,3 +144,43 @@ def test_reference_model_with_another_tokenizer(selected, capsys):
     err = capsys.readouterr().err
     assert "reference pretrain_other" in err and "600" in err and "512" in err
     _assert_failed_cleanly(selected, "select", "select_ppl", before)
+
+
+def test_quality_review_writes_a_queue_and_reads_the_persons_labels_back(selected, monkeypatch, capsys):
+    """1.5-Pints' loop: classify, queue the borderline documents, a person labels them, and saving
+    the labels reruns exactly the reviewing stage with them (the file is an input of its digest)."""
+    from benchmarks.simulate_review import simulate_review
+    from flows.recipe import load_plan
+
+    monkeypatch.chdir(selected)  # the labels path is relative, like any data path
+    (selected / "params" / "review.yaml").write_text(
+        "include: [select_nano.yaml]\nname: review\nstages:\n"
+        "  select_quality: {kind: select, method: quality_review, inputs: {docs: corpus, tokenizer: tokenize_pool},"
+        " params: {target_domain: prose, budget_tokens: 8000, review_size: 20, review_labels: reviews/q.jsonl}}\n")
+    run = lambda: main(["--workspace", str(selected), "stage", "review", "select_quality", "--no-progress"])  # noqa: E731
+    assert run() == 0
+    first = load_plan(selected / "params" / "review.yaml")[1].stages["select_quality"].digest
+    m = _metrics(selected, "select", "select_quality")
+    assert m["review_labels_used"] == 0 and m["review_queue_docs"] == 20
+    [art] = [p for p in (selected / "artifacts" / "select").iterdir()
+             if json.loads((p / "manifest.json").read_text())["stage"] == "select_quality"]
+    queue = [json.loads(line) for line in (art / "review_queue.jsonl").read_text().splitlines()]
+    assert len(queue) == 20 and sum(q["kept"] for q in queue) == 10 and all(q["label"] is None for q in queue)
+    assert [q["score"] for q in queue] == sorted((q["score"] for q in queue), reverse=True)
+    corpus = next(p for p in (selected / "artifacts" / "corpus").iterdir())
+    counts = simulate_review(art / "review_queue.jsonl", corpus, selected / "reviews" / "q.jsonl")
+    assert counts["keep"] + counts["drop"] == 20
+    second = load_plan(selected / "params" / "review.yaml")[1].stages["select_quality"].digest
+    assert second != first  # the saved labels are an input: the stage reruns with them
+    assert run() == 0
+    reviewed = max((p for p in (selected / "artifacts" / "select").iterdir()
+                    if json.loads((p / "manifest.json").read_text())["stage"] == "select_quality"),
+                   key=lambda p: p.stat().st_mtime)
+    facts = json.loads((reviewed / "stage_metrics.json").read_text())
+    assert facts["review_labels_used"] == 20 and facts["review_labels_keep"] == counts["keep"]
+    requeued = {json.loads(line)["id"] for line in (reviewed / "review_queue.jsonl").read_text().splitlines()}
+    assert not requeued & {q["id"] for q in queue}  # reviewed documents are not asked again
+    (selected / "reviews" / "q.jsonl").write_text('{"id": "x", "text": "t", "label": "maybe"}\n')
+    capsys.readouterr()
+    assert run() == EXIT_FAILED
+    assert "q.jsonl:1: label must be 'keep', 'drop' or empty, got 'maybe'" in capsys.readouterr().err

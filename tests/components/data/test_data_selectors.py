@@ -146,7 +146,7 @@ def test_registries():
     assert CORPUS_BUILDERS.keys() == ["standard_corpus"]
     assert {"heuristic_filter", "minhash_dedup", "random", "dsir", "perplexity_filter", "preselect", "got_d",
             "instruction_mining", "prox", "score_filter", "lexicon_score", "domain_mix", "metadata_filter",
-            "snowcoder", "repeat_docs", "wrap", "continuation"} == set(SELECTORS.keys())
+            "snowcoder", "repeat_docs", "wrap", "continuation", "quality_review"} == set(SELECTORS.keys())
     assert TOKENIZERS.keys() == ["byte_bpe"]
     assert SELECTORS.get("heuristic_filter").paper.arxiv == "2112.11446"
     for registry in (CORPUS_BUILDERS, SELECTORS, TOKENIZERS):

@@ -1,0 +1,32 @@
+"""1.5-Pints' quality review: the borderline rule and the person's label file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.data.quality_review import borderline, read_review_labels
+from components.data.selector import SelectionError
+
+
+def test_borderline_takes_the_documents_nearest_the_cut_on_both_sides():
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])
+    keep = scores >= 5.0  # the budget kept the top five
+    picks = borderline(scores, keep, 4, exclude=np.zeros(8, dtype=bool))
+    assert sorted(scores[picks].tolist()) == [3.0, 4.0, 5.0, 6.0]
+    reviewed = np.zeros(8, dtype=bool)
+    reviewed[[3, 4]] = True  # already labelled: the next queue moves past them
+    assert sorted(scores[borderline(scores, keep, 4, reviewed)].tolist()) == [3.0, 4.0, 7.0, 8.0]
+
+
+def test_labels_are_read_back_and_bad_lines_are_named(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"id": "a", "text": "good text", "label": "keep"}\n'
+                    '{"id": "b", "text": "spam spam", "label": "drop"}\n'
+                    '{"id": "c", "text": "not reviewed yet", "label": null}\n\n')
+    assert read_review_labels(path) == {"a": (1, "good text"), "b": (0, "spam spam")}
+    path.write_text('{"id": "a", "text": "t", "label": "keep"}\nnot json\n')
+    with pytest.raises(SelectionError, match=r"labels\.jsonl:2: not a JSON object per line"):
+        read_review_labels(path)
+    path.write_text('{"text": "t", "label": "keep"}\n')
+    with pytest.raises(SelectionError, match=r"labels\.jsonl:1: each line needs string fields id and text"):
+        read_review_labels(path)
