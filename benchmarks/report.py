@@ -8,6 +8,7 @@ listed next to it; nothing is typed in by hand.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -173,19 +174,23 @@ def catalogue_summary(cat: dict) -> str:
 
 def readme_with_catalogue(text: str, cat: dict) -> str:
     """The README with its catalogue table (between its markers) generated from catalogue.json."""
-    import yaml
+    sys.path.insert(0, str(HERE.parent))
+    from flows.recipe import load_recipe  # seeds and paper may come from an included file
 
     if README_START not in text or README_END not in text:
         raise ValueError(f"README.md lacks the {README_START} / {README_END} markers")
     rows = [catalogue_summary(cat), "",
             "| recipe | paper | verdicts | claims (measured at micro scale on CPU) |", "|---|---|---|---|"]
     for name, entry in cat.items():
-        recipe = yaml.safe_load((HERE.parent / "params" / f"{name}.yaml").read_text())
-        paper = f"[{recipe['paper']['title']}]({recipe['paper']['url']})"
+        recipe = load_recipe(HERE.parent / "params" / f"{name}.yaml")
+        paper = f"[{recipe.paper.title}]({recipe.paper.url})"
         claims = "<br>".join(f"{label(c)}: {c['statement']}" for c in entry.get("claims", []))
-        seeds = f" (seeds {recipe['seeds']})" if recipe.get("seeds") else ""
+        seeds = f" (seeds {recipe.seeds})" if recipe.seeds else ""
+        failed = (f"**run failed (exit code {entry['returncode']}"
+                  + (f", no metrics from {', '.join(entry['missing_metrics'])}" if entry.get("missing_metrics") else "")
+                  + "): see RESULTS.md**") if entry["returncode"] or entry.get("missing_metrics") else ""
         rows.append(f"| `{name}`{seeds} | {paper} | {verdict_counts(entry.get('claims', []))} | "
-                    f"{claims or '(run failed: see RESULTS.md)'} |")
+                    + "<br>".join(part for part in (failed, claims) if part) + " |")
     before, rest = text.split(README_START, 1)
     after = rest.split(README_END, 1)[1]
     return before + README_START + "\n" + "\n".join(rows) + "\n" + README_END + after

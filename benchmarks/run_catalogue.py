@@ -15,6 +15,7 @@ Rows of another commit are dropped, so the file always describes one commit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 CATALOGUE = RESULTS / "catalogue.json"
 CODE_DIRS = ("flows", "tasks", "components", "params")
+sys.path.insert(0, str(REPO))
+from tasks.artifacts import DIGEST_LEN  # noqa: E402
 
 
 class DirtyTreeError(RuntimeError):
@@ -54,13 +57,16 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def stage_record(name: str) -> dict:
-    """Each stage's digest and code version as this commit compiles the recipe."""
+def stage_record(ws: Path, name: str) -> dict:
+    """Each stage's digest, kind and code version as this commit compiles the recipe, from the
+    copy in the workspace that the run read (so the digests are the ones the run used)."""
     sys.path.insert(0, str(REPO))
     from flows.recipe import load_plan
 
-    _, plan = load_plan(REPO / "params" / f"{name}.yaml")
+    with contextlib.chdir(ws):  # recipe paths (review labels) are relative to where paperdag runs
+        _, plan = load_plan(ws / "params" / f"{name}.yaml")
     return {"digests": {s.name: s.digest for s in plan.stages.values()},
+            "kinds": {s.name: s.kind for s in plan.stages.values()},
             "code_versions": {s.name: s.code_version for s in plan.stages.values()}}
 
 
@@ -74,9 +80,11 @@ def main() -> int:
     except DirtyTreeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ws = Path(args.workspace)
-    (ws / "params").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO / "params", ws / "params", dirs_exist_ok=True)
+    ws = Path(args.workspace).resolve()
+    # a fresh copy: a recipe or label file left from another commit must not be read
+    shutil.rmtree(ws / "params", ignore_errors=True)
+    ws.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "params", ws / "params")
     names = args.recipes or sorted(p.stem for p in (REPO / "params").glob("*.yaml"))
     names = sorted(names, key=lambda n: n != "quickstart")  # the quickstart fills the shared cache
     env = dict(os.environ, PAPERDAG_WORKSPACE=str(ws), HF_HUB_OFFLINE="1")
@@ -87,18 +95,24 @@ def main() -> int:
         wall = time.perf_counter() - t
         (RESULTS / f"{name}.log").write_text(proc.stdout + proc.stderr)
         entry = {"commit": commit, "cpu": cpu_model(), "returncode": proc.returncode, "wall_s": round(wall, 1),
-                 **stage_record(name)}
+                 **stage_record(ws, name)}
         m = re.search(r"(\d+) stages, (\d+) cache hits", proc.stdout)
         if m:
             entry.update(stages=int(m.group(1)), cache_hits=int(m.group(2)))
         if "results (" in proc.stdout:
             table = proc.stdout[proc.stdout.index("results ("):proc.stdout.index("lineage:")]
             (RESULTS / f"{name}.table.txt").write_text(table)
-        claims = []
+        claims, missing = [], []
         for stage, digest in entry["digests"].items():
-            metrics_file = ws / "artifacts" / "evaluate" / digest[:16] / "metrics.json"
+            if entry["kinds"][stage] != "evaluate":
+                continue
+            metrics_file = ws / "artifacts" / "evaluate" / digest[:DIGEST_LEN] / "metrics.json"
             if metrics_file.exists():
                 claims += json.loads(metrics_file.read_text())["claims"]
+            else:
+                missing.append(stage)
+        if missing:  # a failed run: recorded as such, never as a recipe without claims
+            entry["missing_metrics"] = missing
         entry["claims"] = [{k: c[k] for k in ("name", "statement", "kind", "verdict", "detail", "slack",
                                                "slack_interval", "control") if k in c} for c in claims]
         # re-read before writing (another run on another workspace may record meanwhile); rows of
@@ -111,7 +125,8 @@ def main() -> int:
         os.replace(tmp, CATALOGUE)
         verdicts = [c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "") for c in entry["claims"]]
         print(f"{name}: rc={proc.returncode} {wall:.0f}s " + ", ".join(
-            f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts))), flush=True)
+            f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))
+            + (f" MISSING metrics of {', '.join(missing)}" if missing else ""), flush=True)
     return 0
 
 

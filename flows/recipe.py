@@ -211,7 +211,7 @@ def _read_yaml_mapping(path: Path, what: str) -> dict:
     if path.suffix not in RECIPE_SUFFIXES:
         raise RecipeError(f"{path}: a {what} is a {'/'.join(RECIPE_SUFFIXES)} file; not reading it")
     if not path.is_file():
-        raise RecipeError(f"{what} file {path} does not exist")
+        raise RecipeError(f"{what} {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -235,7 +235,7 @@ def _with_includes(path: Path, trail: tuple[Path, ...] = ()) -> tuple[dict, list
     if path in trail:
         cycle = " -> ".join(p.name for p in (*trail[trail.index(path):], path))
         raise RecipeError(f"{trail[0]}: include cycle: {cycle}")
-    raw = _read_yaml_mapping(path, "recipe" if not trail else "included")
+    raw = _read_yaml_mapping(path, "recipe file" if not trail else "included file")
     includes = raw.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
@@ -336,7 +336,8 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
         control = claim.effective_control()
         for stage in sorted(claim_stages(claim)):
             if stage not in checkable:
-                role = "its control's baseline" if control and stage in control.replace.values() else "it"
+                baselines = {v.split(".", 1)[0] for v in control.replace.values()} if control else set()
+                role = "its control's baseline" if stage in baselines else "it"
                 raise RecipeError(
                     f"{path}: claims[{claim.name}]: {role} refers to stage {stage!r}, which is neither evaluated "
                     f"nor upstream of an evaluate stage; checkable stages: {', '.join(sorted(checkable))}")
@@ -453,6 +454,9 @@ def expand_seeds(recipe: Recipe, path: Path) -> tuple[Recipe, SeedPlan | None]:
     if not recipe.seeds:
         return recipe, None
     dependent = seed_dependent(recipe, path)
+    if not dependent:
+        raise RecipeError(f"{path}: seeds: no stage depends on the seed (every method's seed is fixed or absent), so "
+                          "every seed would give the same numbers; drop `seeds` or unpin a stage's seed")
     copies = {name: [seed_copy(name, s) for s in recipe.seeds] for name in dependent}
     clash = sorted({c for cs in copies.values() for c in cs} & set(recipe.stages))
     if clash:

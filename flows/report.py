@@ -69,11 +69,14 @@ def measured_status(name: str, digests: dict[str, str], catalogue: dict) -> str:
     if entry is None:
         return "not measured in the catalogue"
     recorded = entry.get("digests", {})
-    changed = sorted(s for s in digests if recorded.get(s) != digests[s])
+    # a stage added, changed or removed since: each moves what the claims were measured on
+    changed = sorted(s for s in digests.keys() | recorded.keys() if recorded.get(s) != digests.get(s))
     at = f"commit {entry.get('commit', '?')[:12]}"
     if changed:
         return (f"STALE: {len(changed)} of {len(digests)} stages changed since it was measured at {at} "
                 f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})")
+    if entry.get("returncode") or entry.get("missing_metrics"):
+        return f"FAILED to run at {at} (exit code {entry.get('returncode')}): see benchmarks/results/{name}.log"
     return f"measured at {at}: " + ", ".join(
         f"{sum(c['verdict'] == v and c.get('kind') != 'accounting' for c in entry.get('claims', []))} {v}"
         for v in ("PASS", "FAIL", "NOT DISCRIMINATING")) + \

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from components.eval.perplexity import evaluate_perplexity
 from components.merge.base import MergeError
 from components.model.health import check_model_health
-from tasks.model_io import load_model_artifact, save_model_artifact
+from tasks.model_io import FACTS, load_model_artifact, save_model_artifact
 
 SCORE_BLOCKS = 32  # validation blocks per candidate: enough to rank soups, cheap on CPU
 
@@ -39,14 +39,12 @@ def run(ctx) -> dict:
                              f"{reference_name!r}; merged models must share one tokenizer")
     model, tokenizer, _ = load_model_artifact(models[0])
     score_fn = None
+    domain = merger.params.validation_domain
+    if domain is not None and "tokens" not in ctx.inputs:
+        raise MergeError(f"stage {ctx.plan.name}: validation_domain {domain!r} scores candidates on validation "
+                         "blocks: give the stage a `tokens` input")
     if "tokens" in ctx.inputs:
-        domain = merger.params.validation_domain
-        path = ctx.input("tokens").path / (f"validation-{domain}.npy" if domain else "validation.npy")
-        if not path.exists():
-            known = sorted(p.stem.removeprefix("validation-") for p in ctx.input("tokens").path.glob("validation-*.npy"))
-            raise MergeError(f"stage {ctx.plan.name}: validation_domain {domain!r} has no validation blocks; "
-                             f"domains: {', '.join(known)}")
-        blocks = np.load(path)[:SCORE_BLOCKS]
+        blocks = _blocks(ctx, "validation", domain)[:SCORE_BLOCKS]
 
         def score_fn(state_dict) -> float:  # held-out loss of a candidate merge, lower is better
             model.load_state_dict(state_dict, strict=True)
@@ -68,21 +66,29 @@ def run(ctx) -> dict:
     return metrics
 
 
+def _blocks(ctx, split: str, domain: str | None) -> np.ndarray:
+    """``{split}[-{domain}].npy`` of the stage's tokens input, memory-mapped; a clear error naming
+    the domains there are when it is missing or empty."""
+    tokens = ctx.input("tokens").path
+    path = tokens / (f"{split}-{domain}.npy" if domain else f"{split}.npy")
+    blocks = np.load(path, mmap_mode="r") if path.exists() else np.zeros((0, 0), np.int32)
+    if len(blocks) == 0:
+        known = sorted(p.stem.removeprefix(f"{split}-") for p in tokens.glob(f"{split}-*.npy"))
+        raise MergeError(f"stage {ctx.plan.name}: the tokens input {tokens} has no {split} blocks"
+                         + (f" for domain {domain!r}; domains: {', '.join(known)}" if domain else ""))
+    return blocks
+
+
 def _fine_tune_blocks(ctx, art, name: str) -> np.ndarray:
     """The training blocks of the fine-tune's own domain (all of train.npy if it had none)."""
     if "tokens" not in ctx.inputs:
         raise MergeError(f"stage {ctx.plan.name}: method {ctx.plan.method} trains on the fine-tune's data: give it a "
                          "`tokens` input (the tokenize stage the fine-tune used)")
-    domain = _facts(art).get("train_domain")
-    path = ctx.input("tokens").path / (f"train-{domain}.npy" if domain else "train.npy")
-    if not path.exists():
-        raise MergeError(f"stage {ctx.plan.name}: fine-tune {name!r} trained on domain {domain!r}, which the tokens "
-                         f"input {ctx.input('tokens').path} has no training blocks for")
-    return np.load(path, mmap_mode="r")
+    return _blocks(ctx, "train", _facts(art).get("train_domain"))
 
 
 def _facts(art) -> dict:
-    path = art.path / "paperdag.json"
+    path = art.path / FACTS
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -98,7 +104,7 @@ def _measure_transfer(ctx, merger, model, base_art, models, names) -> None:
             raise MergeError(f"stage {ctx.plan.name}: fine-tune {name!r} has no train_domain; grouping by transfer "
                              "needs each fine-tune's domain (or use grouping: cosine)")
         domains.append(facts["train_domain"])
-    blocks = {d: np.load(ctx.input("tokens").path / f"validation-{d}.npy")[:SCORE_BLOCKS] for d in sorted(set(domains))}
+    blocks = {d: _blocks(ctx, "validation", d)[:SCORE_BLOCKS] for d in sorted(set(domains))}
 
     def losses(art) -> dict[str, float]:
         model.load_state_dict(_state_dict(art), strict=True)

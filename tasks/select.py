@@ -288,6 +288,6 @@ def _write_review_queue(path, rows: list[dict], selector, ids: np.ndarray, label
     removes noise among the documents nobody reviewed (what the review taught the classifier)."""
     rows.sort(key=lambda r: -r["score"])
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    unreviewed = ~np.isin(ids, list(selector.reviewed_ids()))
+    unreviewed = ~np.isin(ids, list(selector.labeled_ids()))
     pr = removal_precision_recall([label for label, u in zip(labels, unreviewed) if u], keep[unreviewed])
     return {"review_queue_docs": len(rows), **{f"noise_{k}_unreviewed": pr[k] for k in ("precision", "recall", "f1")}}

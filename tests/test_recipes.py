@@ -288,3 +288,10 @@ def test_an_experiment_claim_without_a_control_is_refused(tmp_path):
                    "    metric: quantize.size_bytes\n    op: \"<=\"")  # not strict: the baseline itself would pass
     with pytest.raises(RecipeError, match=r"claims\.1: .*an experiment claim needs a control"):
         load_recipe(p)
+
+
+def test_seeds_without_a_seed_dependent_stage_are_refused():
+    ptq = REPO / "tests" / "recipes" / "ptq_nano.yaml"
+    pinned = ["seeds=[0, 1]", "stages.pretrain.params.seed=0", "stages.gptq_w3.params.seed=0"]
+    with pytest.raises(RecipeError, match=r"ptq_nano\.yaml: seeds: no stage depends on the seed"):
+        load_plan(ptq, pinned)

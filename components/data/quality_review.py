@@ -22,6 +22,7 @@ with code), the borderline rule (nearest the budget cut), and the label file for
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from components.data.ngram_classifier import HashedNgramClassifier
 from components.data.selector import BudgetParams, ScoringSelector, SelectionContext, SelectionError
 from components.registry import Paper
 
+log = logging.getLogger("paperdag.select")
 LABELS = {"keep": 1, "drop": 0}
 LABELED_SCORE = 1e6  # a reviewed document's score: its label decides, whatever the classifier says
 
@@ -71,7 +73,10 @@ class QualityReview(ScoringSelector):
     class Params(BudgetParams):
         review_size: int = Field(60, ge=2, description="borderline documents written to review_queue.jsonl")
         review_labels: Path | None = Field(
-            None, description="a reviewed queue (jsonl with id, text, label keep/drop); read when the file exists")
+            None, description="a reviewed queue (jsonl with id, text, label keep/drop), relative to where paperdag "
+                              "runs; read when the file exists (a warning says when it does not)")
+        apply_review: bool = Field(True, description="use the labels; false only reads which documents they cover, so "
+                                                     "a classifier-alone stage measures the same unreviewed documents")
         num_buckets: int = Field(1 << 18, ge=2, description="hashed n-gram feature buckets")
         l2: float = Field(1e-3, ge=0, description="logistic regression's L2 penalty")
 
@@ -87,10 +92,13 @@ class QualityReview(ScoringSelector):
 
     def fit(self, context: SelectionContext) -> None:
         path = self.params.review_labels
+        if path is not None and not Path(path).exists():
+            log.warning("%s: review_labels %s does not exist yet (relative to %s); selecting without a review. Label "
+                        "this stage's review_queue.jsonl and save it there", context.stage, path, Path.cwd())
         self._labels = read_review_labels(Path(path)) if path is not None and Path(path).exists() else {}
         positives = context.target["text"].tolist()
         negatives = context.pool_sample["text"].tolist()
-        reviewed = list(self._labels.values())
+        reviewed = list(self._labels.values()) if self.params.apply_review else []
         texts = positives + negatives + [text for _, text in reviewed]
         labels = [1] * len(positives) + [0] * len(negatives) + [label for label, _ in reviewed]
         self._classifier = HashedNgramClassifier(num_buckets=self.params.num_buckets, l2=self.params.l2).fit(
@@ -102,12 +110,19 @@ class QualityReview(ScoringSelector):
         if self._classifier is None:
             raise RuntimeError("QualityReview.score called before fit")
         scores = self._classifier.decision_function(docs["text"].tolist())
-        for i, doc_id in enumerate(docs["id"]):
-            if doc_id in self._labels:
-                scores[i] = LABELED_SCORE if self._labels[doc_id][0] else -LABELED_SCORE
+        if self.params.apply_review:
+            for i, doc_id in enumerate(docs["id"]):
+                if doc_id in self._labels:
+                    scores[i] = LABELED_SCORE if self._labels[doc_id][0] else -LABELED_SCORE
         return scores
 
     def reviewed_ids(self) -> set[str]:
+        """Documents whose label this stage applied (they leave the next review queue)."""
+        return set(self._labels) if self.params.apply_review else set()
+
+    def labeled_ids(self) -> set[str]:
+        """Documents the label file covers, applied or not: left out of the ``_unreviewed``
+        metrics, so a stage with and one without the review are measured on the same documents."""
         return set(self._labels)
 
 

@@ -55,6 +55,16 @@ class Control(BaseModel):
         '"stage.metric" reference -> the baseline\'s reference (a shuffled-label refit in the same stage)'))
     why: str = Field("", description="what the control stands for, in words")
 
+    @model_validator(mode="after")
+    def _same_shape(self):
+        for key, value in self.replace.items():
+            if _is_reference(key) and not _is_reference(value):
+                raise ValueError(f"control replaces the reference {key!r} with {value!r}: a whole reference must be "
+                                 'replaced by a "stage.metric" reference')
+            if not _is_reference(key) and (not value.isidentifier() or "." in value):
+                raise ValueError(f"control replaces stage {key!r} with {value!r}: a stage must be replaced by a stage name")
+        return self
+
 
 class Claim(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -105,9 +115,9 @@ class Claim(BaseModel):
     @model_validator(mode="after")
     def _consistent(self):
         if (self.op == "within") != (self.tolerance is not None):
-            raise ValueError("op 'within' needs a tolerance, and only it takes one")
+            raise ValueError(f"claim {self.name!r}: op 'within' needs a tolerance, and only it takes one")
         if self.kind == "accounting" and self.control is not None:
-            raise ValueError("an accounting claim is true by construction; it takes no control")
+            raise ValueError(f"claim {self.name!r}: an accounting claim is true by construction; it takes no control")
         if self.kind == "experiment":
             if self.control is None and self.implicit_control() is None:
                 raise ValueError(
@@ -272,14 +282,19 @@ class SeedPlan:
     seeds: list[int]
     expanded: dict[str, list[str]]
 
-    def metrics_per_seed(self, metrics: dict[str, dict[str, float]]) -> list[dict[str, dict[str, float]]]:
-        """One metrics dict per seed in which each expanded stage's name maps to that seed's copy."""
+    def metrics_per_seed(self, metrics: dict[str, dict[str, float]],
+                         stages: set[str]) -> list[dict[str, dict[str, float]]]:
+        """One metrics dict per seed in which each expanded stage among ``stages`` (those a claim
+        reads) maps to that seed's copy; a copy without metrics is an error naming it."""
         out = []
-        for i in range(len(self.seeds)):
+        for i, seed in enumerate(self.seeds):
             view = dict(metrics)
-            for stage, copies in self.expanded.items():
-                if copies[i] in metrics:
-                    view[stage] = metrics[copies[i]]
+            for stage in stages & set(self.expanded):
+                copy = self.expanded[stage][i]
+                if copy not in metrics:
+                    raise ClaimError(f"stage {stage!r} has no metrics for seed {seed} (its copy {copy!r} was not "
+                                     f"evaluated or logged nothing)")
+                view[stage] = metrics[copy]
             out.append(view)
         return out
 
@@ -289,20 +304,28 @@ def check_claims(claims: Sequence[Claim], metrics: dict[str, dict[str, float]],
     """Evaluate each claim and its control; missing references raise ``ClaimError``, non-finite
     values FAIL. Each result has ``verdict`` (PASS, FAIL or NOT DISCRIMINATING), ``passed``
     (verdict == PASS), ``kind`` and ``reproduced`` (a PASS of an experiment claim)."""
-    per_seed = seeds.metrics_per_seed(metrics) if seeds else [metrics]
-    seed_list = seeds.seeds if seeds else None
     results = []
     for claim in claims:
+        stages = claim_stages(claim)
+        seeded = seeds is not None and bool(stages & set(seeds.expanded))  # else one value, no interval
+        per_seed = seeds.metrics_per_seed(metrics, stages) if seeded else [metrics]
+        seed_list = seeds.seeds if seeded else None
         main = _judge(claim, per_seed, seed_list)
         control = claim.effective_control()
         control_result = _judge(claim.with_stages_replaced(control.replace), per_seed, seed_list) if control else None
         control_clears = control_result is not None and control_result["slack"] is not None and \
             _clears(control_result["slack"], claim.op)
-        verdict = "FAIL" if not main["passed"] else ("NOT DISCRIMINATING" if control_clears else "PASS")
+        control_unknown = control_result is not None and control_result["slack"] is None
+        if not main["passed"] or control_unknown:  # a control that could not be measured proves nothing
+            verdict = "FAIL"
+        else:
+            verdict = "NOT DISCRIMINATING" if control_clears else "PASS"
         detail = f"{main['detail']}: {verdict}"
         if control_result is not None:
+            outcome = ("could not be measured" if control_unknown else
+                       "clears the bar too" if control_clears else "does not clear it")
             detail += (f"; control ({control.why or ', '.join(f'{b} for {m}' for m, b in control.replace.items())}): "
-                       f"{control_result['detail']}: {'clears the bar too' if control_clears else 'does not clear it'}")
+                       f"{control_result['detail']}: {outcome}")
         result = {"name": claim.name, "statement": claim.statement, "kind": claim.kind, "op": claim.op,
                   "lhs": main["lhs"], "rhs": main["rhs"], "slack": main["slack"], "verdict": verdict,
                   "passed": verdict == "PASS", "reproduced": verdict == "PASS" and claim.kind == "experiment",
@@ -328,4 +351,4 @@ def claim_stages(claim: Claim) -> set[str]:
     control = claim.effective_control()
     if control is not None:
         refs += claim.with_stages_replaced(control.replace).references()
-    return {ref.split(".", 1)[0] for ref in refs if _is_reference(ref)}
+    return {ref.split(".", 1)[0] for ref in refs}

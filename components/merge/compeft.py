@@ -157,12 +157,18 @@ class ComPEFT(Merger):
                 task_sum += w * code.decompress().to(theta0.device)
             return self.params.scaling * task_sum
 
-        unit = merge_task_vectors(base, models, compressed_sum)  # alpha = 1
+        sums: dict[str, torch.Tensor] = {}  # lambda * sum_i w_i * code_i(alpha=1), float64
 
-        def with_alpha(alpha: float) -> StateDict:  # theta_0 + alpha * (unit - theta_0): the merge is linear in alpha
+        def keep_sum(key: str, theta0: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+            sums[key] = compressed_sum(key, theta0, taus)
+            return sums[key]
+
+        unit = merge_task_vectors(base, models, keep_sum)  # alpha = 1
+
+        def with_alpha(alpha: float) -> StateDict:  # the merge is linear in alpha: scale the float64 sums
             if alpha == 1.0:
                 return unit
-            return {k: (base[k] + alpha * (v - base[k])).to(v.dtype) if v.is_floating_point() else v
+            return {k: (base[k].to(torch.float64) + alpha * sums[k]).to(v.dtype) if k in sums else v
                     for k, v in unit.items()}
 
         self.report = {"compressed_bytes": sum(per_model.values()), "compressed_bytes_per_model": per_model,

@@ -83,11 +83,9 @@ class Grafting(Merger):
         return merged
 
     def _initial_scores(self, taus: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        magnitudes = torch.cat([t.abs().flatten() for t in taus.values()])
-        k = max(1, int(self.params.density * magnitudes.numel()))
-        cutoff = torch.topk(magnitudes, k).values[-1]
+        top = self._top_mask({k: t.abs() for k, t in taus.items()})  # exactly k, ties by position
         bias = self.params.sigmoid_bias
-        return {key: torch.where(t.abs() >= cutoff, bias, -bias).requires_grad_(True) for key, t in taus.items()}
+        return {key: torch.where(top[key] > 0, bias, -bias).requires_grad_(True) for key in taus}
 
     def _learn(self, scores, base, taus, model, blocks) -> list[float]:
         p = self.params
@@ -119,7 +117,7 @@ class Grafting(Merger):
         flat = torch.cat([s.detach().flatten() for s in scores.values()])
         k = max(1, int(self.params.density * flat.numel()))
         keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[torch.topk(flat, k, sorted=False).indices] = True  # exactly k, ties broken by index
+        keep[torch.argsort(flat, descending=True, stable=True)[:k]] = True  # exactly k, ties by position
         out, start = {}, 0
         for key, s in scores.items():
             out[key] = keep[start:start + s.numel()].reshape(s.shape).to(torch.float32)

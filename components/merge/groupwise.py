@@ -69,13 +69,17 @@ def agglomerate(similarity: torch.Tensor, n_groups: int | None, threshold: float
 def transfer_matrix(base_losses: dict[str, float], model_losses: list[dict[str, float]],
                     model_domains: list[str]) -> np.ndarray:
     """``T[i, j]``: the share of fine-tune j's own validation-loss gain on its domain that fine-tune i
-    achieves there (0 when j gained nothing, so nothing can be shared)."""
+    achieves there. When j itself gained nothing there is no share to take, so the change is
+    measured relative to the base's loss instead: a fine-tune that hurts that domain still shows
+    as a conflict."""
     n = len(model_losses)
     transfer = np.zeros((n, n))
     for j, domain in enumerate(model_domains):
-        own_gain = base_losses[domain] - model_losses[j][domain]
+        base = base_losses[domain]
+        own_gain = base - model_losses[j][domain]
+        scale = own_gain if own_gain > 0 else abs(base)
         for i in range(n):
-            transfer[i, j] = (base_losses[domain] - model_losses[i][domain]) / own_gain if own_gain > 0 else 0.0
+            transfer[i, j] = (base - model_losses[i][domain]) / scale
     return transfer
 
 

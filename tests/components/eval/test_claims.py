@@ -178,3 +178,35 @@ def test_t_interval_matches_scipy():
     mean, low, high = t_interval(values)
     ref = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
     assert (low, high) == pytest.approx(ref) and mean == pytest.approx(0.525)
+
+
+def test_a_control_replaces_a_stage_by_a_stage_and_a_reference_by_a_reference():
+    with pytest.raises(ValidationError, match="a stage must be replaced by a stage name"):
+        experiment(control={"replace": {"gptq": "rtn.ppl"}})
+    with pytest.raises(ValidationError, match='must be replaced by a "stage.metric" reference'):
+        experiment(control={"replace": {"fp32.ppl": "rtn"}})
+
+
+def test_a_control_that_cannot_be_measured_fails_the_claim():
+    [r] = check_claims([experiment(factor=1.012)], {"fp32": {"ppl": 100.0}, "gptq": {"ppl": 101.0},
+                                                    "rtn": {"ppl": float("nan")}})
+    assert r["verdict"] == "FAIL" and "control (rtn for gptq)" in r["detail"] and "could not be measured" in r["detail"]
+
+
+def test_only_claims_on_seeded_stages_get_an_interval():
+    metrics, plan = seeded({"gptq": [101.0, 101.1, 100.9], "rtn": [101.5, 101.6, 101.4]})
+    metrics["size"] = {"bytes": 10.0}
+    metrics["fp32"]["bytes"] = 40.0
+    on_seeds = Claim(name="d", statement="s", metric="gptq.ppl", op="<", than="rtn.ppl")
+    fixed = Claim(name="b", statement="s", metric="size.bytes", op="<", than="fp32.bytes", kind="accounting")
+    seeded_result, fixed_result = check_claims([on_seeds, fixed], metrics, plan)
+    assert len(seeded_result["per_seed"]) == 3 and seeded_result["slack_interval"] is not None
+    assert fixed_result["verdict"] == "PASS" and "per_seed" not in fixed_result and "interval" not in fixed_result["detail"]
+
+
+def test_a_seed_copy_without_metrics_is_an_error_naming_it():
+    metrics, plan = seeded({"gptq": [101.0, 101.1, 100.9], "rtn": [101.5, 101.6, 101.4]})
+    del metrics["gptq_s1"]
+    c = Claim(name="d", statement="s", metric="gptq.ppl", op="<", than="rtn.ppl")
+    with pytest.raises(ClaimError, match="stage 'gptq' has no metrics for seed 1 \\(its copy 'gptq_s1'"):
+        check_claims([c], metrics, plan)

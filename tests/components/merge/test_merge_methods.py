@@ -287,6 +287,11 @@ def test_groupwise_groups_by_measured_synergy_and_keeps_conflicts_apart():
     domains = ["prose", "code", "prose", "code"]
     transfer = transfer_matrix(base_losses, losses, domains)
     assert transfer[2, 0] == pytest.approx(0.8) and transfer[1, 0] == pytest.approx(-0.3)  # asymmetric shares
+    # a fine-tune that did not improve its own domain: the others' change there, relative to the
+    # base's loss, still shows who hurts it
+    stalled = [dict(losses[0], code=4.1), losses[1], losses[2], dict(losses[3], code=4.1)]
+    flat = transfer_matrix(base_losses, stalled, ["prose", "code", "prose", "code"])
+    assert flat[0, 3] == pytest.approx((4.0 - 4.1) / 4.0) and flat[1, 3] == pytest.approx((4.0 - 3.0) / 4.0)
     merger = make(GroupwiseMerge, within="task_arithmetic")
     with pytest.raises(MergeError, match="needs measured losses"):
         merger.merge(base, models, names)
