@@ -5,8 +5,14 @@
     paperdag serve RECIPE --cron "0 3 * * *"
     paperdag verify [RECIPE|DIGEST]      # re-hash artifacts against their manifests
     paperdag dvc-sync [--check]
-    paperdag lineage DIGEST_OR_RUN_ID
-    paperdag list | validate RECIPE
+    paperdag lineage DIGEST_OR_RUN_ID [--json] [--depth N]
+    paperdag list [--json] | validate RECIPE
+    paperdag status RECIPE [--only S | --from S] [--json]   # what is cached, what a run would compute
+    paperdag show DIGEST|RECIPE:STAGE [--json]             # an artifact's manifest and metrics
+    paperdag export DIGEST|RECIPE:STAGE PATH               # copy an artifact out
+    paperdag gc [--yes | --dry-run]                        # remove artifacts no recipe references
+    paperdag push | pull [--remote NAME]                   # artifacts to and from a DVC remote
+    paperdag completion bash                               # shell completion script
 
 Failures print one line (``--verbose`` adds the traceback). Exit codes: 0 ok, 1 a stage or
 the environment failed, 2 a wrong request (recipe, override, selection), 130 Ctrl-C,
@@ -33,9 +39,15 @@ def _workspace(args, writes: bool = False) -> Workspace:
     ws = Workspace.from_env(args.workspace)
     ws.configure_environment()
     if writes:
+        from flows.inspect import hold_workspace
         from tasks.tracking import check_tracking_server
 
+        if getattr(args, "recipe", None):  # a wrong directory writes nothing
+            from flows.recipe import resolve_recipe_path
+
+            resolve_recipe_path(args.recipe, ws.root)
         ws.check_writable()
+        hold_workspace(ws)  # `gc` waits for this process
         check_tracking_server(ws.tracking_uri)  # seconds, before the recipe compiles and servers start
     return ws
 
@@ -66,6 +78,8 @@ def _check_prefect_api(url: str) -> None:
 
 
 def cmd_run(args) -> int:
+    if args.dry_run:
+        return cmd_status(args)
     ws = _workspace(args, writes=True)
     from flows.pipeline import recipe_flow, stages_to_run
     from flows.recipe import load_plan, resolve_recipe_path
@@ -79,6 +93,32 @@ def cmd_run(args) -> int:
         summary = recipe_flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
                               workspace=str(ws.root), progress=not args.no_progress)
     print_summary(summary, plan, ws)
+    _record_in_dvc(ws, summary)
+    return 0
+
+
+def _record_in_dvc(ws: Workspace, summary) -> None:
+    """In a DVC project, what the flow built goes into dvc.lock, as if `dvc repro` had built it."""
+    from flows.dvc_sync import DvcError, is_dvc_repo, record_in_dvc
+
+    if not is_dvc_repo(ws.root):
+        return
+    try:
+        committed, foreign = record_in_dvc(ws.root, [o.path for o in summary.outcomes])
+    except DvcError as e:  # the artifacts are built and cached; only DVC's record is missing
+        print(f"warning: {e}; run `dvc commit` yourself", file=sys.stderr)
+        return
+    print(f"dvc: recorded {len(committed)} stages in dvc.lock"
+          + (f"; {foreign} artifacts are not dvc.yaml stages (built with --set, or run `paperdag dvc-sync`)"
+             if foreign else ""))
+
+
+def cmd_push_pull(args) -> int:
+    ws = _workspace(args, writes=args.command == "pull")
+    from flows.dvc_sync import push_or_pull
+
+    out = push_or_pull(ws.root, args.command, args.remote)
+    print(out or f"dvc {args.command}: done")
     return 0
 
 
@@ -163,14 +203,58 @@ def cmd_lineage(args) -> int:
     ws = _workspace(args)
     from flows.lineage import print_lineage
 
-    return print_lineage(ws, args.ref)
+    return print_lineage(ws, args.ref, as_json=args.json, depth=args.depth)
 
 
 def cmd_list(args) -> int:
     ws = _workspace(args)
     from flows.report import print_catalogue
 
-    print_catalogue(ws)
+    print_catalogue(ws, as_json=args.json)
+    return 0
+
+
+def cmd_status(args) -> int:
+    ws = _workspace(args)
+    from flows.inspect import print_status, stage_status
+    from flows.pipeline import stages_to_run
+    from flows.recipe import load_plan, resolve_recipe_path
+
+    _, plan = load_plan(resolve_recipe_path(args.recipe, ws.root), args.set)
+    order, forced = stages_to_run(plan, args.only, args.from_stage)
+    print_status(plan, stage_status(plan, ws, order, forced), args.json)
+    return 0
+
+
+def cmd_show(args) -> int:
+    ws = _workspace(args)
+    from flows.inspect import artifact_summary, print_artifact, resolve_artifact
+
+    print_artifact(artifact_summary(resolve_artifact(ws, args.ref)), args.json)
+    return 0
+
+
+def cmd_export(args) -> int:
+    ws = _workspace(args)
+    from pathlib import Path
+
+    from flows.inspect import export
+
+    print(f"exported to {export(ws, args.ref, Path(args.path))}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    ws = _workspace(args)
+    from flows.inspect import gc
+
+    return gc(ws, yes=args.yes, dry_run=args.dry_run)
+
+
+def cmd_completion(args) -> int:
+    from flows.completion import bash_completion
+
+    print(bash_completion(build_parser()))
     return 0
 
 
@@ -191,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", help="project root holding params/ (default: $PAPERDAG_WORKSPACE or cwd)")
     p.add_argument("--verbose", "-v", "--debug", dest="verbose", action="store_true",
                    help="show tracebacks and Prefect's own log")
+    p.add_argument("--version", action="version", version=f"paperdag {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def recipe_cmd(name, fn, help_):
@@ -201,10 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    def selection(sp):
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--only", action="append", default=[], metavar="STAGE",
+                       help="rerun just this stage on cached inputs")
+        g.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and everything downstream")
+
     r = recipe_cmd("run", cmd_run, "run a recipe as a Prefect flow")
-    g = r.add_mutually_exclusive_group()
-    g.add_argument("--only", action="append", default=[], metavar="STAGE", help="rerun just this stage on cached inputs")
-    g.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and everything downstream")
+    selection(r)
+    r.add_argument("--dry-run", action="store_true", help="only show what would run (same as `paperdag status`)")
+    r.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--allow-over-budget", action="store_true",
                    help="run stages that would take over PAPERDAG_MAX_STAGE_HOURS or more memory than is free")
@@ -232,13 +323,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     li = sub.add_parser("lineage", help="print the chain from an artifact or MLflow run back to the data")
     li.add_argument("ref", help="artifact digest (prefix) or MLflow run id")
+    li.add_argument("--depth", type=int, help="stop this many inputs deep")
+    li.add_argument("--json", action="store_true")
     li.set_defaults(fn=cmd_lineage)
 
-    ls = sub.add_parser("list", help="list recipes with their paper, stages and claims")
+    ls = sub.add_parser("list", help="list recipes with their paper, stages, claims and catalogue results")
+    ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_list)
 
     recipe_cmd("validate", cmd_validate, "validate a recipe without running it")
+
+    st = recipe_cmd("status", cmd_status, "show each stage's digest, whether it is cached, and what a run "
+                                          "would compute (nothing runs)")
+    selection(st)
+    st.add_argument("--json", action="store_true")
+
+    sh = sub.add_parser("show", help="show an artifact's manifest, facts and metrics")
+    sh.add_argument("ref", help="artifact digest (prefix) or RECIPE:STAGE")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(fn=cmd_show)
+
+    ex = sub.add_parser("export", help="copy an artifact (checked against its manifest) to a new directory")
+    ex.add_argument("ref", help="artifact digest (prefix) or RECIPE:STAGE")
+    ex.add_argument("path", help="destination; must not exist")
+    ex.set_defaults(fn=cmd_export)
+
+    gc = sub.add_parser("gc", help="remove artifacts that no recipe in params/ references")
+    gc_mode = gc.add_mutually_exclusive_group()
+    gc_mode.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    gc_mode.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    gc.set_defaults(fn=cmd_gc)
+
+    for action, help_ in (("push", "record built artifacts in dvc.lock and `dvc push` them to a DVC remote"),
+                          ("pull", "`dvc pull` the artifacts dvc.lock records from a DVC remote")):
+        pp = sub.add_parser(action, help=help_)
+        pp.add_argument("--remote", "-r", help="DVC remote name (default: the project's default remote)")
+        pp.set_defaults(fn=cmd_push_pull)
+
+    co = sub.add_parser("completion", help="print a shell completion script: "
+                                           "`source <(paperdag completion bash)`")
+    co.add_argument("shell", choices=["bash"])
+    co.set_defaults(fn=cmd_completion)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("paperdag")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _raise_interrupted(signum, _frame):
@@ -285,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     ws = Workspace.from_env(args.workspace)
     ws.configure_environment()  # before Prefect/MLflow are imported
-    from flows.errors import Interrupted, StageFailedError, StageSelectionError, describe
-    from flows.recipe import RecipeError
+    from flows.errors import Interrupted, RecipeError, StageFailedError, StageSelectionError, describe
+    from flows.inspect import InspectTargetError, release_workspace
     from flows.verify import VerifyTargetError
 
     if getattr(args, "allow_over_budget", False):
@@ -294,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _signals_as_interrupts():
             return args.fn(args)
-    except (RecipeError, StageSelectionError, VerifyTargetError) as e:
+    except (RecipeError, StageSelectionError, VerifyTargetError, InspectTargetError) as e:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
@@ -309,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e if isinstance(e, StageFailedError) else describe(e, ws.root)}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        release_workspace()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ instead of being deleted and rebuilt.
 """
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +71,60 @@ def render_dvc_yaml(root: Path) -> str:
                 "outs": [{out: {"persist": True}}],
             }
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=200)
+
+
+# -- the DVC side of artifacts that `paperdag run` built ----------------------------------------
+def is_dvc_repo(root: Path) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+def dvc_stage_names(root: Path) -> dict[str, str]:
+    """out path (artifacts/<kind>/<digest16>) -> DVC stage name, from the dvc.yaml on disk."""
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    return {out if isinstance(out, str) else next(iter(out)): name
+            for name, spec in stages.items() for out in spec.get("outs", [])}
+
+
+def _dvc(root: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+
+
+def record_in_dvc(root: Path, artifact_dirs: list[Path]) -> tuple[list[str], int]:
+    """``dvc commit`` the DVC stages whose artifacts these are, so dvc.lock (and the DVC cache)
+    know what Prefect built: `dvc status` is then up to date and `dvc repro` skips them instead
+    of starting `paperdag stage` once per stage. Returns (committed stages, artifacts that are not
+    DVC stages: built with --set overrides, or dvc.yaml is not synced)."""
+    names = dvc_stage_names(root)
+    wanted, foreign = [], 0
+    for path in artifact_dirs:
+        rel = Path(path).resolve().relative_to(root.resolve()).as_posix() if Path(path).resolve().is_relative_to(
+            root.resolve()) else None
+        if rel in names:
+            wanted.append(names[rel])
+        else:
+            foreign += 1
+    if wanted:
+        done = _dvc(root, "commit", "--force", "--quiet", *wanted)
+        if done.returncode != 0:
+            raise DvcError(f"`dvc commit` of {len(wanted)} stages failed: {done.stderr.strip() or done.stdout.strip()}")
+    return wanted, foreign
+
+
+class DvcError(RuntimeError):
+    """A DVC command paperdag ran on the user's behalf failed."""
+
+
+def push_or_pull(root: Path, action: str, remote: str | None) -> str:
+    """``push``: record every built artifact of dvc.yaml (dvc commit), then ``dvc push``.
+    ``pull``: ``dvc pull`` every stage in dvc.lock whose artifact is missing here."""
+    if not is_dvc_repo(root):
+        raise DvcError(f"{root} is not a DVC project (no .dvc/ or no dvc.yaml): run `dvc init` and "
+                       "`paperdag dvc-sync` there first")
+    if action == "push":
+        built = [root / out for out in dvc_stage_names(root) if (root / out / "manifest.json").is_file()]
+        record_in_dvc(root, built)
+    done = _dvc(root, action, *(["--remote", remote] if remote else []))
+    if done.returncode != 0:
+        raise DvcError(f"`dvc {action}` failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()

@@ -15,6 +15,10 @@ from tasks.tracking import TrackingServerError
 from tasks.workspace import WorkspaceError
 
 
+class RecipeError(ValueError):
+    """A recipe (or an override of it) is invalid. The message names the file and key."""
+
+
 class StageSelectionError(ValueError):
     """--only/--from name a stage the recipe does not have, or both are given."""
 

@@ -1,6 +1,7 @@
 """``paperdag lineage``: walk manifests from an artifact (or an MLflow run) back to the data."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -26,31 +27,58 @@ def _artifact_for_run(ws: Workspace, run_id: str) -> Artifact | None:
     return ws.artifacts.find(digest)
 
 
-def lineage_lines(ws: Workspace, art: Artifact) -> list[str]:
-    lines: list[str] = []
+def lineage_tree(ws: Workspace, art: Artifact, depth: int | None = None) -> dict:
+    """The artifact and its inputs, recursively, as nested dicts. An artifact reached a second
+    time (the shared tokenizer, the base model) is a reference to the first, not a copy."""
+    seen: set[str] = set()
 
-    def walk(a: Artifact, prefix: str, label: str, last: bool, root: bool) -> None:
+    def node(a: Artifact, level: int) -> dict:
         m = a.manifest
         facts = m.get("facts", {})
-        extra = ", ".join(f"{k}={facts[k]}" for k in ("rows", "precision", "train_flops", "bits", "blocks") if k in facts)
-        connector = "" if root else ("└─ " if last else "├─ ")
-        lines.append(f"{prefix}{connector}{label}{m.get('stage', '?')} [{m['kind']}/{m['method']}] "
-                     f"{m['digest'][:16]}  run={m.get('mlflow_run_id') or '-'}  {a.path}" + (f"  ({extra})" if extra else ""))
-        child_prefix = prefix + ("" if root else ("   " if last else "│  "))
-        items = [(role, d) for role, ds in sorted(m.get("inputs", {}).items()) for d in ds]
-        for i, (role, digest) in enumerate(items):
-            up = ws.artifacts.find(digest)
-            is_last = i == len(items) - 1
-            if up is None:
-                lines.append(f"{child_prefix}{'└─ ' if is_last else '├─ '}{role}: {digest[:16]} (artifact not in this workspace)")
-            else:
-                walk(up, child_prefix, f"{role}: ", is_last, False)
+        out = {"stage": m.get("stage", "?"), "recipe": m.get("recipe"), "kind": m["kind"], "method": m["method"],
+               "digest": m["digest"], "run_id": m.get("mlflow_run_id"), "path": str(a.path),
+               "facts": {k: facts[k] for k in ("rows", "precision", "train_flops", "bits", "blocks") if k in facts}}
+        if m["digest"] in seen:
+            return out | {"shown_above": True}
+        seen.add(m["digest"])
+        if depth is not None and level >= depth:
+            n = sum(len(ds) for ds in m.get("inputs", {}).values())
+            return out | ({"inputs_not_shown": n} if n else {})
+        inputs = []
+        for role, digests in sorted(m.get("inputs", {}).items()):
+            for digest in digests:
+                up = ws.artifacts.find(digest)
+                inputs.append({"role": role, **(node(up, level + 1) if up is not None else
+                                                {"digest": digest, "missing": True})})
+        return out | {"inputs": inputs}
 
-    walk(art, "", "", True, True)
+    return node(art, 0)
+
+
+def lineage_lines(tree: dict) -> list[str]:
+    lines: list[str] = []
+
+    def walk(n: dict, prefix: str, last: bool, root: bool) -> None:
+        connector = "" if root else ("└─ " if last else "├─ ")
+        label = f"{n['role']}: " if "role" in n else ""
+        if n.get("missing"):
+            lines.append(f"{prefix}{connector}{label}{n['digest'][:16]} (artifact not in this workspace)")
+            return
+        extra = ", ".join(f"{k}={v}" for k, v in n["facts"].items())
+        tail = ("  (shown above)" if n.get("shown_above") else
+                f"  (+{n['inputs_not_shown']} inputs below --depth)" if n.get("inputs_not_shown") else "")
+        lines.append(f"{prefix}{connector}{label}{n['stage']} [{n['kind']}/{n['method']}] {n['digest'][:16]}  "
+                     f"run={n['run_id'] or '-'}  {n['path']}" + (f"  ({extra})" if extra else "") + tail)
+        children = n.get("inputs", [])
+        child_prefix = prefix + ("" if root else ("   " if last else "│  "))
+        for i, child in enumerate(children):
+            walk(child, child_prefix, i == len(children) - 1, False)
+
+    walk(tree, "", True, True)
     return lines
 
 
-def print_lineage(ws: Workspace, ref: str) -> int:
+def print_lineage(ws: Workspace, ref: str, as_json: bool = False, depth: int | None = None) -> int:
     art = None
     if RUN_ID.match(ref):
         from mlflow.exceptions import MlflowException
@@ -64,5 +92,6 @@ def print_lineage(ws: Workspace, ref: str) -> int:
     if art is None:
         print(f"error: no artifact or MLflow run matches {ref!r} in {ws.root}", file=sys.stderr)
         return 1
-    print("\n".join(lineage_lines(ws, art)))
+    tree = lineage_tree(ws, art, depth)
+    print(json.dumps(tree, indent=2) if as_json else "\n".join(lineage_lines(tree)))
     return 0

@@ -21,14 +21,11 @@ from tasks.code_version import code_version, source_closure
 from tasks.fingerprint import InputFileError, hash_inputs
 from tasks.kinds import KINDS
 from tasks.plan import RecipePlan, StagePlan
+from flows.errors import RecipeError  # noqa: F401  (defined there so the CLI can catch it without importing this)
 
 # Recipe and stage names become MLflow experiment names, directory names and DVC stage names:
 # identifiers only, so none can carry a path separator, `..` or a shell metacharacter.
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class RecipeError(ValueError):
-    """A recipe (or an override of it) is invalid. The message names the file and key."""
 
 
 class Strict(BaseModel):
@@ -171,6 +168,10 @@ def resolve_recipe_path(name_or_path: str, workspace: Path) -> Path:
         c = workspace / "params" / f"{name_or_path}.yaml"
         if c.is_file():
             return c.resolve()
+        if not (workspace / "params").is_dir():
+            raise RecipeError(f"{workspace} is not a paperdag project (it has no params/ directory), so there "
+                              f"is no recipe {name_or_path!r}: run paperdag inside the project, or pass "
+                              "--workspace DIR (or set PAPERDAG_WORKSPACE)")
         raise RecipeError(f"recipe {name_or_path!r} not found (looked in {workspace / 'params'}); "
                           f"known recipes: {', '.join(known) or '(none)'}")
     raise RecipeError(f"{name_or_path!r} is neither a recipe name ({', '.join(known) or 'none in params/'}) "

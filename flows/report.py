@@ -83,25 +83,53 @@ def measured_status(name: str, digests: dict[str, str], catalogue: dict) -> str:
         f", {sum(c.get('kind') == 'accounting' for c in entry.get('claims', []))} accounting"
 
 
-def print_catalogue(ws: Workspace) -> None:
+def catalogue_entries(ws: Workspace) -> list[dict]:
+    """Each recipe in params/: its paper, stages, seeds, claims and whether the catalogue's
+    numbers still describe it (or why it does not compile)."""
     from flows.recipe import RecipeError, compile_recipe, load_recipe
 
     catalogue_file = ws.root / CATALOGUE
     catalogue = json.loads(catalogue_file.read_text()) if catalogue_file.exists() else {}
+    entries = []
     for path in sorted((ws.root / "params").glob("*.yaml")):
+        rel = str(path.relative_to(ws.root))
         try:
             r = load_recipe(path)
             plan = compile_recipe(r, path)
         except RecipeError as e:
-            print(f"{path.stem}: INVALID: {e}")
+            entries.append({"name": path.stem, "path": rel, "invalid": str(e)})
             continue
-        print(f"{r.name}  ({path.relative_to(ws.root)})")
-        print(f"  paper:   {r.paper.title} {r.paper.url}")
-        print(f"  stages:  {' -> '.join(r.stages)}" + (f"  (x{len(r.seeds)} seeds: {r.seeds})" if r.seeds else ""))
+        claims = []
         for c in r.claims:
             control = c.effective_control()
-            print(f"  claim:   {c.statement}" + (" [accounting]" if c.kind == "accounting" else
-                                                 f" [control: {control.why or control.replace}]" if control else ""))
-        if catalogue:
-            print(f"  results: {measured_status(r.name, {s.name: s.digest for s in plan.stages.values()}, catalogue)}")
+            claims.append({"name": c.name, "statement": c.statement, "kind": c.kind,
+                           "control": (control.why or control.replace) if control else None})
+        entries.append({"name": r.name, "path": rel, "paper": {"title": r.paper.title, "url": r.paper.url},
+                        "stages": list(r.stages), "seeds": list(r.seeds or []), "claims": claims,
+                        "results": measured_status(r.name, {s.name: s.digest for s in plan.stages.values()},
+                                                   catalogue) if catalogue else None})
+    return entries
+
+
+def print_catalogue(ws: Workspace, as_json: bool = False) -> None:
+    entries = catalogue_entries(ws)
+    if not entries and not as_json:
+        print(f"no recipes in {ws.root / 'params'}: run paperdag inside the project, or pass --workspace DIR")
+        return
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    for e in entries:
+        if "invalid" in e:
+            print(f"{e['name']}: INVALID: {e['invalid']}")
+            continue
+        print(f"{e['name']}  ({e['path']})")
+        print(f"  paper:   {e['paper']['title']} {e['paper']['url']}")
+        print(f"  stages:  {' -> '.join(e['stages'])}" + (f"  (x{len(e['seeds'])} seeds: {e['seeds']})"
+                                                          if e["seeds"] else ""))
+        for c in e["claims"]:
+            print(f"  claim:   {c['statement']}" + (" [accounting]" if c["kind"] == "accounting" else
+                                                    f" [control: {c['control']}]" if c["control"] else ""))
+        if e["results"]:
+            print(f"  results: {e['results']}")
         print()

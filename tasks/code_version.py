@@ -66,11 +66,15 @@ def source_closure(module_names: tuple[str, ...]) -> tuple[Path, ...]:
     return tuple(sorted(set(seen.values())))
 
 
+def source_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
 def code_version(files: tuple[Path, ...]) -> str:
     h = hashlib.sha256()
     for path in files:
         rel = path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
-        h.update(str(rel).encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(str(rel).encode() + b"\0" + source_bytes(path) + b"\0")
     return h.hexdigest()
 
 

@@ -78,11 +78,5 @@ class Workspace:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        if not _has_cuda():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        # No torch import here: it costs seconds, and commands that only look (list, show,
+        # lineage) never need it. DeepSpeed falls back to its CPU accelerator without CUDA.
