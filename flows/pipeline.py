@@ -77,7 +77,8 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
     tags = {"paperdag.recipe": plan.name, "paperdag.recipe_path": str(path), "paperdag.role": "flow",
             "paperdag.overrides": " ".join(overrides or []), "paperdag.selection":
             (f"only={','.join(only)}" if only else f"from={from_stage}" if from_stage else "all")}
-    with tracker.run(f"{plan.name}", tags) as parent_id:
+    # named by recipe and start time, so runs of one recipe tell apart in the MLflow run list
+    with tracker.run(f"{plan.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags) as parent_id:
         tracker.log_params(parent_id, {"recipe": plan.name, "overrides": overrides or [], "paper": plan.paper})
         summary = FlowSummary(plan.name, parent_id, tracking_uri=ws.tracking_uri)
         for i, name in enumerate(order, 1):

@@ -134,6 +134,7 @@ def _cache_hit(plan: RecipePlan, stage: StagePlan, ws: Workspace, existing: Arti
             tracker.log_params(run_id, {"method": stage.method, "params": stage.params, "options": stage.options})
             tracker.log_input_artifacts(run_id, _existing_inputs(plan, stage, ws))
             tracker.log_metrics(run_id, metrics)
+            log_evaluated_models(tracker, plan, stage, existing.path, run_id)
     return StageOutcome(stage.name, stage.kind, stage.digest, existing.path, True, time.perf_counter() - start,
                         metrics, run_id)
 
@@ -186,10 +187,28 @@ def _build(plan: RecipePlan, stage: StagePlan, ws: Workspace, tracker: Tracker |
                     tracker.log_file(run_id, final.path / small)
             for png in sorted(final.path.glob("*.png")):
                 tracker.log_file(run_id, png)
+            log_evaluated_models(tracker, plan, stage, final.path, run_id)
     final = store.get(stage.kind, stage.digest)
     if final is None:
         raise ArtifactError(f"stage {name}: artifact missing after a successful run")
     return StageOutcome(name, stage.kind, stage.digest, final.path, False, time.perf_counter() - start, metrics, run_id)
+
+
+def log_evaluated_models(tracker: Tracker, plan: RecipePlan, stage: StagePlan, artifact: Path, run_id: str) -> None:
+    """One child run per evaluated model under the evaluate run, with that model's metrics under
+    the same keys (ppl_code, size_bytes, ...), so MLflow's compare view lines models up."""
+    metrics_file = artifact / "metrics.json"
+    if stage.kind != "evaluate" or not metrics_file.exists():
+        return
+    models = json.loads(metrics_file.read_text()).get("models", {})
+    for model, values in models.items():
+        source = plan.stages.get(model)
+        tags = {"paperdag.role": "evaluated_model", "paperdag.recipe": plan.name, "paperdag.model": model,
+                "paperdag.evaluate_stage": stage.name, "paperdag.evaluate_digest": stage.digest,
+                **({"paperdag.model_digest": source.digest, "paperdag.kind": source.kind,
+                    "paperdag.method": source.method} if source is not None else {})}
+        with tracker.run(f"{stage.name}:{model}", tags, run_id) as child:
+            tracker.log_metrics(child, values)
 
 
 def _existing_inputs(plan: RecipePlan, stage: StagePlan, ws: Workspace) -> dict[str, list[Artifact]]:

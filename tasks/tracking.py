@@ -188,12 +188,16 @@ class Tracker:
         for role, artifacts in inputs.items():
             for art in artifacts:
                 m = art.manifest
+                producer = m.get("mlflow_run_id")  # the run that built it: follow the chain in the UI
                 profile = {"rows": m.get("facts", {}).get("rows"), "content_sha256": m.get("content_sha256"),
-                           "full_digest": m["digest"]}
+                           "full_digest": m["digest"], "produced_by_run": producer}
                 ds = Dataset(name=f"{m.get('stage', m['kind'])}:{m['kind']}", digest=m["digest"][:36],
                              source_type="local", source=json.dumps({"uri": art.path.as_uri()}),
                              schema=None, profile=json.dumps(profile))
-                entries.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", role)]))
+                tags = [InputTag("mlflow.data.context", role)]
+                if producer:
+                    tags.append(InputTag("paperdag.produced_by_run", producer))
+                entries.append(DatasetInput(ds, tags=tags))
         if entries:
             self.client.log_inputs(run_id, datasets=entries)
 

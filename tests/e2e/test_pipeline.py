@@ -74,6 +74,7 @@ def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("paperdag.role") == "flow"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_name.startswith("nano 20")  # recipe and start time
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {c.data.tags["paperdag.stage"] for c in children} == STAGES
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -86,6 +87,18 @@ def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
         upstream = json.loads(tags["paperdag.input_digests"])
         logged = {d.dataset.digest for d in child.inputs.dataset_inputs}
         assert logged == {d[:36] for ds in upstream.values() for d in ds}, name
+        for d in child.inputs.dataset_inputs:  # each input links to the run that built it
+            producer = next(t.value for t in d.tags if t.key == "paperdag.produced_by_run")
+            assert client.get_run(producer).data.tags["paperdag.artifact_digest"][:36] == d.dataset.digest
+    # one child run per evaluated model, metrics under the same keys: MLflow's compare view
+    evaluate_id = by_stage["evaluate"].info.run_id
+    per_model = {r.data.tags["paperdag.model"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == evaluate_id}
+    metrics = json.loads((ws / "artifacts" / "evaluate" / by_stage["evaluate"].data.tags["paperdag.artifact_digest"][:16]
+                          / "metrics.json").read_text())["models"]
+    assert set(per_model) == set(metrics) and len(per_model) == 6
+    for model, run in per_model.items():
+        assert run.data.metrics["ppl_all"] == pytest.approx(metrics[model]["ppl_all"])
+        assert run.data.tags["paperdag.model_digest"] == by_stage[model].data.tags["paperdag.artifact_digest"]
     assert by_stage["pretrain_dense"].data.metrics["train_flops"] > 0
     assert by_stage["pretrain_dense"].data.tags["paperdag.precision"] == "fp32"  # the nano recipe forces fp32
     assert by_stage["pretrain_dense"].data.tags["paperdag.torch_compile"] == "False"  # a tiny run: not worth it
