@@ -47,7 +47,8 @@ class SamplerSpec(Strict):
 
 class StageSpec(Strict):
     kind: str
-    """Stage kind: one of corpus, select, tokenize, pretrain, finetune, distill, quantize, merge, evaluate."""
+    """Stage kind: one of corpus, model (import a checkpoint), select, tokenize, pretrain, finetune, distill,
+    quantize, merge, evaluate."""
     method: str
     """A registered method key of that kind (never an import path)."""
     inputs: dict[str, str | list[str]] = Field(default_factory=dict)

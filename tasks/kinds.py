@@ -11,11 +11,12 @@ from components.data.registry import CORPUS_BUILDERS, SELECTORS, TOKENIZERS
 from components.distill.registry import DISTILL_METHODS
 from components.eval.evaluators import EVALUATORS
 from components.merge.registry import MERGERS
+from components.model.registry import MODEL_IMPORTERS
 from components.quant.registry import QUANTIZERS
 from components.registry import Registry
 from components.train.registry import FINETUNE_METHODS, PRETRAIN_METHODS
 
-MODEL_KINDS = ("pretrain", "finetune", "distill", "quantize", "merge")
+MODEL_KINDS = ("model", "pretrain", "finetune", "distill", "quantize", "merge")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ KINDS: dict[str, StageKind] = {
     k.name: k
     for k in [
         StageKind("corpus", CORPUS_BUILDERS, "tasks.corpus", "dataset"),
+        # an existing checkpoint (a local directory or a pinned hub commit) entering the DAG
+        StageKind("model", MODEL_IMPORTERS, "tasks.import_model", "model"),
         StageKind(
             "select", SELECTORS, "tasks.select", "dataset",
             # tokenizer: counts token budgets and is the reference models' tokenizer; reference:
@@ -52,8 +55,9 @@ KINDS: dict[str, StageKind] = {
         StageKind(
             "tokenize", TOKENIZERS, "tasks.tokenize", "tokens",
             # tokenizer: reuse that stage's tokenizer instead of training one, so models trained on
-            # different selections share one vocabulary and their losses compare
-            {"docs": Role(("corpus", "select")), "tokenizer": Role(("tokenize",), required=False)},
+            # different selections share one vocabulary and their losses compare; or an imported
+            # model's own, to pack the corpus in that model's vocabulary
+            {"docs": Role(("corpus", "select")), "tokenizer": Role(("tokenize", "model"), required=False)},
         ),
         StageKind("pretrain", PRETRAIN_METHODS, "tasks.train", "model", {"tokens": Role(("tokenize",))}, trains=True),
         StageKind(

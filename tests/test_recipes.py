@@ -91,7 +91,7 @@ stages:
 
 def test_wrong_input_kind(tmp_path):
     p = _nano_with(tmp_path, "inputs: {model: pretrain_dense}", "inputs: {model: tokenize}")
-    with pytest.raises(RecipeError, match=r"stage 'tokenize' is a tokenize stage; model accepts pretrain"):
+    with pytest.raises(RecipeError, match=r"stage 'tokenize' is a tokenize stage; model accepts model, pretrain"):
         load_recipe(p)
 
 

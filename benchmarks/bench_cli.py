@@ -1,0 +1,81 @@
+"""Start-up time of the commands that only look, before and after a change, paired in one run.
+
+    python benchmarks/bench_cli.py --workspace WS --before <commit> [--runs 5]
+
+Checks the ``before`` commit out into a temporary git worktree and times each command there and
+in this tree, alternating (before, after, before, ...) so drift in a shared machine's speed hits
+both. Writes benchmarks/results/cli_startup.json and .md: the median seconds of each and the
+ratio before/after, pair by pair. The workspace must hold built artifacts (for show/lineage).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def commands(ws: Path) -> dict[str, list[str]]:
+    manifest = next(ws.glob("artifacts/quantize/*/manifest.json"))
+    digest = json.loads(manifest.read_text())["digest"][:12]
+    return {
+        "--help": ["--help"],
+        "lineage DIGEST": ["lineage", digest],
+        "validate quickstart": ["validate", "quickstart"],
+        "list": ["list"],
+    }
+
+
+def timed(tree: Path, ws: Path, args: list[str]) -> float:
+    env = dict(os.environ, PYTHONPATH=str(tree), PAPERDAG_WORKSPACE=str(ws))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workspace", required=True, type=Path)
+    ap.add_argument("--before", required=True, help="commit to compare against")
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    ws = args.workspace.resolve()
+    after_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        before_tree = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(before_tree), args.before], cwd=REPO, check=True)
+        try:
+            for label, argv in commands(ws).items():
+                timed(before_tree, ws, argv), timed(REPO, ws, argv)  # warm-up: page cache, .pyc files
+                pairs = [(timed(before_tree, ws, argv), timed(REPO, ws, argv)) for _ in range(args.runs)]
+                rows[label] = {"before_s": round(statistics.median(b for b, _ in pairs), 3),
+                               "after_s": round(statistics.median(a for _, a in pairs), 3),
+                               "ratio_before_over_after": round(statistics.median(b / a for b, a in pairs), 2)}
+                print(label, rows[label], flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=REPO, check=False)
+    result = {"before": args.before, "after": after_commit, "runs": args.runs, "commands": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cli_startup.json").write_text(json.dumps(result, indent=2))
+    lines = [f"CLI start-up, median of {args.runs} alternating runs; before = {args.before[:12]}, "
+             f"after = {after_commit[:12]}", "", "| command | before (s) | after (s) | before / after |",
+             "|---|---|---|---|"]
+    lines += [f"| `paperdag {k}` | {v['before_s']} | {v['after_s']} | {v['ratio_before_over_after']}x |"
+              for k, v in rows.items()]
+    (RESULTS / "cli_startup.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
