@@ -54,6 +54,10 @@ def results_markdown() -> str:
             body.append("")
         out += _section("Recipe catalogue: every recipe run in one workspace, at one commit",
                         "python benchmarks/run_catalogue.py --workspace /tmp/paperdag-catalogue", body)
+    md = RESULTS / "cli_startup.md"
+    if md.exists():
+        out += _section("CLI start-up: commands that only look, before and after", "python benchmarks/bench_cli.py "
+                        "--workspace /tmp/paperdag-catalogue --before 7267b40", [md.read_text().rstrip()])
     md = RESULTS / "cpu_training.md"
     if md.exists():
         out += _section("Training throughput on CPU: paperdag's trainer vs a bare PyTorch loop, HF Trainer and DeepSpeed", "python benchmarks/bench_cpu_training.py",
