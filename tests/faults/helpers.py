@@ -50,13 +50,23 @@ def cli_env(ws: Path, **extra: str) -> dict:
     return env
 
 
+def _sigint_default() -> None:
+    """A terminal's foreground process has Ctrl-C at its default; a shell's background job
+    (``pytest &``, ``nohup``) passes SIGINT on as ignored, and Python then never raises
+    KeyboardInterrupt. Start the CLI as a terminal would, however pytest itself was started."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(ws: Path, *args: str, **env: str) -> subprocess.Popen:
     """``paperdag ARGS`` as its own process group (as a terminal would run it), output to a log."""
     log_path = ws / f"cli-{time.monotonic_ns()}.log"
     started_ms = int(time.time() * 1000)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=cli_env(ws, **env),
-                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=_sigint_default)
     proc.log_path, proc.started_ms = log_path, started_ms
     return proc
 
