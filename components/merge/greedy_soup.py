@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from components.merge.base import MergeError, Merger, ScoreFn, StateDict, merge_weights
+from pydantic import field_validator
+
+from components.merge.base import MergeError, Merger, MergerParams, ScoreFn, StateDict, merge_weights
 from components.merge.uniform_soup import SOUP_PAPER
-from components.registry import MethodParams
 
 
 def uniform_average(models: list[StateDict]) -> StateDict:
@@ -35,8 +36,15 @@ class GreedySoup(Merger):
     paper = SOUP_PAPER
     requires_base = False
 
-    class Params(MethodParams):
-        """No knobs: the score function and the ingredients decide everything."""
+    class Params(MergerParams):
+        """Only where to score (``validation_domain``): the ingredients and the score decide the rest."""
+
+        @field_validator("weights")
+        @classmethod
+        def _no_weights(cls, weights: list[float] | None) -> None:
+            if weights is not None:
+                raise ValueError("greedy_soup averages the kept ingredients uniformly; weights do not apply")
+            return weights
 
     def merge(self, base: StateDict | None, models: list[StateDict], names: list[str],
               score_fn: ScoreFn | None = None) -> StateDict:

@@ -28,3 +28,24 @@ def test_mismatched_tokenizers_name_the_checkpoint(tmp_path):
     with pytest.raises(MergeError, match="checkpoint 'code_ft' has a different tokenizer from 'prose_ft'"):
         merge_task.run(ctx)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_merger_has_the_params_the_merge_stage_reads():
+    """The merge stage reads `validation_domain` of every method (greedy_soup once lacked it, and
+    its stage failed with an AttributeError only when a recipe ran it)."""
+    from components.merge.base import MergerParams
+    from components.merge.registry import MERGERS
+
+    for key in MERGERS.keys():
+        params = MERGERS.get(key).Params()
+        assert isinstance(params, MergerParams), key
+        assert params.validation_domain is None, key
+
+
+def test_greedy_soup_refuses_weights_it_would_ignore():
+    from pydantic import ValidationError
+
+    from components.merge.greedy_soup import GreedySoup
+
+    with pytest.raises(ValidationError, match="weights do not apply"):
+        GreedySoup.Params(weights=[0.5, 0.5])

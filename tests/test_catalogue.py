@@ -1,0 +1,69 @@
+"""The numbers the README and RESULTS.md show come from one catalogue run at one commit."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+CATALOGUE = REPO / "benchmarks" / "results" / "catalogue.json"
+
+
+def _report():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import report  # benchmarks/report.py
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return report
+
+
+def test_the_catalogue_is_one_run_at_one_commit_of_every_recipe():
+    catalogue = json.loads(CATALOGUE.read_text())
+    commits = {row.get("commit") for row in catalogue.values()}
+    assert len(commits) == 1 and None not in commits, f"catalogue.json mixes commits: {commits}"
+    assert set(catalogue) == {p.stem for p in (REPO / "params").glob("*.yaml")}, \
+        "every recipe in params/ has a catalogue row, and no row names a recipe that is gone"
+    [commit] = commits
+    known = subprocess.run(["git", "cat-file", "-t", commit], cwd=REPO, capture_output=True, text=True)
+    assert known.stdout.strip() == "commit", f"catalogue.json's commit {commit} is not in this repository"
+    for name, row in catalogue.items():
+        assert row["returncode"] == 0, f"{name}: the catalogue run failed (see benchmarks/results/{name}.log)"
+        assert row["digests"] and all(c["verdict"] in ("PASS", "FAIL", "NOT DISCRIMINATING") for c in row["claims"])
+
+
+def test_readme_and_results_are_generated_from_the_catalogue():
+    report = _report()
+    catalogue = json.loads(CATALOGUE.read_text())
+    readme = (REPO / "README.md").read_text()
+    assert readme == report.readme_with_catalogue(readme, catalogue), \
+        "README section 5 was not generated from catalogue.json: run python benchmarks/report.py"
+    assert (REPO / "benchmarks" / "RESULTS.md").read_text() == report.results_markdown(), \
+        "benchmarks/RESULTS.md was not generated from benchmarks/results/: run python benchmarks/report.py"
+
+
+def test_every_row_records_the_digests_its_claims_were_measured_on():
+    """A recipe edited after the run compiles to other digests: `paperdag list` then says STALE."""
+    from flows.report import measured_status
+
+    catalogue = json.loads(CATALOGUE.read_text())
+    name, row = next(iter(catalogue.items()))
+    assert measured_status(name, row["digests"], catalogue).startswith("measured at commit")
+    changed = dict(row["digests"], **{next(iter(row["digests"])): "0" * 64})
+    assert measured_status(name, changed, catalogue).startswith("STALE: 1 of")
+    removed = {stage: digest for stage, digest in list(row["digests"].items())[1:]}
+    assert measured_status(name, removed, catalogue).startswith("STALE: 1 of"), "a stage removed since is a change"
+    failed = {name: dict(row, returncode=1)}
+    assert measured_status(name, row["digests"], failed).startswith("FAILED to run")
+    assert measured_status("no_such_recipe", {}, catalogue) == "not measured in the catalogue"
+
+
+def test_the_catalogue_runner_refuses_a_dirty_tree(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    (clone / "params" / "quickstart.yaml").write_text((clone / "params" / "quickstart.yaml").read_text() + "\n# edit\n")
+    done = subprocess.run([sys.executable, "benchmarks/run_catalogue.py", "--workspace", str(tmp_path / "ws"),
+                           "quickstart"], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "uncommitted changes" in done.stderr and "params/quickstart.yaml" in done.stderr
+    assert not (tmp_path / "ws" / "artifacts").exists()
