@@ -78,5 +78,12 @@ class Workspace:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        # No torch import here: it costs seconds, and commands that only look (list, show,
-        # lineage) never need it. DeepSpeed falls back to its CPU accelerator without CUDA.
+        # DeepSpeed picks its CPU accelerator without CUDA, but says so in a WARNING line on every
+        # stage; preset it where no NVIDIA device exists. Checked without importing torch (seconds),
+        # so commands that only look (list, show, lineage) stay fast.
+        if not _nvidia_device_present():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _nvidia_device_present() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/dxg").exists()  # /dev/dxg: CUDA under WSL
