@@ -96,10 +96,10 @@ def record_in_dvc(root: Path, artifact_dirs: list[Path]) -> tuple[list[str], int
     of starting `paperdag stage` once per stage. Returns (committed stages, artifacts that are not
     DVC stages: built with --set overrides, or dvc.yaml is not synced)."""
     names = dvc_stage_names(root)
+    root = root.resolve()
     wanted, foreign = [], 0
-    for path in artifact_dirs:
-        rel = Path(path).resolve().relative_to(root.resolve()).as_posix() if Path(path).resolve().is_relative_to(
-            root.resolve()) else None
+    for path in (Path(p).resolve() for p in artifact_dirs):
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else None
         if rel in names:
             wanted.append(names[rel])
         else:

@@ -25,26 +25,26 @@ class InspectTargetError(ValueError):
 
 
 # -- status -------------------------------------------------------------------------------------
-def built(ws: Workspace, kind: str, digest: str) -> Path | None:
-    """The artifact directory if a complete one with this digest exists (manifest only)."""
+def built(ws: Workspace, kind: str, digest: str) -> Artifact | None:
+    """The artifact if a complete one with this digest exists (its manifest read, no hashing)."""
     path = ws.artifacts.path_for(kind, digest)
     if not path.is_dir():
         return None
     manifest, problem = read_manifest(path)
-    return path if problem is None and manifest.get("digest") == digest else None
+    return Artifact(path, manifest, ws.artifacts) if problem is None and manifest.get("digest") == digest else None
 
 
 def stage_status(plan: RecipePlan, ws: Workspace, order: list[str], forced: set[str]) -> list[dict]:
     rows = []
     for name in plan.stages:
         s = plan.stages[name]
-        path = built(ws, s.kind, s.digest)
+        art = built(ws, s.kind, s.digest)
         selected = name in order
         rows.append({
             "stage": name, "kind": s.kind, "method": s.method, "digest": s.digest, "upstream": s.upstream,
-            "cached": path is not None, "path": str(path or ws.artifacts.path_for(s.kind, s.digest)),
-            "would_run": selected and (path is None or name in forced),
-            "why": ("forced by --only/--from" if name in forced else "not built" if path is None else "")
+            "cached": art is not None, "path": str(ws.artifacts.path_for(s.kind, s.digest)),
+            "would_run": selected and (art is None or name in forced),
+            "why": ("forced by --only/--from" if name in forced else "not built" if art is None else "")
             if selected else "not selected",
         })
     return rows
@@ -75,11 +75,11 @@ def resolve_artifact(ws: Workspace, ref: str) -> Artifact:
         if stage not in plan.stages:
             raise InspectTargetError(f"recipe {plan.name} has no stage {stage!r}; stages: {', '.join(plan.stages)}")
         s = plan.stages[stage]
-        path = built(ws, s.kind, s.digest)
-        if path is None:
+        art = built(ws, s.kind, s.digest)
+        if art is None:
             raise InspectTargetError(f"{ref}: stage {stage} (digest {s.digest[:DIGEST_LEN]}) has no artifact in "
                                      f"{ws.root}; run `paperdag run {plan.name} --only {stage}`")
-        return Artifact(path, read_manifest(path)[0], ws.artifacts)
+        return art
     if len(ref) < 4 or any(c not in "0123456789abcdef" for c in ref):
         raise InspectTargetError(f"{ref!r} is neither an artifact digest (4 or more hex characters) nor RECIPE:STAGE")
     art = ws.artifacts.find(ref)

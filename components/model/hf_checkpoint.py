@@ -94,5 +94,4 @@ class HfCheckpoint(ModelImporter):
             raise FileNotFoundError(f"hub model {self.params.hub}@{self.params.revision[:12]} is not in the local "
                                     "Hugging Face cache and HF_HUB_OFFLINE is set; download it once with network "
                                     "access, or give a local path") from None
-        check_checkpoint_dir(Path(local))
-        return Path(local)
+        return Path(local)  # checked by the model stage, like a local directory
