@@ -197,6 +197,8 @@ def referenced_digests(ws: Workspace) -> set[str]:
 def unreferenced(ws: Workspace, keep: set[str]) -> list[tuple[Path, int]]:
     out = []
     for path, manifest, problem in ws.artifacts.all():
+        if problem is None and manifest.get("kind") == "model_eval" and manifest.get("inputs", {}).get("model") in keep:
+            continue  # a per-model evaluation (tasks/eval_cache.py) lives as long as its model does
         if problem is None and manifest.get("digest") not in keep:
             out.append((path, sum(f.stat().st_size for f in path.rglob("*") if f.is_file())))
     return out

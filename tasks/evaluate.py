@@ -4,6 +4,7 @@ Writes ``metrics.json`` (per-model metrics and claim results) and ``report.md``.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 
@@ -11,11 +12,13 @@ import numpy as np
 
 from components.data.parquet_io import read_documents
 from components.distill.eft import EftModel
+from components.eval import report_plots
 from components.eval.claims import Claim, SeedPlan, check_claims, verdict_label
 from components.eval.summary import scored_blocks
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
-from tasks.model_io import load_model_artifact
+from tasks.eval_cache import cached_evaluation
+from tasks.model_io import FACTS, load_model_artifact
 from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss")
@@ -34,17 +37,29 @@ def run(ctx) -> dict:
     evaluator = ctx.method
     extra = _extra_inputs(evaluator, tokens.path, heldout)
     per_model: dict[str, dict] = {}
+    reused = 0
     # Name models by this recipe's stage names: an artifact shared with another recipe (same
     # digest) carries the stage name of whichever recipe built it first.
     for name, art in zip(ctx.plan.inputs.get("models", []), ctx.inputs.get("models", [])):
-        model, tokenizer, facts = load_model_artifact(art, activation_hooks=True)
-        model.eval()
-        model_extra = {"facts": facts} if getattr(evaluator, "needs_model_facts", False) else {}
-        m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / name,
-                               quant_meta=facts.get("quantization"), progress=ctx.progress, **extra, **model_extra)
+        facts = model_facts(art)
+
+        def score(work_dir, art=art, facts=facts) -> dict:
+            model, tokenizer, _ = load_model_artifact(art, activation_hooks=True)
+            model.eval()
+            model_extra = {"facts": facts} if getattr(evaluator, "needs_model_facts", False) else {}
+            return evaluator.evaluate(model, tokenizer, art.path, blocks, examples, work_dir,
+                                      quant_meta=facts.get("quantization"), progress=ctx.progress,
+                                      **extra, **model_extra)
+
+        m, was_cached = cached_evaluation(ctx.workspace.artifacts, evaluator, art, tokens, ctx.out_dir / name, score)
+        reused += was_cached
         m.update({k: facts[k] for k in FACT_METRICS if k in facts})
         m.update(prefixed_fact_metrics(facts))
         per_model[name] = m
+    if reused:
+        print(f"{ctx.plan.name}: reused the cached evaluation of {reused} of {len(per_model)} models "
+              f"(same model, test data, evaluator and code)", flush=True)
+    ctx.facts["evaluations_reused"] = reused
     eft_roles = [r for r in EFT_ROLES if r in ctx.inputs]
     if eft_roles:
         if len(eft_roles) != len(EFT_ROLES):
@@ -65,10 +80,13 @@ def run(ctx) -> dict:
               "arith_examples": len(examples)}
     plot = getattr(evaluator.params, "plot", None)
     if plot is not None:
-        report["sweep"] = {"metric": plot.metric, "x_label": plot.x_label, "points": sweep_points(plot, per_model)}
+        report["sweep"] = {"metric": plot.metric, "x_label": plot.x_label, "points": sweep_points(plot, per_model),
+                           "figure": f"{plot.name}.png"}
         write_sweep_plot(plot, report["sweep"]["points"], ctx.out_dir, f"{ctx.recipe.name}: {plot.metric}")
+    figures = _figures(report, ctx.out_dir)
     (ctx.out_dir / "metrics.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
-    (ctx.out_dir / "report.md").write_text(_markdown(ctx.recipe, report))
+    (ctx.out_dir / "report.md").write_text(_markdown(ctx.recipe, report, figures))
+    (ctx.out_dir / "report.html").write_text(_html(ctx.recipe, report, figures))
     flat = {f"{model}.{k}": v for model, m in per_model.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
     flat.update({f"claim.{c['name']}": float(c["passed"]) for c in results})
@@ -80,6 +98,11 @@ def run(ctx) -> dict:
     ctx.facts["claims"] = {c["name"]: c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "")
                            for c in results}
     return flat
+
+
+def model_facts(art) -> dict:
+    """The method's facts of a model artifact (``paperdag.json``), without loading the model."""
+    return json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
 
 
 def _upstream_metrics(ctx) -> dict[str, dict]:
@@ -113,8 +136,24 @@ def prefixed_fact_metrics(facts: dict) -> dict:
             if k.startswith(FACT_PREFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _markdown(recipe, report: dict) -> str:
+def _figures(report: dict, out_dir) -> dict[str, str]:
+    """The report's figures, {caption: file name}, drawn from what ``report`` holds."""
+    drawn = {
+        "Perplexity by domain": report_plots.perplexity_by_domain(report["models"], report["domains"],
+                                                                  out_dir / "perplexity_by_domain.png"),
+        "Size against quality (Pareto front)": report_plots.size_against_quality(
+            report["models"], out_dir / "size_vs_quality.png"),
+        "Claims: slack relative to the bar, 95% interval over seeds": report_plots.claims_against_bars(
+            report["claims"], out_dir / "claims.png"),
+    }
+    if "sweep" in report:
+        drawn[f"Sweep: {report['sweep']['metric']}"] = out_dir / report["sweep"]["figure"]
+    return {caption: path.name for caption, path in drawn.items() if path is not None and path.exists()}
+
+
+def _markdown(recipe, report: dict, figures: dict[str, str]) -> str:
     lines = [f"# {recipe.name}: {recipe.paper.get('title', '')}", "", recipe.paper.get("url", ""), ""]
+    lines += [f"![{caption}]({name})" for caption, name in figures.items()] + ([""] if figures else [])
     cols = sorted({k for m in report["models"].values() for k in m})
     lines.append("| model | " + " | ".join(cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
@@ -126,6 +165,26 @@ def _markdown(recipe, report: dict) -> str:
     for c in report["claims"]:
         lines.append(f"- **{verdict_label(c)}** {c['name']}: {c['statement']}  \n  {c['detail']}")
     return "\n".join(lines) + "\n"
+
+
+def _html(recipe, report: dict, figures: dict[str, str]) -> str:
+    """The same report as one HTML page beside its PNGs (open it from the artifact or MLflow)."""
+    esc = html.escape
+    cols = sorted({k for m in report["models"].values() for k in m})
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = "".join(f"<tr><th>{esc(n)}</th>" + "".join(f"<td>{esc(_cell(m.get(c)))}</td>" for c in cols) + "</tr>"
+                   for n, m in report["models"].items())
+    claims = "".join(f"<li><b>{esc(verdict_label(c))}</b> {esc(c['name'])}: {esc(c['statement'])}<br>"
+                     f"<small>{esc(c['detail'])}</small></li>" for c in report["claims"])
+    images = "".join(f'<figure><img src="{esc(name)}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption>'
+                     "</figure>" for caption, name in figures.items())
+    url = esc(recipe.paper.get("url", ""))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(recipe.name)}</title><style>"
+            "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:12px}"
+            "td,th{border:1px solid #ccc;padding:2px 6px} img{max-width:100%}</style></head><body>"
+            f"<h1>{esc(recipe.name)}: {esc(recipe.paper.get('title', ''))}</h1><p><a href='{url}'>{url}</a></p>"
+            f"<h2>Claims</h2><ul>{claims}</ul>{images}<h2>Models</h2>"
+            f"<table><tr><th>model</th>{head}</tr>{body}</table></body></html>\n")
 
 
 def _cell(v) -> str:

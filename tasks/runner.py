@@ -182,7 +182,7 @@ def _build(plan: RecipePlan, stage: StagePlan, ws: Workspace, tracker: Tracker |
             facts = final.manifest.get("facts", {})
             tracker.set_tags(run_id, {"paperdag.facts": json.dumps(facts, default=str)[:5000],
                                       **{f"paperdag.{key}": str(facts[key]) for key in EXECUTION_TAGS if key in facts}})
-            for small in ("metrics.json", "report.md", STAGE_METRICS, "paperdag.json", "manifest.json"):
+            for small in ("metrics.json", "report.md", "report.html", STAGE_METRICS, "paperdag.json", "manifest.json"):
                 if (final.path / small).exists():
                     tracker.log_file(run_id, final.path / small)
             for png in sorted(final.path.glob("*.png")):

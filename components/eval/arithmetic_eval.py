@@ -180,7 +180,7 @@ class ArithmeticExactMatch(Evaluator):
             raise ArithmeticEvalError(f"{self.key} needs the held-out documents and the train blocks")
         domain = p.domain or (facts or {}).get("train_domain")
         if domain is None:
-            raise ArithmeticEvalError(f"{self.key}: domain is null but the model {work_dir.name} has no train_domain; "
+            raise ArithmeticEvalError(f"{self.key}: domain is null but the model {model_dir} has no train_domain; "
                                       f"set the evaluate stage's params.domain")
         out = perplexity_metrics(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain, progress)
         fmt, problems = heldout_problems(heldout, domain, p.split, p.format, p.limit)

@@ -47,14 +47,15 @@ def write_arithmetic_task(task_dir: Path, examples: Sequence[dict], task_name: s
             raise ValueError(f"example {i} must have exactly the keys question and answer, got {sorted(ex)}")
     task_dir = Path(task_dir).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
-    data_path = task_dir / f"{task_name}.jsonl"
-    with open(data_path, "w", encoding="utf-8") as f:
+    with open(task_dir / f"{task_name}.jsonl", "w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps({"question": str(ex["question"]), "answer": str(ex["answer"])}) + "\n")
+    # The data is found next to the YAML by a loader module the harness imports from the YAML's
+    # own directory (``!function``), so the task holds no absolute path: it runs wherever the
+    # directory is copied, and its bytes are the same in every clone.
+    (task_dir / f"{task_name}_data.py").write_text(_LOADER_MODULE.format(data_file=f"{task_name}.jsonl"))
     config = {
         "task": task_name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_path)}},
         "test_split": "test",
         "output_type": "generate_until",
         "doc_to_text": "{{question}}",
@@ -63,8 +64,20 @@ def write_arithmetic_task(task_dir: Path, examples: Sequence[dict], task_name: s
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0},
     }
-    with open(task_dir / f"{task_name}.yaml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+    text = yaml.safe_dump(config, sort_keys=False) + f"custom_dataset: !function {task_name}_data.load\n"
+    (task_dir / f"{task_name}.yaml").write_text(text, encoding="utf-8")
+
+
+_LOADER_MODULE = '''"""Loads this task's examples from the JSONL file beside it (written by paperdag)."""
+from pathlib import Path
+
+
+def load(**_):
+    import datasets
+
+    data = Path(__file__).with_name("{data_file}")
+    return {{"test": datasets.load_dataset("json", data_files=str(data), split="train")}}
+'''
 
 
 def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: int = 16,

@@ -41,7 +41,7 @@ class GreedySoup(Merger):
 
         @field_validator("weights")
         @classmethod
-        def _no_weights(cls, weights: list[float] | None) -> None:
+        def _no_weights(cls, weights: list[float] | None) -> list[float] | None:
             if weights is not None:
                 raise ValueError("greedy_soup averages the kept ingredients uniformly; weights do not apply")
             return weights

@@ -59,7 +59,14 @@ def test_cold_run_through_the_cli(ws, capsys):
     assert "13 stages, 0 cache hits" in out
     assert "claims:" in out and "[PASS (accounting)] spdf_fewer_flops" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'}" in out
-    metrics = json.loads(next((ws / "artifacts" / "evaluate").glob("*/metrics.json")).read_text())
+    evaluate = next((ws / "artifacts" / "evaluate").iterdir())
+    metrics = json.loads((evaluate / "metrics.json").read_text())
+    figures = ("perplexity_by_domain.png", "size_vs_quality.png", "claims.png")
+    assert all((evaluate / f).read_bytes()[:4] == b"\x89PNG" for f in figures)
+    assert all(f"({f})" in (evaluate / "report.md").read_text() for f in figures)
+    assert all(f'src="{f}"' in (evaluate / "report.html").read_text() for f in figures)
+    # the bundled lm-eval task runs from the artifact: it names no build directory
+    assert ".tmp-" not in (evaluate / "quantize" / "lm_eval_task" / "paperdag_arithmetic.yaml").read_text()
     assert set(metrics["models"]) == {"pretrain_dense", "pretrain_spdf", "finetune_spdf", "distill", "quantize", "merge"}
     for name, m in metrics["models"].items():
         assert m["ppl_all"] > 1 and 0 <= m["arith_exact_match"] <= 1 and m["arith_n"] == 8, name
@@ -104,6 +111,8 @@ def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
     assert by_stage["pretrain_dense"].data.tags["paperdag.torch_compile"] == "False"  # a tiny run: not worth it
     assert by_stage["pretrain_dense"].data.tags["paperdag.attention"] == "eager"  # CPU, short blocks
     assert "evaluate" in by_stage and by_stage["evaluate"].data.metrics["claims_total"] == 2
+    logged = {a.path for a in client.list_artifacts(evaluate_id)}
+    assert {"report.md", "report.html", "claims.png", "size_vs_quality.png"} <= logged, logged
 
 
 def test_warm_run_is_all_cache_hits(ws):
@@ -112,9 +121,15 @@ def test_warm_run_is_all_cache_hits(ws):
     assert len(summary.outcomes) == len(STAGES)
 
 
+def _evaluations_reused(summary) -> int:
+    evaluate = next(o for o in summary.outcomes if o.name == "evaluate")
+    return json.loads((evaluate.path / "manifest.json").read_text())["facts"]["evaluations_reused"]
+
+
 def test_param_change_recomputes_that_stage_and_downstream(ws):
     summary = _run("--set=stages.quantize.params.bits=8")
     assert _recomputed(summary) == {"quantize", "evaluate"}
+    assert _evaluations_reused(summary) == 5  # the evaluate stage re-scores the one changed model
 
 
 def test_code_change_recomputes_that_stage_and_downstream(ws, monkeypatch):
@@ -128,7 +143,7 @@ def test_code_change_recomputes_that_stage_and_downstream(ws, monkeypatch):
         m.setattr(tasks.code_version, "source_bytes",
                   lambda p: read(p) + (b"\n# an edit that changes the code version\n" if p == edited else b""))
         summary = _run()
-    assert _recomputed(summary) == {"quantize", "evaluate"}
+    assert _recomputed(summary) == {"quantize", "evaluate"} and _evaluations_reused(summary) == 5
     assert _recomputed(_run()) == set()  # the original file has the original digests
 
 
@@ -202,13 +217,14 @@ def test_status_show_export_and_gc_look_without_running(ws, capsys, tmp_path):
     assert main(["lineage", digest, "--depth", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["inputs"][0]["inputs_not_shown"] == 1
 
-    # gc: the quantize and evaluate artifacts of the bits=8 and code-edit runs above belong to no recipe
+    # gc: the quantize and evaluate artifacts of the bits=8 and code-edit runs above belong to no
+    # recipe, nor do the per-model evaluations of those two quantized models
     gc = lambda *a: subprocess.run([sys.executable, "-m", "flows.cli", "--workspace", str(ws), "gc", *a],
                                    capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     r = gc("--dry-run")
     orphans = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("  artifacts/")]
     assert r.returncode == 0 and f"{len(orphans)} artifacts that no recipe" in r.stdout, r.stdout + r.stderr
-    assert len(orphans) == 4 and {o.split("/")[1] for o in orphans} == {"quantize", "evaluate"}, orphans
+    assert len(orphans) == 6 and {o.split("/")[1] for o in orphans} == {"quantize", "evaluate", "model_eval"}, orphans
     r = gc()
     assert r.returncode == 2 and "pass --yes" in r.stderr and all((ws / o).exists() for o in orphans)
     with open(ws / ".paperdag" / "locks" / "workspace.lock", "a+") as held:  # as a running `paperdag run` does
@@ -264,7 +280,9 @@ def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
     # a local-directory DVC remote: push, lose the artifacts and DVC's cache, pull them back
     assert run("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")).returncode == 0
     assert main(["push"]) == 0
-    before = {p.parent.name: p.read_text() for p in (ws / "artifacts").glob("*/*/manifest.json")}
+    # the stages' artifacts travel; per-model evaluations are a local cache of the evaluate stage
+    before = {p.parent.name: p.read_text() for p in (ws / "artifacts").glob("*/*/manifest.json")
+              if p.parent.parent.name != "model_eval"}
     shutil.rmtree(ws / "artifacts")
     shutil.rmtree(ws / ".dvc" / "cache")
     assert main(["pull"]) == 0

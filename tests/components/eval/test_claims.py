@@ -169,6 +169,18 @@ def test_seeds_judge_the_paired_interval_not_the_mean():
     assert r["verdict"] == "FAIL" and "95% interval" in r["detail"] and len(r["per_seed"]) == 3
 
 
+def test_an_accounting_bound_under_seeds_passes_when_every_seed_keeps_it():
+    # FLIQS's budget: every seed's searched policy must stay within 6.1 bits; the interval of
+    # the mean (which reaches above the worst seed) is not what the bound is about
+    budget = Claim(name="b", statement="s", kind="accounting", metric="gptq.ppl", op="<=", than=6.1)
+    metrics, plan = seeded({"gptq": [5.99, 5.75, 5.83]})
+    [r] = check_claims([budget], metrics, plan)
+    assert r["slack_interval"][0] < 0 and r["verdict"] == "PASS" and "every seed must clear it" in r["detail"]
+    metrics, plan = seeded({"gptq": [5.99, 6.2, 5.83]})  # one seed over budget
+    [r] = check_claims([budget], metrics, plan)
+    assert r["verdict"] == "FAIL" and "worst seed's slack -0.1" in r["detail"]
+
+
 def test_t_interval_matches_scipy():
     from scipy import stats
 

@@ -23,21 +23,31 @@ def test_parses_arithmetic_lines():
         arithmetic_examples(texts, 0)
 
 
-def test_writes_task_yaml_and_jsonl(tmp_path):
+def _load_task_yaml(path):
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+    return yaml.load(path.read_text(), Loader=TaskLoader)
+
+
+def test_writes_a_task_that_holds_no_absolute_path(tmp_path):
     examples = [{"question": "1+2=", "answer": "3"}, {"question": "9-4=", "answer": "5"}]
     write_arithmetic_task(tmp_path / "tasks", examples, task_name="arith")
-    config = yaml.safe_load((tmp_path / "tasks" / "arith.yaml").read_text())
-    data_path = tmp_path / "tasks" / "arith.jsonl"
+    config = _load_task_yaml(tmp_path / "tasks" / "arith.yaml")
     assert config["task"] == "arith"
     assert config["output_type"] == "generate_until"
-    assert config["dataset_path"] == "json"
-    assert config["dataset_kwargs"] == {"data_files": {"test": str(data_path.resolve())}}
+    assert config["custom_dataset"] == "!function arith_data.load"  # the loader module beside the YAML
     assert config["test_split"] == "test"
     assert config["doc_to_text"] == "{{question}}" and config["doc_to_target"] == "{{answer}}"
     assert config["generation_kwargs"] == {"until": ["\n", " "], "max_gen_toks": 8, "do_sample": False}
     assert config["metric_list"] == [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]
-    assert data_path.read_text().splitlines() == ['{"question": "1+2=", "answer": "3"}',
-                                                  '{"question": "9-4=", "answer": "5"}']
+    assert (tmp_path / "tasks" / "arith.jsonl").read_text().splitlines() == [
+        '{"question": "1+2=", "answer": "3"}', '{"question": "9-4=", "answer": "5"}']
+    files = sorted(p.name for p in (tmp_path / "tasks").iterdir())
+    assert files == ["arith.jsonl", "arith.yaml", "arith_data.py"]
+    for name in files:  # the same bytes wherever it is written: nothing names the directory
+        assert str(tmp_path) not in (tmp_path / "tasks" / name).read_text()
     with pytest.raises(ValueError, match="task_name"):
         write_arithmetic_task(tmp_path, examples, task_name="bad name")
 
@@ -70,11 +80,15 @@ def test_harness_scores_generations_against_targets(tmp_path, char_tokenizer):
               for ex in examples[:10]]
     assert sum(bool(ex["answer"]) for ex in forced) >= 3  # not only empty generations
     forced += [{"question": ex["question"], "answer": "x" + ex["answer"]} for ex in examples[10:]]
-    write_arithmetic_task(tmp_path, forced)
-    result = run_lm_eval(model, char_tokenizer, tmp_path, "paperdag_arithmetic", batch_size=16)
+    # written in one directory, run from another (as from an artifact's final path after the
+    # build directory is renamed): the task must not point back at where it was written
+    write_arithmetic_task(tmp_path / "build", forced)
+    (tmp_path / "build").rename(tmp_path / "final")
+    task_dir = tmp_path / "final"
+    result = run_lm_eval(model, char_tokenizer, task_dir, "paperdag_arithmetic", batch_size=16)
     assert result == {"exact_match": pytest.approx(10 / 40), "n": 40}
 
-    limited = run_lm_eval(model, char_tokenizer, tmp_path, "paperdag_arithmetic", limit=5)
+    limited = run_lm_eval(model, char_tokenizer, task_dir, "paperdag_arithmetic", limit=5)
     assert limited == {"exact_match": pytest.approx(1.0), "n": 5}
 
 

@@ -1,0 +1,102 @@
+"""The figures of an evaluate stage's report: perplexity by domain, size against quality, claims.
+
+Each function draws one PNG from the stage's ``metrics.json`` content and returns its path,
+or None when the report has nothing to draw (one model, no sizes, no claims).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+VERDICT_COLORS = {"PASS": "tab:green", "FAIL": "tab:red", "NOT DISCRIMINATING": "tab:orange"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def perplexity_by_domain(per_model: dict[str, dict], domains: list[str], path: Path) -> Path | None:
+    """Grouped bars: one group per domain, one bar per model (log scale: perplexities span decades)."""
+    domains = [d for d in domains if any(f"ppl_{d}" in m for m in per_model.values())]
+    if not domains:
+        return None
+    plt = _pyplot()
+    models = list(per_model)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(domains) + 0.25 * len(models)), 3.8))
+    for i, name in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(domains))]
+        ys = [per_model[name].get(f"ppl_{d}", float("nan")) for d in domains]
+        ax.bar(xs, ys, width=width, label=name)
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (test split)")
+    ax.legend(fontsize=6, ncol=max(1, len(models) // 8), loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes (smaller size, lower perplexity)."""
+    front = []
+    for name, (size, ppl) in points.items():
+        dominated = any(s <= size and p <= ppl and (s, p) != (size, ppl) for s, p in points.values())
+        if not dominated:
+            front.append(name)
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def size_against_quality(per_model: dict[str, dict], path: Path, metric: str = "ppl_all") -> Path | None:
+    """Deployed bytes against ``metric``, the Pareto front joined by a line."""
+    points = {n: (float(m["size_bytes"]), float(m[metric])) for n, m in per_model.items()
+              if m.get("size_bytes") and metric in m}
+    if len(points) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    front = pareto_front(points)
+    for name, (size, value) in points.items():
+        ax.scatter(size / 1e6, value, color="tab:blue" if name in front else "tab:gray", zorder=3)
+        ax.annotate(name, (size / 1e6, value), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.plot([points[n][0] / 1e6 for n in front], [points[n][1] for n in front], color="tab:blue", alpha=0.5,
+            label="Pareto front")
+    ax.set_xlabel("deployed size (MB)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
+def claims_against_bars(claims: list[dict], path: Path) -> Path | None:
+    """Each claim's slack relative to its bar (> 0 clears it), with the 95% interval where seeds
+    gave one, colored by verdict; accounting claims are hatched."""
+    rows = [c for c in claims if c.get("slack") is not None and c.get("rhs")]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.2))
+    for i, c in enumerate(rows):
+        scale = abs(c["rhs"])
+        rel = c["slack"] / scale
+        ax.barh(i, rel, color=VERDICT_COLORS.get(c["verdict"], "tab:gray"),
+                hatch="//" if c.get("kind") == "accounting" else None, edgecolor="black", linewidth=0.4)
+        if c.get("slack_interval"):
+            low, high = (v / scale for v in c["slack_interval"])
+            ax.errorbar(rel, i, xerr=[[rel - low], [high - rel]], color="black", capsize=3, linewidth=1)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [c["name"] for c in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("slack / |bar|  (> 0 clears the bar; green PASS, red FAIL, orange not discriminating)")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
