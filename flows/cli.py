@@ -9,7 +9,7 @@
     paperdag list [--json] | validate RECIPE
     paperdag status RECIPE [--only S | --from S] [--json]   # what is cached, what a run would compute
     paperdag show DIGEST|RECIPE:STAGE [--json]             # an artifact's manifest and metrics
-    paperdag export DIGEST|RECIPE:STAGE PATH               # copy an artifact out
+    paperdag export DIGEST|RECIPE:STAGE PATH [--format compressed-tensors]  # copy an artifact out
     paperdag gc [--yes | --dry-run]                        # remove artifacts no recipe references
     paperdag push | pull [--remote NAME]                   # artifacts to and from a DVC remote
     paperdag completion bash                               # shell completion script
@@ -240,7 +240,7 @@ def cmd_export(args) -> int:
 
     from flows.inspect import export
 
-    print(f"exported to {export(ws, args.ref, Path(args.path))}")
+    print(f"exported to {export(ws, args.ref, Path(args.path), args.format)}")
     return 0
 
 
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="copy an artifact (checked against its manifest) to a new directory")
     ex.add_argument("ref", help="artifact digest (prefix) or RECIPE:STAGE")
     ex.add_argument("path", help="destination; must not exist")
+    ex.add_argument("--format", default="copy", choices=("copy", "compressed-tensors"),
+                    help="copy: the artifact as it is (default); compressed-tensors: a quantize artifact's "
+                         "integer codes as llm-compressor's format, which transformers loads as quantized")
     ex.set_defaults(fn=cmd_export)
 
     gc = sub.add_parser("gc", help="remove artifacts that no recipe in params/ references")

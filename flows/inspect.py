@@ -117,8 +117,17 @@ def print_artifact(summary: dict, as_json: bool) -> None:
                 print(f"  {k}: {text if len(text) <= 100 else text[:97] + '...'}")
 
 
-def export(ws: Workspace, ref: str, dest: Path) -> Path:
-    """Copy an artifact (re-hashed first) to ``dest``, which must not exist; all or nothing."""
+EXPORT_FORMATS = ("copy", "compressed-tensors")
+
+
+def export(ws: Workspace, ref: str, dest: Path, fmt: str = "copy") -> Path:
+    """Write an artifact (re-hashed first) to ``dest``, which must not exist; all or nothing.
+
+    ``copy`` copies the artifact as it is (a quantize artifact loads as fp32 weights);
+    ``compressed-tensors`` writes a quantize artifact's codes in the format transformers loads
+    as quantized (tasks/export_compressed.py)."""
+    if fmt not in EXPORT_FORMATS:
+        raise InspectTargetError(f"unknown export format {fmt!r}; formats: {', '.join(EXPORT_FORMATS)}")
     art = resolve_artifact(ws, ref)
     dest = dest.resolve()
     if dest.exists() or dest.is_symlink():
@@ -128,7 +137,15 @@ def export(ws: Workspace, ref: str, dest: Path) -> Path:
     art.verify(full=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(art.path, tmp)
+        if fmt == "copy":
+            shutil.copytree(art.path, tmp)
+        else:
+            from tasks.export_compressed import ExportFormatError, export_compressed_tensors
+
+            try:
+                export_compressed_tensors(art.path, tmp)
+            except ExportFormatError as e:
+                raise InspectTargetError(f"cannot export {ref} as {fmt}: {e}") from None
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

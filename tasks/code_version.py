@@ -19,6 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FOLLOWED_PACKAGES = ("components", "tasks")
 
 
+@lru_cache(maxsize=None)
 def _module_file(name: str) -> Path | None:
     try:
         spec = importlib.util.find_spec(name)
@@ -29,7 +30,8 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin).resolve()
 
 
-def _imported_modules(path: Path, module_name: str) -> set[str]:
+@lru_cache(maxsize=None)  # a closure per stage shares most files: parse each once per process
+def _imported_modules(path: Path, module_name: str) -> frozenset[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module_name if path.name == "__init__.py" else module_name.rpartition(".")[0]
     found: set[str] = set()
@@ -46,7 +48,7 @@ def _imported_modules(path: Path, module_name: str) -> set[str]:
             found.add(mod)
             # `from components.data import schema` imports a submodule, not an attribute
             found.update(f"{mod}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] in FOLLOWED_PACKAGES}
+    return frozenset(m for m in found if m.split(".")[0] in FOLLOWED_PACKAGES)
 
 
 @lru_cache(maxsize=None)

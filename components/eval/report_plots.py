@@ -97,6 +97,7 @@ def claims_against_bars(claims: list[dict], path: Path) -> Path | None:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), [c["name"] for c in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("slack / |bar|  (> 0 clears the bar; green PASS, red FAIL, orange not discriminating)")
+    ax.set_xlabel("slack / |bar|  (> 0 clears the bar)")
+    ax.set_title("green PASS, red FAIL, orange NOT DISCRIMINATING; hatched: accounting", fontsize=7)
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)

@@ -181,6 +181,7 @@ def test_lineage_from_run_id_and_digest(ws, capsys):
 def test_status_show_export_and_gc_look_without_running(ws, capsys, tmp_path):
     import fcntl
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     assert main(["status", "nano"]) == 0
@@ -203,6 +204,17 @@ def test_status_show_export_and_gc_look_without_running(ws, capsys, tmp_path):
     assert main(["export", "nano:quantize", str(tmp_path / "int4")]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "int4")
     assert model.config.model_type == "llama"
+    # the same model as compressed-tensors: transformers loads it quantized, with the same logits
+    assert main(["export", "nano:quantize", str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 0
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert quantized.config.quantization_config.quant_method == "compressed-tensors"
+    assert (tmp_path / "ct" / "model.safetensors").stat().st_size < 0.7 * (tmp_path / "int4" / "model.safetensors").stat().st_size
+    ids = torch.arange(1, 17).reshape(1, 16)
+    with torch.no_grad():
+        assert torch.equal(quantized(ids).logits, model(ids).logits)
+    assert main(["export", "nano:pretrain_dense", str(tmp_path / "dense_ct"), "--format", "compressed-tensors"]) == 2
+    assert "not a quantized model artifact" in capsys.readouterr().err and not (tmp_path / "dense_ct").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     (tmp_path / "taken").mkdir()
     assert main(["export", "nano:quantize", str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err and not any((tmp_path / "taken").iterdir())
