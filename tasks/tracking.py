@@ -65,8 +65,12 @@ def unhealthy(base_url: str, timeout: float = 5.0) -> str | None:
         return str(getattr(e, "reason", e))
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def check_tracking_server(uri: str) -> None:
-    if uri.startswith(("http://", "https://")) and (reason := unhealthy(uri)) is not None:
+    if is_server(uri) and (reason := unhealthy(uri)) is not None:
         raise TrackingServerError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
                                   "MLFLOW_TRACKING_URI to track in the workspace's SQLite file")
 
@@ -99,12 +103,15 @@ class Tracker:
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
-                artifact_dir = (workspace.mlflow_artifact_root / experiment).resolve()
-                if not artifact_dir.is_relative_to(workspace.mlflow_artifact_root.resolve()):
-                    raise ValueError(f"experiment name {experiment!r} would put MLflow files outside {workspace.root}")
-                workspace.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
+                location = None  # a tracking server keeps files in its own artifact store (--artifacts-destination)
+                if not is_server(uri):  # the local store keeps them in the workspace
+                    artifact_dir = (workspace.mlflow_artifact_root / experiment).resolve()
+                    if not artifact_dir.is_relative_to(workspace.mlflow_artifact_root.resolve()):
+                        raise ValueError(f"experiment name {experiment!r} would put MLflow files outside {workspace.root}")
+                    workspace.mlflow_artifact_root.mkdir(parents=True, exist_ok=True)
+                    location = artifact_dir.as_uri()
                 try:
-                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_dir.as_uri())
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
                 except mlflow.exceptions.MlflowException:  # created concurrently by another process
                     self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
             else:

@@ -330,3 +330,53 @@ def test_a_recipe_including_nano_adds_merges_that_train_and_measure(ws):
     groupwise = facts["groupwise"]["report"]
     assert groupwise["grouping"] == "transfer" and groupwise["domains"] == ["prose", "code"]
     assert len(groupwise["transfer"]) == 2 and sorted(sum(groupwise["groups"], [])) == ["finetune_code", "finetune_prose"]
+
+
+def test_an_mlflow_server_on_loopback_tracks_the_runs_and_keeps_their_files(ws, tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI at an `mlflow server` with its own artifact store: the runs and the
+    evaluate report's files go to the server, not to the workspace."""
+    import socket
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    store = tmp_path / "server-artifacts"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(store)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        local_store = ws / ".paperdag" / "mlartifacts"  # where the SQLite default keeps run files
+        local_files = set(local_store.rglob("*"))
+        assert local_files  # the runs of the tests above
+        assert _recomputed(_run("--from=merge")) == {"merge", "evaluate"}
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name("nano")
+        assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server's store, not a workspace path
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        assert {r.data.tags["paperdag.stage"] for r in runs if "paperdag.stage" in r.data.tags} == STAGES
+        assert all(r.info.status == "FINISHED" for r in runs)
+        [evaluate] = [r for r in runs if r.data.tags.get("paperdag.stage") == "evaluate"]
+        logged = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+        assert {"report.html", "claims.png", "metrics.json"} <= logged, logged
+        assert any(p.name == "report.html" for p in store.rglob("*"))  # served and stored by the server
+        assert set(local_store.rglob("*")) == local_files
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
