@@ -87,7 +87,8 @@ def cmd_run(args) -> int:
 
     path = resolve_recipe_path(args.recipe, ws.root)
     _, plan = load_plan(path, args.set)  # fail fast, before Prefect starts
-    stages_to_run(plan, args.only, args.from_stage)
+    order, _ = stages_to_run(plan, args.only, args.from_stage)
+    _refuse_missing_inputs(plan, ws, order)
     print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
     with _prefect_api(ws):
         summary = recipe_flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
@@ -95,6 +96,18 @@ def cmd_run(args) -> int:
     print_summary(summary, plan, ws)
     _record_in_dvc(ws, summary)
     return 0
+
+
+def _refuse_missing_inputs(plan, ws: Workspace, order: list[str]) -> None:
+    from flows.errors import StageSelectionError
+    from flows.inspect import missing_inputs
+
+    missing = missing_inputs(plan, ws, order)
+    if missing:
+        needed = sorted({up for _, up in missing})
+        raise StageSelectionError(
+            "; ".join(f"stage {name} reads {up}, which is not built" for name, up in missing)
+            + f". Run without --only (a run builds what is missing), or add {' '.join(f'--only {u}' for u in needed)}")
 
 
 def _record_in_dvc(ws: Workspace, summary) -> None:

@@ -50,6 +50,14 @@ def stage_status(plan: RecipePlan, ws: Workspace, order: list[str], forced: set[
     return rows
 
 
+def missing_inputs(plan: RecipePlan, ws: Workspace, order: list[str]) -> list[tuple[str, str]]:
+    """(stage, upstream) pairs where a selected stage reads an upstream stage that is neither
+    selected nor built: a ``--only`` run would stop there, so it is refused before it starts."""
+    selected = set(order)
+    return [(name, up) for name in order for up in plan.stages[name].upstream
+            if up not in selected and built(ws, plan.stages[up].kind, plan.stages[up].digest) is None]
+
+
 def print_status(plan: RecipePlan, rows: list[dict], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"recipe": plan.name, "recipe_path": str(plan.recipe_path), "stages": rows,

@@ -138,6 +138,18 @@ def test_cli_validate_and_errors_exit_codes(tmp_path, capsys):
     assert "has no stage 'nonexistent'" in capsys.readouterr().err
 
 
+def test_only_on_an_unbuilt_upstream_is_refused_before_anything_starts(workspace, capsys):
+    import time
+
+    start = time.perf_counter()
+    assert main(["run", "nano", "--only", "quantize", "--no-progress"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "stage quantize reads pretrain_dense, which is not built" in err and "--only pretrain_dense" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert time.perf_counter() - start < 20  # no Prefect server, no MLflow run
+    assert not (workspace / "mlflow.db").exists() and not list((workspace / "artifacts").glob("*/*"))
+
+
 def test_cli_list_shows_paper_stages_and_claims(capsys):
     assert main(["--workspace", str(REPO), "list"]) == 0
     out = capsys.readouterr().out
