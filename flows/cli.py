@@ -3,6 +3,7 @@
     paperdag run RECIPE [--set k=v] [--only STAGE | --from STAGE]
     paperdag stage RECIPE STAGE          # one stage; the entry point dvc.yaml calls
     paperdag serve RECIPE --cron "0 3 * * *"
+    paperdag deploy RECIPE --pool NAME [--cron "0 3 * * *"]  # for `prefect worker start --pool NAME`
     paperdag verify [RECIPE|DIGEST]      # re-hash artifacts against their manifests
     paperdag dvc-sync [--check]
     paperdag lineage DIGEST_OR_RUN_ID [--json] [--depth N]
@@ -186,6 +187,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    """A deployment on a Prefect work pool: a `prefect worker` (here or on another machine with
+    the project and its workspace) picks its runs up. Needs a persistent Prefect API."""
+    from flows.errors import DeploymentError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise DeploymentError("paperdag deploy needs a Prefect server that outlives this command: start one "
+                              "(`prefect server start`) and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
+    ws = _workspace(args, writes=True)
+    from flows.deploy import deploy_recipe
+    from flows.recipe import load_plan, resolve_recipe_path
+
+    path = resolve_recipe_path(args.recipe, ws.root)
+    _, plan = load_plan(path, args.set)
+    with _prefect_api(ws):
+        deployment_id, name = deploy_recipe(plan, path, ws, args.pool, args.name, args.cron, args.set)
+    print(f"paperdag: deployment {name} ({deployment_id}) on work pool {args.pool!r}"
+          + (f", cron {args.cron!r}" if args.cron else "") + "\n"
+          f"  start a worker:  prefect worker start --pool {args.pool}\n"
+          f"  trigger a run:   prefect deployment run '{name}'")
+    return 0
+
+
 def cmd_dvc_sync(args) -> int:
     ws = _workspace(args, writes=not args.check)
     from flows.dvc_sync import render_dvc_yaml
@@ -325,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = recipe_cmd("serve", cmd_serve, "register a scheduled Prefect deployment and serve it")
     sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     sv.add_argument("--name", help="deployment name (default RECIPE-scheduled)")
+
+    dp = recipe_cmd("deploy", cmd_deploy, "create a deployment on a Prefect work pool (run by `prefect worker`)")
+    dp.add_argument("--pool", required=True, help="work pool name; a process pool of that name is created if missing")
+    dp.add_argument("--cron", help='optional cron schedule, e.g. "0 3 * * *"')
+    dp.add_argument("--name", help="deployment name (default RECIPE-POOL)")
 
     d = sub.add_parser("dvc-sync", help="regenerate dvc.yaml from the recipes")
     d.add_argument("--check", action="store_true", help="fail if dvc.yaml is out of date")

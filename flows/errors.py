@@ -23,6 +23,10 @@ class StageSelectionError(ValueError):
     """--only/--from name a stage the recipe does not have, or both are given."""
 
 
+class DeploymentError(RuntimeError):
+    """A deployment cannot be created: no persistent Prefect API, or a work pool of another type."""
+
+
 class StageFailedError(RuntimeError):
     """A stage raised; carries its name so the CLI can say which one in one line."""
 
@@ -51,6 +55,6 @@ def describe(exc: BaseException, workspace: Path | None = None) -> str:
     for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno == errno.EROFS:
             return f"read-only file system: cannot write {e.filename or workspace}"
-    if isinstance(exc, (WorkspaceError, TrackingServerError, ConnectionError)):
+    if isinstance(exc, (WorkspaceError, TrackingServerError, ConnectionError, DeploymentError)):
         return str(exc)  # already says what is wrong and what to do
     return f"{type(exc).__name__}: {exc}"

@@ -69,6 +69,7 @@ def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, pare
 def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str] | None = None,
                 from_stage: str | None = None, workspace: str | None = None, progress: bool = True) -> FlowSummary:
     ws = Workspace.from_env(workspace)
+    ws.configure_environment()  # a worker's flow process did not come through the CLI that sets these
     path = resolve_recipe_path(recipe, ws.root)
     _, plan = load_plan(path, overrides or [])
     order, forced = stages_to_run(plan, only or [], from_stage)
@@ -78,6 +79,7 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
             "paperdag.overrides": " ".join(overrides or []), "paperdag.selection":
             (f"only={','.join(only)}" if only else f"from={from_stage}" if from_stage else "all")}
     # named by recipe and start time, so runs of one recipe tell apart in the MLflow run list
+    tags.update(_prefect_link_tags())
     with tracker.run(f"{plan.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags) as parent_id:
         tracker.log_params(parent_id, {"recipe": plan.name, "overrides": overrides or [], "paper": plan.paper})
         summary = FlowSummary(plan.name, parent_id, tracking_uri=ws.tracking_uri)
@@ -91,5 +93,40 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
         tracker.log_metrics(parent_id, {"wall_seconds": summary.seconds,
                                         "cache_hits": sum(o.cached for o in summary.outcomes),
                                         "stages_run": sum(not o.cached for o in summary.outcomes)})
+    _report_to_prefect(summary, plan, tracker.experiment_id)
     return summary
+
+
+def _prefect_link_tags() -> dict[str, str]:
+    """The Prefect flow run this MLflow run belongs to (id and UI address), as MLflow tags."""
+    from prefect.runtime import deployment, flow_run
+
+    tags = {"paperdag.prefect_flow_run_id": str(flow_run.id or "")}
+    if flow_run.ui_url:
+        tags["paperdag.prefect_flow_run_url"] = flow_run.ui_url
+    if deployment.id:
+        tags["paperdag.prefect_deployment"] = str(deployment.name)
+    return tags
+
+
+def _report_to_prefect(summary: FlowSummary, plan: RecipePlan, experiment_id: str) -> None:
+    """A run started by a worker has no terminal: its results table, claims and MLflow run go
+    to the flow run's log and a markdown artifact the Prefect UI shows."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.runtime import deployment
+
+    from flows.report import summary_text
+
+    if not deployment.id:  # `paperdag run` prints the same text itself
+        return
+    text = summary_text(summary, plan)
+    print("\n" + text, flush=True)  # the worker's console, like the stage lines
+    get_run_logger().info("%s", text)  # the flow run's log in the Prefect UI
+    mlflow_run = f"MLflow run `{summary.parent_run_id}` (experiment {experiment_id}) in `{summary.tracking_uri}`"
+    if summary.tracking_uri.startswith(("http://", "https://")):
+        url = f"{summary.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{summary.parent_run_id}"
+        mlflow_run = f"[MLflow run {summary.parent_run_id}]({url})"
+    create_markdown_artifact(key=f"paperdag-{plan.name.replace('_', '-')}", markdown=f"{mlflow_run}\n\n```\n{text}\n```",
+                             description=f"paperdag {plan.name}: results and claims")
 

@@ -47,16 +47,22 @@ def results_table(metrics: dict) -> str:
     return "\n".join(out)
 
 
-def print_summary(summary, plan: RecipePlan, ws: Workspace) -> None:
+def summary_text(summary, plan: RecipePlan) -> str:
+    """What a run reports at the end: stage counts, each evaluate stage's results and claims,
+    and where its lineage is."""
     hits = sum(o.cached for o in summary.outcomes)
-    print(f"\n{plan.name}: {len(summary.outcomes)} stages, {hits} cache hits, {summary.seconds:.1f}s")
+    lines = [f"{plan.name}: {len(summary.outcomes)} stages, {hits} cache hits, {summary.seconds:.1f}s"]
     for outcome in summary.outcomes:
         if outcome.kind == "evaluate" and (Path(outcome.path) / "metrics.json").exists():
-            print(f"\nresults ({outcome.name}):")
-            print(results_table(json.loads((Path(outcome.path) / "metrics.json").read_text())))
-    print(f"\nlineage: mlflow ui --backend-store-uri {summary.tracking_uri}   (experiment '{plan.name}', "
-          f"flow run {summary.parent_run_id})")
-    print(f"         paperdag lineage {summary.parent_run_id}")
+            lines += ["", f"results ({outcome.name}):",
+                      results_table(json.loads((Path(outcome.path) / "metrics.json").read_text()))]
+    lines += ["", f"lineage: mlflow ui --backend-store-uri {summary.tracking_uri}   (experiment '{plan.name}', "
+              f"flow run {summary.parent_run_id})", f"         paperdag lineage {summary.parent_run_id}"]
+    return "\n".join(lines)
+
+
+def print_summary(summary, plan: RecipePlan, ws: Workspace) -> None:
+    print("\n" + summary_text(summary, plan))
 
 
 CATALOGUE = Path("benchmarks") / "results" / "catalogue.json"

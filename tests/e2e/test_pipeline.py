@@ -380,3 +380,38 @@ def test_an_mlflow_server_on_loopback_tracks_the_runs_and_keeps_their_files(ws, 
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+def test_a_deployment_on_a_work_pool_runs_through_a_separate_worker(ws, monkeypatch, capsys):
+    """`paperdag deploy` on a process work pool; a `prefect worker` in another process runs the
+    flow; its MLflow run and its Prefect flow run name each other, and the results table and
+    claims reach the flow run's log and a markdown artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()  # the module's Prefect test server
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # a per-command server would vanish with the command
+    assert main(["deploy", "nano", "--pool", "paperdag-e2e"]) == 1
+    assert "needs a Prefect server that outlives this command" in capsys.readouterr().err
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    assert main(["deploy", "nano", "--pool", "paperdag-e2e"]) == 0
+    assert "deployment paperdag-recipe/nano-paperdag-e2e" in capsys.readouterr().out
+    flow_run = run_deployment("paperdag-recipe/nano-paperdag-e2e", timeout=0)
+    worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "paperdag-e2e", "--run-once"],
+                            env=dict(os.environ, PREFECT_API_URL=url), capture_output=True, text=True, timeout=600)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    assert "claims:" in worker.stdout + worker.stderr  # the run's log: results table and claims
+    with get_client(sync_client=True) as client:
+        finished = client.read_flow_run(flow_run.id)
+        assert finished.state.is_completed(), finished.state
+        [artifact] = [a for a in client.read_artifacts() if a.flow_run_id == flow_run.id]
+    assert artifact.key == "paperdag-nano" and "claims:" in artifact.data and "MLflow run" in artifact.data
+    client = mlflow_client(ws)
+    exp = client.get_experiment_by_name("nano")
+    [parent] = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`paperdag.prefect_flow_run_id` = '{flow_run.id}'"))
+    assert parent.info.status == "FINISHED" and parent.data.tags["paperdag.prefect_deployment"] == "nano-paperdag-e2e"
+    assert parent.info.run_id in artifact.data
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["paperdag.stage"] for c in children} == STAGES  # every stage: cache hits, recorded
