@@ -9,17 +9,17 @@ ratio before/after, pair by pair. The workspace must hold built artifacts (for s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _before_after import REPO, head_commit, parse_args, worktree  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -43,28 +43,16 @@ def timed(tree: Path, ws: Path, args: list[str]) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workspace", required=True, type=Path)
-    ap.add_argument("--before", required=True, help="commit to compare against")
-    ap.add_argument("--runs", type=int, default=5)
-    args = ap.parse_args()
-    ws = args.workspace.resolve()
-    after_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        before_tree = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(before_tree), args.before], cwd=REPO, check=True)
-        try:
-            for label, argv in commands(ws).items():
-                timed(before_tree, ws, argv), timed(REPO, ws, argv)  # warm-up: page cache, .pyc files
-                pairs = [(timed(before_tree, ws, argv), timed(REPO, ws, argv)) for _ in range(args.runs)]
-                rows[label] = {"before_s": round(statistics.median(b for b, _ in pairs), 3),
-                               "after_s": round(statistics.median(a for _, a in pairs), 3),
-                               "ratio_before_over_after": round(statistics.median(b / a for b, a in pairs), 2)}
-                print(label, rows[label], flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=REPO, check=False)
+    args = parse_args(runs=5)
+    ws, after_commit, rows = args.workspace, head_commit(), {}
+    with worktree(args.before) as before_tree:
+        for label, argv in commands(ws).items():
+            timed(before_tree, ws, argv), timed(REPO, ws, argv)  # warm-up: page cache, .pyc files
+            pairs = [(timed(before_tree, ws, argv), timed(REPO, ws, argv)) for _ in range(args.runs)]
+            rows[label] = {"before_s": round(statistics.median(b for b, _ in pairs), 3),
+                           "after_s": round(statistics.median(a for _, a in pairs), 3),
+                           "ratio_before_over_after": round(statistics.median(b / a for b, a in pairs), 2)}
+            print(label, rows[label], flush=True)
     result = {"before": args.before, "after": after_commit, "runs": args.runs, "commands": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cli_startup.json").write_text(json.dumps(result, indent=2))

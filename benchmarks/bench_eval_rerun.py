@@ -14,7 +14,6 @@ and the paired ratio before/after.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -22,11 +21,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _before_after import REPO, head_commit, parse_args, worktree  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 ARGV = ["run", "quickstart", "--no-progress", "--set", "stages.quantize_int4.params.bits=3"]
 STAGE = re.compile(r"^\[\d+/\d+\]\s+(\S+)\s|done in ([0-9.]+)s", re.MULTILINE)
@@ -63,26 +63,14 @@ def timed_run(tree: Path, ws: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workspace", required=True, type=Path)
-    ap.add_argument("--before", required=True, help="commit to compare against")
-    ap.add_argument("--runs", type=int, default=2)
-    args = ap.parse_args()
-    ws = args.workspace.resolve()
-    after_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-    pairs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        before_tree = Path(tmp) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(before_tree), args.before], cwd=REPO, check=True)
-        try:
-            for i in range(args.runs):
-                pair = (timed_run(before_tree, ws), timed_run(REPO, ws))
-                print(f"run {i + 1}: before {pair[0]['wall_s']:.1f}s (evaluate {pair[0]['evaluate_s']}s), "
-                      f"after {pair[1]['wall_s']:.1f}s (evaluate {pair[1]['evaluate_s']}s)", flush=True)
-                pairs.append(pair)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=REPO, check=False)
+    args = parse_args(runs=2)
+    ws, after_commit, pairs = args.workspace, head_commit(), []
+    with worktree(args.before) as before_tree:
+        for i in range(args.runs):
+            pair = (timed_run(before_tree, ws), timed_run(REPO, ws))
+            print(f"run {i + 1}: before {pair[0]['wall_s']:.1f}s (evaluate {pair[0]['evaluate_s']}s), "
+                  f"after {pair[1]['wall_s']:.1f}s (evaluate {pair[1]['evaluate_s']}s)", flush=True)
+            pairs.append(pair)
 
     def median(side: int, key: str) -> float:
         return round(statistics.median(p[side][key] for p in pairs), 1)

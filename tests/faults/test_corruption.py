@@ -104,7 +104,8 @@ def test_a_directory_without_a_valid_manifest_is_quarantined_and_rebuilt(nano_co
 def test_verify_rehashes_everything_and_names_the_bad_file(nano_copy, capsys):
     assert main(["--workspace", str(nano_copy), "verify"]) == 0
     out = capsys.readouterr().out
-    assert "13 artifacts verified, 0 bad" in out
+    assert "19 artifacts verified, 0 bad" in out  # 13 stages and the 6 models' cached evaluations
+    assert out.count("ok       model_eval/") == 6
     flip_bytes(artifact_dir(nano_copy, "merge") / "model.safetensors")
     assert main(["--workspace", str(nano_copy), "verify", "nano"]) == EXIT_FAILED
     out = capsys.readouterr().out
