@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 
 from components.model.presets import load_model
 from components.quant.base import dequantize_packed
-from components.quant.packing import unpack_int
 
 QUANTIZED_FILE = "quantized.safetensors"
 PACKED, UNPACKED = "pack-quantized", "int-quantized"
@@ -69,7 +68,6 @@ def _ct_tensors(packed: dict[str, torch.Tensor], name: str, spec: dict) -> dict[
     shape = tuple(spec["shape"])
     bits = int(spec["bits"])
     scales = packed[f"{name}.scales"].to(torch.float32)
-    codes = unpack_int(packed[f"{name}.qweight"], bits, shape[0] * shape[1]).to(torch.int32)
     if spec["symmetric"]:
         zero = torch.zeros_like(scales)
     else:  # compressed-tensors stores the asymmetric zero point on the signed grid
@@ -77,13 +75,13 @@ def _ct_tensors(packed: dict[str, torch.Tensor], name: str, spec: dict) -> dict[
     if spec["granularity"] == "per_tensor":
         scales, zero = scales.reshape(1), zero.reshape(1)
     weight = dequantize_packed(packed, name, shape, bits, spec.get("zero_point"))
-    del codes
     return {"weight": weight, "weight_scale": scales, "weight_zero_point": zero.to(torch.int8)}
 
 
 def export_compressed_tensors(artifact_dir: Path, dest: Path) -> None:
     """Write ``artifact_dir`` (a quantize artifact) to the new directory ``dest`` as
-    compressed-tensors pack-quantized, with the tokenizer beside it."""
+    compressed-tensors (pack-quantized, or int-quantized for asymmetric grids), with the
+    tokenizer beside it."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -99,9 +97,10 @@ def export_compressed_tensors(artifact_dir: Path, dest: Path) -> None:
     model = load_model(artifact_dir)
     model.config.paperdag_quantization = None  # the compressed-tensors config replaces paperdag's own
     groups = {
-        f"group_{i}": QuantizationScheme(targets=modules, format=PACKED if symmetric else UNPACKED, weights=QuantizationArgs(
-            num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
-            group_size=group_size if strategy == "group" else None))
+        f"group_{i}": QuantizationScheme(
+            targets=modules, format=PACKED if symmetric else UNPACKED,
+            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                                     group_size=group_size if strategy == "group" else None))
         for i, ((bits, strategy, group_size, symmetric), modules) in enumerate(sorted(layout.items()))
     }
     apply_quantization_config(model, QuantizationConfig(config_groups=groups), show_progress=False)
