@@ -58,6 +58,11 @@ def results_markdown() -> str:
     if md.exists():
         out += _section("CLI start-up: commands that only look, before and after", "python benchmarks/bench_cli.py "
                         "--workspace /tmp/paperdag-catalogue --before 7267b40", [md.read_text().rstrip()])
+    md = RESULTS / "eval_rerun.md"
+    if md.exists():
+        out += _section("Changing one quantize stage: the rerun before and after per-model evaluation caching",
+                        "python benchmarks/bench_eval_rerun.py --workspace /tmp/paperdag-catalogue --before b11823b",
+                        [md.read_text().rstrip()])
     md = RESULTS / "cpu_training.md"
     if md.exists():
         out += _section("Training throughput on CPU: paperdag's trainer vs a bare PyTorch loop, HF Trainer and DeepSpeed", "python benchmarks/bench_cpu_training.py",
