@@ -12,11 +12,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def parse_args(runs: int) -> argparse.Namespace:
+def parse_args(runs: int, out: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", required=True, type=Path)
     ap.add_argument("--before", required=True, help="commit to compare against")
     ap.add_argument("--runs", type=int, default=runs)
+    ap.add_argument("--out", default=out, help="results file name in benchmarks/results/, without .json/.md")
     args = ap.parse_args()
     args.workspace = args.workspace.resolve()
     return args

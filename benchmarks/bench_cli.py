@@ -4,7 +4,7 @@
 
 Checks the ``before`` commit out into a temporary git worktree and times each command there and
 in this tree, alternating (before, after, before, ...) so drift in a shared machine's speed hits
-both. Writes benchmarks/results/cli_startup.json and .md: the median seconds of each and the
+both. Writes benchmarks/results/<--out, default cli_startup>.json and .md: the median seconds of each and the
 ratio before/after, pair by pair. The workspace must hold built artifacts (for show/lineage).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def timed(tree: Path, ws: Path, args: list[str]) -> float:
 
 
 def main() -> int:
-    args = parse_args(runs=5)
+    args = parse_args(runs=5, out="cli_startup")
     ws, after_commit, rows = args.workspace, head_commit(), {}
     with worktree(args.before) as before_tree:
         for label, argv in commands(ws).items():
@@ -55,13 +55,13 @@ def main() -> int:
             print(label, rows[label], flush=True)
     result = {"before": args.before, "after": after_commit, "runs": args.runs, "commands": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cli_startup.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     lines = [f"CLI start-up, median of {args.runs} alternating runs; before = {args.before[:12]}, "
              f"after = {after_commit[:12]}", "", "| command | before (s) | after (s) | before / after |",
              "|---|---|---|---|"]
     lines += [f"| `paperdag {k}` | {v['before_s']} | {v['after_s']} | {v['ratio_before_over_after']}x |"
               for k, v in rows.items()]
-    (RESULTS / "cli_startup.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

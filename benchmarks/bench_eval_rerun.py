@@ -63,7 +63,7 @@ def timed_run(tree: Path, ws: Path) -> dict:
 
 
 def main() -> int:
-    args = parse_args(runs=2)
+    args = parse_args(runs=2, out="eval_rerun")
     ws, after_commit, pairs = args.workspace, head_commit(), []
     with worktree(args.before) as before_tree:
         for i in range(args.runs):
@@ -85,7 +85,7 @@ def main() -> int:
         "pairs": pairs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "eval_rerun.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     lines = [f"`{result['command']}` after a built quickstart, median of {args.runs} alternating runs; "
              f"before = {args.before[:12]}, after = {after_commit[:12]}", "",
              "| | before | after | before / after |", "|---|---|---|---|",
@@ -93,7 +93,7 @@ def main() -> int:
              f"{result['ratio_wall_before_over_after']}x |",
              f"| evaluate stage (s) | {result['before_evaluate_s']} | {result['after_evaluate_s']} | "
              f"{result['ratio_evaluate_before_over_after']}x |"]
-    (RESULTS / "eval_rerun.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -58,6 +58,11 @@ def results_markdown() -> str:
     if md.exists():
         out += _section("CLI start-up: commands that only look, before and after", "python benchmarks/bench_cli.py "
                         "--workspace /tmp/paperdag-catalogue --before 7267b40", [md.read_text().rstrip()])
+    md = RESULTS / "cli_closure_cache.md"
+    if md.exists():
+        out += _section("CLI start-up after source closures parse each file once per process",
+                        "python benchmarks/bench_cli.py --workspace /tmp/paperdag-catalogue --before b11823b --runs 3 "
+                        "--out cli_closure_cache", [md.read_text().rstrip()])
     md = RESULTS / "eval_rerun.md"
     if md.exists():
         out += _section("Changing one quantize stage: the rerun before and after per-model evaluation caching",
