@@ -168,6 +168,7 @@ def cmd_serve(args) -> int:
     from prefect import serve
     from prefect.deployments.runner import EntrypointType
 
+    from flows.deploy import deployment_fields
     from flows.pipeline import recipe_flow
     from flows.recipe import load_plan, resolve_recipe_path
 
@@ -176,10 +177,8 @@ def cmd_serve(args) -> int:
     deployment = recipe_flow.to_deployment(
         name=args.name or f"{plan.name}-scheduled",
         cron=args.cron,
-        parameters={"recipe": str(path), "overrides": args.set, "workspace": str(ws.root), "progress": False},
-        description=f"paperdag recipe {plan.name}: {plan.paper.get('title', '')}",
-        tags=["paperdag", plan.name],
         entrypoint_type=EntrypointType.MODULE_PATH,
+        **deployment_fields(plan, path, ws, args.set),
     )
     print(f"paperdag: serving {plan.name} on cron {args.cron!r} (Ctrl-C to stop)")
     with _prefect_api(ws):
@@ -388,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="copy an artifact (checked against its manifest) to a new directory")
     ex.add_argument("ref", help="artifact digest (prefix) or RECIPE:STAGE")
     ex.add_argument("path", help="destination; must not exist")
-    ex.add_argument("--format", default="copy", choices=("copy", "compressed-tensors"),
+    from flows.inspect import EXPORT_FORMATS  # torch-free, like every command that only looks
+
+    ex.add_argument("--format", default="copy", choices=EXPORT_FORMATS,
                     help="copy: the artifact as it is (default); compressed-tensors: a quantize artifact's "
                          "integer codes as llm-compressor's format, which transformers loads as quantized")
     ex.set_defaults(fn=cmd_export)

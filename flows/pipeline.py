@@ -19,7 +19,7 @@ from flows.errors import StageFailedError, StageSelectionError
 from flows.recipe import load_plan, resolve_recipe_path
 from tasks.plan import RecipePlan
 from tasks.runner import StageOutcome, execute_stage
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, is_server
 from tasks.workspace import Workspace
 
 
@@ -124,7 +124,7 @@ def _report_to_prefect(summary: FlowSummary, plan: RecipePlan, experiment_id: st
     print("\n" + text, flush=True)  # the worker's console, like the stage lines
     get_run_logger().info("%s", text)  # the flow run's log in the Prefect UI
     mlflow_run = f"MLflow run `{summary.parent_run_id}` (experiment {experiment_id}) in `{summary.tracking_uri}`"
-    if summary.tracking_uri.startswith(("http://", "https://")):
+    if is_server(summary.tracking_uri):
         url = f"{summary.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{summary.parent_run_id}"
         mlflow_run = f"[MLflow run {summary.parent_run_id}]({url})"
     create_markdown_artifact(key=f"paperdag-{plan.name.replace('_', '-')}", markdown=f"{mlflow_run}\n\n```\n{text}\n```",
