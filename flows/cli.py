@@ -67,8 +67,13 @@ def _prefect_api(ws: Workspace):
         _check_prefect_api(os.environ["PREFECT_API_URL"])
         yield
         return
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
+    # also in the environment: worker processes of `--max-parallel` start before any task's settings reach them
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        del os.environ["PREFECT_API_URL"]  # it was unset: prefect_api_url returned a server of ours
 
 
 def _check_prefect_api(url: str) -> None:
@@ -92,12 +97,38 @@ def cmd_run(args) -> int:
     order, _ = stages_to_run(plan, args.only, args.from_stage)
     _refuse_missing_inputs(plan, ws, order)
     print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
+    flow, max_parallel = _flow_with_runner(recipe_flow, args)
     with _prefect_api(ws):
-        summary = recipe_flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
-                              workspace=str(ws.root), progress=not args.no_progress)
+        summary = flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
+                       workspace=str(ws.root), progress=not args.no_progress, max_parallel=max_parallel)
     print_summary(summary, plan, ws)
     _record_in_dvc(ws, summary)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of stages, 1 or more, got {text!r}")
+    return int(text)
+
+
+def _default_parallel() -> int:
+    from flows.parallel import default_max_parallel
+
+    return default_max_parallel()
+
+
+def _flow_with_runner(recipe_flow, args):
+    """(the flow on the task runner ``--runner``/``--max-parallel`` ask for, its stage limit)."""
+    from flows.parallel import RunnerError, check_runner_spec, stage_task_runner
+
+    max_parallel = args.max_parallel or _default_parallel()
+    check_runner_spec(args.runner)
+    if max_parallel == 1:
+        if args.runner != "process":
+            raise RunnerError(f"--runner {args.runner} runs stages side by side: give --max-parallel N, N > 1")
+        return recipe_flow, 1
+    return recipe_flow.with_options(task_runner=stage_task_runner(args.runner, max_parallel)), max_parallel
 
 
 def _refuse_missing_inputs(plan, ws: Workspace, order: list[str]) -> None:
@@ -336,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--allow-over-budget", action="store_true",
                    help="run stages that would take over PAPERDAG_MAX_STAGE_HOURS or more memory than is free")
+    r.add_argument("--max-parallel", type=_positive_int, metavar="N",
+                   help="run up to N independent stages side by side, each with cores/N torch threads "
+                        "(default: one per two cores, here %(default_n)s)" % {"default_n": _default_parallel()})
+    r.add_argument("--runner", default="process", metavar="SPEC",
+                   help="where side-by-side stages run: process (default; local processes), dask[:ADDRESS] "
+                        "or ray[:ADDRESS] (needs prefect-dask / prefect-ray)")
 
     s = recipe_cmd("stage", cmd_stage, "run one stage (the entry point dvc.yaml uses)")
     s.add_argument("stage")
@@ -469,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ws.configure_environment()  # before Prefect/MLflow are imported
     from flows.errors import Interrupted, RecipeError, StageFailedError, StageSelectionError, describe
     from flows.inspect import InspectTargetError, release_workspace
+    from flows.parallel import RunnerError
     from flows.verify import VerifyTargetError
 
     if getattr(args, "allow_over_budget", False):
@@ -476,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _signals_as_interrupts():
             return args.fn(args)
-    except (RecipeError, StageSelectionError, VerifyTargetError, InspectTargetError) as e:
+    except (RecipeError, StageSelectionError, VerifyTargetError, InspectTargetError, RunnerError) as e:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)

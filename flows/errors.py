@@ -34,6 +34,16 @@ class StageFailedError(RuntimeError):
         super().__init__(f"stage {stage} ({kind}/{method}) failed: {describe(cause, workspace)}")
         self.stage, self.cause = stage, cause
 
+    def __reduce__(self):  # from a worker process (--max-parallel): the message and stage, not the live cause
+        return (StageFailedError._from_message, (str(self), self.stage))
+
+    @classmethod
+    def _from_message(cls, message: str, stage: str) -> "StageFailedError":
+        error = cls.__new__(cls)
+        RuntimeError.__init__(error, message)
+        error.stage, error.cause = stage, None
+        return error
+
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, delivered as an interruption so every run and temp dir is cleaned up like Ctrl-C."""

@@ -51,15 +51,19 @@ def stages_to_run(plan: RecipePlan, only: list[str], from_stage: str | None) -> 
 
 @task(name="stage", cache_policy=NO_CACHE, persist_result=False)
 def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, parent_run_id: str,
-              force: bool, progress: bool, index: str):
+              force: bool, progress: bool, index: str, one_line: bool = True):
+    """One stage. ``one_line``: its start and end share a line (stages one after another);
+    stages side by side print a ``started`` line and an end line each."""
     stage = plan.stages[name]
-    print(f"{index} {name:<18} {stage.kind:<9} {stage.method:<16} {stage.digest[:12]} ", end="", flush=True)
+    head = f"{index} {name:<18} {stage.kind:<9} {stage.method:<16} {stage.digest[:12]} "
+    print(head, end="" if one_line else "started\n", flush=True)
+    end = "" if one_line else head
     try:
         outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force, progress=progress)
     except Exception as e:
-        print("failed", flush=True)
+        print(f"{end}failed", flush=True)
         raise StageFailedError(name, stage.kind, stage.method, e, ws.root) from e
-    print(f"{'cached' if outcome.cached else 'done'} in {outcome.seconds:.1f}s", flush=True)
+    print(f"{end}{'cached' if outcome.cached else 'done'} in {outcome.seconds:.1f}s", flush=True)
     if outcome.cached:
         return Completed(name="Cached", message=f"artifact {outcome.digest[:16]} exists", data=outcome)
     return outcome
@@ -67,7 +71,10 @@ def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, pare
 
 @flow(name="paperdag-recipe", log_prints=False, persist_result=False, validate_parameters=False)
 def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str] | None = None,
-                from_stage: str | None = None, workspace: str | None = None, progress: bool = True) -> FlowSummary:
+                from_stage: str | None = None, workspace: str | None = None, progress: bool = True,
+                max_parallel: int = 1) -> FlowSummary:
+    """``max_parallel`` > 1: independent stages run side by side on the flow's task runner
+    (``flows.parallel``); 1: one after another in this process."""
     ws = Workspace.from_env(workspace)
     ws.configure_environment()  # a worker's flow process did not come through the CLI that sets these
     path = resolve_recipe_path(recipe, ws.root)
@@ -83,18 +90,67 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
     with tracker.run(f"{plan.name} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags) as parent_id:
         tracker.log_params(parent_id, {"recipe": plan.name, "overrides": overrides or [], "paper": plan.paper})
         summary = FlowSummary(plan.name, parent_id, tracking_uri=ws.tracking_uri)
-        for i, name in enumerate(order, 1):
-            outcome = run_stage.with_options(task_run_name=name)(
-                plan, name, ws, tracker, parent_id, name in forced, progress, f"[{i}/{len(order)}]")
-            if isinstance(outcome, State):  # a cache hit returns its `Cached` state
-                outcome = outcome.result()
-            summary.outcomes.append(outcome)
+        if max_parallel > 1:
+            summary.outcomes = _run_side_by_side(plan, order, forced, ws, tracker, parent_id, max_parallel)
+        else:
+            for i, name in enumerate(order, 1):
+                outcome = run_stage.with_options(task_run_name=name)(
+                    plan, name, ws, tracker, parent_id, name in forced, progress, f"[{i}/{len(order)}]")
+                summary.outcomes.append(_outcome(outcome))
         summary.seconds = time.perf_counter() - start
         tracker.log_metrics(parent_id, {"wall_seconds": summary.seconds,
                                         "cache_hits": sum(o.cached for o in summary.outcomes),
                                         "stages_run": sum(not o.cached for o in summary.outcomes)})
     _report_to_prefect(summary, plan, tracker.experiment_id)
     return summary
+
+
+def _outcome(result) -> StageOutcome:
+    return result.result() if isinstance(result, State) else result  # a cache hit returns its `Cached` state
+
+
+def _run_side_by_side(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspace, tracker: Tracker,
+                      parent_id: str, limit: int) -> list[StageOutcome]:
+    """Submit each stage once its upstream stages in ``order`` have finished, at most ``limit``
+    at a time. After a failure nothing new starts; running stages finish (and stay cached),
+    then the first failure is raised. Outcomes come back in ``order``."""
+    from prefect.futures import as_completed
+
+    selected, finished, failures = set(order), {}, []
+    waiting, running = list(order), {}
+    index = {name: f"[{i}/{len(order)}]" for i, name in enumerate(order, 1)}
+
+    def ready(name: str) -> bool:
+        return all(up in finished or up not in selected for up in plan.stages[name].upstream)
+
+    while running or (waiting and not failures):
+        for name in [n for n in waiting if ready(n)] if not failures else []:
+            stage = plan.stages[name]
+            task = run_stage.with_options(task_run_name=name)
+            args = (plan, name, ws, tracker, parent_id, name in forced, False, index[name])
+            if name not in forced and ws.artifacts.get(stage.kind, stage.digest) is not None:
+                waiting.remove(name)
+                try:  # a cache hit is served here, not worth a worker
+                    finished[name] = _outcome(task(*args))
+                except Exception as e:  # noqa: BLE001 - raised below, once the running stages are done
+                    failures.append(e)
+                    break
+            elif len(running) < limit:
+                waiting.remove(name)
+                running[task.submit(*args, one_line=False)] = name
+        if not running:
+            if waiting and not failures and not any(ready(n) for n in waiting):
+                raise RuntimeError(f"stages {waiting} wait on stages that never ran")  # a bug, not a user error
+            continue
+        future = next(as_completed(list(running)))
+        name = running.pop(future)
+        try:
+            finished[name] = _outcome(future.result())
+        except Exception as e:  # noqa: BLE001 - raised below, once the running stages are done
+            failures.append(e)
+    if failures:
+        raise failures[0]
+    return [finished[name] for name in order]
 
 
 def _prefect_link_tags() -> dict[str, str]:

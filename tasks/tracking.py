@@ -92,6 +92,7 @@ class Tracker:
 
         self.mlflow = mlflow
         self.workspace = workspace
+        self.experiment_name = experiment
         uri = workspace.tracking_uri
         check_tracking_server(uri)
         # A new SQLite store is created by an alembic migration; two processes doing it at once
@@ -118,6 +119,10 @@ class Tracker:
                 self.experiment_id = exp.experiment_id
         self.commit = git_commit(workspace.root)
         self._mark_orphans_killed()
+
+    def __reduce__(self):
+        """A stage in another process (``paperdag run --max-parallel``) opens its own client."""
+        return (Tracker, (self.workspace, self.experiment_name))
 
     def _mark_orphans_killed(self) -> None:
         """Runs left RUNNING by a process on this host that no longer exists were killed."""

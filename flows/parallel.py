@@ -1,0 +1,112 @@
+"""Independent stages side by side, on a Prefect task runner.
+
+``paperdag run --max-parallel N`` submits every stage whose upstream stages (in this run) have
+finished, at most N at a time, to one of Prefect's task runners:
+
+- ``process`` (default): Prefect's ``ProcessPoolTaskRunner``, N worker processes on this machine;
+- ``dask`` or ``dask:ADDRESS``: ``prefect-dask``'s ``DaskTaskRunner`` on a new ``LocalCluster`` of
+  N single-threaded worker processes, or on the scheduler at ADDRESS;
+- ``ray`` or ``ray:ADDRESS``: ``prefect-ray``'s ``RayTaskRunner`` on a local Ray or at ADDRESS.
+
+Processes rather than threads, because a stage seeds torch's global RNG and sets its
+intra-op thread count: two stages in one process would draw from one RNG stream.
+
+Cores are shared out, not oversubscribed: each local worker process runs torch with
+``cores // N`` threads, so two training stages on 2 cores take one core each. A stage whose
+artifact is already in the store is served in the flow's own process (a cache hit is a stat
+and a checksum, not worth a worker). The digest lock in ``ArtifactStore.lock`` keeps two
+stages, or two ``paperdag run``s on one workspace, from building one digest at once.
+"""
+from __future__ import annotations
+
+import os
+
+RUNNERS = ("process", "dask", "ray")
+
+
+class RunnerError(ValueError):
+    """A ``--runner`` spec that names no runner, or a runner whose package is missing."""
+
+
+def default_max_parallel() -> int:
+    """One stage per two cores: every stage keeps at least two torch threads (1 on this 2-core laptop)."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+def threads_per_stage(max_parallel: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max_parallel)
+
+
+def _init_worker(threads: int) -> None:
+    """Runs once in each local worker process, before its first stage.
+
+    The trainer joins a one-process DeepSpeed group on its first stage and keeps it for the
+    process's life; Prefect restores the worker's environment after every task, so the group's
+    variables are set here, in the environment that is restored (with a port of the worker's own)."""
+    import socket
+
+    import torch
+
+    from components.train.trainer import _OWN_DIST_ENV
+
+    torch.set_num_threads(threads)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ[_OWN_DIST_ENV] = "1"
+
+
+def check_runner_spec(spec: str) -> None:
+    scheme, _, _ = spec.partition(":")
+    if scheme not in RUNNERS:
+        raise RunnerError(f"--runner {spec!r}: expected process, dask[:ADDRESS] or ray[:ADDRESS]")
+    if scheme == "process" and spec != "process":
+        raise RunnerError(f"--runner {spec!r}: the process runner takes no address (use --max-parallel for its size)")
+
+
+def stage_task_runner(spec: str, max_parallel: int):
+    """The Prefect task runner for ``--runner SPEC`` with ``max_parallel`` workers."""
+    check_runner_spec(spec)
+    scheme, _, address = spec.partition(":")
+    threads = threads_per_stage(max_parallel)
+    if scheme == "process":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=max_parallel, initializer=_init_worker, initargs=(threads,))
+    package = f"prefect_{scheme}"
+    try:
+        import importlib
+
+        module = importlib.import_module(package)
+    except ImportError:
+        raise RunnerError(f"--runner {spec!r} needs the {package.replace('_', '-')} package: "
+                          f"pip install {package.replace('_', '-')}") from None
+    if scheme == "dask":
+        if address:
+            _check_reachable(spec, address)
+            return module.DaskTaskRunner(address=address)
+        # worker processes (not threads: see the module docstring), one torch thread budget each
+        return module.DaskTaskRunner(cluster_kwargs={
+            "n_workers": max_parallel, "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None, "env": {"OMP_NUM_THREADS": str(threads)}})
+    if address:
+        _check_reachable(spec, address)
+        return module.RayTaskRunner(address=address)
+    return module.RayTaskRunner(init_kwargs={"num_cpus": max_parallel, "include_dashboard": False,
+                                             "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}})
+
+
+def _check_reachable(spec: str, address: str, timeout: float = 5.0) -> None:
+    """A scheduler that does not answer is named in seconds, before the flow starts."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise RunnerError(f"--runner {spec!r}: expected an address like tcp://HOST:PORT")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
+    except OSError as e:
+        raise RunnerError(f"--runner {spec!r}: {parsed.hostname}:{parsed.port} does not answer "
+                          f"({e.strerror or e}); start the scheduler or check the address") from None
