@@ -58,7 +58,7 @@ def _workspace(args, writes: bool = False) -> Workspace:
 def _prefect_api(ws: Workspace):
     """Flows report to the user's PREFECT_API_URL, or to a local server this process owns
     (flows/prefect_server.py) instead of Prefect's ephemeral one."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.context import refresh_global_settings_context
 
     from flows.prefect_server import prefect_api_url
 
@@ -67,13 +67,28 @@ def _prefect_api(ws: Workspace):
         _check_prefect_api(os.environ["PREFECT_API_URL"])
         yield
         return
-    # also in the environment: worker processes of `--max-parallel` start before any task's settings reach them
+    # Prefect's global settings, not a context of this thread, and for the rest of this process:
+    # Prefect's own threads (the process runner's message forwarder) and exit handlers (the
+    # events flush) read those, and with no URL there they start Prefect's own ephemeral server,
+    # which on a busy machine made Ctrl-C take 43 s. Worker processes inherit the environment.
     os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield
+        yield
     finally:
-        del os.environ["PREFECT_API_URL"]  # it was unset: prefect_api_url returned a server of ours
+        _drain_prefect_events()
+
+
+def _drain_prefect_events(timeout: float = 3.0) -> None:
+    """Send the events and logs Prefect still queues to the server while it is certainly up."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # noqa: BLE001, S110 - best effort; what is lost is telemetry, not results
+            pass
 
 
 def _check_prefect_api(url: str) -> None:
@@ -369,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run stages that would take over PAPERDAG_MAX_STAGE_HOURS or more memory than is free")
     r.add_argument("--max-parallel", type=_positive_int, metavar="N",
                    help="run up to N independent stages side by side, each with cores/N torch threads "
-                        "(default: one per two cores, here %(default_n)s)" % {"default_n": _default_parallel()})
+                        f"(default: one per two cores, here {_default_parallel()})")
     r.add_argument("--runner", default="process", metavar="SPEC",
                    help="where side-by-side stages run: process (default; local processes), dask[:ADDRESS] "
                         "or ray[:ADDRESS] (needs prefect-dask / prefect-ray)")

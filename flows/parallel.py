@@ -19,7 +19,11 @@ stages, or two ``paperdag run``s on one workspace, from building one digest at o
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
+from contextlib import contextmanager
 
 RUNNERS = ("process", "dask", "ray")
 
@@ -37,6 +41,60 @@ def threads_per_stage(max_parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // max_parallel)
 
 
+_IN_POOL_WORKER = False  # set in the process runner's worker processes
+_STAGE_RUNNING = False
+
+
+def _interrupted_once(signum, _frame):
+    """The first SIGINT/SIGTERM interrupts the running stage: its MLflow run ends KILLED and its
+    temp dir goes. Later ones (the flow process passing a terminal's Ctrl-C on) wait for that
+    cleanup. A worker between stages just exits."""
+    from flows.errors import Interrupted
+
+    if not _STAGE_RUNNING:
+        os._exit(128 + signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible_stage():
+    """Around a stage: in a pool worker, an interrupted stage cleans up and then ends the
+    worker, rather than leaving it to wait for a next stage that will never come."""
+    global _STAGE_RUNNING
+    _STAGE_RUNNING = True
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if _IN_POOL_WORKER:
+            sys.stdout.flush()
+            os._exit(128 + getattr(e, "signum", signal.SIGINT))
+        raise
+    finally:
+        _STAGE_RUNNING = False
+
+
+def stop_pool_workers(timeout: float = 10.0) -> None:
+    """The flow process was interrupted: pass it on to the worker processes (SIGTERM reaches
+    only this process) and wait for their stages to clean up."""
+    import multiprocessing
+    import time
+
+    logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL)  # "broken pool": expected now
+    children = multiprocessing.active_children()
+    for child in children:
+        try:
+            os.kill(child.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+
+
 def _init_worker(threads: int) -> None:
     """Runs once in each local worker process, before its first stage.
 
@@ -49,6 +107,10 @@ def _init_worker(threads: int) -> None:
 
     from components.train.trainer import _OWN_DIST_ENV
 
+    global _IN_POOL_WORKER
+    _IN_POOL_WORKER = True
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupted_once)
     torch.set_num_threads(threads)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,6 +135,10 @@ def stage_task_runner(spec: str, max_parallel: int):
     if scheme == "process":
         from prefect.task_runners import ProcessPoolTaskRunner
 
+        # A worker that exits on Ctrl-C leaves its stage's semaphores to the resource tracker,
+        # which would print a "leaked semaphore" warning; the tracker takes its -W flags from here.
+        sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+
         return ProcessPoolTaskRunner(max_workers=max_parallel, initializer=_init_worker, initargs=(threads,))
     package = f"prefect_{scheme}"
     try:
@@ -83,13 +149,16 @@ def stage_task_runner(spec: str, max_parallel: int):
         raise RunnerError(f"--runner {spec!r} needs the {package.replace('_', '-')} package: "
                           f"pip install {package.replace('_', '-')}") from None
     if scheme == "dask":
+        # the LocalCluster's scheduler runs in this process and logs every worker at INFO
+        verbose = logging.getLogger("paperdag").getEffectiveLevel() <= logging.INFO
+        logging.getLogger("distributed").setLevel(logging.INFO if verbose else logging.WARNING)
         if address:
             _check_reachable(spec, address)
             return module.DaskTaskRunner(address=address)
         # worker processes (not threads: see the module docstring), one torch thread budget each
         return module.DaskTaskRunner(cluster_kwargs={
             "n_workers": max_parallel, "threads_per_worker": 1, "processes": True,
-            "dashboard_address": None, "env": {"OMP_NUM_THREADS": str(threads)}})
+            "dashboard_address": None, "silence_logs": logging.ERROR, "env": {"OMP_NUM_THREADS": str(threads)}})
     if address:
         _check_reachable(spec, address)
         return module.RayTaskRunner(address=address)

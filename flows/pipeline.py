@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from flows.errors import StageFailedError, StageSelectionError
+from flows.parallel import interruptible_stage, stop_pool_workers
 from flows.recipe import load_plan, resolve_recipe_path
 from tasks.plan import RecipePlan
 from tasks.runner import StageOutcome, execute_stage
@@ -59,7 +60,9 @@ def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, pare
     print(head, end="" if one_line else "started\n", flush=True)
     end = "" if one_line else head
     try:
-        outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force, progress=progress)
+        with interruptible_stage():
+            outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force,
+                                    progress=progress)
     except Exception as e:
         print(f"{end}failed", flush=True)
         raise StageFailedError(name, stage.kind, stage.method, e, ws.root) from e
@@ -114,10 +117,22 @@ def _run_side_by_side(plan: RecipePlan, order: list[str], forced: set[str], ws: 
     """Submit each stage once its upstream stages in ``order`` have finished, at most ``limit``
     at a time. After a failure nothing new starts; running stages finish (and stay cached),
     then the first failure is raised. Outcomes come back in ``order``."""
+    finished, failures = {}, []
+    try:
+        _dispatch(plan, order, forced, ws, tracker, parent_id, limit, finished, failures)
+    except KeyboardInterrupt:
+        stop_pool_workers()
+        raise
+    if failures:
+        raise failures[0]
+    return [finished[name] for name in order]
+
+
+def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspace, tracker: Tracker,
+              parent_id: str, limit: int, finished: dict, failures: list) -> None:
     from prefect.futures import as_completed
 
-    selected, finished, failures = set(order), {}, []
-    waiting, running = list(order), {}
+    selected, waiting, running = set(order), list(order), {}
     index = {name: f"[{i}/{len(order)}]" for i, name in enumerate(order, 1)}
 
     def ready(name: str) -> bool:
@@ -146,11 +161,8 @@ def _run_side_by_side(plan: RecipePlan, order: list[str], forced: set[str], ws: 
         name = running.pop(future)
         try:
             finished[name] = _outcome(future.result())
-        except Exception as e:  # noqa: BLE001 - raised below, once the running stages are done
+        except Exception as e:  # noqa: BLE001 - raised by the caller, once the running stages are done
             failures.append(e)
-    if failures:
-        raise failures[0]
-    return [finished[name] for name in order]
 
 
 def _prefect_link_tags() -> dict[str, str]:

@@ -138,7 +138,8 @@ class ManagedPrefectServer:
 def prefect_api_url(state_dir: Path) -> str | None:
     """The API this process's flows report to: the user's ``PREFECT_API_URL`` (None: use it as
     configured) or a managed local server's."""
-    if os.environ.get("PREFECT_API_URL"):
+    ours = ManagedPrefectServer._instance
+    if os.environ.get("PREFECT_API_URL") and not (ours and os.environ["PREFECT_API_URL"] == ours.api_url):
         return None
     home = Path(os.environ.get("PREFECT_HOME") or state_dir / "prefect")
     return ManagedPrefectServer.shared(home).api_url

@@ -1,0 +1,158 @@
+"""`paperdag run --max-parallel N`: stages side by side on real Prefect task runners (worker
+processes, a Dask LocalCluster), on copies of the nano workspace."""
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from flows.cli import EXIT_FAILED, EXIT_USAGE, main
+from tests.faults.helpers import (
+    no_run_left_running,
+    output,
+    runs,
+    start_cli,
+    temp_dirs,
+    wait_for,
+)
+
+BOTH_PRETRAINS = ("--only", "pretrain_dense", "--only", "pretrain_spdf")
+
+
+def _stage_runs(ws, started_after_ms: int) -> dict[str, object]:
+    return {r.data.tags["paperdag.stage"]: r for r in runs(ws)
+            if "paperdag.stage" in r.data.tags and r.info.start_time >= started_after_ms}
+
+
+def _run(ws, *args: str, timeout: float = 600):
+    # Prefect's logging as in a user's shell (the suite sets WARNING, which logs each failed task's traceback)
+    proc = start_cli(ws, "run", "nano", "--no-progress", *args, PREFECT_LOGGING_LEVEL="CRITICAL")
+    proc.wait(timeout=timeout)
+    return proc, output(proc)
+
+
+@pytest.mark.parametrize("runner", ["process", pytest.param("dask", marks=pytest.mark.slow)])
+@pytest.mark.fault("recovers")
+def test_two_independent_stages_overlap_and_build_the_same_bytes_as_one_after_another(nano_copy, runner):
+    """Both pretraining stages read only the tokens: submitted together, they train in two
+    worker processes at once (150 steps each, so the workers' start-up cannot hide the overlap),
+    and each writes the bytes that a build one after another, in this process, writes."""
+    longer = [a for name in ("pretrain_dense", "pretrain_spdf") for a in
+              ("--set", f"stages.{name}.params.steps=150", "--set", f"stages.{name}.params.checkpoint_every=50")]
+    proc, out = _run(nano_copy, "--max-parallel", "2", "--runner", runner, *BOTH_PRETRAINS, *longer)
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count(" started\n") == 2 and out.count("done in") == 2
+    stage_runs = _stage_runs(nano_copy, proc.started_ms)
+    dense, spdf = stage_runs["pretrain_dense"].info, stage_runs["pretrain_spdf"].info
+    assert dense.status == spdf.status == "FINISHED"
+    assert dense.start_time < spdf.end_time and spdf.start_time < dense.end_time, "the two stages did not overlap"
+    assert len({stage_runs[n].data.tags["paperdag.pid"] for n in ("pretrain_dense", "pretrain_spdf")}) == 2
+    parent = {r.data.tags.get("mlflow.parentRunId") for r in stage_runs.values()}
+    assert len(parent) == 1 and None not in parent  # one flow run owns both
+    assert no_run_left_running(nano_copy) and temp_dirs(nano_copy) == []
+
+    for name in ("pretrain_dense", "pretrain_spdf"):
+        digest = stage_runs[name].data.tags["paperdag.artifact_digest"]
+        [built] = nano_copy.glob(f"artifacts/pretrain/{digest[:16]}")
+        side_by_side = (built / "model.safetensors").read_bytes()
+        assert main(["--workspace", str(nano_copy), "stage", "nano", name, "--force", "--no-progress",
+                     "--no-track", *longer]) == 0
+        assert (built / "model.safetensors").read_bytes() == side_by_side, name
+
+
+@pytest.mark.fault("clear_error")
+def test_a_failing_stage_stops_new_ones_while_its_sibling_finishes_and_stays_cached(nano_copy):
+    """finetune_code diverges (lr 1e30) while finetune_prose, beside it, completes: the run
+    exits 1 naming finetune_code; finetune_prose's new artifact is in place and is a cache hit
+    on the next run; merge and evaluate (downstream) never started; nothing is left RUNNING."""
+    finetunes_before = set(nano_copy.glob("artifacts/finetune/*"))
+    args = ("--max-parallel", "2", "--only", "finetune_prose", "--only", "finetune_code",
+            "--set", "stages.finetune_code.params.lr=1e30", "--set", "stages.finetune_prose.params.steps=5")
+    proc, out = _run(nano_copy, *args)
+    assert proc.returncode == EXIT_FAILED, out[-3000:]
+    assert "error: stage finetune_code (finetune/dense) failed" in out and "Traceback" not in out
+    stage_runs = _stage_runs(nano_copy, proc.started_ms)
+    assert stage_runs["finetune_code"].info.status == "FAILED"
+    assert stage_runs["finetune_prose"].info.status == "FINISHED"
+    assert no_run_left_running(nano_copy) and temp_dirs(nano_copy) == []
+    [new] = set(nano_copy.glob("artifacts/finetune/*")) - finetunes_before  # prose's; none of code's
+    assert stage_runs["finetune_prose"].data.tags["paperdag.artifact_digest"].startswith(new.name)
+    assert not {"merge", "evaluate"} & set(stage_runs)
+
+
+@pytest.mark.fault("clear_error")
+def test_ctrl_c_during_parallel_stages_kills_the_workers_and_marks_both_runs_killed(nano_copy):
+    long = ("--set", "stages.pretrain_dense.params.steps=100000", "--set", "stages.pretrain_spdf.params.steps=100000",
+            "--set", "stages.pretrain_dense.params.checkpoint_every=50",
+            "--set", "stages.pretrain_spdf.params.checkpoint_every=50")
+    proc = start_cli(nano_copy, "run", "nano", "--no-progress", "--max-parallel", "2", *BOTH_PRETRAINS, *long)
+    wait_for(lambda: len(list(nano_copy.glob(".paperdag/checkpoints/*/step-*"))) >= 2, 300, "both to train", proc)
+    sent = time.monotonic()
+    import os
+
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    seconds, out = time.monotonic() - sent, output(proc)
+    assert proc.returncode == 130 and seconds < 15, (proc.returncode, seconds, out[-2000:])
+    assert "interrupted (SIGINT)" in out and "Traceback" not in out
+    stage_runs = _stage_runs(nano_copy, proc.started_ms)
+    assert {stage_runs[n].info.status for n in ("pretrain_dense", "pretrain_spdf")} == {"KILLED"}
+    assert no_run_left_running(nano_copy)
+    wait_for(lambda: temp_dirs(nano_copy) == [], 10, "the workers' temp dirs to go")
+    wait_for(lambda: not _processes_in_group(proc.pid), 10, "every worker process to exit")
+
+
+def _processes_in_group(pgid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when this returns: nothing listens there
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--runner", "kubernetes", "--max-parallel", "2"), "expected process, dask[:ADDRESS] or ray[:ADDRESS]"),
+    (("--runner", "dask"), "give --max-parallel N, N > 1"),
+    (("--runner", "process:tcp://host:1", "--max-parallel", "2"), "takes no address"),
+])
+@pytest.mark.fault("clear_error")
+def test_a_runner_spec_that_cannot_work_is_refused_before_anything_runs(nano_copy, capsys, args, message):
+    before = sorted(nano_copy.glob("artifacts/*/*"))
+    rc = main(["--workspace", str(nano_copy), "run", "nano", "--max-parallel", "1", *args]
+              if "--max-parallel" not in args else ["--workspace", str(nano_copy), "run", "nano", *args])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and message in err, err
+    assert sorted(nano_copy.glob("artifacts/*/*")) == before
+
+
+@pytest.mark.fault("clear_error")
+def test_a_dask_scheduler_that_does_not_answer_is_named_in_seconds(nano_copy, capsys):
+    pytest.importorskip("prefect_dask")
+    port = _closed_port()
+    start = time.monotonic()
+    rc = main(["--workspace", str(nano_copy), "run", "nano", "--max-parallel", "2", "--runner",
+               f"dask:tcp://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and f"127.0.0.1:{port} does not answer" in err, err
+    assert time.monotonic() - start < 30
+
+
+def test_max_parallel_must_be_a_positive_whole_number(nano_copy, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--workspace", str(nano_copy), "run", "nano", "--max-parallel", "0"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "expected a whole number of stages, 1 or more, got '0'" in capsys.readouterr().err
