@@ -1,12 +1,13 @@
 """Cold wall time of a recipe at ``--max-parallel 1`` and ``2``, and its critical path.
 
-Each setting runs ``paperdag run RECIPE --max-parallel N`` in its own fresh workspace (a copy
-of params/), as its own process, one after the other on the same machine. Reported: both wall
-times and their ratio, each stage's seconds, the critical path (the longest chain of stages
-through the DAG, by the stage seconds of the N=1 run) and the bound it puts on any speed-up,
-and whether the two runs built byte-identical models.
+Each try runs ``paperdag run RECIPE --max-parallel N`` in its own fresh workspace (a copy of
+params/, plus the recipe file if it lives elsewhere), as its own process; the settings
+alternate (1, 2, 1, 2, ...) on the same machine so drift hits both. Reported: every wall time,
+the ratio of the medians, each stage's seconds, the critical path (the longest chain of stages
+through the DAG, by the stage seconds of the first N=1 try) and the bound it puts on any
+speed-up, and whether the settings built byte-identical models.
 
-    python benchmarks/bench_parallel.py [--recipe quickstart] [--out benchmarks/results/parallel.json]
+    python benchmarks/bench_parallel.py [--recipe quickstart | --recipe tests/recipes/nano.yaml] [--tries 2]
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,14 +28,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STAGE_LINE = re.compile(r"^\[\d+/\d+\] (\S+)\s.*\b(?:done|cached) in ([\d.]+)s$", re.M)
+STAGE_LINE = re.compile(r"^\[\d+/\d+\] (\S+)\s.*\b(?:done|cached) in ([\d.]+)s$", re.MULTILINE)
 
 
-def run(ws: Path, recipe: str, parallel: int, log: Path) -> tuple[float, dict[str, float]]:
+def run(ws: Path, recipe: str, parallel: int, log: Path, overrides: list[str]) -> tuple[float, dict[str, float]]:
+    """One cold run in ``ws``: (wall seconds, each stage's seconds)."""
     env = dict(os.environ, PAPERDAG_WORKSPACE=str(ws), HF_HUB_OFFLINE="1")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", recipe, "--no-progress",
-                           "--max-parallel", str(parallel)], cwd=ws, env=env, capture_output=True, text=True)
+                           "--max-parallel", str(parallel), *[a for o in overrides for a in ("--set", o)]], cwd=ws, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -41,10 +44,10 @@ def run(ws: Path, recipe: str, parallel: int, log: Path) -> tuple[float, dict[st
     return wall, {name: float(s) for name, s in STAGE_LINE.findall(proc.stdout)}
 
 
-def critical_path(recipe_path: Path, seconds: dict[str, float]) -> tuple[list[str], float]:
+def critical_path(recipe_path: Path, overrides: list[str], seconds: dict[str, float]) -> tuple[list[str], float]:
     from flows.recipe import load_plan
 
-    _, plan = load_plan(recipe_path, [])
+    _, plan = load_plan(recipe_path, overrides)
     best: dict[str, tuple[float, list[str]]] = {}
     for name in plan.stages:  # plan order is topological
         ups = [best[u] for u in plan.stages[name].upstream]
@@ -61,45 +64,72 @@ def model_digests(ws: Path) -> dict[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", default="quickstart")
+    ap.add_argument("--recipe", default="quickstart", help="a recipe name under params/ or a path to a recipe file")
+    ap.add_argument("--tries", type=int, default=2, help="cold runs per setting, alternating")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to paperdag run")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "parallel.json"))
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    walls, stages, digests = {}, {}, {}
+    recipe_file = (Path(args.recipe) if args.recipe.endswith((".yaml", ".yml"))
+                   else REPO / "params" / f"{args.recipe}.yaml").resolve()
+    name = recipe_file.stem
+    walls: dict[int, list[float]] = {1: [], 2: []}
+    stages, digests = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
-            ws = Path(tmp) / f"ws{n}"
-            shutil.copytree(REPO / "params", ws / "params")
-            walls[n], stages[n] = run(ws, args.recipe, n, out.with_suffix(f".p{n}.log"))
-            digests[n] = model_digests(ws)
-            print(f"--max-parallel {n}: {walls[n]:.1f} s", flush=True)
-    path, path_s = critical_path(REPO / "params" / f"{args.recipe}.yaml", stages[1])
+        for attempt in range(args.tries):
+            for n in (1, 2):
+                ws = Path(tmp) / f"ws{n}-{attempt}"
+                shutil.copytree(REPO / "params", ws / "params")
+                shutil.copy(recipe_file, ws / "params" / f"{name}.yaml")
+                wall, seconds = run(ws, name, n, out.with_suffix(f".p{n}.log"), args.set)
+                walls[n].append(wall)
+                stages.setdefault(n, seconds)
+                digests.setdefault(n, model_digests(ws))
+                shutil.rmtree(ws)
+                print(f"--max-parallel {n}, try {attempt + 1}: {wall:.1f} s", flush=True)
+    path, path_s = critical_path(recipe_file, args.set, stages[1])
+    median = {n: statistics.median(w) for n, w in walls.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, check=False).stdout.strip()
+    total_1 = sum(stages[1].values())
     result = {
-        "recipe": args.recipe, "commit": commit, "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "wall_s": {str(n): round(w, 1) for n, w in walls.items()},
-        "speedup_2_over_1": round(walls[1] / walls[2], 3),
-        "stage_seconds": {str(n): s for n, s in stages.items()},
-        "sum_of_stage_seconds_1": round(sum(stages[1].values()), 1),
+        "recipe": name, "recipe_file": str(recipe_file.relative_to(REPO)), "overrides": args.set, "commit": commit,
+        "cpu": _cpu_model(), "cores": os.cpu_count(),
+        "wall_s": {str(n): [round(w, 1) for w in ws_] for n, ws_ in walls.items()},
+        "speedup_2_over_1_medians": round(median[1] / median[2], 3),
+        "stage_seconds_first_try": {str(n): s for n, s in stages.items()},
+        "sum_of_stage_seconds_1": round(total_1, 1),
         "critical_path": path, "critical_path_s": round(path_s, 1),
-        "bound_on_speedup": round(sum(stages[1].values()) / path_s, 3),
+        "bound_on_speedup": round(total_1 / path_s, 3),
         "identical_models": digests[1] == digests[2], "models_compared": len(digests[1]),
     }
     out.write_text(json.dumps(result, indent=2))
-    rows = "\n".join(f"| {name} | {stages[1].get(name, 0):.1f} | {stages[2].get(name, 0):.1f} | "
-                     f"{'yes' if name in path else ''} |" for name in stages[1])
+    rows = "\n".join(f"| {stage} | {stages[1].get(stage, 0):.1f} | {stages[2].get(stage, 0):.1f} | "
+                     f"{'yes' if stage in path else ''} |" for stage in stages[1])
     out.with_suffix(".md").write_text(
-        f"# `{args.recipe}` cold, at `--max-parallel 1` and `2` (commit {commit}, {os.cpu_count()} cores)\n\n"
-        f"Wall time: {walls[1]:.1f} s at 1, {walls[2]:.1f} s at 2: **{walls[1] / walls[2]:.2f}x**. "
-        f"The critical path ({' -> '.join(path)}) takes {path_s:.1f} s of the {sum(stages[1].values()):.1f} s "
-        f"of stage time, so no number of workers can beat {sum(stages[1].values()) / path_s:.2f}x on stage "
-        f"time alone. Models byte-identical between the two runs: "
-        f"{'yes' if result['identical_models'] else 'NO'} ({len(digests[1])} compared).\n\n"
+        f"# `{name}` cold, at `--max-parallel 1` and `2`\n\n"
+        f"`python benchmarks/bench_parallel.py --recipe {args.recipe} --tries {args.tries}"
+        f"{''.join(f' --set {o}' for o in args.set)}` at commit {commit}, "
+        f"{result['cpu']}, {os.cpu_count()} cores. Wall times (s), alternating: "
+        f"1: {result['wall_s']['1']}, 2: {result['wall_s']['2']}. "
+        f"Median at 1 over median at 2: **{median[1] / median[2]:.2f}x**.\n\n"
+        f"The critical path ({' -> '.join(path)}) takes {path_s:.1f} s of the {total_1:.1f} s of stage time "
+        f"at 1, so no number of workers can beat {total_1 / path_s:.2f}x on stage time alone. Models "
+        f"byte-identical between the settings: {'yes' if result['identical_models'] else 'NO'} "
+        f"({len(digests[1])} compared).\n\n"
         f"| stage | seconds at 1 | seconds at 2 | on the critical path |\n|---|---|---|---|\n{rows}\n")
     print(json.dumps(result, indent=2))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

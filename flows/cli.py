@@ -45,7 +45,7 @@ def _workspace(args, writes: bool = False) -> Workspace:
         from tasks.tracking import check_tracking_server
 
         if getattr(args, "recipe", None):  # a wrong directory writes nothing
-            from flows.recipe import resolve_recipe_path
+            from flows.recipe_path import resolve_recipe_path
 
             resolve_recipe_path(args.recipe, ws.root)
         ws.check_writable()

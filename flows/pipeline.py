@@ -117,6 +117,13 @@ def _run_side_by_side(plan: RecipePlan, order: list[str], forced: set[str], ws: 
     """Submit each stage once its upstream stages in ``order`` have finished, at most ``limit``
     at a time. After a failure nothing new starts; running stages finish (and stay cached),
     then the first failure is raised. Outcomes come back in ``order``."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    if isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner):
+        # threads would share torch's global RNG and thread pool: not the same bytes as a serial run
+        raise StageSelectionError("max_parallel > 1 needs the flow on a process, Dask or Ray task runner "
+                                  "(paperdag run --max-parallel sets one); threads would share torch's RNG")
     finished, failures = {}, []
     try:
         _dispatch(plan, order, forced, ws, tracker, parent_id, limit, finished, failures)

@@ -5,7 +5,6 @@ message that names the file, the key and what was expected.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,10 +21,10 @@ from tasks.fingerprint import InputFileError, hash_inputs
 from tasks.kinds import KINDS
 from tasks.plan import RecipePlan, StagePlan
 from flows.errors import RecipeError  # noqa: F401  (defined there so the CLI can catch it without importing this)
+from flows.recipe_path import IDENTIFIER, RECIPE_SUFFIXES, resolve_recipe_path  # noqa: F401  (torch-free, for the CLI)
 
 # Recipe and stage names become MLflow experiment names, directory names and DVC stage names:
 # identifiers only, so none can carry a path separator, `..` or a shell metacharacter.
-IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class Strict(BaseModel):
@@ -150,33 +149,6 @@ def _known_keys(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 
 
-RECIPE_SUFFIXES = (".yaml", ".yml")
-
-
-def resolve_recipe_path(name_or_path: str, workspace: Path) -> Path:
-    """A recipe name (``params/<name>.yaml``) or a path to a ``.yaml``/``.yml`` file.
-
-    Nothing else is opened: a path without a YAML suffix is refused unread, so no error
-    message can echo lines of a file that is not a recipe."""
-    known = sorted(x.stem for x in (workspace / "params").glob("*.yaml")) if (workspace / "params").exists() else []
-    p = Path(name_or_path)
-    if p.suffix in RECIPE_SUFFIXES:
-        for c in ([p] if p.is_absolute() else [p, workspace / p]):
-            if c.is_file():
-                return c.resolve()
-        raise RecipeError(f"recipe file {name_or_path} does not exist")
-    if IDENTIFIER.match(name_or_path):
-        c = workspace / "params" / f"{name_or_path}.yaml"
-        if c.is_file():
-            return c.resolve()
-        if not (workspace / "params").is_dir():
-            raise RecipeError(f"{workspace} is not a paperdag project (it has no params/ directory), so there "
-                              f"is no recipe {name_or_path!r}: run paperdag inside the project, or pass "
-                              "--workspace DIR (or set PAPERDAG_WORKSPACE)")
-        raise RecipeError(f"recipe {name_or_path!r} not found (looked in {workspace / 'params'}); "
-                          f"known recipes: {', '.join(known) or '(none)'}")
-    raise RecipeError(f"{name_or_path!r} is neither a recipe name ({', '.join(known) or 'none in params/'}) "
-                      f"nor a path to a {'/'.join(RECIPE_SUFFIXES)} file")
 
 
 def apply_override(raw: dict, assignment: str, path: Path) -> None:

@@ -156,3 +156,19 @@ def test_max_parallel_must_be_a_positive_whole_number(nano_copy, capsys):
         main(["--workspace", str(nano_copy), "run", "nano", "--max-parallel", "0"])
     assert exit_info.value.code == EXIT_USAGE
     assert "expected a whole number of stages, 1 or more, got '0'" in capsys.readouterr().err
+
+
+def test_a_flow_on_threads_refuses_to_run_stages_side_by_side(nano_copy):
+    """A deployment given max_parallel=2 runs on the flow's default thread runner: refused, since
+    stages in threads would share torch's RNG; the flow's MLflow run ends FAILED."""
+    from flows.cli import _prefect_api
+    from flows.errors import StageSelectionError
+    from flows.pipeline import recipe_flow
+    from tasks.workspace import Workspace
+
+    ws = Workspace.from_env(str(nano_copy))
+    ws.configure_environment()
+    with _prefect_api(ws), pytest.raises(StageSelectionError, match="needs the flow on a process, Dask or Ray"):
+        recipe_flow("nano", workspace=str(nano_copy), max_parallel=2)
+    flow_runs = [r.info.status for r in runs(nano_copy) if r.data.tags.get("paperdag.role") == "flow"]
+    assert flow_runs == ["FAILED"] and no_run_left_running(nano_copy)  # the copy had no flow run before
