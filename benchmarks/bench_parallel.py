@@ -28,7 +28,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STAGE_LINE = re.compile(r"^\[\d+/\d+\] (\S+)\s.*\b(?:done|cached) in ([\d.]+)s$", re.MULTILINE)
+STAGE_HEAD = re.compile(r"^\[\d+/\d+\] (\S+) ")
+STAGE_END = re.compile(r"\b(?:done|cached) in ([\d.]+)s$")
+
+
+def stage_seconds(text: str) -> dict[str, float]:
+    """Each stage's seconds from the run's stage lines. One after another, a line can be split
+    by what the stage printed (DeepSpeed's first op build): its end belongs to the last head."""
+    seconds, current = {}, None
+    for line in text.splitlines():
+        if head := STAGE_HEAD.match(line):
+            current = head.group(1)
+        if (end := STAGE_END.search(line)) and current:
+            seconds[current] = float(end.group(1))
+    return seconds
 
 
 def run(ws: Path, recipe: str, parallel: int, log: Path, overrides: list[str]) -> tuple[float, dict[str, float]]:
@@ -41,7 +54,7 @@ def run(ws: Path, recipe: str, parallel: int, log: Path, overrides: list[str]) -
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         sys.exit(f"--max-parallel {parallel} failed ({proc.returncode}); see {log}")
-    return wall, {name: float(s) for name, s in STAGE_LINE.findall(proc.stdout)}
+    return wall, stage_seconds(proc.stdout)
 
 
 def critical_path(recipe_path: Path, overrides: list[str], seconds: dict[str, float]) -> tuple[list[str], float]:
