@@ -2,8 +2,10 @@
 processes, a Dask LocalCluster), on copies of the nano workspace."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -29,7 +31,11 @@ def _stage_runs(ws, started_after_ms: int) -> dict[str, object]:
 def _run(ws, *args: str, timeout: float = 600):
     # Prefect's logging as in a user's shell (the suite sets WARNING, which logs each failed task's traceback)
     proc = start_cli(ws, "run", "nano", "--no-progress", *args, PREFECT_LOGGING_LEVEL="CRITICAL")
-    proc.wait(timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its workers too: a hung run must not outlive the test
+        raise
     return proc, output(proc)
 
 
@@ -90,10 +96,12 @@ def test_ctrl_c_during_parallel_stages_kills_the_workers_and_marks_both_runs_kil
     proc = start_cli(nano_copy, "run", "nano", "--no-progress", "--max-parallel", "2", *BOTH_PRETRAINS, *long)
     wait_for(lambda: len(list(nano_copy.glob(".paperdag/checkpoints/*/step-*"))) >= 2, 300, "both to train", proc)
     sent = time.monotonic()
-    import os
-
     os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=120)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     seconds, out = time.monotonic() - sent, output(proc)
     assert proc.returncode == 130 and seconds < 15, (proc.returncode, seconds, out[-2000:])
     assert "interrupted (SIGINT)" in out and "Traceback" not in out
