@@ -63,6 +63,17 @@ def results_markdown() -> str:
         out += _section("CLI start-up after source closures parse each file once per process",
                         "python benchmarks/bench_cli.py --workspace /tmp/paperdag-catalogue --before b11823b --runs 3 "
                         "--out cli_closure_cache", [md.read_text().rstrip()])
+    md = RESULTS / "cli_exit_freeze.md"
+    if md.exists():
+        out += _section("CLI commands after `gc.freeze()` at exit (interpreter shutdown no longer walks the heap)",
+                        "python benchmarks/bench_cli.py --workspace WS --before 837e8ab --runs 3 --out cli_exit_freeze "
+                        "(WS: a built nano workspace with params/ copied in)", [md.read_text().rstrip()])
+    md = RESULTS / "parallel.md"
+    if md.exists():
+        out += _section("Stages side by side: `--max-parallel 1` against `2`",
+                        "python benchmarks/bench_parallel.py --recipe tests/recipes/nano.yaml --tries 2 --set "
+                        "stages.pretrain_dense.params.steps=300 --set stages.pretrain_spdf.params.steps=300",
+                        [md.read_text().rstrip()])
     md = RESULTS / "eval_rerun.md"
     if md.exists():
         out += _section("Changing one quantize stage: the rerun before and after per-model evaluation caching",
