@@ -101,21 +101,16 @@ def _init_worker(threads: int) -> None:
     The trainer joins a one-process DeepSpeed group on its first stage and keeps it for the
     process's life; Prefect restores the worker's environment after every task, so the group's
     variables are set here, in the environment that is restored (with a port of the worker's own)."""
-    import socket
-
     import torch
 
-    from components.train.trainer import _OWN_DIST_ENV
+    from components.train.trainer import _OWN_DIST_ENV, _free_port
 
     global _IN_POOL_WORKER
     _IN_POOL_WORKER = True
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupted_once)
     torch.set_num_threads(threads)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ[_OWN_DIST_ENV] = "1"
 
 

@@ -150,7 +150,8 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
             stage = plan.stages[name]
             task = run_stage.with_options(task_run_name=name)
             args = (plan, name, ws, tracker, parent_id, name in forced, False, index[name])
-            if name not in forced and ws.artifacts.get(stage.kind, stage.digest) is not None:
+            # where it runs, not whether: execute_stage verifies a hit (and reports a corrupt one) itself
+            if name not in forced and ws.artifacts.get(stage.kind, stage.digest, verify=False) is not None:
                 waiting.remove(name)
                 try:  # a cache hit is served here, not worth a worker
                     finished[name] = _outcome(task(*args))
