@@ -175,7 +175,7 @@ def _build(plan: RecipePlan, stage: StagePlan, ws: Workspace, tracker: Tracker |
         with tracker.run(name, tags, parent_run_id) as run_id:
             tracker.log_params(run_id, {"method": stage.method, "params": stage.params, "options": stage.options})
             tracker.log_input_artifacts(run_id, inputs)
-            metrics = run_into(run_id, lambda step, m: tracker.log_metrics(run_id, m, step))
+            metrics = run_into(run_id, tracker.step_logger(run_id))
             failpoint("mlflow-log")
             tracker.log_metrics(run_id, metrics)
             final = store.get(stage.kind, stage.digest)

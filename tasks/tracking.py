@@ -4,10 +4,17 @@ Uses ``MlflowClient`` with explicit run ids rather than the fluent API, whose ac
 stack is global state that threads and nested flows trip over. Every run this module starts
 is ended on every path out (FINISHED, FAILED or KILLED); runs left RUNNING by a process that
 was SIGKILLed are marked KILLED by the next tracker that opens the experiment.
+
+A tracking server that stops answering mid-run costs no computation: per-step metrics are
+skipped while it is down (a gap in the curve), the stage's artifact is
+committed before its final logging, and an end that cannot reach the server is written to
+``.paperdag/tracking-journal.jsonl`` and replayed by the next tracker on that server, so the
+run gets its real status and error instead of staying RUNNING.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -17,13 +24,15 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tasks.artifacts import file_lock, pid_alive
 from tasks.diskspace import disk_full, release_reserve
 from tasks.workspace import Workspace
 
 MAX_PARAM_LEN = 6000
+JOURNAL = "tracking-journal.jsonl"
+STEP_LOG_PAUSE_S = 30.0  # after a failed per-step log, how long to skip them before trying again
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -93,8 +102,10 @@ class Tracker:
         self.mlflow = mlflow
         self.workspace = workspace
         self.experiment_name = experiment
-        uri = workspace.tracking_uri
+        self.uri = uri = workspace.tracking_uri
         check_tracking_server(uri)
+        # a server that stops answering is named once by _reaching_server, not by a retry warning per request
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         # A new SQLite store is created by an alembic migration; two processes doing it at once
         # fail ("table ... already exists"). Whoever holds the lock creates it; others wait.
         db = _sqlite_path(uri)
@@ -118,6 +129,7 @@ class Tracker:
             else:
                 self.experiment_id = exp.experiment_id
         self.commit = git_commit(workspace.root)
+        self._replay_journal()
         self._mark_orphans_killed()
 
     def __reduce__(self):
@@ -133,6 +145,88 @@ class Tracker:
             if tags.get("paperdag.host") == host and not pid_alive(int(tags.get("paperdag.pid", "0") or 0)):
                 self._end(run.info.run_id, "KILLED", "process died without ending the run (killed)")
 
+    @property
+    def journal(self) -> Path:
+        return self.workspace.state_dir / JOURNAL
+
+    def _journal_lock(self):
+        return file_lock(self.journal.with_name(f".{JOURNAL}.lock"), "another process is writing the tracking journal")
+
+    def _journal_end(self, run_id: str, status: str, error: str) -> bool:
+        """Record an end the store did not take; False if the journal cannot be written either."""
+        entry = {"uri": self.uri, "run_id": run_id, "status": status, "error": error,
+                 "end_time": int(time.time() * 1000)}
+        try:
+            with self._journal_lock(), open(self.journal, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+            return True
+        except OSError:
+            return False
+
+    def _replay_journal(self) -> None:
+        """End the runs whose end could not reach this store before (a server outage), with the
+        status, error and end time they had. Entries for other stores stay for their tracker."""
+        from mlflow.exceptions import MlflowException
+
+        if not self.journal.exists():
+            return
+        with self._journal_lock():
+            keep = []
+            for line in self.journal.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    uri, run_id, status, error, end_time = (entry[k] for k in ("uri", "run_id", "status", "error",
+                                                                               "end_time"))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a crash: the orphan check below still ends its run
+                if uri != self.uri:
+                    keep.append(line)
+                    continue
+                try:
+                    run = self.client.get_run(run_id).info
+                    if run.status == "RUNNING" and run.lifecycle_stage == "active":  # not ended or deleted since
+                        if error:
+                            self.client.set_tag(run_id, "paperdag.error", error)
+                        self.client.set_terminated(run_id, status=status, end_time=end_time)
+                except MlflowException as e:
+                    if "RESOURCE_DOES_NOT_EXIST" not in str(e.error_code):  # a deleted run: nothing to end
+                        keep.append(line)
+            tmp = self.journal.with_name(f".{JOURNAL}.{os.getpid()}")
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+            os.replace(tmp, self.journal)
+
+    @contextmanager
+    def _reaching_server(self, doing: str) -> Iterator[None]:
+        """Name a tracking server that stopped answering, instead of MLflow's retry traceback."""
+        try:
+            yield
+        except Exception as e:
+            if is_server(self.uri) and (reason := unhealthy(self.uri)) is not None:
+                raise TrackingServerError(
+                    f"MLflow tracking server {self.uri} stopped answering ({reason}) while {doing}; "
+                    "finished stages stay cached: rerun once it answers again") from e
+            raise
+
+    def step_logger(self, run_id: str) -> Callable[[int, dict], None]:
+        """Per-step metrics of a running stage. A server outage must not cost the computation:
+        while the server is down these are skipped (one warning; the curve in MLflow has a gap,
+        final metrics are logged at the end) and tried again every STEP_LOG_PAUSE_S seconds."""
+        paused_until = None
+
+        def log(step: int, metrics: dict) -> None:
+            nonlocal paused_until
+            if paused_until is not None and time.monotonic() < paused_until:
+                return
+            try:
+                self.log_metrics(run_id, metrics, step)
+            except TrackingServerError as e:
+                if paused_until is None:
+                    print(f"warning: {str(e).split(';')[0]}; the stage goes on, its step metrics are skipped "
+                          "until it answers", file=sys.stderr, flush=True)
+                paused_until = time.monotonic() + STEP_LOG_PAUSE_S
+
+        return log
+
     def _base_tags(self) -> dict[str, str]:
         return {"paperdag.host": socket.gethostname(), "paperdag.pid": str(os.getpid()),
                 "mlflow.source.git.commit": self.commit, "paperdag.git_commit": self.commit}
@@ -142,7 +236,8 @@ class Tracker:
         all_tags = {**self._base_tags(), **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        with self._reaching_server(f"starting run {name}"):
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         run_id = run.info.run_id
         try:
             yield run_id
@@ -153,11 +248,17 @@ class Tracker:
                 self._end(run_id, "FAILED", f"{type(e).__name__}: {e}"[:5000])
             raise
         else:
-            self.client.set_terminated(run_id, status="FINISHED")
+            try:
+                with self._reaching_server(f"ending run {name}"):
+                    self.client.set_terminated(run_id, status="FINISHED")
+            except TrackingServerError:
+                self._journal_end(run_id, "FINISHED", "")
+                raise
 
     def _end(self, run_id: str, status: str, error: str) -> None:
-        """End a run on a failure path without hiding the failure: if the store cannot be
-        written now (a full disk), the next tracker on this host marks the run KILLED."""
+        """End a run on a failure path without hiding the failure. If the store cannot be
+        written now, the end goes to the journal, replayed by the next tracker on this store;
+        failing that (a full disk), the next tracker on this host marks the run KILLED."""
         for attempt in range(2):
             try:
                 self.client.set_tag(run_id, "paperdag.error", error)
@@ -167,16 +268,21 @@ class Tracker:
                 # a full disk: give SQLite the workspace's reserve and try once more
                 if attempt == 0 and disk_full(e) is not None and release_reserve(self.workspace.state_dir):
                     continue
-                print(f"paperdag: could not mark MLflow run {run_id} {status}: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0]}", file=sys.stderr)
+                reason = unhealthy(self.uri) if is_server(self.uri) else None
+                cause = (f"tracking server {self.uri} does not answer ({reason})" if reason is not None
+                         else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+                later = (f"; recorded in {self.journal}, the next run against {self.uri} ends it"
+                         if self._journal_end(run_id, status, error) else "")
+                print(f"paperdag: could not mark MLflow run {run_id} {status}: {cause}{later}", file=sys.stderr)
                 return
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
         flat = [Param(k, v[:MAX_PARAM_LEN]) for k, v in sorted(flatten(params).items())]
-        for i in range(0, len(flat), 100):
-            self.client.log_batch(run_id, params=flat[i:i + 100])
+        with self._reaching_server(f"logging the params of run {run_id}"):
+            for i in range(0, len(flat), 100):
+                self.client.log_batch(run_id, params=flat[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -184,13 +290,15 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i:i + 500])
+        with self._reaching_server(f"logging the metrics of run {run_id}"):
+            for i in range(0, len(items), 500):
+                self.client.log_batch(run_id, metrics=items[i:i + 500])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        with self._reaching_server(f"tagging run {run_id}"):
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_input_artifacts(self, run_id: str, inputs: dict[str, list]) -> None:
         """``log_input`` for each upstream artifact: name, digest, source path, and role as context."""
@@ -211,7 +319,9 @@ class Tracker:
                     tags.append(InputTag("paperdag.produced_by_run", producer))
                 entries.append(DatasetInput(ds, tags=tags))
         if entries:
-            self.client.log_inputs(run_id, datasets=entries)
+            with self._reaching_server(f"logging the inputs of run {run_id}"):
+                self.client.log_inputs(run_id, datasets=entries)
 
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        with self._reaching_server(f"uploading {path.name} to run {run_id}"):
+            self.client.log_artifact(run_id, str(path), artifact_path)

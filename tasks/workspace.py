@@ -73,6 +73,9 @@ class Workspace:
         # these bound an outage in the middle of a run.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        # the client prints "View run ... at: URL" twice per ended run against a server, between a
+        # stage's name and its result; the CLI prints the lineage address once, at the end
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # per-tensor loading bars and advisory warnings drown the stage progress on tiny models
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tests.helpers import REPO, make_workspace, mlflow_client
+from tests.helpers import REPO, make_workspace, mlflow_client, mlflow_server
 
 pytestmark = pytest.mark.e2e
 
@@ -335,32 +335,9 @@ def test_a_recipe_including_nano_adds_merges_that_train_and_measure(ws):
 def test_an_mlflow_server_on_loopback_tracks_the_runs_and_keeps_their_files(ws, tmp_path, monkeypatch):
     """MLFLOW_TRACKING_URI at an `mlflow server` with its own artifact store: the runs and the
     evaluate report's files go to the server, not to the workspace."""
-    import socket
-    import time
-    import urllib.request
-
     from mlflow.tracking import MlflowClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    store = tmp_path / "server-artifacts"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(store)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(1)
+    with mlflow_server(tmp_path / "server") as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         local_store = ws / ".paperdag" / "mlartifacts"  # where the SQLite default keeps run files
         local_files = set(local_store.rglob("*"))
@@ -375,11 +352,8 @@ def test_an_mlflow_server_on_loopback_tracks_the_runs_and_keeps_their_files(ws, 
         [evaluate] = [r for r in runs if r.data.tags.get("paperdag.stage") == "evaluate"]
         logged = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
         assert {"report.html", "claims.png", "metrics.json"} <= logged, logged
-        assert any(p.name == "report.html" for p in store.rglob("*"))  # served and stored by the server
+        assert any(p.name == "report.html" for p in (tmp_path / "server" / "artifacts").rglob("*"))  # the server's store
         assert set(local_store.rglob("*")) == local_files
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
 
 
 def test_a_deployment_on_a_work_pool_runs_through_a_separate_worker(ws, monkeypatch, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -19,6 +18,7 @@ from tests.faults.helpers import (
     temp_dirs,
     wait_for,
 )
+from tests.helpers import free_port
 
 BOTH_PRETRAINS = ("--only", "pretrain_dense", "--only", "pretrain_spdf")
 
@@ -126,12 +126,6 @@ def _processes_in_group(pgid: int) -> list[int]:
     return found
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again when this returns: nothing listens there
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (("--runner", "kubernetes", "--max-parallel", "2"), "expected process, dask[:ADDRESS] or ray[:ADDRESS]"),
     (("--runner", "dask"), "give --max-parallel N, N > 1"),
@@ -150,7 +144,7 @@ def test_a_runner_spec_that_cannot_work_is_refused_before_anything_runs(nano_cop
 @pytest.mark.fault("clear_error")
 def test_a_dask_scheduler_that_does_not_answer_is_named_in_seconds(nano_copy, capsys):
     pytest.importorskip("prefect_dask")
-    port = _closed_port()
+    port = free_port()  # its socket is closed on return: nothing listens there
     start = time.monotonic()
     rc = main(["--workspace", str(nano_copy), "run", "nano", "--max-parallel", "2", "--runner",
                f"dask:tcp://127.0.0.1:{port}"])

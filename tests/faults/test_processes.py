@@ -1,7 +1,7 @@
 """Signals, kills at chosen points, races and a sick environment, on real CLI processes.
 
 Default cases: Ctrl-C, a kill mid-checkpoint, two runs on a fresh workspace, a full disk, a
-read-only workspace and an unreachable tracking server. Behind ``-m slow``: SIGTERM, SIGKILL
+read-only workspace, an unreachable tracking server and one that dies mid-training. Behind ``-m slow``: SIGTERM, SIGKILL
 of the CLI (its Prefect server must follow), the other kill points and kills at random times.
 """
 from __future__ import annotations
@@ -30,9 +30,11 @@ from tests.faults.helpers import (
     temp_dirs,
     wait_for,
 )
-from tests.helpers import NANO_RECIPE, make_workspace
+from tests.helpers import NANO_RECIPE, free_port, make_workspace, mlflow_server
 
 LONG_PRETRAIN = ("--set", "stages.pretrain_spdf.params.steps=100000", "--set",
+                 "stages.pretrain_spdf.params.checkpoint_every=50")
+SLOW_PRETRAIN = ("--set", "stages.pretrain_spdf.params.steps=3000", "--set",  # 15 ms a step here: 45 s
                  "stages.pretrain_spdf.params.checkpoint_every=50")
 
 
@@ -246,6 +248,50 @@ def test_an_unreachable_tracking_server_is_named_within_10s(tmp_path, monkeypatc
                                         "Connection refused); start it, or unset MLFLOW_TRACKING_URI to track in "
                                         "the workspace's SQLite file"]
     assert not list(ws.glob("artifacts/*/*"))
+
+
+@pytest.mark.fault("recovers")
+def test_a_tracking_server_that_dies_mid_training_costs_no_compute_and_leaves_no_run_running(nano_copy, tmp_path):
+    """The MLflow server stops while a stage trains and stays down: the training finishes and its
+    artifact is kept, the error names the server, and once it is back the runs get their real
+    end (from the journal, not the orphan check's KILLED) and the rerun does not train again."""
+    from mlflow.tracking import MlflowClient
+
+    port, state = free_port(), tmp_path / "server"
+    run_args = ("run", "nano", "--no-progress", *SLOW_PRETRAIN)
+    with mlflow_server(state, port) as url:
+        proc = start_cli(nano_copy, *run_args, MLFLOW_TRACKING_URI=url,
+                         PREFECT_LOGGING_LEVEL="CRITICAL")  # the CLI's own default; the test session's is WARNING
+        wait_for(lambda: _training_started(nano_copy), 240, "training to start", proc)
+    stopped = time.monotonic()  # the server is down from here
+    proc.wait(timeout=600)
+    out = output(proc)
+    assert proc.returncode == EXIT_FAILED, out
+    assert _training_started(nano_copy) is False  # training ran to its end: its checkpoints are cleaned up
+    assert f"warning: MLflow tracking server {url} stopped answering" in out  # the step logs, once
+    assert f"error: stage pretrain_spdf (pretrain/spdf) failed: MLflow tracking server {url} stopped answering" in out
+    assert "Traceback" not in out
+    assert temp_dirs(nano_copy) == [] and len(list(nano_copy.glob("artifacts/pretrain/*"))) == 3  # the new one kept
+    journal = nano_copy / ".paperdag" / "tracking-journal.jsonl"
+    assert len(journal.read_text().splitlines()) == 2  # the stage's run and the flow's run
+    assert time.monotonic() - stopped < 300
+
+    with mlflow_server(state, port) as url:
+        rerun = start_cli(nano_copy, *run_args, MLFLOW_TRACKING_URI=url)
+        rerun.wait(timeout=600)
+        assert rerun.returncode == 0, output(rerun)
+        assert re.search(r"pretrain_spdf .* cached in", output(rerun)), output(rerun)
+        client = MlflowClient(url)
+        tracked = client.search_runs([client.get_experiment_by_name("nano").experiment_id], max_results=1000)
+    assert all(r.info.status != "RUNNING" for r in tracked)
+    [trained] = [r for r in tracked if r.data.tags.get("paperdag.stage") == "pretrain_spdf"
+                 and r.data.tags.get("paperdag.cache") == "miss"]
+    assert trained.info.status == "FAILED"
+    assert trained.data.tags["paperdag.error"].startswith(f"TrackingServerError: MLflow tracking server {url} stopped")
+    [flow] = [r for r in tracked if r.data.tags.get("paperdag.role") == "flow" and r.info.status != "FINISHED"]
+    assert flow.info.status == "FAILED"
+    assert flow.data.tags["paperdag.error"].startswith("StageFailedError: stage pretrain_spdf")
+    assert journal.read_text() == ""
 
 
 @pytest.mark.fault("recovers")
