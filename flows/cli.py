@@ -111,8 +111,12 @@ def cmd_run(args) -> int:
     _, plan = load_plan(path, args.set)  # fail fast, before Prefect starts
     order, _ = stages_to_run(plan, args.only, args.from_stage)
     _refuse_missing_inputs(plan, ws, order)
-    print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
     flow, max_parallel = _flow_with_runner(recipe_flow, args)
+    if ":" not in args.runner:  # this machine runs the stages; a cluster at an address places its own
+        from flows.parallel import Capacity, check_stage_resources
+
+        check_stage_resources(plan, order, Capacity.local())
+    print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
     with _prefect_api(ws):
         summary = flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
                        workspace=str(ws.root), progress=not args.no_progress, max_parallel=max_parallel)
@@ -200,10 +204,14 @@ def cmd_stage(args) -> int:
         print(f"error: dvc.yaml is stale: stage {args.stage} now has digest {stage.digest[:16]}, dvc.yaml expects "
               f"{args.expect_digest}; run `paperdag dvc-sync` and then `dvc repro`", file=sys.stderr)
         return EXIT_USAGE
+    from flows.parallel import Capacity, check_stage_resources, stage_threads
+
+    check_stage_resources(plan, [args.stage], Capacity.local())
     tracker = None if args.no_track else Tracker(ws, plan.name)
     try:
-        outcome = execute_stage(plan, args.stage, ws, tracker, force=args.force, launcher=args.launcher,
-                                progress=not args.no_progress)
+        with stage_threads(stage.resources.get("threads")):
+            outcome = execute_stage(plan, args.stage, ws, tracker, force=args.force, launcher=args.launcher,
+                                    progress=not args.no_progress)
     except Exception as e:
         raise StageFailedError(args.stage, stage.kind, stage.method, e, ws.root) from e
     print(f"{args.stage}: {'cached' if outcome.cached else 'done'} {outcome.path}")

@@ -12,7 +12,9 @@ Processes rather than threads, because a stage seeds torch's global RNG and sets
 intra-op thread count: two stages in one process would draw from one RNG stream.
 
 Cores are shared out, not oversubscribed: each local worker process runs torch with
-``cores // N`` threads, so two training stages on 2 cores take one core each. A stage whose
+``cores // N`` threads, so two training stages on 2 cores take one core each. A stage that
+declares ``resources`` (threads, memory_gb, gpus) runs with its own thread count and starts only
+while the stages running beside it leave that much of the machine free (``StagePacker``). A stage whose
 artifact is already in the store is served in the flow's own process (a cache hit is a stat
 and a checksum, not worth a worker). The digest lock in ``ArtifactStore.lock`` keeps two
 stages, or two ``paperdag run``s on one workspace, from building one digest at once.
@@ -24,6 +26,8 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 RUNNERS = ("process", "dask", "ray")
 
@@ -39,6 +43,83 @@ def default_max_parallel() -> int:
 
 def threads_per_stage(max_parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // max_parallel)
+
+
+class ResourcesError(RunnerError):
+    """A stage asks for more threads, memory or GPUs than the machine has."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the machine that runs the stages has."""
+
+    cores: int
+    memory_gb: float
+    gpus: int
+
+    @classmethod
+    def local(cls) -> "Capacity":
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        gpus = len(list(Path("/dev").glob("nvidia[0-9]*")))  # without importing torch (seconds)
+        return cls(os.cpu_count() or 1, memory, gpus)
+
+
+def check_stage_resources(plan, order: list[str], capacity: Capacity) -> None:
+    """Refuse, before anything runs, a stage that could never start on this machine."""
+    have = {"threads": (capacity.cores, "cores"), "memory_gb": (capacity.memory_gb, "GB of memory"),
+            "gpus": (capacity.gpus, "NVIDIA GPUs")}
+    for name in order:
+        for key, asked in plan.stages[name].resources.items():
+            limit, unit = have[key]
+            if asked > limit:
+                raise ResourcesError(f"{plan.recipe_path}: stages.{name}.resources.{key}: asks for {asked:g}, but this "
+                                     f"machine has {limit:g} {unit}; lower it, or run on a machine or cluster that has "
+                                     "them (docs/cluster.md)")
+
+
+@dataclass
+class StagePacker:
+    """Which stages may run side by side: their threads, memory and GPUs summed within the
+    machine. A stage without ``threads`` counts ``default_threads`` (the cores shared out over
+    --max-parallel). The first stage always starts: ``check_stage_resources`` refused any that
+    could never fit."""
+
+    capacity: Capacity
+    default_threads: int
+    held: dict[str, dict] = field(default_factory=dict)
+
+    def demand(self, resources: dict) -> dict:
+        return {"threads": resources.get("threads", self.default_threads),
+                "memory_gb": resources.get("memory_gb", 0.0), "gpus": resources.get("gpus", 0)}
+
+    def fits(self, resources: dict) -> bool:
+        if not self.held:
+            return True
+        want = self.demand(resources)
+        limits = {"threads": self.capacity.cores, "memory_gb": self.capacity.memory_gb, "gpus": self.capacity.gpus}
+        return all(sum(h[k] for h in self.held.values()) + want[k] <= limits[k] for k in limits)
+
+    def take(self, name: str, resources: dict) -> None:
+        self.held[name] = self.demand(resources)
+
+    def release(self, name: str) -> None:
+        self.held.pop(name, None)
+
+
+@contextmanager
+def stage_threads(threads: int | None):
+    """torch's intra-op thread count for one stage (its ``resources.threads``), restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _IN_POOL_WORKER = False  # set in the process runner's worker processes

@@ -16,7 +16,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from flows.errors import StageFailedError, StageSelectionError
-from flows.parallel import interruptible_stage, stop_pool_workers
+from flows.parallel import (
+    Capacity,
+    StagePacker,
+    check_stage_resources,
+    interruptible_stage,
+    stage_threads,
+    stop_pool_workers,
+    threads_per_stage,
+)
 from flows.recipe import load_plan, resolve_recipe_path
 from tasks.plan import RecipePlan
 from tasks.runner import StageOutcome, execute_stage
@@ -60,7 +68,7 @@ def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, pare
     print(head, end="" if one_line else "started\n", flush=True)
     end = "" if one_line else head
     try:
-        with interruptible_stage():
+        with interruptible_stage(), stage_threads(stage.resources.get("threads")):
             outcome = execute_stage(plan, name, ws, tracker, parent_run_id=parent_run_id, force=force,
                                     progress=progress)
     except Exception as e:
@@ -83,6 +91,8 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
     path = resolve_recipe_path(recipe, ws.root)
     _, plan = load_plan(path, overrides or [])
     order, forced = stages_to_run(plan, only or [], from_stage)
+    if max_parallel == 1:  # stages run here, on this machine (a Dask or Ray cluster places its own)
+        check_stage_resources(plan, order, Capacity.local())
     tracker = Tracker(ws, plan.name)
     start = time.perf_counter()
     tags = {"paperdag.recipe": plan.name, "paperdag.recipe_path": str(path), "paperdag.role": "flow",
@@ -141,6 +151,7 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
 
     selected, waiting, running = set(order), list(order), {}
     index = {name: f"[{i}/{len(order)}]" for i, name in enumerate(order, 1)}
+    packer = StagePacker(Capacity.local(), threads_per_stage(limit))
 
     def ready(name: str) -> bool:
         return all(up in finished or up not in selected for up in plan.stages[name].upstream)
@@ -158,8 +169,9 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
                 except Exception as e:  # noqa: BLE001 - raised below, once the running stages are done
                     failures.append(e)
                     break
-            elif len(running) < limit:
+            elif len(running) < limit and packer.fits(stage.resources):
                 waiting.remove(name)
+                packer.take(name, stage.resources)
                 running[task.submit(*args, one_line=False)] = name
         if not running:
             if waiting and not failures and not any(ready(n) for n in waiting):
@@ -167,6 +179,7 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
             continue
         future = next(as_completed(list(running)))
         name = running.pop(future)
+        packer.release(name)
         try:
             finished[name] = _outcome(future.result())
         except Exception as e:  # noqa: BLE001 - raised by the caller, once the running stages are done

@@ -44,6 +44,19 @@ class SamplerSpec(Strict):
     """The sampler's params; validated against the sampler's own typed schema."""
 
 
+class StageResources(Strict):
+    """What one run of a stage occupies. ``paperdag run --max-parallel N`` starts a stage beside
+    others only while the sums stay within the machine; a stage asking for more than the machine
+    has is refused before anything runs. Not in the digest: where a stage runs does not change
+    what it builds."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads. Default: the machine's cores shared out over --max-parallel."""
+    memory_gb: float | None = Field(None, gt=0)
+    """Peak host memory in GB, counted against the machine's physical memory."""
+    gpus: int = Field(0, ge=0)
+    """CUDA devices the stage needs: counted and checked; every stage still sees all devices."""
+
+
 class StageSpec(Strict):
     kind: str
     """Stage kind: one of corpus, model (import a checkpoint), select, tokenize, pretrain, finetune, distill,
@@ -60,6 +73,8 @@ class StageSpec(Strict):
     """pretrain/finetune/distill only: train on this domain's token blocks only (e.g. prose, code)."""
     sampler: SamplerSpec | None = None
     """pretrain/finetune/distill only: how each step's blocks are drawn (default: uniform epochs)."""
+    resources: StageResources = Field(default_factory=StageResources)
+    """What the stage occupies when it runs beside others (threads, memory_gb, gpus)."""
     description: str = ""
 
 
@@ -497,7 +512,7 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
         digest = compute_digest(spec.kind, spec.method, {"params": params, "options": options}, input_digests,
                                 version, file_digests)
         plans[name] = StagePlan(name, spec.kind, spec.method, params, options, inputs, digest, files, version,
-                                input_digests, local_files, file_digests)
+                                input_digests, local_files, file_digests, spec.resources.model_dump(exclude_none=True))
     return RecipePlan(recipe.name, Path(path), plans, [c.model_dump(mode="json") for c in recipe.claims],
                       recipe.paper.model_dump(), seed_plan.expanded if seed_plan else {})
 

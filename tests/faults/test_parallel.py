@@ -68,6 +68,22 @@ def test_two_independent_stages_overlap_and_build_the_same_bytes_as_one_after_an
         assert (built / "model.safetensors").read_bytes() == side_by_side, name
 
 
+@pytest.mark.fault("recovers")
+def test_stages_that_each_ask_for_every_core_run_one_after_another(nano_copy):
+    """The same two independent pretraining stages as above, each declaring ``resources.threads``
+    equal to the machine's cores: --max-parallel 2 could start both, the packer starts one at a
+    time (the test above is the control: without resources they overlap)."""
+    cores = os.cpu_count()
+    args = [a for name in ("pretrain_dense", "pretrain_spdf") for a in
+            ("--set", f"stages.{name}.params.steps=40", "--set", f"stages.{name}.resources={{threads: {cores}}}")]
+    proc, out = _run(nano_copy, "--max-parallel", "2", *BOTH_PRETRAINS, *args)
+    assert proc.returncode == 0, out[-3000:]
+    stage_runs = _stage_runs(nano_copy, proc.started_ms)
+    dense, spdf = stage_runs["pretrain_dense"].info, stage_runs["pretrain_spdf"].info
+    assert dense.status == spdf.status == "FINISHED"
+    assert dense.end_time <= spdf.start_time or spdf.end_time <= dense.start_time, "the two stages overlapped"
+
+
 @pytest.mark.fault("clear_error")
 def test_a_failing_stage_stops_new_ones_while_its_sibling_finishes_and_stays_cached(nano_copy):
     """finetune_code diverges (lr 1e30) while finetune_prose, beside it, completes: the run

@@ -1,0 +1,83 @@
+"""Per-stage ``resources`` (threads, memory_gb, gpus): validated on load, kept out of the
+digest, refused before anything runs when the machine cannot hold them, and packed so stages
+side by side never add up to more than the machine has (flows/parallel.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flows.cli import EXIT_USAGE, main
+from flows.errors import RecipeError
+from flows.parallel import Capacity, StagePacker, check_stage_resources, stage_threads
+from flows.recipe import load_plan
+from tests.helpers import NANO_RECIPE, make_workspace
+
+
+def test_resources_are_typed_and_named_on_error():
+    _, plan = load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources={threads: 2, memory_gb: 1.5}"])
+    assert plan.stages["pretrain_dense"].resources == {"threads": 2, "memory_gb": 1.5, "gpus": 0}
+    with pytest.raises(RecipeError, match=r"stages\.pretrain_dense\.resources\.threads"):
+        load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources={threads: 0}"])
+    with pytest.raises(RecipeError, match=r"stages\.pretrain_dense\.resources\.cores"):
+        load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources={cores: 2}"])
+
+
+def test_resources_do_not_move_digests():
+    _, plain = load_plan(NANO_RECIPE)
+    _, placed = load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources={threads: 1}",
+                                        "stages.evaluate.resources={memory_gb: 2}"])
+    assert {n: s.digest for n, s in plain.stages.items()} == {n: s.digest for n, s in placed.stages.items()}
+
+
+@pytest.mark.parametrize(("key", "value", "unit"), [("threads", 4096, "cores"), ("memory_gb", 1e6, "GB of memory"),
+                                                    ("gpus", 64, "NVIDIA GPUs")])
+def test_a_stage_asking_more_than_the_machine_has_is_refused_before_anything_runs(tmp_path, capsys, key, value, unit):
+    ws = make_workspace(tmp_path / "ws")
+    rc = main(["--workspace", str(ws), "run", "nano", "--no-progress", "--set", f"stages.distill.resources={{{key}: {value}}}"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE, err
+    assert f"stages.distill.resources.{key}: asks for {value:g}, but this machine has" in err and unit in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(ws.glob("artifacts/*/*")) and not (ws / "mlflow.db").exists()  # refused before any stage
+    rc = main(["--workspace", str(ws), "stage", "nano", "distill", "--set", f"stages.distill.resources={{{key}: {value}}}"])
+    assert rc == EXIT_USAGE and f"stages.distill.resources.{key}" in capsys.readouterr().err
+
+
+def test_the_check_reads_only_the_selected_stages():
+    _, plan = load_plan(NANO_RECIPE, ["stages.distill.resources={gpus: 64}"])
+    machine = Capacity(cores=2, memory_gb=24.0, gpus=0)
+    check_stage_resources(plan, ["corpus", "tokenize"], machine)  # distill is not among them: no error
+    with pytest.raises(ValueError, match="stages.distill.resources.gpus: asks for 64, but this machine has 0"):
+        check_stage_resources(plan, ["corpus", "distill"], machine)
+
+
+def test_the_packer_sums_threads_memory_and_gpus_within_the_machine():
+    packer = StagePacker(Capacity(cores=4, memory_gb=16.0, gpus=1), default_threads=2)
+    assert packer.fits({"threads": 4, "memory_gb": 16.0, "gpus": 1})  # alone, anything the check let through
+    packer.take("a", {})  # 2 threads by default
+    assert packer.fits({}) and not packer.fits({"threads": 3})
+    packer.take("b", {"threads": 2, "memory_gb": 10.0, "gpus": 0})
+    assert not packer.fits({"threads": 1})  # 4 of 4 cores held
+    packer.release("a")
+    assert packer.fits({"threads": 2, "memory_gb": 6.0, "gpus": 1})
+    assert not packer.fits({"threads": 1, "memory_gb": 6.5})  # 10 + 6.5 GB > 16
+    packer.take("c", {"threads": 1, "gpus": 1})
+    packer.release("b")
+    assert not packer.fits({"threads": 1, "gpus": 1}) and packer.fits({"threads": 3})
+
+
+def test_stage_threads_sets_torch_for_the_stage_and_restores_it():
+    import torch
+
+    before = torch.get_num_threads()
+    with stage_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with stage_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_the_local_capacity_is_this_machine():
+    machine = Capacity.local()
+    assert machine.cores == os.cpu_count() and machine.memory_gb > 1 and machine.gpus >= 0
