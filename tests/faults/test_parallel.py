@@ -1,7 +1,8 @@
 """`paperdag run --max-parallel N`: stages side by side on real Prefect task runners (worker
-processes, a Dask LocalCluster), on copies of the nano workspace."""
+processes; behind `-m slow`, a Dask LocalCluster and a local Ray), on copies of the nano workspace."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -39,12 +40,15 @@ def _run(ws, *args: str, timeout: float = 600):
     return proc, output(proc)
 
 
-@pytest.mark.parametrize("runner", ["process", pytest.param("dask", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("runner", ["process", pytest.param("dask", marks=pytest.mark.slow),
+                                    pytest.param("ray", marks=pytest.mark.slow)])
 @pytest.mark.fault("recovers")
 def test_two_independent_stages_overlap_and_build_the_same_bytes_as_one_after_another(nano_copy, runner):
     """Both pretraining stages read only the tokens: submitted together, they train in two
     worker processes at once (150 steps each, so the workers' start-up cannot hide the overlap),
     and each writes the bytes that a build one after another, in this process, writes."""
+    if runner == "ray":
+        pytest.importorskip("prefect_ray", reason="pip install -e '.[ray]'")
     longer = [a for name in ("pretrain_dense", "pretrain_spdf") for a in
               ("--set", f"stages.{name}.params.steps=150", "--set", f"stages.{name}.params.checkpoint_every=50")]
     proc, out = _run(nano_copy, "--max-parallel", "2", "--runner", runner, *BOTH_PRETRAINS, *longer)
@@ -126,6 +130,48 @@ def test_ctrl_c_during_parallel_stages_kills_the_workers_and_marks_both_runs_kil
     assert no_run_left_running(nano_copy)
     wait_for(lambda: temp_dirs(nano_copy) == [], 10, "the workers' temp dirs to go")
     wait_for(lambda: not _processes_in_group(proc.pid), 10, "every worker process to exit")
+
+
+@pytest.mark.fault("recovers")
+def test_a_worker_killed_mid_stage_is_named_and_the_rerun_resumes_from_its_checkpoint(nano_copy):
+    """SIGKILL of the worker process training pretrain_spdf (an OOM kill, a node lost): the run
+    stops with an error, nothing is left RUNNING once the next run opens the store, and that run
+    resumes the stage from its last checkpoint and ends with the bytes of an uninterrupted build."""
+    args = ("--max-parallel", "2", *BOTH_PRETRAINS, *[
+        a for name in ("pretrain_dense", "pretrain_spdf") for a in
+        ("--set", f"stages.{name}.params.steps=600", "--set", f"stages.{name}.params.checkpoint_every=50")])
+    proc = start_cli(nano_copy, "run", "nano", "--no-progress", *args, PREFECT_LOGGING_LEVEL="CRITICAL")
+
+    def spdf_worker() -> int | None:
+        run = _stage_runs(nano_copy, proc.started_ms).get("pretrain_spdf")
+        return int(run.data.tags["paperdag.pid"]) if run is not None and run.info.status == "RUNNING" else None
+
+    wait_for(lambda: spdf_worker() and len(list(nano_copy.glob(".paperdag/checkpoints/*/step-*"))) >= 2, 300,
+             "both stages to checkpoint", proc)
+    os.kill(spdf_worker(), signal.SIGKILL)
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    out = output(proc)
+    assert proc.returncode == EXIT_FAILED, out[-3000:]
+    assert "error:" in out and "pretrain_spdf" in out.split("error:", 1)[1], out[-3000:]
+    assert "Traceback" not in out
+    assert list(nano_copy.glob(".paperdag/checkpoints/*/step-*"))  # what it had trained is still there
+
+    rerun, out = _run(nano_copy, *args)
+    assert rerun.returncode == 0, out[-3000:]
+    assert no_run_left_running(nano_copy) and temp_dirs(nano_copy) == []
+    stage_runs = _stage_runs(nano_copy, rerun.started_ms)
+    digest = stage_runs["pretrain_spdf"].data.tags["paperdag.artifact_digest"]
+    [built] = nano_copy.glob(f"artifacts/pretrain/{digest[:16]}")
+    facts = json.loads((built / "paperdag.json").read_text())
+    assert 0 < facts["resumed_from_step"] < 600, facts
+    resumed = (built / "model.safetensors").read_bytes()
+    assert main(["--workspace", str(nano_copy), "stage", "nano", "pretrain_spdf", "--force", "--no-progress",
+                 "--no-track", *args[6:]]) == 0
+    assert (built / "model.safetensors").read_bytes() == resumed
 
 
 def _processes_in_group(pgid: int) -> list[int]:
