@@ -45,6 +45,18 @@ class StageFailedError(RuntimeError):
         return error
 
 
+class WorkerLostError(RuntimeError):
+    """A worker process of ``--max-parallel`` died under its stage (a signal, the OOM killer)."""
+
+    def __init__(self, stages: list[str], cause: BaseException):
+        many = len(stages) > 1
+        super().__init__(f"a worker process died while running {'stages' if many else 'stage'} {', '.join(stages)} "
+                         f"({type(cause).__name__}: killed by a signal, or out of memory?); "
+                         + ("their checkpoints are kept: rerun and they resume" if many
+                            else "its checkpoints are kept: rerun and it resumes"))
+        self.stages = stages
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, delivered as an interruption so every run and temp dir is cleaned up like Ctrl-C."""
 
@@ -65,6 +77,6 @@ def describe(exc: BaseException, workspace: Path | None = None) -> str:
     for e in exception_chain(exc):
         if isinstance(e, OSError) and e.errno == errno.EROFS:
             return f"read-only file system: cannot write {e.filename or workspace}"
-    if isinstance(exc, (WorkspaceError, TrackingServerError, ConnectionError, DeploymentError)):
+    if isinstance(exc, (WorkspaceError, TrackingServerError, ConnectionError, DeploymentError, WorkerLostError)):
         return str(exc)  # already says what is wrong and what to do
     return f"{type(exc).__name__}: {exc}"

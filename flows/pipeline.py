@@ -9,13 +9,14 @@ instead of being served from a stale cache record.
 from __future__ import annotations
 
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from flows.errors import StageFailedError, StageSelectionError
+from flows.errors import StageFailedError, StageSelectionError, WorkerLostError
 from flows.parallel import (
     Capacity,
     StagePacker,
@@ -179,9 +180,12 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
             continue
         future = next(as_completed(list(running)))
         name = running.pop(future)
+        running_now = sorted([name, *running.values()])  # what the pool held when this one ended
         packer.release(name)
         try:
             finished[name] = _outcome(future.result())
+        except BrokenProcessPool as e:  # a worker died: every stage on the pool fails with this
+            failures.append(WorkerLostError(running_now, e))
         except Exception as e:  # noqa: BLE001 - raised by the caller, once the running stages are done
             failures.append(e)
 

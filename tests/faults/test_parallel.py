@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -139,7 +140,7 @@ def test_a_worker_killed_mid_stage_is_named_and_the_rerun_resumes_from_its_check
     resumes the stage from its last checkpoint and ends with the bytes of an uninterrupted build."""
     args = ("--max-parallel", "2", *BOTH_PRETRAINS, *[
         a for name in ("pretrain_dense", "pretrain_spdf") for a in
-        ("--set", f"stages.{name}.params.steps=600", "--set", f"stages.{name}.params.checkpoint_every=50")])
+        ("--set", f"stages.{name}.params.steps=1200", "--set", f"stages.{name}.params.checkpoint_every=50")])
     proc = start_cli(nano_copy, "run", "nano", "--no-progress", *args, PREFECT_LOGGING_LEVEL="CRITICAL")
 
     def spdf_worker() -> int | None:
@@ -156,7 +157,10 @@ def test_a_worker_killed_mid_stage_is_named_and_the_rerun_resumes_from_its_check
         raise
     out = output(proc)
     assert proc.returncode == EXIT_FAILED, out[-3000:]
-    assert "error:" in out and "pretrain_spdf" in out.split("error:", 1)[1], out[-3000:]
+    # pretrain_dense, beside it, may have finished first; if not, the broken pool took it down too
+    assert re.search(r"error: a worker process died while running stages? (pretrain_dense, )?pretrain_spdf "
+                     r"\(BrokenProcessPool: killed by a signal, or out of memory\?\); (its|their) checkpoints are kept",
+                     out), out[-3000:]
     assert "Traceback" not in out
     assert list(nano_copy.glob(".paperdag/checkpoints/*/step-*"))  # what it had trained is still there
 
@@ -167,7 +171,7 @@ def test_a_worker_killed_mid_stage_is_named_and_the_rerun_resumes_from_its_check
     digest = stage_runs["pretrain_spdf"].data.tags["paperdag.artifact_digest"]
     [built] = nano_copy.glob(f"artifacts/pretrain/{digest[:16]}")
     facts = json.loads((built / "paperdag.json").read_text())
-    assert 0 < facts["resumed_from_step"] < 600, facts
+    assert 0 < facts["resumed_from_step"] < 1200, facts
     resumed = (built / "model.safetensors").read_bytes()
     assert main(["--workspace", str(nano_copy), "stage", "nano", "pretrain_spdf", "--force", "--no-progress",
                  "--no-track", *args[6:]]) == 0
