@@ -13,10 +13,10 @@ intra-op thread count: two stages in one process would draw from one RNG stream.
 
 Cores are shared out, not oversubscribed: each local worker process runs torch with
 ``cores // N`` threads, so two training stages on 2 cores take one core each. A stage that
-declares ``resources`` (threads, memory_gb, gpus) runs with its own thread count and starts only
-while the stages running beside it leave that much of the machine free (``StagePacker``). A stage whose
-artifact is already in the store is served in the flow's own process (a cache hit is a stat
-and a checksum, not worth a worker). The digest lock in ``ArtifactStore.lock`` keeps two
+declares ``resources`` (threads, memory_gb, gpus) runs with its own thread count and starts
+only while the stages running beside it leave that much of the machine free (``StagePacker``).
+A stage whose artifact is already in the store is served in the flow's own process (a cache
+hit is a stat and a checksum, not worth a worker). The digest lock in ``ArtifactStore.lock`` keeps two
 stages, or two ``paperdag run``s on one workspace, from building one digest at once.
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@ is ended on every path out (FINISHED, FAILED or KILLED); runs left RUNNING by a 
 was SIGKILLed are marked KILLED by the next tracker that opens the experiment.
 
 A tracking server that stops answering mid-run costs no computation: per-step metrics are
-skipped while it is down (a gap in the curve), the stage's artifact is
-committed before its final logging, and an end that cannot reach the server is written to
+skipped while it is down (a gap in the curve), the stage's artifact is committed before its
+final logging, and an end that cannot reach the server is written to
 ``.paperdag/tracking-journal.jsonl`` and replayed by the next tracker on that server, so the
 run gets its real status and error instead of staying RUNNING.
 """
