@@ -63,14 +63,18 @@ class Capacity:
         gpus = len(list(Path("/dev").glob("nvidia[0-9]*")))  # without importing torch (seconds)
         return cls(os.cpu_count() or 1, memory, gpus)
 
+    def limits(self) -> dict[str, float]:
+        """By the keys of a stage's ``resources``."""
+        return {"threads": self.cores, "memory_gb": self.memory_gb, "gpus": self.gpus}
+
 
 def check_stage_resources(plan, order: list[str], capacity: Capacity) -> None:
     """Refuse, before anything runs, a stage that could never start on this machine."""
-    have = {"threads": (capacity.cores, "cores"), "memory_gb": (capacity.memory_gb, "GB of memory"),
-            "gpus": (capacity.gpus, "NVIDIA GPUs")}
+    units = {"threads": "cores", "memory_gb": "GB of memory", "gpus": "NVIDIA GPUs"}
+    limits = capacity.limits()
     for name in order:
         for key, asked in plan.stages[name].resources.items():
-            limit, unit = have[key]
+            limit, unit = limits[key], units[key]
             if asked > limit:
                 raise ResourcesError(f"{plan.recipe_path}: stages.{name}.resources.{key}: asks for {asked:g}, but this "
                                      f"machine has {limit:g} {unit}; lower it, or run on a machine or cluster that has "
@@ -96,8 +100,8 @@ class StagePacker:
         if not self.held:
             return True
         want = self.demand(resources)
-        limits = {"threads": self.capacity.cores, "memory_gb": self.capacity.memory_gb, "gpus": self.capacity.gpus}
-        return all(sum(h[k] for h in self.held.values()) + want[k] <= limits[k] for k in limits)
+        return all(sum(h[k] for h in self.held.values()) + want[k] <= limit
+                   for k, limit in self.capacity.limits().items())
 
     def take(self, name: str, resources: dict) -> None:
         self.held[name] = self.demand(resources)
