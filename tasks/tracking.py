@@ -195,13 +195,17 @@ class Tracker:
             tmp.write_text("".join(f"{line}\n" for line in keep))
             os.replace(tmp, self.journal)
 
+    def _outage(self) -> str | None:
+        """Why the tracking server does not answer now; None if it does, or the store is a file."""
+        return unhealthy(self.uri) if is_server(self.uri) else None
+
     @contextmanager
     def _reaching_server(self, doing: str) -> Iterator[None]:
         """Name a tracking server that stopped answering, instead of MLflow's retry traceback."""
         try:
             yield
         except Exception as e:
-            if is_server(self.uri) and (reason := unhealthy(self.uri)) is not None:
+            if (reason := self._outage()) is not None:
                 raise TrackingServerError(
                     f"MLflow tracking server {self.uri} stopped answering ({reason}) while {doing}; "
                     "finished stages stay cached: rerun once it answers again") from e
@@ -268,7 +272,7 @@ class Tracker:
                 # a full disk: give SQLite the workspace's reserve and try once more
                 if attempt == 0 and disk_full(e) is not None and release_reserve(self.workspace.state_dir):
                     continue
-                reason = unhealthy(self.uri) if is_server(self.uri) else None
+                reason = self._outage()
                 cause = (f"tracking server {self.uri} does not answer ({reason})" if reason is not None
                          else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
                 later = (f"; recorded in {self.journal}, the next run against {self.uri} ends it"
