@@ -10,15 +10,22 @@ skipped while it is down (a gap in the curve), the stage's artifact is committed
 final logging, and an end that cannot reach the server is written to
 ``.paperdag/tracking-journal.jsonl`` and replayed by the next tracker on that server, so the
 run gets its real status and error instead of staying RUNNING.
+
+A Ctrl-C never lands inside a write to a local (SQLite) store: cut there, SQLAlchemy leaves the
+process's own transaction holding the database lock, and ending the run KILLED then waits out
+the store's 20 s busy timeout and fails, leaving it RUNNING. Interruptions are deferred to the
+end of each store call instead (``_interrupts_deferred``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -88,6 +95,52 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM that arrive during the block are held, then delivered to the handlers it
+    found once it ends. A signal mask would not do: the kernel hands a process's signal to any
+    thread not masking it, and Python runs the handler in the main thread all the same."""
+    if threading.current_thread() is not threading.main_thread():  # only it runs and sets handlers
+        yield
+        return
+    held: list[int] = []
+    found = {sig: signal.getsignal(sig) for sig in _INTERRUPTS}
+    for sig, handler in found.items():
+        if handler is not None:  # None: a handler not set from Python, left alone
+            signal.signal(sig, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in found.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
+class _DeferringClient:
+    """``MlflowClient`` whose every call to an in-process (SQLAlchemy) store finishes before a
+    Ctrl-C is delivered. A call to a tracking server stays interruptible: the server finishes or
+    drops the request itself, and a hung request must not make Ctrl-C wait for its timeouts."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def deferred(*args, **kwargs):
+            with _interrupts_deferred():
+                return attr(*args, **kwargs)
+
+        return deferred
+
+
 def _is_interruption(e: BaseException) -> bool:
     """Ctrl-C, or SIGTERM: inside a flow Prefect turns SIGTERM into its TerminationSignal (an
     ExternalSignal), matched by name so this module need not import Prefect."""
@@ -112,7 +165,9 @@ class Tracker:
         init_lock = file_lock(db.with_name(f".{db.name}.lock"), f"another process is creating {db}") if db \
             else nullcontext()
         with init_lock:
-            self.client = MlflowClient(tracking_uri=uri)
+            client = MlflowClient(tracking_uri=uri)
+            self.client = client if is_server(uri) else _DeferringClient(client)
+            self._store_call = nullcontext if is_server(uri) else _interrupts_deferred
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = None  # a tracking server keeps files in its own artifact store (--artifacts-destination)
@@ -240,12 +295,16 @@ class Tracker:
         all_tags = {**self._base_tags(), **tags}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        with self._reaching_server(f"starting run {name}"):
-            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        run_id = run.info.run_id
+        run_id = None
         try:
+            with self._store_call():  # a Ctrl-C right after the run is created must still end it
+                with self._reaching_server(f"starting run {name}"):
+                    run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+                run_id = run.info.run_id
             yield run_id
         except BaseException as e:
+            if run_id is None:  # no run was created
+                raise
             if _is_interruption(e):
                 self._end(run_id, "KILLED", "interrupted")
             else:
