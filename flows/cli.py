@@ -137,15 +137,23 @@ def _default_parallel() -> int:
     return default_max_parallel()
 
 
+def _parallel_limit(args, default: int) -> int:
+    """``--max-parallel`` (or ``default``), checked together with ``--runner``."""
+    from flows.parallel import RunnerError, check_runner_spec
+
+    max_parallel = args.max_parallel or default
+    check_runner_spec(args.runner)
+    if max_parallel == 1 and args.runner != "process":
+        raise RunnerError(f"--runner {args.runner} runs stages side by side: give --max-parallel N, N > 1")
+    return max_parallel
+
+
 def _flow_with_runner(recipe_flow, args):
     """(the flow on the task runner ``--runner``/``--max-parallel`` ask for, its stage limit)."""
-    from flows.parallel import RunnerError, check_runner_spec, stage_task_runner
+    from flows.parallel import stage_task_runner
 
-    max_parallel = args.max_parallel or _default_parallel()
-    check_runner_spec(args.runner)
+    max_parallel = _parallel_limit(args, _default_parallel())
     if max_parallel == 1:
-        if args.runner != "process":
-            raise RunnerError(f"--runner {args.runner} runs stages side by side: give --max-parallel N, N > 1")
         return recipe_flow, 1
     return recipe_flow.with_options(task_runner=stage_task_runner(args.runner, max_parallel)), max_parallel
 
@@ -229,11 +237,12 @@ def cmd_serve(args) -> int:
 
     path = resolve_recipe_path(args.recipe, ws.root)
     _, plan = load_plan(path, args.set)
+    max_parallel = _parallel_limit(args, 1)
     deployment = recipe_flow.to_deployment(
         name=args.name or f"{plan.name}-scheduled",
         cron=args.cron,
         entrypoint_type=EntrypointType.MODULE_PATH,
-        **deployment_fields(plan, path, ws, args.set),
+        **deployment_fields(plan, path, ws, args.set, max_parallel, args.runner),
     )
     print(f"paperdag: serving {plan.name} on cron {args.cron!r} (Ctrl-C to stop)")
     with _prefect_api(ws):
@@ -250,13 +259,14 @@ def cmd_deploy(args) -> int:
         raise DeploymentError("paperdag deploy needs a Prefect server that outlives this command: start one "
                               "(`prefect server start`) and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
     ws = _workspace(args, writes=True)
-    from flows.deploy import deploy_recipe
+    from flows.deploy import deploy_recipe, deployment_fields
     from flows.recipe import load_plan, resolve_recipe_path
 
     path = resolve_recipe_path(args.recipe, ws.root)
     _, plan = load_plan(path, args.set)
+    fields = deployment_fields(plan, path, ws, args.set, _parallel_limit(args, 1), args.runner)
     with _prefect_api(ws):
-        deployment_id, name = deploy_recipe(plan, path, ws, args.pool, args.name, args.cron, args.set)
+        deployment_id, name = deploy_recipe(fields, args.pool, args.name or f"{plan.name}-{args.pool}", args.cron)
     print(f"paperdag: deployment {name} ({deployment_id}) on work pool {args.pool!r}"
           + (f", cron {args.cron!r}" if args.cron else "") + "\n"
           f"  start a worker:  prefect worker start --pool {args.pool}\n"
@@ -383,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rerun just this stage on cached inputs")
         g.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and everything downstream")
 
+    def side_by_side(sp, default: str):
+        sp.add_argument("--max-parallel", type=_positive_int, metavar="N",
+                        help=f"run up to N independent stages side by side, each with cores/N torch threads "
+                             f"(default: {default})")
+        sp.add_argument("--runner", default="process", metavar="SPEC",
+                        help="where side-by-side stages run: process (default; local processes), dask[:ADDRESS] "
+                             "or ray[:ADDRESS] (needs prefect-dask / prefect-ray)")
+
     r = recipe_cmd("run", cmd_run, "run a recipe as a Prefect flow")
     selection(r)
     r.add_argument("--dry-run", action="store_true", help="only show what would run (same as `paperdag status`)")
@@ -390,12 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--allow-over-budget", action="store_true",
                    help="run stages that would take over PAPERDAG_MAX_STAGE_HOURS or more memory than is free")
-    r.add_argument("--max-parallel", type=_positive_int, metavar="N",
-                   help="run up to N independent stages side by side, each with cores/N torch threads "
-                        f"(default: one per two cores, here {_default_parallel()})")
-    r.add_argument("--runner", default="process", metavar="SPEC",
-                   help="where side-by-side stages run: process (default; local processes), dask[:ADDRESS] "
-                        "or ray[:ADDRESS] (needs prefect-dask / prefect-ray)")
+    side_by_side(r, f"one per two cores, here {_default_parallel()}")
 
     s = recipe_cmd("stage", cmd_stage, "run one stage (the entry point dvc.yaml uses)")
     s.add_argument("stage")
@@ -409,11 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv = recipe_cmd("serve", cmd_serve, "register a scheduled Prefect deployment and serve it")
     sv.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     sv.add_argument("--name", help="deployment name (default RECIPE-scheduled)")
+    side_by_side(sv, "1; each scheduled run gets this")
 
     dp = recipe_cmd("deploy", cmd_deploy, "create a deployment on a Prefect work pool (run by `prefect worker`)")
     dp.add_argument("--pool", required=True, help="work pool name; a process pool of that name is created if missing")
     dp.add_argument("--cron", help='optional cron schedule, e.g. "0 3 * * *"')
     dp.add_argument("--name", help="deployment name (default RECIPE-POOL)")
+    side_by_side(dp, "1; the worker's machine, not this one, runs the stages")
 
     d = sub.add_parser("dvc-sync", help="regenerate dvc.yaml from the recipes")
     d.add_argument("--check", action="store_true", help="fail if dvc.yaml is out of date")

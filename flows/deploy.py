@@ -35,22 +35,21 @@ def ensure_process_pool(name: str) -> None:
                               "(the worker runs the flow from this project directory)")
 
 
-def deployment_fields(plan: RecipePlan, recipe_path: Path, ws: Workspace, overrides: list[str]) -> dict:
+def deployment_fields(plan: RecipePlan, recipe_path: Path, ws: Workspace, overrides: list[str],
+                      max_parallel: int, runner: str) -> dict:
     """What every paperdag deployment (served or on a work pool) passes the flow and shows in the UI."""
     return {"parameters": {"recipe": str(recipe_path), "overrides": overrides, "workspace": str(ws.root),
-                           "progress": False},
+                           "progress": False, "max_parallel": max_parallel, "runner": runner},
             "description": f"paperdag recipe {plan.name}: {plan.paper.get('title', '')}",
             "tags": ["paperdag", plan.name]}
 
 
-def deploy_recipe(plan: RecipePlan, recipe_path: Path, ws: Workspace, pool: str, name: str | None,
-                  cron: str | None, overrides: list[str]) -> tuple[str, str]:
-    """(deployment id, "flow/deployment" name)."""
+def deploy_recipe(fields: dict, pool: str, name: str, cron: str | None) -> tuple[str, str]:
+    """(deployment id, "flow/deployment" name) for ``deployment_fields``' flow on ``pool``."""
     from flows.pipeline import recipe_flow
 
     ensure_process_pool(pool)
-    deployment_name = name or f"{plan.name}-{pool}"
     flow = recipe_flow.from_source(source=str(PROJECT_ROOT), entrypoint=FLOW_ENTRYPOINT)
-    deployment_id = flow.deploy(name=deployment_name, work_pool_name=pool, cron=cron, build=False, push=False,
-                                print_next_steps=False, **deployment_fields(plan, recipe_path, ws, overrides))
-    return str(deployment_id), f"{recipe_flow.name}/{deployment_name}"
+    deployment_id = flow.deploy(name=name, work_pool_name=pool, cron=cron, build=False, push=False,
+                                print_next_steps=False, **fields)
+    return str(deployment_id), f"{recipe_flow.name}/{name}"

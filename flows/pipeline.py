@@ -9,6 +9,7 @@ instead of being served from a stale cache record.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from flows.parallel import (
     StagePacker,
     check_stage_resources,
     interruptible_stage,
+    stage_task_runner,
     stage_threads,
     stop_pool_workers,
     threads_per_stage,
@@ -84,15 +86,17 @@ def run_stage(plan: RecipePlan, name: str, ws: Workspace, tracker: Tracker, pare
 @flow(name="paperdag-recipe", log_prints=False, persist_result=False, validate_parameters=False)
 def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str] | None = None,
                 from_stage: str | None = None, workspace: str | None = None, progress: bool = True,
-                max_parallel: int = 1) -> FlowSummary:
+                max_parallel: int = 1, runner: str = "process") -> FlowSummary:
     """``max_parallel`` > 1: independent stages run side by side on the flow's task runner
-    (``flows.parallel``); 1: one after another in this process."""
+    (``flows.parallel``), or, for a flow on Prefect's thread runner (a deployment's, started from
+    its entrypoint), on a ``runner`` (``process``, ``dask[:ADDRESS]``, ``ray[:ADDRESS]``) of their
+    own; 1: one after another in this process."""
     ws = Workspace.from_env(workspace)
     ws.configure_environment()  # a worker's flow process did not come through the CLI that sets these
     path = resolve_recipe_path(recipe, ws.root)
     _, plan = load_plan(path, overrides or [])
     order, forced = stages_to_run(plan, only or [], from_stage)
-    if max_parallel == 1:  # stages run here, on this machine (a Dask or Ray cluster places its own)
+    if max_parallel == 1 or ":" not in runner:  # stages run on this machine (a cluster places its own)
         check_stage_resources(plan, order, Capacity.local())
     tracker = Tracker(ws, plan.name)
     start = time.perf_counter()
@@ -105,7 +109,7 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
         tracker.log_params(parent_id, {"recipe": plan.name, "overrides": overrides or [], "paper": plan.paper})
         summary = FlowSummary(plan.name, parent_id, tracking_uri=ws.tracking_uri)
         if max_parallel > 1:
-            summary.outcomes = _run_side_by_side(plan, order, forced, ws, tracker, parent_id, max_parallel)
+            summary.outcomes = _run_side_by_side(plan, order, forced, ws, tracker, parent_id, max_parallel, runner)
         else:
             for i, name in enumerate(order, 1):
                 outcome = run_stage.with_options(task_run_name=name)(
@@ -124,30 +128,39 @@ def _outcome(result) -> StageOutcome:
 
 
 def _run_side_by_side(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspace, tracker: Tracker,
-                      parent_id: str, limit: int) -> list[StageOutcome]:
+                      parent_id: str, limit: int, runner: str) -> list[StageOutcome]:
     """Submit each stage once its upstream stages in ``order`` have finished, at most ``limit``
     at a time. After a failure nothing new starts; running stages finish (and stay cached),
     then the first failure is raised. Outcomes come back in ``order``."""
     from prefect.context import FlowRunContext
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    if isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner):
-        # threads would share torch's global RNG and thread pool: not the same bytes as a serial run
-        raise StageSelectionError("max_parallel > 1 needs the flow on a process, Dask or Ray task runner "
-                                  "(paperdag run --max-parallel sets one); threads would share torch's RNG")
     finished, failures = {}, []
-    try:
-        _dispatch(plan, order, forced, ws, tracker, parent_id, limit, finished, failures)
-    except KeyboardInterrupt:
-        stop_pool_workers()
-        raise
+
+    def dispatch(submit) -> None:
+        try:
+            _dispatch(plan, order, forced, ws, tracker, parent_id, limit, submit, finished, failures)
+        except KeyboardInterrupt:
+            stop_pool_workers()
+            raise
+
+    flow_runner = FlowRunContext.get().task_runner
+    if isinstance(flow_runner, ThreadPoolTaskRunner):
+        # A deployment's flow starts from its entrypoint on Prefect's default thread runner. Stages
+        # in threads would share torch's RNG and thread pool (not the bytes of a serial run), so
+        # they get a runner of their own, as `paperdag run --max-parallel` gives the whole flow.
+        with stage_task_runner(runner, limit) as own_runner:
+            dispatch(own_runner.submit)
+    else:
+        dispatch(flow_runner.submit)
     if failures:
         raise failures[0]
     return [finished[name] for name in order]
 
 
 def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspace, tracker: Tracker,
-              parent_id: str, limit: int, finished: dict, failures: list) -> None:
+              parent_id: str, limit: int, submit: Callable, finished: dict, failures: list) -> None:
+    """``submit(task, parameters)``: a started Prefect task runner's, returning a future."""
     from prefect.futures import as_completed
 
     selected, waiting, running = set(order), list(order), {}
@@ -161,19 +174,20 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
         for name in [n for n in waiting if ready(n)] if not failures else []:
             stage = plan.stages[name]
             task = run_stage.with_options(task_run_name=name)
-            args = (plan, name, ws, tracker, parent_id, name in forced, False, index[name])
+            params = dict(plan=plan, name=name, ws=ws, tracker=tracker, parent_run_id=parent_id,
+                          force=name in forced, progress=False, index=index[name])
             # where it runs, not whether: execute_stage verifies a hit (and reports a corrupt one) itself
             if name not in forced and ws.artifacts.get(stage.kind, stage.digest, verify=False) is not None:
                 waiting.remove(name)
                 try:  # a cache hit is served here, not worth a worker
-                    finished[name] = _outcome(task(*args))
+                    finished[name] = _outcome(task(**params))
                 except Exception as e:  # noqa: BLE001 - raised below, once the running stages are done
                     failures.append(e)
                     break
             elif len(running) < limit and packer.fits(stage.resources):
                 waiting.remove(name)
                 packer.take(name, stage.resources)
-                running[task.submit(*args, one_line=False)] = name
+                running[submit(task, {**params, "one_line": False})] = name
         if not running:
             if waiting and not failures and not any(ready(n) for n in waiting):
                 raise RuntimeError(f"stages {waiting} wait on stages that never ran")  # a bug, not a user error

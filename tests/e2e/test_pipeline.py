@@ -369,8 +369,11 @@ def test_a_deployment_on_a_work_pool_runs_through_a_separate_worker(ws, monkeypa
     assert main(["deploy", "nano", "--pool", "paperdag-e2e"]) == 1
     assert "needs a Prefect server that outlives this command" in capsys.readouterr().err
     monkeypatch.setenv("PREFECT_API_URL", url)
-    assert main(["deploy", "nano", "--pool", "paperdag-e2e"]) == 0
+    assert main(["deploy", "nano", "--pool", "paperdag-e2e", "--max-parallel", "2"]) == 0
     assert "deployment paperdag-recipe/nano-paperdag-e2e" in capsys.readouterr().out
+    with get_client(sync_client=True) as client:  # each run gets its stages' limit and runner
+        deployment = client.read_deployment_by_name("paperdag-recipe/nano-paperdag-e2e")
+    assert (deployment.parameters["max_parallel"], deployment.parameters["runner"]) == (2, "process")
     flow_run = run_deployment("paperdag-recipe/nano-paperdag-e2e", timeout=0)
     worker = subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "paperdag-e2e", "--run-once"],
                             env=dict(os.environ, PREFECT_API_URL=url), capture_output=True, text=True, timeout=600)
