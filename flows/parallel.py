@@ -13,7 +13,7 @@ intra-op thread count: two stages in one process would draw from one RNG stream.
 
 Cores are shared out, not oversubscribed: each local worker process runs torch with
 ``cores // N`` threads, so two training stages on 2 cores take one core each. A stage that
-declares ``resources`` (threads, memory_gb, gpus) runs with its own thread count and starts
+declares ``resources`` (threads, memory_gb, gpus; ranks, see tasks/train_ranks.py) runs with its own thread count and starts
 only while the stages running beside it leave that much of the machine free (``StagePacker``).
 A stage whose artifact is already in the store is served in the flow's own process (a cache
 hit is a stat and a checksum, not worth a worker). The digest lock in ``ArtifactStore.lock`` keeps two
@@ -74,6 +74,8 @@ def check_stage_resources(plan, order: list[str], capacity: Capacity) -> None:
     limits = capacity.limits()
     for name in order:
         for key, asked in plan.stages[name].resources.items():
+            if key not in limits:  # ranks: how a stage runs, not what it holds
+                continue
             limit, unit = limits[key], units[key]
             if asked > limit:
                 raise ResourcesError(f"{plan.recipe_path}: stages.{name}.resources.{key}: asks for {asked:g}, but this "

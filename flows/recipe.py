@@ -47,14 +47,19 @@ class SamplerSpec(Strict):
 class StageResources(Strict):
     """What one run of a stage occupies. ``paperdag run --max-parallel N`` starts a stage beside
     others only while the sums stay within the machine; a stage asking for more than the machine
-    has is refused before anything runs. Not in the digest: where a stage runs does not change
-    what it builds."""
+    has is refused before anything runs. Not in the digest (where a stage runs does not change
+    what it builds), except ``ranks`` above 1: data-parallel ranks sum gradients in another
+    order, so their weights differ from one rank's in the last bits."""
     threads: int | None = Field(None, ge=1)
     """torch intra-op threads. Default: the machine's cores shared out over --max-parallel."""
     memory_gb: float | None = Field(None, gt=0)
     """Peak host memory in GB, counted against the machine's physical memory."""
     gpus: int = Field(0, ge=0)
     """CUDA devices the stage needs: counted and checked; every stage still sees all devices."""
+    ranks: int = Field(1, ge=1)
+    """pretrain/finetune/distill only: data-parallel DeepSpeed ranks the stage launches (torchrun on
+    this machine, or the DeepSpeed launcher over $PAPERDAG_HOSTFILE). Each rank trains on
+    params.batch_size / ranks blocks of every step; the stage's threads are shared out over them."""
 
 
 class StageSpec(Strict):
@@ -497,6 +502,8 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
                 sampler_cls = SAMPLERS.get(spec.sampler.method)
                 options["sampler"] = {"method": spec.sampler.method, "params": sampler_cls.Params.model_validate(
                     spec.sampler.params).model_dump(mode="json")}
+        if spec.resources.ranks > 1:
+            options["ranks"] = _checked_ranks(spec, method_cls, params, f"{path}: stages.{name}.resources.ranks")
         if spec.kind == "evaluate":  # the claims it checks are part of what it produces
             options["claims"] = [c.model_dump(mode="json") for c in recipe.claims]
             if seed_plan is not None:
@@ -515,6 +522,22 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
                                 input_digests, local_files, file_digests, spec.resources.model_dump(exclude_none=True))
     return RecipePlan(recipe.name, Path(path), plans, [c.model_dump(mode="json") for c in recipe.claims],
                       recipe.paper.model_dump(), seed_plan.expanded if seed_plan else {})
+
+
+def _checked_ranks(spec: StageSpec, method_cls, params: dict, where: str) -> int:
+    ranks = spec.resources.ranks
+    if not KINDS[spec.kind].trains:
+        raise RecipeError(f"{where}: {ranks} ranks, but a {spec.kind} stage runs in one process; only "
+                          "pretrain, finetune and distill stages train on several ranks")
+    if params["batch_size"] % ranks:
+        raise RecipeError(f"{where}: {ranks} ranks do not split params.batch_size={params['batch_size']}; "
+                          "choose a batch_size divisible by the rank count")
+    if not method_cls.shards_across_ranks:
+        raise RecipeError(f"{where}: method {spec.method!r} keeps per-block state that each rank would update "
+                          "for its own blocks only; train it on one rank")
+    if 0 < spec.resources.gpus < ranks:
+        raise RecipeError(f"{where}: {ranks} ranks need one GPU each, but resources.gpus is {spec.resources.gpus}")
+    return ranks
 
 
 def _local_input_files(method, options: dict) -> dict[str, list[Path]]:

@@ -19,7 +19,7 @@ class StagePlan:
     input_digests: dict[str, list[str]] = field(default_factory=dict)
     input_files: dict[str, list[Path]] = field(default_factory=dict)  # label -> local files it reads
     file_digests: dict[str, str] = field(default_factory=dict)  # label -> content hash (in the digest)
-    resources: dict = field(default_factory=dict)  # threads, memory_gb, gpus: where it runs, not in the digest
+    resources: dict = field(default_factory=dict)  # threads, memory_gb, gpus, ranks: where it runs (ranks > 1 is in options)
 
     @property
     def upstream(self) -> list[str]:

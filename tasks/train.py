@@ -9,7 +9,9 @@ blocks of each step; its skills are the domains, in the sorted order that train.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +19,7 @@ from components.model.presets import build_model, count_params
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import train
-from tasks.artifacts import DIGEST_LEN
+from tasks.artifacts import DIGEST_LEN, Artifact
 from tasks.model_io import load_model_artifact, load_tokenizer_artifact, save_model_artifact
 
 
@@ -92,38 +94,68 @@ def _check_vocab(model, tokenizer, what: str, stage: str) -> None:
             f"{len(tokenizer)} entries; a model must be trained on the tokenizer it was built for")
 
 
-def run(ctx) -> dict:
-    plan = ctx.plan
-    tokens = ctx.input("tokens")
+@dataclass
+class TrainingSetup:
+    """What a training stage trains: built the same way in the task and in every rank."""
+
+    model: Any
+    tokenizer: Any
+    blocks: np.ndarray
+    sampler: Sampler | None
+    teacher: Any
+    parents: dict
+
+
+def prepare_training(stage: str, kind: str, method_key: str, options: dict, method,
+                     inputs: dict[str, Artifact]) -> TrainingSetup:
+    """The stage's starting model (built from its preset and seed, or loaded), token blocks,
+    sampler and teacher, checked against the tokens' tokenizer."""
+    tokens = inputs["tokens"]
     tokenizer = load_tokenizer_artifact(tokens)
-    blocks = _train_blocks(tokens.path, plan.options.get("train_domain"), plan.name)
-    method = ctx.method
+    blocks = _train_blocks(tokens.path, options.get("train_domain"), stage)
     config = method.params
-    sampler = build_sampler(plan.options, tokens.path, blocks, config.batch_size, config.seed, plan.name)
+    sampler = build_sampler(options, tokens.path, blocks, config.batch_size, config.seed, stage)
     teacher, parents = None, {}
-    if plan.kind == "finetune":
-        model, _, parent_facts = load_model_artifact(ctx.input("model"))
-        _check_vocab(model, tokenizer, f"input model {ctx.input('model').path}", plan.name)
+    if kind == "finetune":
+        model, _, parent_facts = load_model_artifact(inputs["model"])
+        _check_vocab(model, tokenizer, f"input model {inputs['model'].path}", stage)
         parents = {"model": parent_facts}
-    elif plan.kind == "distill" and ctx.inputs.get("student"):
-        model, _, parent_facts = load_model_artifact(ctx.input("student"))  # e.g. Well-Read Students
-        _check_vocab(model, tokenizer, f"student {ctx.input('student').path}", plan.name)
+    elif kind == "distill" and inputs.get("student"):
+        model, _, parent_facts = load_model_artifact(inputs["student"])  # e.g. Well-Read Students
+        _check_vocab(model, tokenizer, f"student {inputs['student'].path}", stage)
         parents = {"student": parent_facts}
     else:
-        model = build_model(plan.options["model"], vocab_size=len(tokenizer), max_seq_len=blocks.shape[1],
+        model = build_model(options["model"], vocab_size=len(tokenizer), max_seq_len=blocks.shape[1],
                             seed=config.seed)
-        _check_vocab(model, tokenizer, f"model {plan.options['model']!r}", plan.name)
-    if plan.kind == "distill" and ctx.inputs.get("teacher"):
-        teacher, _, parent_facts = load_model_artifact(ctx.input("teacher"))
-        _check_vocab(teacher, tokenizer, f"teacher {ctx.input('teacher').path}", plan.name)
+        _check_vocab(model, tokenizer, f"model {options['model']!r}", stage)
+    if kind == "distill" and inputs.get("teacher"):
+        teacher, _, parent_facts = load_model_artifact(inputs["teacher"])
+        _check_vocab(teacher, tokenizer, f"teacher {inputs['teacher'].path}", stage)
         parents["teacher"] = parent_facts
-    if plan.kind == "distill" and method.needs_teacher and teacher is None:
-        raise ValueError(f"stage {plan.name}: distill method {plan.method!r} needs a `teacher` input")
-    checkpoints = ctx.workspace.state_dir / "checkpoints" / plan.digest[:DIGEST_LEN]
+    if kind == "distill" and method.needs_teacher and teacher is None:
+        raise ValueError(f"stage {stage}: distill method {method_key!r} needs a `teacher` input")
     method.use_tokenizer(tokenizer)
-    result = train(model, blocks, config, method, teacher=teacher, checkpoint_dir=checkpoints,
-                   on_log=lambda step, m: ctx.log_metrics(step, {f"train_{k}": v for k, v in m.items()}),
-                   progress=ctx.progress, sampler=sampler)
+    return TrainingSetup(model, tokenizer, blocks, sampler, teacher, parents)
+
+
+def run(ctx) -> dict:
+    plan, method = ctx.plan, ctx.method
+    setup = prepare_training(plan.name, plan.kind, plan.method, plan.options, method,
+                             {role: ctx.input(role) for role in ctx.inputs})
+    model, tokenizer, sampler, parents = setup.model, setup.tokenizer, setup.sampler, setup.parents
+    checkpoints = ctx.workspace.state_dir / "checkpoints" / plan.digest[:DIGEST_LEN]
+    ranks = plan.options.get("ranks", 1)
+
+    def on_log(step: int, metrics: dict) -> None:
+        ctx.log_metrics(step, {f"train_{k}": v for k, v in metrics.items()})
+
+    if ranks > 1:
+        from tasks.train_ranks import train_on_ranks
+
+        result = train_on_ranks(ctx, model, ranks, checkpoints, on_log)
+    else:
+        result = train(model, setup.blocks, method.params, method, teacher=setup.teacher, checkpoint_dir=checkpoints,
+                       on_log=on_log, progress=ctx.progress, sampler=sampler)
     model.to("cpu")
     facts = {
         "kind": plan.kind, "method": plan.method, "precision": result.precision,
@@ -132,6 +164,7 @@ def run(ctx) -> dict:
         "train_flops": result.train_flops, "train_tokens": result.tokens, "steps": result.steps,
         "final_loss": result.losses[-1], "n_params": count_params(model),
         "resumed_from_step": result.resumed_from_step, **result.method_facts,
+        **({"ranks": ranks} if ranks > 1 else {}),
         "sampler": sampler.key if sampler else "uniform", **result.sampler_facts,
         "parents": parents,
     }

@@ -38,6 +38,7 @@ class FerKD(LogitKD):
     """Soft-target CE ``-sum_v target_v log p_student_v`` with ``ferkd_targets``, mean over tokens."""
 
     key = "ferkd"
+    shards_across_ranks = False  # its confident-token counts would be one rank's share
     paper = Paper(
         title="FerKD: Surgical Label Adaptation for Efficient Distillation",
         url="https://arxiv.org/abs/2312.17473",

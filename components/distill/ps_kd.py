@@ -63,6 +63,7 @@ class PSKD(TrainingMethod):
     """
 
     key = "ps_kd"
+    shards_across_ranks = False  # its stored predictions are per block
     paper = Paper(
         title="Self-Knowledge Distillation with Progressive Refinement of Targets",
         url="https://arxiv.org/abs/2006.12000",

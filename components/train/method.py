@@ -65,6 +65,9 @@ class TrainingMethod(Method):
 
     #: True when ``loss`` needs a teacher model (distillation).
     needs_teacher: bool = False
+    #: False when the method keeps per-block state (e.g. last epoch's predictions) that, on
+    #: several data-parallel ranks, each rank would update for its own blocks only.
+    shards_across_ranks: bool = True
 
     def use_tokenizer(self, tokenizer) -> None:
         """Called first, with the tokenizer of the training tokens (e.g. to find answer tokens)."""

@@ -7,6 +7,14 @@ run bit for bit (CPU, fp32, same thread count). A ``Sampler`` (``components/trai
 may replace the default order (``BatchOrder``); its state is checkpointed too. Steps are
 numbered from 1: "step k" is the k-th optimizer update, ``step-{k:07d}`` is the checkpoint
 written after it.
+
+Data parallelism: launched on N ranks (torchrun or the DeepSpeed launcher set RANK and
+WORLD_SIZE; ``tasks/train_ranks.py`` does this for a stage with ``resources.ranks``), every
+rank draws the same global batch of ``batch_size`` blocks from the sampler and trains on its
+own contiguous slice of ``batch_size / N``; DeepSpeed averages the gradients, so a step equals
+the one-rank step up to the order of float sums. The logged loss is the mean over ranks. Rank 0
+writes checkpoints; under ZeRO each rank adds its optimizer-state shard
+(``optimizer-rank{r}.pt``), so a resume needs the same number of ranks.
 """
 from __future__ import annotations
 
@@ -48,7 +56,8 @@ if TYPE_CHECKING:
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
-CHECKSUMS_FILE = "checksums.json"  # sha256 and size of the two files above, written last
+CHECKSUMS_FILE = "checksums.json"  # sha256 and size of every other file, written last
+SHARD_FILE = "optimizer-rank{rank}.pt"  # one rank's ZeRO optimizer-state partition
 KEEP_CHECKPOINTS = 2
 
 log = logging.getLogger("paperdag.train")
@@ -78,7 +87,8 @@ class TrainConfig(MethodParams):
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="Attention kernel while training. 'auto': HF eager attention on CPU for short "
         "sequences (faster there), else the model's own. The saved model keeps its own.")
-    zero_stage: Literal[0, 1] = Field(0, description="DeepSpeed ZeRO stage (1 partitions optimizer state).")
+    zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage (1 partitions optimizer state "
+                                         "over ranks, 2 also gradients).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = never).")
     log_every: int = Field(10, ge=1, description="Call `on_log` every N steps.")
 
@@ -220,6 +230,31 @@ def _unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor],
     return tensors, aliases
 
 
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """The model's weights as safetensors, tied aliases left out (and recorded in the metadata);
+    returns the aliases. Also works on ZeRO-2's flattened parameters, which safetensors'
+    ``save_model`` refuses."""
+    from safetensors.torch import save_file
+
+    tensors, aliases = _unique_state_dict(model)
+    save_file(tensors, str(path), metadata={**(metadata or {}), "tied_aliases": json.dumps(aliases)})
+    return aliases
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: torch.device | str = "cpu") -> None:
+    """Load what ``save_weights`` wrote; every weight but the tied aliases must be there."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("tied_aliases", "{}"))
+    result = model.load_state_dict(load_file(str(path), device=str(device)), strict=False)
+    missing = set(result.missing_keys) - set(aliases)
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path} does not match the model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(result.unexpected_keys)}")
+
+
 def _python_rng_state() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
@@ -261,16 +296,20 @@ def _sha256(path: Path) -> str:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint cannot be trusted (a file differs from its recorded hash), or None."""
+    """Why a checkpoint cannot be trusted (a file missing or differing from its recorded hash), or None."""
     try:
         recorded = json.loads((path / CHECKSUMS_FILE).read_text())
     except (OSError, ValueError) as e:
         return f"{CHECKSUMS_FILE} is unreadable ({e})"
+    if not isinstance(recorded, dict):
+        return f"{CHECKSUMS_FILE} is not a mapping"
     for name in (MODEL_FILE, STATE_FILE):
-        meta = recorded.get(name) if isinstance(recorded, dict) else None
-        if not isinstance(meta, dict):
+        if not isinstance(recorded.get(name), dict):
             return f"{CHECKSUMS_FILE} has no entry for {name}"
+    for name, meta in recorded.items():  # the model, the state and any ZeRO shards
         file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
         if file.stat().st_size != meta.get("bytes") or _sha256(file) != meta.get("sha256"):
             return f"{name} does not match its recorded sha256"
     return None
@@ -292,36 +331,58 @@ def latest_intact_checkpoint(checkpoint_dir: Path) -> tuple[int, Path] | None:
     return None
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, losses, method, config,
-                     sampler) -> None:
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                     sampler, owner_pid: int) -> None:
+    """Rank 0 writes into a temporary directory (named by its pid, ``owner_pid`` on every rank),
+    each rank adds its ZeRO shard there, and rank 0 renames it into place once all are in."""
+    rank, world = _rank_and_world()
     final = checkpoint_dir / f"step-{step:07d}"
-    tmp = checkpoint_dir / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = checkpoint_dir / f".tmp-step-{step:07d}-{owner_pid}"
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(world)
     try:
-        _write_checkpoint(tmp, step, model, optimizer, scheduler, losses, method, config, sampler)
+        if config.zero_stage > 0:  # each rank holds only its partition of the optimizer state
+            torch.save(optimizer.state_dict(), tmp / SHARD_FILE.format(rank=rank))
+        _barrier(world)
+        if rank == 0:
+            _write_checkpoint(tmp, step, model, optimizer, scheduler, losses, method, config, sampler, world)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back
         raise
-    if final.exists():  # a rerun re-wrote the same step: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for _, old in complete_checkpoints(checkpoint_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        if final.exists():  # a rerun re-wrote the same step: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in complete_checkpoints(checkpoint_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
 
 
-def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, losses, method, config, sampler) -> None:
-    from safetensors.torch import save_file
-
-    tensors, aliases = _unique_state_dict(model)
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, losses, method, config, sampler,
+                      world: int) -> None:
+    aliases = save_weights(model, tmp / MODEL_FILE, {"step": str(step)})
     failpoint("checkpoint-write")
     state = {
         "step": step,
         "losses": list(losses),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if config.zero_stage == 0 else {},  # else: the shard files
+        "world_size": world,
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -333,31 +394,39 @@ def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, losses,
         "config": config.model_dump(),
     }
     torch.save(state, tmp / STATE_FILE)
-    checksums = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in (MODEL_FILE, STATE_FILE)}
+    checksums = {file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)} for file in sorted(tmp.iterdir())}
     (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums))
 
 
 def _load_checkpoint(path: Path, model, device) -> dict:
-    from safetensors.torch import load_file
-
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    tensors = load_file(str(path / MODEL_FILE), device=str(device))
-    result = model.load_state_dict(tensors, strict=False)
-    missing = set(result.missing_keys) - set(state["tied_aliases"])
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint {path / MODEL_FILE} does not match the model: missing {sorted(missing)}, "
-            f"unexpected {sorted(result.unexpected_keys)}"
-        )
+    load_weights(model, path / MODEL_FILE, device)
     return state
 
 
-def _check_resume_config(state: dict, config: TrainConfig, path: Path) -> None:
+def _load_optimizer_shards(path: Path, ds_optimizer, world: int) -> None:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # A ZeRO partition's state holds three plain DeepSpeed classes besides tensors: allow exactly those.
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        shards = [torch.load(path / SHARD_FILE.format(rank=r), map_location="cpu", weights_only=True)
+                  for r in range(world)]
+    # DeepSpeed takes every rank's state and picks its own by data-parallel rank
+    ds_optimizer.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def _check_resume_config(state: dict, config: TrainConfig, path: Path, world: int) -> None:
     saved = state["config"]
     for key in ("batch_size", "seed"):  # these change the data order: resuming would be wrong
         if saved[key] != getattr(config, key):
             raise ValueError(f"checkpoint {path} was written with {key}={saved[key]}, config has {getattr(config, key)}")
+    saved_world = state.get("world_size", 1)
+    if config.zero_stage > 0 and saved_world != world:
+        raise ValueError(f"checkpoint {path} holds ZeRO-{config.zero_stage} optimizer shards of {saved_world} "
+                         f"rank(s), but this run has {world}; resume with {saved_world}, or delete {path.parent} "
+                         "to start over")
 
 
 def _restore_sampler(state: dict, sampler: "Sampler", path: Path) -> None:
@@ -427,9 +496,21 @@ def train(
         sampler = _default_sampler(blocks.shape[0], config)
     _check_sampler(sampler, blocks.shape[0], config)
     precision = resolve_precision(config.precision)
-    if config.zero_stage > 0 and checkpoint_dir is not None and config.checkpoint_every:
-        # ZeRO's optimizer state_dict pickles DeepSpeed objects, which weights_only loading refuses
-        raise ValueError(f"checkpoints are only supported with zero_stage=0, got zero_stage={config.zero_stage}")
+    _init_distributed()
+    rank, world = _rank_and_world()
+    if world > 1:
+        if config.batch_size % world:
+            raise ValueError(f"batch_size={config.batch_size} does not split over {world} ranks; choose a "
+                             f"batch_size divisible by the rank count")
+        if not method.shards_across_ranks:
+            raise ValueError(f"method {method.key!r} keeps per-block state that each rank would update for its "
+                             f"own blocks only; train it on one rank")
+        on_log = on_log if rank == 0 else None
+        progress = progress and rank == 0
+    owner = [os.getpid()]  # names checkpoint temp dirs on every rank
+    if world > 1:
+        torch.distributed.broadcast_object_list(owner, src=0)
+    micro_batch = config.batch_size // world
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
 
@@ -450,20 +531,25 @@ def train(
 
     losses: list[float] = []
     start_step = 0
-    if checkpoint_dir is not None and checkpoint_dir.is_dir():
-        for stale in checkpoint_dir.glob(".tmp-step-*"):  # a crash mid-write leaves these behind
-            shutil.rmtree(stale, ignore_errors=True)
-    latest = latest_intact_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    latest = None
+    for turn in (0, 1):  # rank 0 cleans up and sets corrupt checkpoints aside; the others then read
+        if (rank == 0) == (turn == 0) and checkpoint_dir is not None:
+            if rank == 0 and checkpoint_dir.is_dir():
+                for stale in checkpoint_dir.glob(".tmp-step-*"):  # a crash mid-write leaves these behind
+                    shutil.rmtree(stale, ignore_errors=True)
+            latest = latest_intact_checkpoint(checkpoint_dir)
+        _barrier(world)
     if checkpoint_dir is not None and latest is None and any(checkpoint_dir.glob("corrupt-step-*")):
         log.warning("no intact checkpoint left in %s; training starts again from step 0", checkpoint_dir)
     state = None
     if latest:
         start_step, path = latest
         state = _load_checkpoint(path, model, device)
-        _check_resume_config(state, config, path)
+        _check_resume_config(state, config, path, world)
         _restore_sampler(state, sampler, path)
         method.load_state_tensors({k: v.to(device) for k, v in state["method_state"].items()})
-        optimizer.load_state_dict(state["optimizer"])
+        if config.zero_stage == 0:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         losses = [float(x) for x in state["losses"]]
 
@@ -473,9 +559,8 @@ def train(
     check_compute(flops_per_token * tokens_per_step * (config.steps - start_step), device.type,
                   f"training {method.key} for {config.steps - start_step:,} steps of {tokens_per_step:,} tokens")
 
-    _init_distributed()
     ds_config = {
-        "train_micro_batch_size_per_gpu": config.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": config.zero_stage},
         # ZeRO partitions gradients, so only DeepSpeed can clip them; at stage 0 one foreach
@@ -495,6 +580,8 @@ def train(
         engine.enable_backward_allreduce = False  # one process: the gradient all-reduce is a pure copy
     clip_params = [p for p in model.parameters() if p.requires_grad] if config.zero_stage == 0 and config.grad_clip else None
     if state is not None:
+        if config.zero_stage > 0:
+            _load_optimizer_shards(latest[1], ds_optimizer, world)
         _restore_rng(state)  # last: DeepSpeed init must not shift the restored streams
 
     compiled = resolve_compile(config.torch_compile, device, flops_per_token * tokens_per_step * config.steps)
@@ -514,11 +601,18 @@ def train(
             for index in range(start_step, last_step):
                 step = index + 1
                 batch_indices = sampler.indices(index)
+                if world > 1:  # every rank draws the global batch and trains on its own slice
+                    batch_indices = batch_indices[rank * micro_batch:(rank + 1) * micro_batch]
                 batch = torch.from_numpy(blocks[batch_indices].astype(np.int64)).to(device, non_blocking=True)
                 method.on_batch(step, batch_indices)
                 with autocast:
                     loss = method.loss(engine, batch, teacher)
-                value = loss.item()  # the one sync per step; checked before backward so weights stay finite
+                if world > 1:
+                    mean = loss.detach().clone()
+                    torch.distributed.all_reduce(mean)
+                    value = mean.item() / world
+                else:
+                    value = loss.item()  # the one sync per step; checked before backward so weights stay finite
                 if not math.isfinite(value):
                     raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
                 engine.backward(loss)
@@ -541,7 +635,7 @@ def train(
                     step % config.checkpoint_every == 0 or step == config.steps
                 ):
                     _save_checkpoint(checkpoint_dir, step, model, ds_optimizer, scheduler, losses, method, config,
-                                     sampler)
+                                     sampler, owner[0])
     finally:
         bar.close()
         engine.destroy() if hasattr(engine, "destroy") else None

@@ -205,12 +205,17 @@ def test_bad_blocks_and_config_are_rejected():
         DenseTraining.Params(stps=3)
 
 
-def test_zero_stage_1_matches_stage_0_and_refuses_checkpoints(tmp_path):
-    losses = {}
-    for stage in (0, 1):
-        config, method = dense(steps=6, zero_stage=stage)
-        losses[stage] = train(nano(), pattern_blocks(), config, method, progress=False).losses
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
-    config, method = dense(zero_stage=1, checkpoint_every=2)
-    with pytest.raises(ValueError, match="zero_stage=1"):
-        train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path, progress=False)
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero_stages_match_stage_0_and_resume_from_their_shards_bit_for_bit(tmp_path, zero_stage):
+    config, method = dense(steps=6)
+    reference = train(nano(), pattern_blocks(), config, method, progress=False).losses
+    config, method = dense(steps=6, zero_stage=zero_stage, checkpoint_every=2)
+    straight_model = nano()
+    straight = train(straight_model, pattern_blocks(), config, method, progress=False).losses
+    assert straight == pytest.approx(reference, abs=1e-5)
+    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path, stop_after_step=2, progress=False)
+    assert (tmp_path / "step-0000002" / "optimizer-rank0.pt").is_file()
+    resumed_model = nano()
+    resumed = train(resumed_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from_step == 2 and resumed.losses == straight
+    assert states_equal(resumed_model, straight_model)
