@@ -182,7 +182,12 @@ def apply_override(raw: dict, assignment: str, path: Path) -> None:
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: override {assignment!r}: value is not valid YAML: {e}") from None
     node: Any = raw
+    # `stages.S.resources.ranks=8`: how a stage runs, set for one run without editing the recipe
+    resources = len(parts) == 4 and parts[0] == "stages" and parts[2] == "resources" \
+        and parts[3] in StageResources.model_fields
     for i, part in enumerate(parts[:-1]):
+        if resources and i == 2 and isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}
         if not isinstance(node, dict) or part not in node:
             where = ".".join(parts[: i + 1])
             known = ", ".join(node) if isinstance(node, dict) else "(not a mapping)"
@@ -193,7 +198,7 @@ def apply_override(raw: dict, assignment: str, path: Path) -> None:
     leaf = parts[-1]
     # A missing leaf is allowed only inside free-form mappings (method params, data); the schema
     # then rejects it if the method does not know it. Elsewhere the key must already exist.
-    free_form = parts[0] == "data" or (len(parts) >= 2 and parts[-2] in ("params", "inputs"))
+    free_form = parts[0] == "data" or (len(parts) >= 2 and parts[-2] in ("params", "inputs")) or resources
     stage_field = len(parts) == 3 and parts[0] == "stages" and leaf in StageSpec.model_fields
     recipe_field = len(parts) == 1 and leaf in Recipe.model_fields  # e.g. precision, left to its default
     if leaf not in node and not free_form and not stage_field and not recipe_field:

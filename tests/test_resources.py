@@ -16,7 +16,7 @@ from tests.helpers import NANO_RECIPE, make_workspace
 
 def test_resources_are_typed_and_named_on_error():
     _, plan = load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources={threads: 2, memory_gb: 1.5}"])
-    assert plan.stages["pretrain_dense"].resources == {"threads": 2, "memory_gb": 1.5, "gpus": 0}
+    assert plan.stages["pretrain_dense"].resources == {"threads": 2, "memory_gb": 1.5, "gpus": 0, "ranks": 1}
     with pytest.raises(RecipeError, match=r"stages\.pretrain_dense\.resources\.threads"):
         load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources={threads: 0}"])
     with pytest.raises(RecipeError, match=r"stages\.pretrain_dense\.resources\.cores"):
@@ -28,6 +28,32 @@ def test_resources_do_not_move_digests():
     _, placed = load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources={threads: 1}",
                                         "stages.evaluate.resources={memory_gb: 2}"])
     assert {n: s.digest for n, s in plain.stages.items()} == {n: s.digest for n, s in placed.stages.items()}
+
+
+def test_ranks_move_only_their_stage_and_downstream_and_are_set_per_run():
+    _, plain = load_plan(NANO_RECIPE)
+    _, ranked = load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources.ranks=2"])  # no resources key in the file
+    moved = {n for n, s in plain.stages.items() if s.digest != ranked.stages[n].digest}
+    assert moved == {"pretrain_dense", "finetune_prose", "finetune_code", "distill", "quantize", "merge", "evaluate"}
+    assert ranked.stages["pretrain_dense"].options["ranks"] == 2 and "ranks" not in plain.stages["pretrain_dense"].options
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("stages.quantize.resources.ranks=2", "stages.quantize.resources.ranks: 2 ranks, but a quantize stage runs in one"),
+    ("stages.pretrain_dense.resources.ranks=3", "stages.pretrain_dense.resources.ranks: 3 ranks do not split "
+                                                "params.batch_size=8"),
+    ("stages.pretrain_dense.resources={ranks: 2, gpus: 1}", "2 ranks need one GPU each, but resources.gpus is 1"),
+    ("stages.pretrain_dense.resources.ranks=0", "stages.pretrain_dense.resources.ranks"),
+])
+def test_impossible_rank_counts_are_named_before_anything_runs(override, message):
+    with pytest.raises(RecipeError, match=message.replace(".", r"\.")):
+        load_plan(NANO_RECIPE, [override])
+
+
+def test_a_method_with_per_block_state_is_refused_on_ranks():
+    with pytest.raises(RecipeError, match="method 'ps_kd' keeps per-block state"):
+        load_plan(NANO_RECIPE, ["stages.distill.method=ps_kd", "stages.distill.inputs={tokens: tokenize}",
+                                "stages.distill.resources.ranks=2"])
 
 
 @pytest.mark.parametrize(("key", "value", "unit"), [("threads", 4096, "cores"), ("memory_gb", 1e6, "GB of memory"),

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from tasks.artifacts import DIGEST_LEN
+from tasks.model_io import FACTS
 from tests.helpers import REPO, make_workspace, mlflow_client, mlflow_server
 
 pytestmark = pytest.mark.e2e
@@ -392,3 +394,18 @@ def test_a_deployment_on_a_work_pool_runs_through_a_separate_worker(ws, monkeypa
     assert parent.info.run_id in artifact.data
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.data.tags["paperdag.stage"] for c in children} == STAGES  # every stage: cache hits, recorded
+
+
+def test_a_stage_on_two_ranks_matches_its_one_rank_run_and_logs_while_it_trains(ws):
+    """`resources.ranks: 2` launches the pretrain stage on torchrun from its task: a new digest
+    (ranks sum gradients in another order), the one-rank loss within 1e-4 relative (the trainer
+    test bounds this tightly), rank 0's log lines in the stage's MLflow run, nothing left behind."""
+    one = next(o for o in _run().outcomes if o.name == "pretrain_dense")  # cache hits in file order
+    [two] = _run("--set=stages.pretrain_dense.resources.ranks=2", "--only=pretrain_dense").outcomes
+    assert not two.cached and two.digest != one.digest
+    assert json.loads((two.path / FACTS).read_text())["ranks"] == 2
+    assert two.metrics["final_loss"] == pytest.approx(one.metrics["final_loss"], rel=1e-4)
+    history = mlflow_client(ws).get_metric_history(two.run_id, "train_loss")
+    assert [m.step for m in history] == [4, 8, 12]
+    assert not list((ws / ".paperdag" / "ranks").iterdir())
+    assert not (ws / ".paperdag" / "checkpoints" / two.digest[:DIGEST_LEN]).exists()

@@ -6,6 +6,7 @@ of the CLI (its Prefect server must follow), the other kill points and kills at 
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -93,6 +94,35 @@ def test_sigkill_of_the_cli_takes_its_prefect_server_with_it(nano_copy):
     wait_for(lambda: not Path(f"/proc/{server}").exists() or b"Z" in _state(server), 3, "the server to exit")
     # the killed run is swept KILLED by the next command, which resumes from the checkpoint
     assert stage(nano_copy, "corpus") == 0 and no_run_left_running(nano_copy)
+
+
+def _rank_processes() -> list[str]:
+    done = subprocess.run(["pgrep", "-f", "tasks.train_ranks"], capture_output=True, text=True)
+    return done.stdout.split()
+
+
+@pytest.mark.slow
+@pytest.mark.fault("clear_error")
+def test_ctrl_c_during_a_two_rank_stage_stops_every_rank_and_the_rerun_resumes(nano_copy):
+    """The ranks run in their own session (a terminal's Ctrl-C reaches only the CLI), so the task
+    must stop them: none may outlive the CLI, and the next run resumes from rank 0's checkpoint."""
+    args = ("--set", "stages.pretrain_dense.resources.ranks=2", "--set", "stages.pretrain_dense.params.steps=1500",
+            "--set", "stages.pretrain_dense.params.checkpoint_every=20")
+    proc = start_cli(nano_copy, "run", "nano", "--only", "pretrain_dense", "--no-progress", *args)
+    wait_for(lambda: _training_started(nano_copy) and len(_rank_processes()) >= 2, 300, "two ranks to train", proc)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=60)
+    out = output(proc)
+    assert proc.returncode == 130 and time.monotonic() - sent < 10, (proc.returncode, out[-2000:])
+    wait_for(lambda: not _rank_processes(), 5, "the ranks to exit")
+    assert no_run_left_running(nano_copy) and temp_dirs(nano_copy) == []
+    assert not list(nano_copy.glob(".paperdag/ranks/*"))
+    assert main(["--workspace", str(nano_copy), "run", "nano", "--only", "pretrain_dense", "--no-progress",
+                 *args]) == 0
+    [facts] = [f for f in (json.loads(p.read_text()) for p in nano_copy.glob("artifacts/pretrain/*/paperdag.json"))
+               if f.get("ranks") == 2]
+    assert facts["resumed_from_step"] > 0 and facts["steps"] == 1500
 
 
 def _state(pid: int) -> bytes:
