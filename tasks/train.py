@@ -87,6 +87,16 @@ def build_sampler(options: dict, tokens_dir: Path, blocks: np.ndarray, batch_siz
     return sampler
 
 
+def _use_special_ids(model, tokenizer) -> None:
+    """config.json and generation_config.json name the tokenizer's bos/eos/pad ids (a new
+    LlamaConfig says 1 and 2 whatever the tokenizer), so generation stops where documents end."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        setattr(model.config, name, value)
+        if model.generation_config is not None:
+            setattr(model.generation_config, name, value)
+
+
 def _check_vocab(model, tokenizer, what: str, stage: str) -> None:
     if model.config.vocab_size != len(tokenizer):
         raise TokenizerMismatchError(
@@ -128,6 +138,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
         model = build_model(options["model"], vocab_size=len(tokenizer), max_seq_len=blocks.shape[1],
                             seed=config.seed)
         _check_vocab(model, tokenizer, f"model {options['model']!r}", stage)
+        _use_special_ids(model, tokenizer)
     if kind == "distill" and inputs.get("teacher"):
         teacher, _, parent_facts = load_model_artifact(inputs["teacher"])
         _check_vocab(teacher, tokenizer, f"teacher {inputs['teacher'].path}", stage)

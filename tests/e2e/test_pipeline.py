@@ -77,6 +77,19 @@ def test_cold_run_through_the_cli(ws, capsys):
     assert metrics["models"]["quantize"]["bits_per_weight"] < 5
 
 
+def test_a_trained_model_names_its_tokenizers_special_ids(ws):
+    """config.json said bos/eos 1/2 while the tokenizer used 0 for both."""
+    from transformers import AutoTokenizer
+
+    [pretrain] = [p for p in (ws / "artifacts" / "pretrain").iterdir()
+                  if json.loads((p / "manifest.json").read_text())["stage"] == "pretrain_dense"]
+    tokenizer = AutoTokenizer.from_pretrained(str(pretrain))
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((pretrain / name).read_text())
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
+            (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 0, 0), name
+
+
 def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
     client = mlflow_client(ws)
     exp = client.get_experiment_by_name("nano")
