@@ -222,14 +222,9 @@ def stage_task_runner(spec: str, max_parallel: int):
         sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
 
         return ProcessPoolTaskRunner(max_workers=max_parallel, initializer=_init_worker, initargs=(threads,))
-    package = f"prefect_{scheme}"
-    try:
-        import importlib
+    from tasks.engines import engine_module
 
-        module = importlib.import_module(package)
-    except ImportError:
-        raise RunnerError(f"--runner {spec!r} needs the {package.replace('_', '-')} package: "
-                          f"pip install {package.replace('_', '-')}") from None
+    module = engine_module(scheme, f"--runner {spec!r}", RunnerError)
     if scheme == "dask":
         # the LocalCluster's scheduler runs in this process and logs every worker at INFO
         verbose = logging.getLogger("paperdag").getEffectiveLevel() <= logging.INFO

@@ -7,7 +7,6 @@ against the injected-noise labels, which the selector never sees.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
@@ -24,6 +23,7 @@ from components.data.tokenizer import document_token_counts
 from components.data.quality_review import borderline
 from components.data.selector import (DocumentTransform, ReferenceModel, ScoringSelector, SelectionContext,
                                       SelectionError, blind, budget_mask)
+from tasks.engines import ENGINES, engine_module
 from tasks.model_io import load_model_artifact, load_tokenizer_artifact
 
 
@@ -197,13 +197,8 @@ def shard_task_runner(spec: str | None = None):
         # memory stays a few shards and model scorers do not oversubscribe the CPU
         workers = int(arg) if arg else max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
         return ThreadPoolTaskRunner(max_workers=workers)
-    if scheme in ("dask", "ray"):
-        package = f"prefect_{scheme}"
-        try:
-            module = importlib.import_module(package)
-        except ImportError:
-            raise SelectionError(f"{SHARD_RUNNER_ENV}={spec!r} needs the {package.replace('_', '-')} package: "
-                                 f"pip install {package.replace('_', '-')}") from None
+    if scheme in ENGINES:
+        module = engine_module(scheme, f"{SHARD_RUNNER_ENV}={spec!r}", SelectionError)
         if scheme == "dask":
             return module.DaskTaskRunner(address=arg or None)
         return module.RayTaskRunner(address=arg or None)
