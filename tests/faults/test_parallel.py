@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -186,9 +191,38 @@ def test_a_worker_killed_mid_stage_is_named_and_the_rerun_resumes_from_its_check
     assert (built / "model.safetensors").read_bytes() == resumed
 
 
-def _processes_in_group(pgid: int) -> list[int]:
-    from pathlib import Path
+@pytest.mark.slow  # a Ray head node starts in ~15 s here, then two workers import torch
+@pytest.mark.fault("recovers")
+def test_stages_run_on_a_ray_cluster_at_its_address(nano_copy):
+    """`--runner ray:ADDRESS` on a Ray head started apart from paperdag (`ray start --head` on
+    loopback, as on a cluster): both stages run in Ray's worker processes, not the CLI's."""
+    pytest.importorskip("prefect_ray", reason="pip install -e '.[ray]'")
+    port, ray = free_port(), str(Path(sys.executable).with_name("ray"))  # the venv's CLI
+    # the cluster's token, given to paperdag as a cluster's users get it (Ray >= 2.5x authenticates clients)
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **token)
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    started = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
+                              "--temp-dir", temp], env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    try:
+        longer = [a for name in ("pretrain_dense", "pretrain_spdf") for a in ("--set", f"stages.{name}.params.steps=40")]
+        proc = start_cli(nano_copy, "run", "nano", "--no-progress", "--max-parallel", "2", "--runner",
+                         f"ray:127.0.0.1:{port}", *BOTH_PRETRAINS, *longer, PREFECT_LOGGING_LEVEL="CRITICAL", **token)
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, output(proc)[-3000:]
+        stage_runs = _stage_runs(nano_copy, proc.started_ms)
+        assert {stage_runs[n].info.status for n in ("pretrain_dense", "pretrain_spdf")} == {"FINISHED"}
+        pids = {int(stage_runs[n].data.tags["paperdag.pid"]) for n in ("pretrain_dense", "pretrain_spdf")}
+        assert proc.pid not in pids
+        assert no_run_left_running(nano_copy) and temp_dirs(nano_copy) == []
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
+
+def _processes_in_group(pgid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
