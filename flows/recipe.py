@@ -64,7 +64,7 @@ class StageResources(Strict):
 
 class StageSpec(Strict):
     kind: str
-    """Stage kind: one of corpus, model (import a checkpoint), select, tokenize, pretrain, finetune, distill,
+    """Stage kind: one of corpus, model (import a checkpoint), select, tokenize, pretrain, finetune, distill, prune,
     quantize, merge, evaluate."""
     method: str
     """A registered method key of that kind (never an import path)."""

@@ -12,11 +12,12 @@ from components.distill.registry import DISTILL_METHODS
 from components.eval.evaluators import EVALUATORS
 from components.merge.registry import MERGERS
 from components.model.registry import MODEL_IMPORTERS
+from components.prune.registry import PRUNERS
 from components.quant.registry import QUANTIZERS
 from components.registry import Registry
 from components.train.registry import FINETUNE_METHODS, PRETRAIN_METHODS
 
-MODEL_KINDS = ("model", "pretrain", "finetune", "distill", "quantize", "merge")
+MODEL_KINDS = ("model", "pretrain", "finetune", "distill", "prune", "quantize", "merge")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ KINDS: dict[str, StageKind] = {
             # student, when given, is the model the student starts from instead of a fresh preset
             {"tokens": Role(("tokenize",)), "teacher": Role(MODEL_KINDS, required=False),
              "student": Role(MODEL_KINDS, required=False)}, trains=True,
+        ),
+        StageKind(
+            # one-shot pruning of a trained model; tokens: calibration data for Wanda and SparseGPT
+            "prune", PRUNERS, "tasks.prune", "model",
+            {"model": Role(MODEL_KINDS), "tokens": Role(("tokenize",), required=False)},
         ),
         StageKind(
             "quantize", QUANTIZERS, "tasks.quantize", "model",

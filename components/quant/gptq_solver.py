@@ -307,15 +307,34 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.T
     return float(torch.einsum("oi,ij,oj->", delta, hessian.to(torch.float64), delta) / (2 * weight.shape[0]))
 
 
-def gptq_with_grid(weight: torch.Tensor, hessian: torch.Tensor,
-                   round_column: Callable[[torch.Tensor, int], torch.Tensor], *, damp: float = 0.01,
-                   block_size: int = 128, act_order: bool = False, name: str = "weight") -> torch.Tensor:
-    """GPTQ's error-feedback loop over any fixed grid (e.g. a scaled minifloat format).
+class ColumnRule:
+    """What the error-feedback walk does to each column: GPTQ rounds it onto a grid, SparseGPT
+    zeroes the weights its mask drops. ``start_block`` sees each block of columns before the
+    walk reaches it (current weights ``W1 [out, b]`` and the diagonal ``d [b]`` of the inverse
+    Hessian's Cholesky factor there), for rules that choose per block."""
 
-    ``round_column(w [out], natural_column_index)`` returns the column rounded onto the grid
-    (fp32); the grid must be fixed before the loop (scales from the original weight), as in
-    static-group GPTQ. Returns the quantized weight ``[out, in]`` in natural column order.
-    """
+    def start_block(self, W1: torch.Tensor, d: torch.Tensor) -> None:
+        pass
+
+    def column(self, W1: torch.Tensor, i: int, natural: int, d: torch.Tensor) -> torch.Tensor:
+        """The new value of in-block column ``i`` (natural column index ``natural``), fp32 ``[out]``."""
+        raise NotImplementedError
+
+
+class _GridRule(ColumnRule):
+    def __init__(self, round_column: Callable[[torch.Tensor, int], torch.Tensor]):
+        self.round_column = round_column
+
+    def column(self, W1, i, natural, d):
+        return self.round_column(W1[:, i], natural)
+
+
+def obs_walk(weight: torch.Tensor, hessian: torch.Tensor, rule: ColumnRule, *, damp: float = 0.01,
+             block_size: int = 128, act_order: bool = False, name: str = "weight") -> torch.Tensor:
+    """The Optimal Brain Surgeon column walk that GPTQ and SparseGPT share (module docstring):
+    each column becomes ``rule.column(...)`` and its error is spread over the columns not yet
+    visited, in blocks of ``block_size`` with lazy updates. Returns the new weight ``[out, in]``
+    in natural column order; the inputs are not modified."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise QuantizationError(f"{name}: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match")
     W = weight.detach().to(torch.float32).clone()
@@ -331,11 +350,26 @@ def gptq_with_grid(weight: torch.Tensor, hessian: torch.Tensor,
     for i1 in range(0, W.shape[1], block_size):
         i2 = min(i1 + block_size, W.shape[1])
         W1, Err1, U1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        rule.start_block(W1, d)
         for i in range(i2 - i1):
-            q = round_column(W1[:, i], int(order[i1 + i]))
+            q = rule.column(W1, i, int(order[i1 + i]), d)
             Q[:, i1 + i] = q
             err = (W1[:, i] - q) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return Q[:, torch.argsort(order)]
+
+
+def gptq_with_grid(weight: torch.Tensor, hessian: torch.Tensor,
+                   round_column: Callable[[torch.Tensor, int], torch.Tensor], *, damp: float = 0.01,
+                   block_size: int = 128, act_order: bool = False, name: str = "weight") -> torch.Tensor:
+    """GPTQ's error-feedback loop over any fixed grid (e.g. a scaled minifloat format).
+
+    ``round_column(w [out], natural_column_index)`` returns the column rounded onto the grid
+    (fp32); the grid must be fixed before the loop (scales from the original weight), as in
+    static-group GPTQ. Returns the quantized weight ``[out, in]`` in natural column order.
+    """
+    return obs_walk(weight, hessian, _GridRule(round_column), damp=damp, block_size=block_size,
+                    act_order=act_order, name=name)
