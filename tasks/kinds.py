@@ -75,7 +75,8 @@ KINDS: dict[str, StageKind] = {
         StageKind(
             # one-shot pruning of a trained model; tokens: calibration data for Wanda and SparseGPT
             "prune", PRUNERS, "tasks.prune", "model",
-            {"model": Role(MODEL_KINDS), "tokens": Role(("tokenize",), required=False)},
+            {"model": Role(tuple(k for k in MODEL_KINDS if k != "quantize")),  # prune, then quantize
+             "tokens": Role(("tokenize",), required=False)},
         ),
         StageKind(
             "quantize", QUANTIZERS, "tasks.quantize", "model",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from safetensors.torch import load_file
@@ -57,3 +58,39 @@ def test_calibrated_method_without_tokens_is_a_recipe_error(ws, tmp_path, capsys
     assert main(["validate", str(bad)]) != 0
     err = capsys.readouterr().err
     assert "stages.gptq_w3.inputs" in err and "calibrates on token data" in err
+
+
+def test_pruned_models_hit_their_pattern_load_in_transformers_and_stay_sparse_through_rtn(ws):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for stage, method in (("prune_magnitude", "magnitude"), ("prune_wanda", "wanda"),
+                          ("prune_sparsegpt_24", "sparsegpt")):
+        art = _artifact(ws, stage)
+        facts = json.loads((art / "paperdag.json").read_text())["pruning"]
+        assert facts["pruned_layers"] == 14 and facts["sparsity"] == pytest.approx(0.5)
+        weights = load_file(str(art / "model.safetensors"))
+        for layer, measured in facts["layers"].items():  # what the facts say is what the file holds
+            w = weights[f"{layer}.weight"]
+            assert measured["sparsity"] == pytest.approx(float((w == 0).float().mean()))
+        model = AutoModelForCausalLM.from_pretrained(str(art))
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.arange(16).unsqueeze(0)).logits).all(), method
+    sparse = load_file(str(_artifact(ws, "prune_sparsegpt_24") / "model.safetensors"))
+    down = sparse["model.layers.0.mlp.down_proj.weight"]
+    assert ((down.reshape(down.shape[0], -1, 4) != 0).sum(dim=2) <= 2).all()  # 2:4 in the file
+    quantized = load_file(str(_artifact(ws, "sparsegpt_24_w8") / "model.safetensors"))
+    for name, w in sparse.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            assert (quantized[name][w == 0] == 0).all(), name  # RTN keeps every pruned weight at zero
+
+
+def test_calibrated_pruning_reconstructs_better_than_magnitude_per_layer(ws):
+    metrics = json.loads((_artifact(ws, "prune_sparsegpt_24") / "stage_metrics.json").read_text())
+    layers = [k.removeprefix("output_mse.") for k in metrics if k.startswith("output_mse.")]
+    assert len(layers) == 14
+    assert metrics["layers_better_than_magnitude"] == 14, {
+        n: (metrics[f"output_mse.{n}"], metrics[f"magnitude_output_mse.{n}"]) for n in layers}
+    evaluation = json.loads((_artifact(ws, "evaluate") / "metrics.json").read_text())["models"]
+    for model in ("prune_magnitude", "prune_wanda", "prune_sparsegpt_24", "sparsegpt_24_w8"):
+        assert math.isfinite(evaluation[model]["ppl_all"]) and evaluation[model]["ppl_all"] > 1, model
