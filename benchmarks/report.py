@@ -74,6 +74,11 @@ def results_markdown() -> str:
                         "python benchmarks/bench_parallel.py --recipe tests/recipes/nano.yaml --tries 2 --set "
                         "stages.pretrain_dense.params.steps=300 --set stages.pretrain_spdf.params.steps=300",
                         [md.read_text().rstrip()])
+    md = RESULTS / "ranks.md"
+    if md.exists():
+        out += _section("One stage on two data-parallel ranks against one rank, same global batch",
+                        "python benchmarks/bench_ranks.py --preset micro --ranks 2 --steps 40 --batch 16 --tries 3",
+                        [md.read_text().rstrip()])
     md = RESULTS / "eval_rerun.md"
     if md.exists():
         out += _section("Changing one quantize stage: the rerun before and after per-model evaluation caching",
