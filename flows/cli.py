@@ -41,7 +41,7 @@ def _workspace(args, writes: bool = False) -> Workspace:
     ws = Workspace.from_env(args.workspace)
     ws.configure_environment()
     if writes:
-        from flows.inspect import hold_workspace
+        from flows.inspection import hold_workspace
         from tasks.tracking import check_tracking_server
 
         if getattr(args, "recipe", None):  # a wrong directory writes nothing
@@ -160,7 +160,7 @@ def _flow_with_runner(recipe_flow, args):
 
 def _refuse_missing_inputs(plan, ws: Workspace, order: list[str]) -> None:
     from flows.errors import StageSelectionError
-    from flows.inspect import missing_inputs
+    from flows.inspection import missing_inputs
 
     missing = missing_inputs(plan, ws, order)
     if missing:
@@ -317,7 +317,7 @@ def cmd_list(args) -> int:
 
 def cmd_status(args) -> int:
     ws = _workspace(args)
-    from flows.inspect import print_status, stage_status
+    from flows.inspection import print_status, stage_status
     from flows.pipeline import stages_to_run
     from flows.recipe import load_plan, resolve_recipe_path
 
@@ -329,7 +329,7 @@ def cmd_status(args) -> int:
 
 def cmd_show(args) -> int:
     ws = _workspace(args)
-    from flows.inspect import artifact_summary, print_artifact, resolve_artifact
+    from flows.inspection import artifact_summary, print_artifact, resolve_artifact
 
     print_artifact(artifact_summary(resolve_artifact(ws, args.ref)), args.json)
     return 0
@@ -339,7 +339,7 @@ def cmd_export(args) -> int:
     ws = _workspace(args)
     from pathlib import Path
 
-    from flows.inspect import export
+    from flows.inspection import export
 
     print(f"exported to {export(ws, args.ref, Path(args.path), args.format)}")
     return 0
@@ -347,7 +347,7 @@ def cmd_export(args) -> int:
 
 def cmd_gc(args) -> int:
     ws = _workspace(args)
-    from flows.inspect import gc
+    from flows.inspection import gc
 
     return gc(ws, yes=args.yes, dry_run=args.dry_run)
 
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="copy an artifact (checked against its manifest) to a new directory")
     ex.add_argument("ref", help="artifact digest (prefix) or RECIPE:STAGE")
     ex.add_argument("path", help="destination; must not exist")
-    from flows.inspect import EXPORT_FORMATS  # torch-free, like every command that only looks
+    from flows.inspection import EXPORT_FORMATS  # torch-free, like every command that only looks
 
     ex.add_argument("--format", default="copy", choices=EXPORT_FORMATS,
                     help="copy: the artifact as it is (default); compressed-tensors: a quantize artifact's "
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace.from_env(args.workspace)
     ws.configure_environment()  # before Prefect/MLflow are imported
     from flows.errors import Interrupted, RecipeError, StageFailedError, StageSelectionError, describe
-    from flows.inspect import InspectTargetError, release_workspace
+    from flows.inspection import InspectTargetError, release_workspace
     from flows.parallel import RunnerError
     from flows.verify import VerifyTargetError
 

@@ -6,32 +6,15 @@ of the stage's ``tokens`` input, as calibrated quantizers do.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from components.model.health import check_model_health
 from components.prune.base import PruneError
-from components.quant.calibration import calibration_sample
-from tasks.model_io import load_model_artifact, load_tokenizer_artifact, save_model_artifact
+from tasks.calibration import model_and_calibration
+from tasks.model_io import save_model_artifact
 
 
 def run(ctx) -> dict:
-    source, method, stage = ctx.input("model"), ctx.method, ctx.plan.name
-    if source.kind == "quantize":
-        raise PruneError(f"stage {stage}: input {source.manifest.get('stage')} ({source.path}) is quantized; point "
-                         "`inputs.model` at the full-precision model (prune first, then quantize the pruned one)")
-    calibration = None
-    if method.needs_calibration:
-        if "tokens" not in ctx.inputs:
-            raise PruneError(f"stage {stage}: method {ctx.plan.method!r} needs calibration data; add "
-                             "`tokens: <tokenize stage>` to its inputs")
-        tokens = ctx.input("tokens")
-        calibration = calibration_sample(np.load(tokens.path / "train.npy"), method.params.calibration_sequences,
-                                         method.params.seed)
-    model, tokenizer, parent_facts = load_model_artifact(source)
-    if calibration is not None and len(load_tokenizer_artifact(tokens)) != model.config.vocab_size:
-        raise PruneError(f"stage {stage}: calibration tokens {tokens.path} use a tokenizer of "
-                         f"{len(load_tokenizer_artifact(tokens))} entries but the model has vocab_size "
-                         f"{model.config.vocab_size}; calibrate on the tokens the model was trained on")
+    method, stage = ctx.method, ctx.plan.name  # a quantize stage is no model input here (tasks/kinds.py)
+    model, tokenizer, parent_facts, calibration = model_and_calibration(ctx, PruneError)
     try:
         pruned = method.prune(model, calibration)
     except PruneError as e:

@@ -7,14 +7,13 @@ evaluate stage then quantizes activations through hooks (components/quant/activa
 """
 from __future__ import annotations
 
-import numpy as np
 from safetensors.torch import save_file
 
 from components.model.health import check_model_health
 from components.quant.activation import ACTIVATION_FILE
 from components.quant.base import QuantizationError
-from components.quant.calibration import calibration_sample
-from tasks.model_io import load_model_artifact, load_tokenizer_artifact, save_model_artifact
+from tasks.calibration import model_and_calibration
+from tasks.model_io import save_model_artifact
 
 
 def run(ctx) -> dict:
@@ -24,21 +23,7 @@ def run(ctx) -> dict:
             f"stage {ctx.plan.name}: input {source.manifest.get('stage')} ({source.path}) is already quantized; "
             "point `inputs.model` at the full-precision model instead")
     method = ctx.method
-    calibration = None
-    if method.needs_calibration:
-        if "tokens" not in ctx.inputs:
-            raise QuantizationError(
-                f"stage {ctx.plan.name}: method {ctx.plan.method!r} needs calibration data; add "
-                "`tokens: <tokenize stage>` to its inputs")
-        tokens = ctx.input("tokens")
-        calibration = calibration_sample(np.load(tokens.path / "train.npy"), method.params.calibration_sequences,
-                                         method.params.seed)
-    model, tokenizer, parent_facts = load_model_artifact(source)
-    if calibration is not None and len(load_tokenizer_artifact(tokens)) != model.config.vocab_size:
-        raise QuantizationError(
-            f"stage {ctx.plan.name}: calibration tokens {tokens.path} use a tokenizer of "
-            f"{len(load_tokenizer_artifact(tokens))} entries but the model has vocab_size "
-            f"{model.config.vocab_size}; calibrate on the tokens the model was trained on")
+    model, tokenizer, parent_facts, calibration = model_and_calibration(ctx, QuantizationError)
     quantized = method.with_activations(method.quantize(model, calibration))
     quantized.load_into(model)
     check_model_health(model, f"stage {ctx.plan.name}: the quantized model ({ctx.plan.method})")

@@ -39,9 +39,6 @@ class PruneParams(MethodParams):
                                                      "consecutive input weights of a row (e.g. '2:4')")
     sparsity: float | None = Field(None, gt=0, lt=1, description="fraction of each layer's weights set to zero; "
                                    "unstructured only (N:M fixes it at 1 - N/M)")
-    calibration_sequences: int = Field(64, gt=0, description="training-split token blocks used as calibration data")
-    batch_size: int = Field(8, gt=0, description="calibration sequences per forward pass")
-    seed: int = Field(0, description="picks the calibration sequences")
 
     @model_validator(mode="after")
     def _pattern_and_sparsity(self):
@@ -65,6 +62,12 @@ class PruneParams(MethodParams):
     def target_sparsity(self) -> float:
         n_m = self.n_m
         return 1 - n_m[0] / n_m[1] if n_m else float(self.sparsity)
+
+
+class CalibratedPruneParams(PruneParams):
+    calibration_sequences: int = Field(64, gt=0, description="training-split token blocks used as calibration data")
+    batch_size: int = Field(8, gt=0, description="calibration sequences per forward pass")
+    seed: int = Field(0, description="picks the calibration sequences")
 
 
 def keep_mask(scores: torch.Tensor, params: PruneParams, per_row: bool, name: str) -> torch.Tensor:
@@ -95,8 +98,8 @@ def measured_sparsity(weight: torch.Tensor) -> float:
 class Pruner(Method):
     """Zeroes weights of a trained model's block Linears; ``prune_weight`` is the method."""
 
-    Params = PruneParams
-    needs_calibration = True
+    Params = CalibratedPruneParams
+    needs_calibration = True  # False: no tokens input, no calibration params (magnitude)
 
     def prune_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, name: str) -> torch.Tensor:
         """The pruned copy of one weight ``[out, in]`` (fp32), given its input Hessian."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from components.prune.base import Pruner, keep_mask
+from components.prune.base import PruneParams, Pruner, keep_mask
 from components.registry import Paper
 
 
@@ -12,6 +12,7 @@ class MagnitudePruner(Pruner):
     key = "magnitude"
     paper = Paper(title="Learning both Weights and Connections for Efficient Neural Networks",
                   url="https://arxiv.org/abs/1506.02626", arxiv="1506.02626")
+    Params = PruneParams
     needs_calibration = False
 
     def prune_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, name: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from components.prune.base import PruneError, PruneParams, Pruner
+from components.prune.base import CalibratedPruneParams, PruneError, Pruner
 from components.quant.gptq_solver import ColumnRule, obs_walk
 from components.registry import Paper
 
@@ -43,7 +43,7 @@ class SparseGptPruner(Pruner):
     paper = Paper(title="SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
                   url="https://arxiv.org/abs/2301.00774", arxiv="2301.00774")
 
-    class Params(PruneParams):
+    class Params(CalibratedPruneParams):
         damp: float = Field(0.01, gt=0, description="Hessian damping, a fraction of mean(diag H)")
         block_size: int = Field(128, gt=0, description="columns per mask-selection and lazy-update block")
 

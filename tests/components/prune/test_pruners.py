@@ -107,7 +107,8 @@ def nano_and_tokens():
 @pytest.mark.parametrize("cls", [MagnitudePruner, WandaPruner, SparseGptPruner])
 def test_a_whole_model_is_pruned_layer_by_layer_and_reports_what_it_measured(cls):
     model, tokens = nano_and_tokens()
-    facts = cls(cls.Params(pattern="2:4", calibration_sequences=16)).prune(model, tokens if cls.needs_calibration else None)
+    calibrated = {"calibration_sequences": 16} if cls.needs_calibration else {}
+    facts = cls(cls.Params(pattern="2:4", **calibrated)).prune(model, tokens if cls.needs_calibration else None)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
     assert set(facts["layers"]) == set(linears) and facts["pruned_layers"] == len(linears)
     for name, module in linears.items():
@@ -119,7 +120,9 @@ def test_a_whole_model_is_pruned_layer_by_layer_and_reports_what_it_measured(cls
 
 
 def test_a_quantized_model_or_missing_calibration_is_refused():
-    model, tokens = nano_and_tokens()
+    model, _ = nano_and_tokens()
+    with pytest.raises(ValidationError, match="calibration_sequences"):  # magnitude reads no data
+        MagnitudePruner.Params(sparsity=0.5, calibration_sequences=8)
     with pytest.raises(Exception, match="calibration"):
         WandaPruner(WandaPruner.Params(sparsity=0.5)).prune(model, None)
     setattr(model.config, QUANT_CONFIG_ATTR, {"bits": 4})

@@ -63,6 +63,7 @@ def test_two_ranks_follow_the_one_rank_loss_curve_at_the_same_global_batch(tmp_p
     assert max(abs(a - b) / b for a, b in zip(losses, control)) > 1e-2
 
 
+@pytest.mark.slow  # four launches, ~55 s here; test_trainer.py resumes ZeRO-1/2 shards on one rank by default
 def test_zero2_shards_restore_on_resume_bit_for_bit(tmp_path):
     straight = launch(tmp_path / "straight", ranks=2, zero=2)
     assert straight.returncode == 0, straight.stderr[-3000:]
