@@ -28,6 +28,13 @@ RESULTS = REPO / "benchmarks" / "results"
 WORKER = REPO / "benchmarks" / "_ranks_worker.py"
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def launch(ranks: int, args, out: Path) -> dict:
     from components.train.trainer import _OWN_DIST_ENV
     from tasks.train_ranks import RANK_ENV
@@ -67,7 +74,7 @@ def main() -> None:
     median = {k: {n: statistics.median(x[k] for x in tries[n]) for n in tries} for k in ("train_s", "launch_s")}
     drift = max(abs(a - b) / abs(b) for a, b in zip(many[0]["losses"], one[0]["losses"]))
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "settings": {"preset": args.preset, "ranks": args.ranks, "steps": args.steps, "global_batch": args.batch,
                      "seq_len": args.seq, "tries": args.tries},
         "train_s": {str(n): [round(x["train_s"], 2) for x in tries[n]] for n in tries},
