@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.artifacts import DIGEST_LEN
+
 if TYPE_CHECKING:
     from components.train.trainer import TrainResult
 
@@ -57,7 +59,7 @@ def train_on_ranks(ctx, model, ranks: int, checkpoints: Path, on_log) -> "TrainR
     from components.train.trainer import _OWN_DIST_ENV, TrainResult, load_weights
 
     plan, method_cls = ctx.plan, type(ctx.method)
-    handoff = ctx.workspace.state_dir / "ranks" / f"{plan.digest[:16]}-{os.getpid()}"
+    handoff = ctx.workspace.state_dir / "ranks" / f"{plan.digest[:DIGEST_LEN]}-{os.getpid()}"
     shutil.rmtree(handoff, ignore_errors=True)
     handoff.mkdir(parents=True)
     try:
@@ -89,7 +91,7 @@ def train_on_ranks(ctx, model, ranks: int, checkpoints: Path, on_log) -> "TrainR
 def _run_launcher(command: list[str], env: dict, handoff: Path, log_metrics, stage: str, ranks: int) -> None:
     # Its own session: a terminal's Ctrl-C reaches this process, which then stops the group.
     proc = subprocess.Popen(command, env=env, start_new_session=True)
-    forwarded = 0
+    forwarded = 0  # bytes of metrics.jsonl logged so far
     try:
         while True:
             rc = proc.poll()
@@ -104,15 +106,19 @@ def _run_launcher(command: list[str], env: dict, handoff: Path, log_metrics, sta
         raise _rank_error(handoff, stage, ranks, rc)
 
 
-def _forward_metrics(path: Path, done: int, log_metrics) -> int:
-    """Log the complete lines after the first ``done`` ones; returns how many are done."""
+def _forward_metrics(path: Path, offset: int, log_metrics) -> int:
+    """Log the complete lines written after byte ``offset``; returns the offset past them (a
+    last line still being written waits for the next call)."""
     if not path.exists():
-        return done
-    lines = path.read_text().split("\n")[:-1]  # the last piece may be a line still being written
-    for line in lines[done:]:
+        return offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    for line in complete.splitlines():
         event = json.loads(line)
         log_metrics(event["step"], event["metrics"])
-    return len(lines)
+    return offset + len(complete)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -22,6 +22,7 @@ def test_one_machine_uses_torchrun_and_a_hostfile_the_deepspeed_launcher(tmp_pat
 
 
 def test_only_complete_metric_lines_are_forwarded_once(tmp_path):
+    """Rank 0 may be mid-line when the task looks; that line waits for the next look."""
     path, seen = tmp_path / "metrics.jsonl", []
     log = lambda step, metrics: seen.append((step, metrics))  # noqa: E731
     assert _forward_metrics(path, 0, log) == 0  # rank 0 has not started writing
