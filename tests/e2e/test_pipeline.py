@@ -417,6 +417,7 @@ def test_a_deployment_on_a_work_pool_runs_through_a_separate_worker(ws, monkeypa
     assert (quantize / "manifest.json").exists()  # rebuilt in a worker process of the flow's own runner
 
 
+@pytest.mark.slow  # ~1 min of rank start-up; the default suite launches 2 ranks in test_trainer_ranks.py
 def test_a_stage_on_two_ranks_matches_its_one_rank_run_and_logs_while_it_trains(ws):
     """`resources.ranks: 2` launches the pretrain stage on torchrun from its task: a new digest
     (ranks sum gradients in another order), the one-rank loss within 1e-4 relative (the trainer
