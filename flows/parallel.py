@@ -74,9 +74,10 @@ def check_stage_resources(plan, order: list[str], capacity: Capacity) -> None:
     limits = capacity.limits()
     for name in order:
         for key, asked in plan.stages[name].resources.items():
-            if key not in limits:  # ranks: how a stage runs, not what it holds
-                continue
-            limit, unit = limits[key], units[key]
+            if key == "ranks":  # one GPU per rank where there are GPUs, else at least a core each
+                limit, unit = (capacity.gpus, units["gpus"]) if capacity.gpus else (capacity.cores, units["threads"])
+            else:
+                limit, unit = limits[key], units[key]
             if asked > limit:
                 raise ResourcesError(f"{plan.recipe_path}: stages.{name}.resources.{key}: asks for {asked:g}, but this "
                                      f"machine has {limit:g} {unit}; lower it, or run on a machine or cluster that has "

@@ -50,6 +50,15 @@ def test_impossible_rank_counts_are_named_before_anything_runs(override, message
         load_plan(NANO_RECIPE, [override])
 
 
+def test_more_ranks_than_the_machine_has_cores_or_gpus_are_refused_before_anything_runs():
+    _, plan = load_plan(NANO_RECIPE, ["stages.pretrain_dense.resources.ranks=4"])
+    check_stage_resources(plan, ["pretrain_dense"], Capacity(cores=4, memory_gb=24.0, gpus=0))
+    with pytest.raises(ValueError, match="stages.pretrain_dense.resources.ranks: asks for 4, but this machine has 2 cores"):
+        check_stage_resources(plan, ["pretrain_dense"], Capacity(cores=2, memory_gb=24.0, gpus=0))
+    with pytest.raises(ValueError, match="resources.ranks: asks for 4, but this machine has 2 NVIDIA GPUs"):
+        check_stage_resources(plan, ["pretrain_dense"], Capacity(cores=64, memory_gb=24.0, gpus=2))
+
+
 def test_a_method_with_per_block_state_is_refused_on_ranks():
     with pytest.raises(RecipeError, match="method 'ps_kd' keeps per-block state"):
         load_plan(NANO_RECIPE, ["stages.distill.method=ps_kd", "stages.distill.inputs={tokens: tokenize}",
