@@ -304,6 +304,14 @@ def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
     r = run("dvc", "status", "nano-quantize")
     assert r.returncode == 0 and "changed" not in r.stdout, r.stdout
 
+    # no remote yet, then a remote that cannot be written (its parent is a file): one error, nothing made
+    capsys.readouterr()
+    assert main(["push"]) == 1
+    assert "`dvc push` failed" in (err := capsys.readouterr().err) and "no remote specified" in err, err
+    (tmp_path / "a-file").write_text("")
+    assert run("dvc", "remote", "add", "broken", str(tmp_path / "a-file" / "remote")).returncode == 0
+    assert main(["push", "--remote", "broken"]) == 1
+    assert "Not a directory" in (err := capsys.readouterr().err) and str(tmp_path / "a-file") in err, err
     # a local-directory DVC remote: push, lose the artifacts and DVC's cache, pull them back
     assert run("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")).returncode == 0
     assert main(["push"]) == 0
