@@ -20,8 +20,9 @@ def model_and_calibration(ctx, error: type[Exception]):
         calibration = calibration_sample(np.load(tokens.path / "train.npy"), method.params.calibration_sequences,
                                          method.params.seed)
     model, tokenizer, parent_facts = load_model_artifact(ctx.input("model"))
-    if tokens is not None and len(load_tokenizer_artifact(tokens)) != model.config.vocab_size:
-        raise error(f"stage {stage}: calibration tokens {tokens.path} use a tokenizer of "
-                    f"{len(load_tokenizer_artifact(tokens))} entries but the model has vocab_size "
-                    f"{model.config.vocab_size}; calibrate on the tokens the model was trained on")
+    entries = len(load_tokenizer_artifact(tokens)) if tokens is not None else model.config.vocab_size
+    if entries != model.config.vocab_size:
+        raise error(f"stage {stage}: calibration tokens {tokens.path} use a tokenizer of {entries} entries but "
+                    f"the model has vocab_size {model.config.vocab_size}; calibrate on the tokens the model was "
+                    "trained on")
     return model, tokenizer, parent_facts, calibration

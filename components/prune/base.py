@@ -70,15 +70,21 @@ class CalibratedPruneParams(PruneParams):
     seed: int = Field(0, description="picks the calibration sequences")
 
 
+def check_width(params: PruneParams, cols: int, name: str) -> tuple[int, int] | None:
+    """The pattern's (N, M), once the input width ``cols`` is known to hold whole groups of M."""
+    n_m = params.n_m
+    if n_m and cols % n_m[1]:
+        raise PruneError(f"{name}: pattern {params.pattern} needs the input width {cols} to be a multiple of {n_m[1]}")
+    return n_m
+
+
 def keep_mask(scores: torch.Tensor, params: PruneParams, per_row: bool, name: str) -> torch.Tensor:
     """True where a weight stays: the highest ``scores`` of each row (``per_row``) or of the whole
     matrix, or, for N:M, the N highest of every M consecutive columns of a row."""
-    n_m = params.n_m
+    n_m = check_width(params, scores.shape[1], name)
     rows, cols = scores.shape
     if n_m:
         n, m = n_m
-        if cols % m:
-            raise PruneError(f"{name}: pattern {params.pattern} needs the input width {cols} to be a multiple of {m}")
         groups = scores.reshape(rows, cols // m, m)
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep.scatter_(2, groups.topk(n, dim=2).indices, True)
@@ -116,14 +122,14 @@ class Pruner(Method):
             tokens = check_calibration(calibration, self.key)
             inputs = capture_block_inputs(model, tokens, p.batch_size)
         for index, block in enumerate(tqdm(blocks, desc=f"{self.key} blocks", unit="block")):
-            linears = block_linears(block)
+            linears, groups = block_linears(block), linear_groups(block)
             hessians: dict[str, HessianAccumulator] = {}
             if inputs is not None:  # one forward of the unpruned block: every Linear's input Hessian
-                firsts = [g[0] for g in linear_groups(block)]
+                firsts = [g[0] for g in groups]
                 hessians = {n: HessianAccumulator(linears[n].in_features, dtype=torch.float32, name=n) for n in firsts}
                 with linear_input_hooks(block, firsts, lambda n, x: hessians[n].add(x)):
                     inputs.run(block)
-            for group in linear_groups(block):
+            for group in groups:
                 h = hessians[group[0]].hessian if hessians else None
                 for n in group:
                     layers[f"{BLOCK_PREFIX}{index}.{n}"] = self._prune_linear(f"{BLOCK_PREFIX}{index}.{n}", linears[n], h)

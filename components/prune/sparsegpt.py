@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from components.prune.base import CalibratedPruneParams, PruneError, Pruner
+from components.prune.base import CalibratedPruneParams, Pruner, check_width
 from components.quant.gptq_solver import ColumnRule, obs_walk
 from components.registry import Paper
 
@@ -56,9 +56,5 @@ class SparseGptPruner(Pruner):
 
     def prune_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None, name: str) -> torch.Tensor:
         p = self.params
-        n_m = p.n_m
-        if n_m and weight.shape[1] % n_m[1]:
-            raise PruneError(f"{name}: pattern {p.pattern} needs the input width {weight.shape[1]} to be a "
-                             f"multiple of {n_m[1]}")
-        rule = _MaskRule(p.sparsity, n_m)
+        rule = _MaskRule(p.sparsity, check_width(p, weight.shape[1], name))
         return obs_walk(weight, hessian, rule, damp=p.damp, block_size=p.block_size, name=name)
