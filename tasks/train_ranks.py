@@ -153,7 +153,7 @@ def _rank_main(spec_path: Path) -> None:
 
     from tasks.artifacts import Artifact, read_manifest
     from tasks.train import prepare_training
-    from components.train.trainer import save_weights, train
+    from components.train.trainer import end_distributed, save_weights, train
 
     spec = json.loads(spec_path.read_text())
     handoff, rank = Path(spec["handoff"]), int(os.environ["RANK"])
@@ -180,6 +180,7 @@ def _rank_main(spec_path: Path) -> None:
     except BaseException as e:
         (handoff / f"error-rank{rank}.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
         raise
+    end_distributed()  # only on success: a failed rank must not wait in a barrier for the others
 
 
 if __name__ == "__main__":

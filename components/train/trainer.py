@@ -194,6 +194,22 @@ def _init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def end_distributed() -> None:
+    """A launched rank's last call: wait for every rank, then tear the process group down.
+
+    Left to interpreter exit, gloo's threads can outlive the group; a rank that finishes first
+    (rank 0 saves after the others are done) then died in C++ ("terminate called without an
+    active exception", SIGABRT) once in CI. Our own single-process group is kept for reuse.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if os.environ.get(_OWN_DIST_ENV) == "1":
+        return
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():

@@ -26,7 +26,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     from components.model.presets import build_model
     from components.train.dense import DenseTraining
-    from components.train.trainer import save_weights, train
+    from components.train.trainer import end_distributed, save_weights, train
 
     out, steps, batch, zero, checkpoints, stop = sys.argv[1:7]
     out = Path(out)
@@ -44,3 +44,4 @@ if __name__ == "__main__":
     if rank == 0:
         save_weights(model, out / "model.safetensors")
         (out / "losses.json").write_text(json.dumps(result.losses))
+    end_distributed()
