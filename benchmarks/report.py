@@ -68,6 +68,11 @@ def results_markdown() -> str:
         out += _section("CLI commands after `gc.freeze()` at exit (interpreter shutdown no longer walks the heap)",
                         "python benchmarks/bench_cli.py --workspace WS --before 837e8ab --runs 3 --out cli_exit_freeze "
                         "(WS: a built nano workspace with params/ copied in)", [md.read_text().rstrip()])
+    md = RESULTS / "cli_plan_cache.md"
+    if md.exists():
+        out += _section("CLI commands that only look, after compiled plans are cached (no torch on a hit)",
+                        "python benchmarks/bench_cli.py --workspace WS --before d8610a2 --runs 3 --out cli_plan_cache "
+                        "(WS: a workspace where the quickstart ran)", [md.read_text().rstrip()])
     md = RESULTS / "parallel.md"
     if md.exists():
         out += _section("Stages side by side: `--max-parallel 1` against `2`",

@@ -233,10 +233,11 @@ def cmd_serve(args) -> int:
 
     from flows.deploy import deployment_fields
     from flows.pipeline import recipe_flow
-    from flows.recipe import load_plan, resolve_recipe_path
+    from flows.plan_cache import compiled_plan
+    from flows.recipe_path import resolve_recipe_path
 
     path = resolve_recipe_path(args.recipe, ws.root)
-    _, plan = load_plan(path, args.set)
+    plan, _ = compiled_plan(path, args.set)
     max_parallel = _parallel_limit(args, 1)
     deployment = recipe_flow.to_deployment(
         name=args.name or f"{plan.name}-scheduled",
@@ -260,10 +261,11 @@ def cmd_deploy(args) -> int:
                               "(`prefect server start`) and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
     ws = _workspace(args, writes=True)
     from flows.deploy import deploy_recipe, deployment_fields
-    from flows.recipe import load_plan, resolve_recipe_path
+    from flows.plan_cache import compiled_plan
+    from flows.recipe_path import resolve_recipe_path
 
     path = resolve_recipe_path(args.recipe, ws.root)
-    _, plan = load_plan(path, args.set)
+    plan, _ = compiled_plan(path, args.set)
     fields = deployment_fields(plan, path, ws, args.set, _parallel_limit(args, 1), args.runner)
     with _prefect_api(ws):
         deployment_id, name = deploy_recipe(fields, args.pool, args.name or f"{plan.name}-{args.pool}", args.cron)
@@ -318,10 +320,11 @@ def cmd_list(args) -> int:
 def cmd_status(args) -> int:
     ws = _workspace(args)
     from flows.inspection import print_status, stage_status
-    from flows.pipeline import stages_to_run
-    from flows.recipe import load_plan, resolve_recipe_path
+    from flows.plan_cache import compiled_plan
+    from flows.recipe_path import resolve_recipe_path
+    from flows.selection import stages_to_run
 
-    _, plan = load_plan(resolve_recipe_path(args.recipe, ws.root), args.set)
+    plan, _ = compiled_plan(resolve_recipe_path(args.recipe, ws.root), args.set)
     order, forced = stages_to_run(plan, args.only, args.from_stage)
     print_status(plan, stage_status(plan, ws, order, forced), args.json)
     return 0
@@ -361,10 +364,11 @@ def cmd_completion(args) -> int:
 
 def cmd_validate(args) -> int:
     ws = _workspace(args)
-    from flows.recipe import load_plan, resolve_recipe_path
+    from flows.plan_cache import compiled_plan
+    from flows.recipe_path import resolve_recipe_path
 
     path = resolve_recipe_path(args.recipe, ws.root)
-    _, plan = load_plan(path, args.set)
+    plan, _ = compiled_plan(path, args.set)
     for s in plan.stages.values():
         print(f"  {s.name:<18} {s.kind:<9} {s.method:<16} {s.digest[:16]}  <- {', '.join(s.upstream) or '-'}")
     print(f"{path}: valid ({len(plan.stages)} stages, {len(plan.claims)} claims)")

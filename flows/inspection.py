@@ -76,10 +76,11 @@ def print_status(plan: RecipePlan, rows: list[dict], as_json: bool) -> None:
 def resolve_artifact(ws: Workspace, ref: str) -> Artifact:
     """``ref`` is a digest (prefix of at least 4 characters) or ``RECIPE:STAGE``."""
     if ":" in ref:
-        from flows.recipe import load_plan, resolve_recipe_path
+        from flows.plan_cache import compiled_plan
+        from flows.recipe_path import resolve_recipe_path
 
         recipe, stage = ref.rsplit(":", 1)
-        _, plan = load_plan(resolve_recipe_path(recipe, ws.root))
+        plan, _ = compiled_plan(resolve_recipe_path(recipe, ws.root))
         if stage not in plan.stages:
             raise InspectTargetError(f"recipe {plan.name} has no stage {stage!r}; stages: {', '.join(plan.stages)}")
         s = plan.stages[stage]

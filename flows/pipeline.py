@@ -17,7 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from flows.errors import StageFailedError, StageSelectionError, WorkerLostError
+from flows.errors import StageFailedError, WorkerLostError
 from flows.parallel import (
     Capacity,
     StagePacker,
@@ -29,6 +29,7 @@ from flows.parallel import (
     threads_per_stage,
 )
 from flows.recipe import load_plan, resolve_recipe_path
+from flows.selection import stages_to_run  # noqa: F401  (the flow's own selection; torch-free for `status`)
 from tasks.plan import RecipePlan
 from tasks.runner import StageOutcome, execute_stage
 from tasks.tracking import Tracker, is_server
@@ -42,23 +43,6 @@ class FlowSummary:
     outcomes: list[StageOutcome] = field(default_factory=list)
     seconds: float = 0.0
     tracking_uri: str = ""
-
-
-def stages_to_run(plan: RecipePlan, only: list[str], from_stage: str | None) -> tuple[list[str], set[str]]:
-    """(stages to visit in order, stages to force-recompute)."""
-    for name in [*only, *([from_stage] if from_stage else [])]:
-        if name not in plan.stages and name not in plan.seed_copies:
-            raise StageSelectionError(f"recipe {plan.name} has no stage {name!r}; stages: {', '.join(plan.stages)}")
-    if only and from_stage:
-        raise StageSelectionError("use either --only or --from, not both")
-    if only:  # a seed-dependent stage's name selects all its per-seed copies
-        only = [c for name in only for c in plan.seed_copies.get(name, [name])]
-        return [s for s in plan.stages if s in only], set(only)
-    if from_stage:
-        starts = plan.seed_copies.get(from_stage, [from_stage])
-        forced = set(starts).union(*(plan.descendants(s) for s in starts))
-        return list(plan.stages), forced
-    return list(plan.stages), set()
 
 
 @task(name="stage", cache_policy=NO_CACHE, persist_result=False)

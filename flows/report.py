@@ -92,27 +92,21 @@ def measured_status(name: str, digests: dict[str, str], catalogue: dict) -> str:
 def catalogue_entries(ws: Workspace) -> list[dict]:
     """Each recipe in params/: its paper, stages, seeds, claims and whether the catalogue's
     numbers still describe it (or why it does not compile)."""
-    from flows.recipe import RecipeError, compile_recipe, load_recipe
+    from flows.errors import RecipeError
+    from flows.plan_cache import compiled_plan
 
     catalogue_file = ws.root / CATALOGUE
     catalogue = json.loads(catalogue_file.read_text()) if catalogue_file.exists() else {}
-    entries = []
+    entries, hashed = [], {}
     for path in sorted((ws.root / "params").glob("*.yaml")):
         rel = str(path.relative_to(ws.root))
         try:
-            r = load_recipe(path)
-            plan = compile_recipe(r, path)
+            plan, listing = compiled_plan(path, hashed=hashed)
         except RecipeError as e:
             entries.append({"name": path.stem, "path": rel, "invalid": str(e)})
             continue
-        claims = []
-        for c in r.claims:
-            control = c.effective_control()
-            claims.append({"name": c.name, "statement": c.statement, "kind": c.kind,
-                           "control": (control.why or control.replace) if control else None})
-        entries.append({"name": r.name, "path": rel, "paper": {"title": r.paper.title, "url": r.paper.url},
-                        "stages": list(r.stages), "seeds": list(r.seeds or []), "claims": claims,
-                        "results": measured_status(r.name, {s.name: s.digest for s in plan.stages.values()},
+        entries.append({"name": listing["name"], "path": rel, **listing,
+                        "results": measured_status(plan.name, {s.name: s.digest for s in plan.stages.values()},
                                                    catalogue) if catalogue else None})
     return entries
 
