@@ -18,7 +18,7 @@ from components.eval.summary import scored_blocks
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.eval_cache import cached_evaluation
-from tasks.model_io import FACTS, load_model_artifact
+from tasks.model_io import FACTS, LOSS_CURVE, load_model_artifact
 from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss")
@@ -37,11 +37,14 @@ def run(ctx) -> dict:
     evaluator = ctx.method
     extra = _extra_inputs(evaluator, tokens.path, heldout)
     per_model: dict[str, dict] = {}
+    curves: dict[str, dict] = {}  # the evaluated models that a training stage made: loss by step
     reused = 0
     # Name models by this recipe's stage names: an artifact shared with another recipe (same
     # digest) carries the stage name of whichever recipe built it first.
     for name, art in zip(ctx.plan.inputs.get("models", []), ctx.inputs.get("models", [])):
         facts = model_facts(art)
+        if (art.path / LOSS_CURVE).exists():
+            curves[name] = json.loads((art.path / LOSS_CURVE).read_text())
 
         def score(work_dir, art=art, facts=facts) -> dict:
             model, tokenizer, _ = load_model_artifact(art, activation_hooks=True)
@@ -77,7 +80,7 @@ def run(ctx) -> dict:
     results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()}},
                            SeedPlan(seeds["seeds"], seeds["expanded"]) if seeds else None)
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
-              "arith_examples": len(examples)}
+              "arith_examples": len(examples), "training_curves": curves}
     plot = getattr(evaluator.params, "plot", None)
     if plot is not None:
         report["sweep"] = {"metric": plot.metric, "x_label": plot.x_label, "points": sweep_points(plot, per_model),
@@ -145,6 +148,7 @@ def _figures(report: dict, out_dir) -> dict[str, str]:
             report["models"], out_dir / "size_vs_quality.png"),
         "Claims: slack relative to the bar, 95% interval over seeds": report_plots.claims_against_bars(
             report["claims"], out_dir / "claims.png"),
+        "Training curves": report_plots.training_curves(report["training_curves"], out_dir / "training_curves.png"),
     }
     if "sweep" in report:
         drawn[f"Sweep: {report['sweep']['metric']}"] = out_dir / report["sweep"]["figure"]

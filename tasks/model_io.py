@@ -13,6 +13,7 @@ from components.quant.activation import ACTIVATION_FILE, ActivationSpec, install
 from tasks.artifacts import Artifact, ArtifactError
 
 FACTS = "paperdag.json"
+LOSS_CURVE = "loss_curve.json"  # a training stage's loss by step ({"steps": [...], "loss": [...]})
 hf_logging.disable_progress_bar()  # "Loading weights" bars per tiny model are noise in a stage log
 
 

@@ -8,6 +8,7 @@ blocks of each step; its skills are the domains, in the sorted order that train.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import train
 from tasks.artifacts import DIGEST_LEN, Artifact
-from tasks.model_io import load_model_artifact, load_tokenizer_artifact, save_model_artifact
+from tasks.model_io import LOSS_CURVE, load_model_artifact, load_tokenizer_artifact, save_model_artifact
 
 
 class TokenizerMismatchError(ValueError):
@@ -180,6 +181,7 @@ def run(ctx) -> dict:
         "parents": parents,
     }
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
+    (ctx.out_dir / LOSS_CURVE).write_text(json.dumps(loss_curve(result.losses)))
     ctx.facts.update({key: facts[key] for key in ("precision", "torch_compile", "attention", "train_flops", "sampler")})
     shutil.rmtree(checkpoints, ignore_errors=True)
     first = float(np.mean(result.losses[: max(1, len(result.losses) // 20)]))
@@ -187,3 +189,16 @@ def run(ctx) -> dict:
             "train_tokens": result.tokens, "tokens_per_s": result.tokens_per_second,
             "precision_bf16": float(result.precision == "bf16"),
             **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))}}
+
+
+def loss_curve(losses: list[float], max_points: int = 500) -> dict[str, list]:
+    """The training loss by step for the report's curves, at most ``max_points`` points: each
+    the mean over a window of consecutive steps, at the window's last step (a long run's curve
+    stays a few kB in the artifact's facts)."""
+    window = max(1, -(-len(losses) // max_points))
+    steps, values = [], []
+    for start in range(0, len(losses), window):
+        chunk = losses[start:start + window]
+        steps.append(start + len(chunk))
+        values.append(round(float(np.mean(chunk)), 6))
+    return {"steps": steps, "loss": values}

@@ -1,4 +1,5 @@
-"""The figures of an evaluate stage's report: perplexity by domain, size against quality, claims.
+"""The figures of an evaluate stage's report: perplexity by domain, size against quality, claims,
+and the training curves of the evaluated models that were trained.
 
 Each function draws one PNG from the stage's ``metrics.json`` content and returns its path,
 or None when the report has nothing to draw (one model, no sizes, no claims).
@@ -100,4 +101,23 @@ def claims_against_bars(claims: list[dict], path: Path) -> Path | None:
     ax.set_xlabel("slack / |bar|  (> 0 clears the bar)")
     ax.set_title("green PASS, red FAIL, orange NOT DISCRIMINATING; hatched: accounting", fontsize=7)
     ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def training_curves(curves: dict[str, dict], path: Path) -> Path | None:
+    """Training loss by step, one line per trained model, side by side on one axis.
+
+    ``curves``: {model: {"steps": [...], "loss": [...]}} as training stages record them
+    (``loss_curve.json`` in the model artifact); models without one (quantized, merged) are absent."""
+    curves = {name: c for name, c in curves.items() if c.get("steps")}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, curve in curves.items():
+        ax.plot(curve["steps"], curve["loss"], label=name, linewidth=1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(True, alpha=0.3)
     return _save(fig, path)

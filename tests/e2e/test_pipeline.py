@@ -63,7 +63,7 @@ def test_cold_run_through_the_cli(ws, capsys):
     assert f"mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'}" in out
     evaluate = next((ws / "artifacts" / "evaluate").iterdir())
     metrics = json.loads((evaluate / "metrics.json").read_text())
-    figures = ("perplexity_by_domain.png", "size_vs_quality.png", "claims.png")
+    figures = ("perplexity_by_domain.png", "size_vs_quality.png", "claims.png", "training_curves.png")
     assert all((evaluate / f).read_bytes()[:4] == b"\x89PNG" for f in figures)
     assert all(f"({f})" in (evaluate / "report.md").read_text() for f in figures)
     assert all(f'src="{f}"' in (evaluate / "report.html").read_text() for f in figures)
@@ -75,6 +75,12 @@ def test_cold_run_through_the_cli(ws, capsys):
     assert metrics["models"]["pretrain_spdf"]["sparsity"] == pytest.approx(0.75, abs=0.01)
     assert metrics["models"]["finetune_spdf"]["sparsity"] < 0.01  # the dense fine-tune drops the mask
     assert metrics["models"]["quantize"]["bits_per_weight"] < 5
+    # each trained model's loss curve, read from its artifact; quantized and merged models have none
+    curves = metrics["training_curves"]
+    assert set(curves) == {"pretrain_dense", "pretrain_spdf", "finetune_spdf", "distill"}
+    assert curves["pretrain_dense"]["steps"] == list(range(1, 13))  # nano: 12 steps, one point each
+    assert curves["pretrain_dense"]["loss"][-1] == pytest.approx(metrics["models"]["pretrain_dense"]["final_loss"],
+                                                                 abs=1e-5)
 
 
 def test_a_trained_model_names_its_tokenizers_special_ids(ws):

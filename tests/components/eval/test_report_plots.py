@@ -6,6 +6,7 @@ from components.eval.report_plots import (
     pareto_front,
     perplexity_by_domain,
     size_against_quality,
+    training_curves,
 )
 
 MODELS = {
@@ -31,11 +32,15 @@ def test_figures_are_drawn_as_png_files(tmp_path):
     ]
     for path in (perplexity_by_domain(MODELS, ["code", "prose", "empty"], tmp_path / "a.png"),
                  size_against_quality(MODELS, tmp_path / "b.png"),
-                 claims_against_bars(claims, tmp_path / "c.png")):
+                 claims_against_bars(claims, tmp_path / "c.png"),
+                 training_curves({"dense": {"steps": [1, 2, 3], "loss": [4.0, 3.5, 3.2]},
+                                  "spdf": {"steps": [2, 4], "loss": [4.1, 3.6]}}, tmp_path / "d.png")):
         assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nothing_to_draw_draws_nothing(tmp_path):
+    assert training_curves({}, tmp_path / "d.png") is None
+    assert training_curves({"empty": {"steps": [], "loss": []}}, tmp_path / "d.png") is None
     assert perplexity_by_domain({"m": {"ppl_all": 3.0}}, ["prose"], tmp_path / "a.png") is None
     assert size_against_quality({"eft": {"ppl_all": 3.0}, "m": {"ppl_all": 2.0, "size_bytes": 1.0}},
                                 tmp_path / "b.png") is None  # one sized model is not a trade-off
