@@ -2,7 +2,8 @@
 
 The stage's task (in the flow's process or a runner's worker) keeps everything that is one per
 stage: the MLflow run, the artifact's temporary directory and the final save. Only training is
-launched on N processes, with ``torchrun --standalone`` (one machine; free rendezvous port), or
+launched on N processes, with torchrun's ``--standalone`` agent (one machine; free rendezvous
+port; run through this module so that a failure prints one error, not one per rank), or
 with the DeepSpeed launcher when ``PAPERDAG_HOSTFILE`` names a hostfile (several machines, which
 must share the workspace; see docs/cluster.md). Each rank runs ``python -m tasks.train_ranks
 SPEC``: it rebuilds the stage's model, data and method exactly as one rank would
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 HOSTFILE_ENV = "PAPERDAG_HOSTFILE"
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_FLAG = "--torchrun"
 
 
 class RankFailedError(RuntimeError):
@@ -48,7 +51,8 @@ def launcher_command(spec_path: Path, ranks: int, hostfile: str | None = None) -
     if hostfile:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile,
                 "--num_gpus", str(ranks), "--module", "tasks.train_ranks", str(spec_path)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+    # torchrun's own main, wrapped so that its failure report stays quiet when a rank reported
+    return [sys.executable, "-m", "tasks.train_ranks", LAUNCH_FLAG, "--standalone", "--nnodes", "1",
             "--nproc_per_node", str(ranks), *worker]
 
 
@@ -142,7 +146,10 @@ def _rank_error(handoff: Path, stage: str, ranks: int, rc: int) -> Exception:
     for path in sorted(handoff.glob("error-rank*.json")):
         error = json.loads(path.read_text())
         rank = path.stem.removeprefix("error-rank")
-        return known.get(error["type"], RankFailedError)(f"stage {stage}: rank {rank} of {ranks}: {error['message']}")
+        raised = known.get(error["type"], RankFailedError)(f"stage {stage}: rank {rank} of {ranks}: {error['message']}")
+        if error.get("traceback"):  # shown with --verbose, as a one-rank stage's traceback would be
+            raised.add_note(f"rank {rank}'s traceback:\n{error['traceback'].rstrip()}")
+        return raised
     return RankFailedError(f"stage {stage}: the {ranks}-rank launcher exited with code {rc} before any rank "
                            "reported an error (see its output above)")
 
@@ -177,11 +184,41 @@ def _rank_main(spec_path: Path) -> None:
         if rank == 0:
             save_weights(setup.model, handoff / "model.safetensors")
             (handoff / "result.json").write_text(json.dumps(dataclasses.asdict(result)))
-    except BaseException as e:
+    except Exception as e:
+        # The task raises this under the stage's name (with the traceback for --verbose); the
+        # rank itself prints nothing, so N ranks do not print N tracebacks of one error.
+        (handoff / f"error-rank{rank}.json").write_text(json.dumps(
+            {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}))
+        sys.exit(1)
+    except BaseException as e:  # Ctrl-C, SIGTERM from the task: the task knows why
         (handoff / f"error-rank{rank}.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
         raise
     end_distributed()  # only on success: a failed rank must not wait in a barrier for the others
 
 
+def _torchrun_main(argv: list[str]) -> int:
+    """torchrun (its elastic agent, unchanged) with its failure report kept for when it says
+    something new: a rank that failed wrote its error for the task, which raises it; torchrun's
+    own warnings, the agent's traceback and its failure table would add about 40 lines."""
+    import logging
+
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # read by torch.distributed.elastic's loggers at import
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the rest use plain getLogger
+
+    try:
+        main(argv)
+    except ChildFailedError as e:
+        handoff = Path(json.loads(Path(argv[-1]).read_text())["handoff"])
+        if not any(handoff.glob("error-rank*.json")):
+            print(e, file=sys.stderr)  # no rank reported: this is all there is to go on
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == LAUNCH_FLAG:
+        sys.exit(_torchrun_main(sys.argv[2:]))
     _rank_main(Path(sys.argv[1]))
