@@ -7,7 +7,7 @@ loads. Patterns: ``unstructured`` at a ``sparsity`` (the fraction of weights set
 pattern sparse tensor cores run), which fixes the sparsity at ``1 - N/M``.
 
 Calibrated pruners (Wanda, SparseGPT) walk the blocks in order as GPTQ does: one forward per
-block collects every Linear's input Hessian ``2/n XᵀX`` (``gptq_solver.HessianAccumulator``),
+block collects every Linear's input Hessian ``2/n XᵀX`` (``walk_blocks_with_hessians``, GPTQ's walk),
 the block is pruned, and the pruned block's outputs feed the next block. The facts report the
 sparsity measured on the pruned weights, layer by layer, and each layer's output error
 ``||XWᵀ - XŴᵀ||²/(n·out)`` next to magnitude pruning's at the same pattern on the same inputs.
@@ -18,13 +18,11 @@ import re
 
 import torch
 from pydantic import Field, model_validator
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from components.quant.base import BLOCK_PREFIX, QUANT_CONFIG_ATTR
-from components.quant.calibration import (block_linears, capture_block_inputs, check_calibration, decoder_blocks,
-                                          linear_groups, linear_input_hooks)
-from components.quant.gptq_solver import HessianAccumulator, output_error
+from components.quant.base import QUANT_CONFIG_ATTR
+from components.quant.calibration import capture_block_inputs, check_calibration, linear_groups, walk_blocks_with_hessians
+from components.quant.gptq_solver import output_error
 from components.registry import Method, MethodParams
 
 PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -115,26 +113,19 @@ class Pruner(Method):
         """Prune ``model`` in place; returns its facts (pattern, measured sparsity per layer, errors)."""
         self._refuse_quantized(model)
         p = self.params
-        blocks = decoder_blocks(model)
         layers: dict[str, dict] = {}
         inputs = None
         if self.needs_calibration:
             tokens = check_calibration(calibration, self.key)
             inputs = capture_block_inputs(model, tokens, p.batch_size)
-        for index, block in enumerate(tqdm(blocks, desc=f"{self.key} blocks", unit="block")):
-            linears, groups = block_linears(block), linear_groups(block)
-            hessians: dict[str, HessianAccumulator] = {}
-            if inputs is not None:  # one forward of the unpruned block: every Linear's input Hessian
-                firsts = [g[0] for g in groups]
-                hessians = {n: HessianAccumulator(linears[n].in_features, dtype=torch.float32, name=n) for n in firsts}
-                with linear_input_hooks(block, firsts, lambda n, x: hessians[n].add(x)):
-                    inputs.run(block)
-            for group in groups:
-                h = hessians[group[0]].hessian if hessians else None
-                for n in group:
-                    layers[f"{BLOCK_PREFIX}{index}.{n}"] = self._prune_linear(f"{BLOCK_PREFIX}{index}.{n}", linears[n], h)
-            if inputs is not None:
-                inputs = inputs.run(block)  # the pruned block's outputs feed the next block
+
+        def edit(prefix: str, linears: dict, group: list[str], hessian: torch.Tensor | None) -> None:
+            for n in group:
+                layers[prefix + n] = self._prune_linear(prefix + n, linears[n], hessian)
+
+        # one forward of the unpruned block gives every Linear's input Hessian (no calibration: none)
+        walk_blocks_with_hessians(model, inputs, lambda _prefix, block: linear_groups(block), edit,
+                                  desc=f"{self.key} blocks")
         total = sum(f["weights"] for f in layers.values())
         zeros = sum(f["zeros"] for f in layers.values())
         return {"pattern": p.pattern, "target_sparsity": p.target_sparsity, "sparsity": zeros / total,

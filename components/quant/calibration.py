@@ -14,9 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from components.quant.base import QuantizationError
+from components.quant.base import BLOCK_PREFIX, QuantizationError
+from components.quant.gptq_solver import HessianAccumulator
 
 
 class _StopForward(Exception):
@@ -123,6 +125,46 @@ def linear_input_hooks(block: torch.nn.Module, names: list[str],
     finally:
         for h in handles:
             h.remove()
+
+
+def targeted_groups(targets: set[str]) -> Callable[[str, torch.nn.Module], list[list[str]]]:
+    """``groups_of`` for ``walk_blocks_with_hessians``: each block's input-sharing groups, keeping
+    the Linears whose full module name is in ``targets``."""
+    return lambda prefix, block: [[n for n in g if prefix + n in targets] for g in linear_groups(block)]
+
+
+EditGroup = Callable[[str, dict[str, torch.nn.Linear], list[str], "torch.Tensor | None"], None]
+
+
+def walk_blocks_with_hessians(model: PreTrainedModel, inputs: BlockInputs | None,
+                              groups_of: Callable[[str, torch.nn.Module], list[list[str]]], edit: EditGroup, *,
+                              sequential: bool = False, dtype: torch.dtype = torch.float32,
+                              desc: str | None = None) -> None:
+    """GPTQ's walk over the decoder blocks, for every calibrated method that edits a block's
+    Linears in place (GPTQ, GPTQ over a minifloat grid, Wanda, SparseGPT).
+
+    Per block: one forward collects the input Hessian ``2/n XᵀX`` of each input-sharing group
+    of Linears (``groups_of(prefix, block)``; a group's Linears read one input, so its first
+    stands for all), then ``edit(prefix, linears, group, H)`` changes the group's weights, and
+    the edited block's outputs become the next block's inputs. ``sequential``: one forward per
+    group, so a later group's inputs pass through the already-edited earlier groups (GPTQ's
+    ``true_sequential``); otherwise one forward of the unedited block serves all its groups.
+    ``inputs=None`` (a method without calibration, e.g. magnitude pruning): no forwards, H is None.
+    ``desc``: a progress bar over the blocks."""
+    for index, block in enumerate(tqdm(decoder_blocks(model), desc=desc, unit="block", disable=desc is None)):
+        linears, prefix = block_linears(block), f"{BLOCK_PREFIX}{index}."
+        groups = [g for g in groups_of(prefix, block) if g]
+        for pass_groups in [[g] for g in groups] if sequential else [groups]:
+            hessians: dict[str, HessianAccumulator] = {}
+            if inputs is not None:
+                hessians = {g[0]: HessianAccumulator(linears[g[0]].in_features, dtype=dtype, name=prefix + g[0])
+                            for g in pass_groups}
+                with linear_input_hooks(block, list(hessians), lambda n, x: hessians[n].add(x)):
+                    inputs.run(block)
+            for group in pass_groups:
+                edit(prefix, linears, group, hessians[group[0]].hessian if hessians else None)
+        if inputs is not None:
+            inputs = inputs.run(block)
 
 
 @contextmanager

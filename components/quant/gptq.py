@@ -15,13 +15,12 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from components.quant.base import CalibratedParams, PackedWeights, QuantizedModel, Quantizer, check_bits, uniform_int_meta
-from components.quant.calibration import (block_linears, capture_block_inputs, check_calibration, decoder_blocks,
-                                          linear_groups, linear_input_hooks)
-from components.quant.gptq_solver import HessianAccumulator, gptq_quantize, output_error
+from components.quant.calibration import (capture_block_inputs, check_calibration, targeted_groups,
+                                          walk_blocks_with_hessians)
+from components.quant.gptq_solver import gptq_quantize, output_error
 from components.quant.rtn import quantize_tensor
 from components.registry import Paper
 
@@ -57,27 +56,16 @@ class GptqQuantizer(Quantizer):
         store = PackedWeights()
         metrics: dict[str, float] = {}
         inputs = capture_block_inputs(model, tokens, p.batch_size)
-        blocks = decoder_blocks(model)
-        for index, block in enumerate(tqdm(blocks, desc="gptq blocks", unit="block")):
-            linears = block_linears(block)
-            prefix = f"model.layers.{index}."
-            groups = [[n for n in g if prefix + n in targets] for g in linear_groups(block)]
-            groups = [g for g in groups if g]
-            # Linears of one group share their input, hence one Hessian. Without true_sequential
-            # every group's Hessian comes from one forward of the block before any of it is
-            # quantized (the reference's and llm-compressor's default); with it, each group's
-            # inputs pass through the already-quantized earlier groups.
-            passes = [[g] for g in groups] if p.true_sequential else [groups]
-            for pass_groups in passes:
-                hessians = {g[0]: HessianAccumulator(linears[g[0]].in_features, dtype=torch.float32,
-                                                     name=prefix + g[0]) for g in pass_groups}
-                with linear_input_hooks(block, list(hessians), lambda n, x: hessians[n].add(x)):
-                    inputs.run(block)
-                for group in pass_groups:
-                    h = hessians[group[0]].hessian
-                    for n in group:
-                        self._quantize_linear(f"{prefix}{n}", linears[n], h, store, metrics)
-            inputs = inputs.run(block)  # the quantized block's outputs feed the next block
+
+
+        def edit(prefix: str, linears: dict, group: list[str], hessian: torch.Tensor) -> None:
+            for n in group:
+                self._quantize_linear(f"{prefix}{n}", linears[n], hessian, store, metrics)
+
+        # Without true_sequential every group's Hessian comes from one forward of the block before
+        # any of it is quantized (the reference's and llm-compressor's default); with it, each
+        # group's inputs pass through the already-quantized earlier groups.
+        walk_blocks_with_hessians(model, inputs, targeted_groups(targets), edit, sequential=p.true_sequential, desc="gptq blocks")
         layers = [k.removeprefix("output_mse.") for k in metrics if k.startswith("output_mse.")]
         metrics["layers_better_than_rtn"] = sum(
             metrics[f"output_mse.{n}"] <= metrics[f"rtn_output_mse.{n}"] for n in layers)

@@ -53,9 +53,9 @@ from transformers import PreTrainedModel
 from components.quant.activation import ActivationSpec
 from components.quant.adaround import AdaRoundWeight, inverse_rectified_sigmoid, rectified_sigmoid
 from components.quant.base import (CalibratedParams, PackedWeights, QuantizationError, QuantizedModel, Quantizer)
-from components.quant.calibration import (block_linears, capture_block_inputs, check_calibration, decoder_blocks,
-                                          linear_groups, linear_input_hooks, swapped_weights)
-from components.quant.gptq_solver import HessianAccumulator, gptq_quantize, gptq_with_grid, output_error
+from components.quant.calibration import (capture_block_inputs, check_calibration, swapped_weights,
+                                          targeted_groups, walk_blocks_with_hessians)
+from components.quant.gptq_solver import gptq_quantize, gptq_with_grid, output_error
 from components.quant.minifloat import MinifloatFormat, decode, encode, from_name, round_to_format
 from components.quant.reconstruction import IntGrid, ReconstructionConfig, reconstruct
 from components.quant.rtn import quantize_tensor
@@ -309,26 +309,18 @@ def sequential_hessian_solve(model: PreTrainedModel, tokens: torch.Tensor, targe
     metrics: dict[str, float] = {}
     saved = {n: modules[n].weight.data.clone() for n in targets}
     try:
-        inputs = capture_block_inputs(model, tokens, batch_size)
-        for index, block in enumerate(decoder_blocks(model)):
-            linears = block_linears(block)
-            prefix = f"model.layers.{index}."
-            for group in linear_groups(block):
-                names = [n for n in group if prefix + n in targets]
-                if not names:
-                    continue
-                hessians = {n: HessianAccumulator(linears[n].in_features, name=prefix + n) for n in names}
-                with linear_input_hooks(block, names, lambda n, x: hessians[n].add(x)):
-                    inputs.run(block)
-                for n in names:
-                    weight = linears[n].weight.detach().float().clone()
-                    h = hessians[n].hessian
-                    encoded = solve(f"{prefix}{n}.weight", weight, h)
-                    results[f"{prefix}{n}.weight"] = encoded
-                    metrics[f"output_mse.{prefix}{n}"] = output_error(weight, encoded[2], h)
-                    with torch.no_grad():
-                        linears[n].weight.copy_(encoded[2].to(linears[n].weight.dtype))
-            inputs = inputs.run(block)
+
+        def edit(prefix: str, linears: dict, group: list[str], hessian: torch.Tensor) -> None:
+            for n in group:
+                weight = linears[n].weight.detach().float().clone()
+                encoded = solve(f"{prefix}{n}.weight", weight, hessian)
+                results[f"{prefix}{n}.weight"] = encoded
+                metrics[f"output_mse.{prefix}{n}"] = output_error(weight, encoded[2], hessian)
+                with torch.no_grad():
+                    linears[n].weight.copy_(encoded[2].to(linears[n].weight.dtype))
+
+        walk_blocks_with_hessians(model, capture_block_inputs(model, tokens, batch_size), targeted_groups(targets), edit,
+                                  sequential=True, dtype=torch.float64)
     finally:
         with torch.no_grad():
             for n, w in saved.items():
