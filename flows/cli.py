@@ -119,7 +119,8 @@ def cmd_run(args) -> int:
     print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
     with _prefect_api(ws):
         summary = flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
-                       workspace=str(ws.root), progress=not args.no_progress, max_parallel=max_parallel)
+                       workspace=str(ws.root), progress=not args.no_progress, max_parallel=max_parallel,
+                       runner=args.runner)
     print_summary(summary, plan, ws)
     _record_in_dvc(ws, summary)
     return 0

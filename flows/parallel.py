@@ -22,10 +22,11 @@ stages, or two ``paperdag run``s on one workspace, from building one digest at o
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,15 +54,20 @@ class ResourcesError(RunnerError):
 class Capacity:
     """What the machine that runs the stages has."""
 
-    cores: int
+    cores: float  # counts; infinite for a cluster at an address
     memory_gb: float
-    gpus: int
+    gpus: float
 
     @classmethod
     def local(cls) -> "Capacity":
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
         gpus = len(list(Path("/dev").glob("nvidia[0-9]*")))  # without importing torch (seconds)
         return cls(os.cpu_count() or 1, memory, gpus)
+
+    @classmethod
+    def unbounded(cls) -> "Capacity":
+        """A cluster at an address: it has what it has, and places stages itself."""
+        return cls(math.inf, math.inf, math.inf)
 
     def limits(self) -> dict[str, float]:
         """By the keys of a stage's ``resources``."""
@@ -111,6 +117,48 @@ class StagePacker:
 
     def release(self, name: str) -> None:
         self.held.pop(name, None)
+
+
+RAY_KEYS = {"threads": "CPU", "gpus": "GPU", "memory_gb": "memory"}  # Ray counts memory in bytes
+
+
+def ray_stage_options(resources: dict, default_threads: int) -> dict[str, float]:
+    """A stage's ``resources`` as Ray's ``@ray.remote`` options: Ray places the stage on a node
+    with that many CPUs, GPUs and bytes of memory free (and holds them while it runs)."""
+    options: dict[str, float] = {"num_cpus": resources.get("threads", default_threads)}
+    if resources.get("gpus"):
+        options["num_gpus"] = resources["gpus"]
+    if resources.get("memory_gb"):
+        options["memory"] = int(resources["memory_gb"] * 2**30)
+    return options
+
+
+def check_ray_capacity(plan, names: list[str], default_threads: int, nodes: list[dict]) -> None:
+    """Refuse, before anything is submitted, a stage that no node of the Ray cluster could ever
+    hold (Ray would keep it pending forever, with a warning in its own log). ``nodes``: the
+    ``Resources`` of each live node, as ``ray.nodes()`` reports them."""
+    option_keys = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+    for name in names:
+        wanted = {option_keys[k]: v for k, v in ray_stage_options(plan.stages[name].resources, default_threads).items()}
+        if any(all(node.get(key, 0) >= v for key, v in wanted.items()) for node in nodes):
+            continue
+        largest = {key: max((node.get(key, 0) for node in nodes), default=0) for key in wanted}
+        shown = {key: (f"{v / 2**30:.3g} GB" if key == "memory" else f"{v:g}") for key, v in wanted.items()}
+        has = {key: (f"{v / 2**30:.3g} GB" if key == "memory" else f"{v:g}") for key, v in largest.items()}
+        raise ResourcesError(f"{plan.recipe_path}: stages.{name}.resources: asks Ray for "
+                             f"{', '.join(f'{k} {v}' for k, v in shown.items())} on one node, but the cluster's "
+                             f"largest node has {', '.join(f'{k} {v}' for k, v in has.items())} ({len(nodes)} node(s)); "
+                             "lower it, or add a node that has them")
+
+
+def stage_placement(runner: str, resources: dict, default_threads: int):
+    """The context to submit one stage in: Ray's remote options on a Ray runner; nothing on the
+    process runner (``StagePacker`` packs it) or Dask (its workers run one stage each)."""
+    if runner.partition(":")[0] != "ray":
+        return nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(**ray_stage_options(resources, default_threads))
 
 
 @contextmanager
@@ -240,7 +288,8 @@ def stage_task_runner(spec: str, max_parallel: int):
     if address:
         _check_reachable(spec, address)
         return module.RayTaskRunner(address=address)
-    return module.RayTaskRunner(init_kwargs={"num_cpus": max_parallel, "include_dashboard": False,
+    # every core: each stage asks Ray for its own threads (ray_stage_options), --max-parallel caps how many run
+    return module.RayTaskRunner(init_kwargs={"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                                              "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}})
 
 

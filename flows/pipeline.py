@@ -21,8 +21,10 @@ from flows.errors import StageFailedError, WorkerLostError
 from flows.parallel import (
     Capacity,
     StagePacker,
+    check_ray_capacity,
     check_stage_resources,
     interruptible_stage,
+    stage_placement,
     stage_task_runner,
     stage_threads,
     stop_pool_workers,
@@ -123,7 +125,7 @@ def _run_side_by_side(plan: RecipePlan, order: list[str], forced: set[str], ws: 
 
     def dispatch(submit) -> None:
         try:
-            _dispatch(plan, order, forced, ws, tracker, parent_id, limit, submit, finished, failures)
+            _dispatch(plan, order, forced, ws, tracker, parent_id, limit, submit, finished, failures, runner)
         except KeyboardInterrupt:
             stop_pool_workers()
             raise
@@ -143,13 +145,26 @@ def _run_side_by_side(plan: RecipePlan, order: list[str], forced: set[str], ws: 
 
 
 def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspace, tracker: Tracker,
-              parent_id: str, limit: int, submit: Callable, finished: dict, failures: list) -> None:
+              parent_id: str, limit: int, submit: Callable, finished: dict, failures: list,
+              runner: str = "process") -> None:
     """``submit(task, parameters)``: a started Prefect task runner's, returning a future."""
     from prefect.futures import as_completed
 
     selected, waiting, running = set(order), list(order), {}
     index = {name: f"[{i}/{len(order)}]" for i, name in enumerate(order, 1)}
-    packer = StagePacker(Capacity.local(), threads_per_stage(limit))
+    default_threads = threads_per_stage(limit)
+    # a cluster at an address places the stages itself (Ray by their resources); here only --max-parallel caps them
+    packer = StagePacker(Capacity.local() if ":" not in runner else Capacity.unbounded(), default_threads)
+
+    def cached(name: str) -> bool:  # where it runs, not whether: execute_stage verifies a hit itself
+        stage = plan.stages[name]
+        return name not in forced and ws.artifacts.get(stage.kind, stage.digest, verify=False) is not None
+
+    if runner.startswith("ray"):  # the runner has connected: ask the cluster what its nodes hold
+        import ray
+
+        check_ray_capacity(plan, [n for n in order if not cached(n)], default_threads,
+                           [node["Resources"] for node in ray.nodes() if node.get("Alive")])
 
     def ready(name: str) -> bool:
         return all(up in finished or up not in selected for up in plan.stages[name].upstream)
@@ -160,8 +175,7 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
             task = run_stage.with_options(task_run_name=name)
             params = dict(plan=plan, name=name, ws=ws, tracker=tracker, parent_run_id=parent_id,
                           force=name in forced, progress=False, index=index[name])
-            # where it runs, not whether: execute_stage verifies a hit (and reports a corrupt one) itself
-            if name not in forced and ws.artifacts.get(stage.kind, stage.digest, verify=False) is not None:
+            if cached(name):
                 waiting.remove(name)
                 try:  # a cache hit is served here, not worth a worker
                     finished[name] = _outcome(task(**params))
@@ -171,7 +185,8 @@ def _dispatch(plan: RecipePlan, order: list[str], forced: set[str], ws: Workspac
             elif len(running) < limit and packer.fits(stage.resources):
                 waiting.remove(name)
                 packer.take(name, stage.resources)
-                running[submit(task, {**params, "one_line": False})] = name
+                with stage_placement(runner, stage.resources, default_threads):
+                    running[submit(task, {**params, "one_line": False})] = name
         if not running:
             if waiting and not failures and not any(ready(n) for n in waiting):
                 raise RuntimeError(f"stages {waiting} wait on stages that never ran")  # a bug, not a user error

@@ -9,7 +9,8 @@ import pytest
 
 from flows.cli import EXIT_USAGE, main
 from flows.errors import RecipeError
-from flows.parallel import Capacity, StagePacker, check_stage_resources, stage_threads
+from flows.parallel import (Capacity, ResourcesError, StagePacker, check_ray_capacity, check_stage_resources,
+                            ray_stage_options, stage_threads)
 from flows.recipe import load_plan
 from tests.helpers import NANO_RECIPE, make_workspace
 
@@ -100,6 +101,34 @@ def test_the_packer_sums_threads_memory_and_gpus_within_the_machine():
     packer.take("c", {"threads": 1, "gpus": 1})
     packer.release("b")
     assert not packer.fits({"threads": 1, "gpus": 1}) and packer.fits({"threads": 3})
+
+
+def test_a_cluster_at_an_address_is_not_packed_by_this_machine():
+    packer = StagePacker(Capacity.unbounded(), default_threads=1)
+    packer.take("a", {"threads": 64, "gpus": 8, "memory_gb": 512.0})
+    assert packer.fits({"threads": 64, "gpus": 8, "memory_gb": 512.0})  # Ray or Dask decide; --max-parallel caps
+
+
+def test_stage_resources_become_rays_remote_options():
+    assert ray_stage_options({}, default_threads=2) == {"num_cpus": 2}
+    assert ray_stage_options({"threads": 4, "gpus": 1, "memory_gb": 1.5, "ranks": 1}, 2) == {
+        "num_cpus": 4, "num_gpus": 1, "memory": int(1.5 * 2**30)}
+
+
+def test_a_stage_no_ray_node_can_hold_is_refused_naming_it():
+    _, plan = load_plan(NANO_RECIPE, ["stages.distill.resources={threads: 2, gpus: 2}",
+                                      "stages.pretrain_dense.resources={threads: 8, memory_gb: 4}"])
+    nodes = [{"CPU": 16.0, "GPU": 1.0, "memory": 64 * 2**30}, {"CPU": 2.0, "GPU": 2.0, "memory": 8 * 2**30}]
+    check_ray_capacity(plan, ["pretrain_dense", "distill"], 1, nodes)  # each fits on one node
+    with pytest.raises(ResourcesError) as error:
+        check_ray_capacity(plan, ["pretrain_dense", "distill"], 1, nodes[:1])
+    assert str(error.value) == (f"{plan.recipe_path}: stages.distill.resources: asks Ray for CPU 2, GPU 2 on one node, "
+                                "but the cluster's largest node has CPU 16, GPU 1 (1 node(s)); lower it, or add a node "
+                                "that has them")
+    # one node with the CPUs, another with the memory: no single node holds the stage
+    with pytest.raises(ResourcesError, match=r"stages\.pretrain_dense\.resources: asks Ray for CPU 8, memory 4 GB"):
+        check_ray_capacity(plan, ["pretrain_dense"], 1, [{"CPU": 16.0, "memory": 2 * 2**30}, {"CPU": 2.0, "memory": 64 * 2**30}])
+    check_ray_capacity(plan, ["corpus"], 1, nodes[:1])  # stages that ask nothing take the default threads
 
 
 def test_stage_threads_sets_torch_for_the_stage_and_restores_it():

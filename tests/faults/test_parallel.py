@@ -195,7 +195,8 @@ def test_a_worker_killed_mid_stage_is_named_and_the_rerun_resumes_from_its_check
 @pytest.mark.fault("recovers")
 def test_stages_run_on_a_ray_cluster_at_its_address(nano_copy):
     """`--runner ray:ADDRESS` on a Ray head started apart from paperdag (`ray start --head` on
-    loopback, as on a cluster): both stages run in Ray's worker processes, not the CLI's."""
+    loopback, as on a cluster): both stages run in Ray's worker processes, not the CLI's, each
+    holding its threads as Ray CPUs; a stage asking for more CPUs than any node has is refused."""
     pytest.importorskip("prefect_ray", reason="pip install -e '.[ray]'")
     port, ray = free_port(), str(Path(sys.executable).with_name("ray"))  # the venv's CLI
     # the cluster's token, given to paperdag as a cluster's users get it (Ray >= 2.5x authenticates clients)
@@ -207,6 +208,14 @@ def test_stages_run_on_a_ray_cluster_at_its_address(nano_copy):
                               "--temp-dir", temp], env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
+        # a stage no node can hold is refused before anything is submitted (Ray would keep it pending)
+        refused = start_cli(nano_copy, "run", "nano", "--no-progress", "--max-parallel", "2", "--runner",
+                            f"ray:127.0.0.1:{port}", *BOTH_PRETRAINS, "--set", "stages.pretrain_dense.resources.threads=3",
+                            PREFECT_LOGGING_LEVEL="CRITICAL", **token)
+        refused.wait(timeout=300)
+        assert refused.returncode == EXIT_USAGE, output(refused)[-3000:]
+        assert ("stages.pretrain_dense.resources: asks Ray for CPU 3 on one node, but the cluster's largest node has "
+                "CPU 2 (1 node(s))") in output(refused)
         longer = [a for name in ("pretrain_dense", "pretrain_spdf") for a in ("--set", f"stages.{name}.params.steps=40")]
         proc = start_cli(nano_copy, "run", "nano", "--no-progress", "--max-parallel", "2", "--runner",
                          f"ray:127.0.0.1:{port}", *BOTH_PRETRAINS, *longer, PREFECT_LOGGING_LEVEL="CRITICAL", **token)
