@@ -18,7 +18,7 @@ from components.eval.summary import scored_blocks
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.eval_cache import cached_evaluation
-from tasks.model_io import FACTS, LOSS_CURVE, load_model_artifact
+from tasks.model_io import LOSS_CURVE, load_model_artifact, read_model_facts
 from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss")
@@ -42,7 +42,7 @@ def run(ctx) -> dict:
     # Name models by this recipe's stage names: an artifact shared with another recipe (same
     # digest) carries the stage name of whichever recipe built it first.
     for name, art in zip(ctx.plan.inputs.get("models", []), ctx.inputs.get("models", [])):
-        facts = model_facts(art)
+        facts = read_model_facts(art)
         if (art.path / LOSS_CURVE).exists():
             curves[name] = json.loads((art.path / LOSS_CURVE).read_text())
 
@@ -101,11 +101,6 @@ def run(ctx) -> dict:
     ctx.facts["claims"] = {c["name"]: c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "")
                            for c in results}
     return flat
-
-
-def model_facts(art) -> dict:
-    """The method's facts of a model artifact (``paperdag.json``), without loading the model."""
-    return json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
 
 
 def _upstream_metrics(ctx) -> dict[str, dict]:

@@ -5,7 +5,6 @@ candidates by held-out loss on the validation blocks (of one domain with `valida
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 from safetensors.torch import load_file
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from components.eval.perplexity import evaluate_perplexity
 from components.merge.base import MergeError
 from components.model.health import check_model_health
-from tasks.model_io import FACTS, load_model_artifact, save_model_artifact
+from tasks.model_io import load_model_artifact, read_model_facts, save_model_artifact
 
 SCORE_BLOCKS = 32  # validation blocks per candidate: enough to rank soups, cheap on CPU
 
@@ -84,12 +83,7 @@ def _fine_tune_blocks(ctx, art, name: str) -> np.ndarray:
     if "tokens" not in ctx.inputs:
         raise MergeError(f"stage {ctx.plan.name}: method {ctx.plan.method} trains on the fine-tune's data: give it a "
                          "`tokens` input (the tokenize stage the fine-tune used)")
-    return _blocks(ctx, "train", _facts(art).get("train_domain"))
-
-
-def _facts(art) -> dict:
-    path = art.path / FACTS
-    return json.loads(path.read_text()) if path.exists() else {}
+    return _blocks(ctx, "train", read_model_facts(art).get("train_domain"))
 
 
 def _measure_transfer(ctx, merger, model, base_art, models, names) -> None:
@@ -99,7 +93,7 @@ def _measure_transfer(ctx, merger, model, base_art, models, names) -> None:
                          "others' domains: give it `tokens` (a tokenize stage) and `base` inputs")
     domains = []
     for name, art in zip(names, models):
-        facts = _facts(art)
+        facts = read_model_facts(art)
         if not facts.get("train_domain"):
             raise MergeError(f"stage {ctx.plan.name}: fine-tune {name!r} has no train_domain; grouping by transfer "
                              "needs each fine-tune's domain (or use grouping: cosine)")

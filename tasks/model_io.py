@@ -17,6 +17,11 @@ LOSS_CURVE = "loss_curve.json"  # a training stage's loss by step ({"steps": [..
 hf_logging.disable_progress_bar()  # "Loading weights" bars per tiny model are noise in a stage log
 
 
+def read_model_facts(art: Artifact) -> dict:
+    """A model artifact's facts (``paperdag.json``) without loading its weights."""
+    return json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
+
+
 def load_model_artifact(art: Artifact, activation_hooks: bool = False):
     """(model, tokenizer, facts) from a model artifact, verified against its manifest.
 
@@ -28,7 +33,7 @@ def load_model_artifact(art: Artifact, activation_hooks: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(str(art.path), trust_remote_code=False)
     except Exception as e:  # safetensors/transformers raise many types for a bad file
         raise ArtifactError(f"cannot load model artifact {art.path}: {type(e).__name__}: {e}") from None
-    facts = json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
+    facts = read_model_facts(art)
     activations = facts.get("quantization", {}).get("activations")
     if activations and activation_hooks:
         side_state = load_file(str(art.path / ACTIVATION_FILE))

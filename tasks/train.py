@@ -21,7 +21,8 @@ from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import train
 from tasks.artifacts import DIGEST_LEN, Artifact
-from tasks.model_io import LOSS_CURVE, load_model_artifact, load_tokenizer_artifact, save_model_artifact
+from tasks.model_io import (LOSS_CURVE, load_model_artifact, load_tokenizer_artifact, read_model_facts,
+                            save_model_artifact)
 
 
 class TokenizerMismatchError(ValueError):
@@ -118,14 +119,17 @@ class TrainingSetup:
 
 
 def prepare_training(stage: str, kind: str, method_key: str, options: dict, method,
-                     inputs: dict[str, Artifact]) -> TrainingSetup:
+                     inputs: dict[str, Artifact], launcher: bool = False) -> TrainingSetup:
     """The stage's starting model (built from its preset and seed, or loaded), token blocks,
-    sampler and teacher, checked against the tokens' tokenizer."""
+    sampler and teacher, checked against the tokens' tokenizer.
+
+    ``launcher``: for the task that launches ranks, which only saves what rank 0 trained: no
+    sampler and no teacher weights (only the teacher's facts); every rank builds and checks its own."""
     tokens = inputs["tokens"]
     tokenizer = load_tokenizer_artifact(tokens)
     blocks = _train_blocks(tokens.path, options.get("train_domain"), stage)
     config = method.params
-    sampler = build_sampler(options, tokens.path, blocks, config.batch_size, config.seed, stage)
+    sampler = None if launcher else build_sampler(options, tokens.path, blocks, config.batch_size, config.seed, stage)
     teacher, parents = None, {}
     if kind == "finetune":
         model, _, parent_facts = load_model_artifact(inputs["model"])
@@ -140,11 +144,13 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
                             seed=config.seed)
         _check_vocab(model, tokenizer, f"model {options['model']!r}", stage)
         _use_special_ids(model, tokenizer)
-    if kind == "distill" and inputs.get("teacher"):
+    if kind == "distill" and inputs.get("teacher") and launcher:
+        parents["teacher"] = read_model_facts(inputs["teacher"])
+    elif kind == "distill" and inputs.get("teacher"):
         teacher, _, parent_facts = load_model_artifact(inputs["teacher"])
         _check_vocab(teacher, tokenizer, f"teacher {inputs['teacher'].path}", stage)
         parents["teacher"] = parent_facts
-    if kind == "distill" and method.needs_teacher and teacher is None:
+    if kind == "distill" and method.needs_teacher and not inputs.get("teacher"):
         raise ValueError(f"stage {stage}: distill method {method_key!r} needs a `teacher` input")
     method.use_tokenizer(tokenizer)
     return TrainingSetup(model, tokenizer, blocks, sampler, teacher, parents)
@@ -152,11 +158,11 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
 
 def run(ctx) -> dict:
     plan, method = ctx.plan, ctx.method
+    ranks = plan.options.get("ranks", 1)
     setup = prepare_training(plan.name, plan.kind, plan.method, plan.options, method,
-                             {role: ctx.input(role) for role in ctx.inputs})
+                             {role: ctx.input(role) for role in ctx.inputs}, launcher=ranks > 1)
     model, tokenizer, sampler, parents = setup.model, setup.tokenizer, setup.sampler, setup.parents
     checkpoints = ctx.workspace.state_dir / "checkpoints" / plan.digest[:DIGEST_LEN]
-    ranks = plan.options.get("ranks", 1)
 
     def on_log(step: int, metrics: dict) -> None:
         ctx.log_metrics(step, {f"train_{k}": v for k, v in metrics.items()})
@@ -177,7 +183,7 @@ def run(ctx) -> dict:
         "final_loss": result.losses[-1], "n_params": count_params(model),
         "resumed_from_step": result.resumed_from_step, **result.method_facts,
         **({"ranks": ranks} if ranks > 1 else {}),
-        "sampler": sampler.key if sampler else "uniform", **result.sampler_facts,
+        "sampler": (plan.options.get("sampler") or {}).get("method", "uniform"), **result.sampler_facts,
         "parents": parents,
     }
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)

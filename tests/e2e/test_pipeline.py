@@ -96,6 +96,35 @@ def test_a_trained_model_names_its_tokenizers_special_ids(ws):
             (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 0, 0), name
 
 
+def test_the_task_that_launches_ranks_loads_no_teacher_and_builds_no_sampler(ws):
+    """On the multi-rank path every rank builds its own teacher and sampler; the launching task
+    keeps only what it saves: the starting model, the tokenizer and the parents' facts."""
+    from flows.recipe import load_plan
+    from tasks.kinds import KINDS
+    from tasks.train import prepare_training
+    from tasks.workspace import Workspace
+
+    _, plan = load_plan(ws / "params" / "nano.yaml", ["stages.distill.sampler={method: rs2, params: {fraction: 0.5}}"])
+    stage = plan.stages["distill"]  # its inputs are built; the sampler changes only its own digest
+    store = Workspace.from_env(ws).artifacts
+    inputs = {role: store.get(plan.stages[up].kind, plan.stages[up].digest) for role, [up] in stage.inputs.items()}
+    cls = KINDS["distill"].registry.get(stage.method)
+    full = prepare_training("distill", "distill", stage.method, stage.options, cls(cls.Params.model_validate(stage.params)),
+                            inputs)
+    light = prepare_training("distill", "distill", stage.method, stage.options,
+                             cls(cls.Params.model_validate(stage.params)), inputs, launcher=True)
+    assert full.teacher is not None and full.sampler.key == "rs2"
+    assert light.teacher is None and light.sampler is None
+    assert light.parents == full.parents and light.parents["teacher"]["method"] == "dense"
+    assert all(torch_equal(a, b) for a, b in zip(light.model.state_dict().values(), full.model.state_dict().values()))
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 def test_mlflow_lineage_parent_child_inputs_and_tags(ws):
     client = mlflow_client(ws)
     exp = client.get_experiment_by_name("nano")
