@@ -79,6 +79,12 @@ class TrainingMethod(Method):
         """Called right after ``prepare`` (still before the optimizer exists, so modules attached to
         ``model`` here are trained) with the teacher (or None) and the number of training blocks."""
 
+    def optimizer(self, model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer | None:
+        """The method's own optimizer over ``model``'s trainable parameters (e.g. GaLore's projected
+        Adam), built before the DeepSpeed engine; None (the default): the trainer builds
+        ``config.optimizer``. Called after ``bind`` and after ``config.freeze`` is applied."""
+        return None
+
     def on_batch(self, step: int, indices: np.ndarray) -> None:
         """Called before ``loss`` with the 1-based step and the block indices (rows of the
         ``blocks`` array) of the batch, in batch order."""

@@ -72,10 +72,21 @@ class TrainConfig(MethodParams):
 
     steps: int = Field(1000, ge=1, description="Number of optimizer updates.")
     batch_size: int = Field(16, ge=1, description="Blocks (sequences) per optimizer update.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from ~0 to `lr` over this many steps.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * min_lr_ratio.")
-    weight_decay: float = Field(0.1, ge=0, description="Decoupled AdamW decay on >=2-D weights only.")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="After warmup: cosine or linear decay to lr * min_lr_ratio at the last step; a "
+        "constant lr; or warmup-stable-decay ('wsd': constant, then linear decay over the last `decay_fraction`).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Where the decay ends: lr * min_lr_ratio.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the post-warmup steps that decays.")
+    optimizer: Literal["adamw", "sgd", "adafactor"] = Field(
+        "adamw", description="AdamW (betas 0.9/0.95), SGD with `momentum`, or Adafactor (factored second "
+        "moments: state per matrix of rows + columns, not rows x columns; `lr` caps its step relative to each "
+        "parameter's RMS, as torch.optim.Adafactor does). A method may supply its own.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on >=2-D weights only.")
+    freeze: tuple[str, ...] = Field((), description="Regular expressions (re.search) over parameter names; "
+                                    "matching parameters are not trained: no gradient, no optimizer state.")
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient L2 norm; 0 disables clipping.")
     seed: int = Field(0, description="Seeds torch/numpy/python RNGs and the data order.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -91,6 +102,16 @@ class TrainConfig(MethodParams):
                                          "over ranks, 2 also gradients).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = never).")
     log_every: int = Field(10, ge=1, description="Call `on_log` every N steps.")
+
+    @field_validator("freeze")
+    @classmethod
+    def _patterns_compile(cls, patterns):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"freeze pattern {pattern!r} is not a regular expression: {e}") from None
+        return patterns
 
     @field_validator("precision", "attention", mode="before")
     @classmethod
@@ -120,6 +141,8 @@ class TrainResult:
     resumed_from_step: int  # 0 when started fresh
     method_facts: dict = field(default_factory=dict)  # method.finalize(model)
     sampler_facts: dict = field(default_factory=dict)  # sampler.facts(steps), keys sampler_*
+    trainable_params: int = 0  # elements that trained (after `freeze` and the method's own freezing)
+    optimizer_state_bytes: int = 0  # measured from the optimizer's state tensors at the end
 
     @property
     def tokens_per_second(self) -> float:
@@ -129,14 +152,24 @@ class TrainResult:
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """LR multiplier for the update with 0-based index ``step``: linear warmup, then cosine
-    from 1 down to ``min_lr_ratio`` at the last step."""
+    """LR multiplier for the update with 0-based index ``step``: linear warmup, then the
+    ``schedule`` from 1 down to ``min_lr_ratio`` at the last step (or constant at 1)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
     decay_steps = max(1, config.steps - config.warmup_steps - 1)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+    if config.schedule == "wsd":  # stable at 1, then linear over the last decay_fraction
+        stable = 1.0 - config.decay_fraction
+        if progress <= stable:
+            return 1.0
+        progress = (progress - stable) / config.decay_fraction
+    if config.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
 
 
 class BatchOrder:
@@ -221,11 +254,37 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def _make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def freeze_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> int:
+    """Turn off gradients of the parameters whose name matches a pattern; returns how many
+    parameters (elements) still train. Refuses patterns that leave nothing to train."""
+    if patterns:
+        compiled = [re.compile(p) for p in patterns]
+        for name, param in model.named_parameters():
+            if any(c.search(name) for c in compiled):
+                param.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError(f"freeze {list(patterns)} matches every parameter of the model: nothing would train")
+    return trainable
+
+
+def _make_optimizer(model: torch.nn.Module, config: TrainConfig, method) -> torch.optim.Optimizer:
+    own = method.optimizer(model, config)  # e.g. GaLore: the method brings its optimizer
+    if own is not None:
+        return own
+    groups = _param_groups(model, config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, foreach=True)
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=config.lr, foreach=True)
     # fused AdamW is one kernel for all params; measured faster than foreach on CPU too
-    return torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=True
-    )
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors the optimizer keeps (this rank's partition under ZeRO), measured."""
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor))
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -541,8 +600,9 @@ def train(
         teacher.requires_grad_(False)
     method.prepare(model)
     method.bind(model, teacher, blocks.shape[0])
+    trainable = freeze_parameters(model, config.freeze)
 
-    optimizer = _make_optimizer(model, config, device)
+    optimizer = _make_optimizer(model, config, method)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
     losses: list[float] = []
@@ -670,4 +730,6 @@ def train(
         resumed_from_step=start_step,
         method_facts=method.finalize(model),
         sampler_facts=sampler.facts(steps_done),
+        trainable_params=trainable,
+        optimizer_state_bytes=optimizer_state_bytes(optimizer),
     )
