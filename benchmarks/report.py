@@ -73,6 +73,11 @@ def results_markdown() -> str:
         out += _section("CLI commands that only look, after compiled plans are cached (no torch on a hit)",
                         "python benchmarks/bench_cli.py --workspace WS --before d8610a2 --runs 3 --out cli_plan_cache "
                         "(WS: a workspace where the quickstart ran)", [md.read_text().rstrip()])
+    md = RESULTS / "cached_run.md"
+    if md.exists():
+        out += _section("A fully cached run against a bare Prefect flow",
+                        "python benchmarks/bench_cached_run.py --workspace WS (WS: the quickstart built at that commit)",
+                        [md.read_text().rstrip()])
     md = RESULTS / "parallel.md"
     if md.exists():
         out += _section("Stages side by side: `--max-parallel 1` against `2`",
