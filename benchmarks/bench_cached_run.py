@@ -42,9 +42,9 @@ bare()
 
 def commands(ws: Path) -> dict[str, list[str]]:
     return {
-        "cached run": [sys.executable, "-m", "flows.cli", "--workspace", str(ws), "run", "quickstart", "--no-progress"],
-        "bare Prefect flow": [sys.executable, "-c", BARE_FLOW],
-        "imports": [sys.executable, "-c", "import flows.pipeline"],
+        "cached run": [sys.executable, "-P", "-m", "flows.cli", "--workspace", str(ws), "run", "quickstart", "--no-progress"],
+        "bare Prefect flow": [sys.executable, "-P", "-c", BARE_FLOW],
+        "imports": [sys.executable, "-P", "-c", "import flows.pipeline"],
     }
 
 

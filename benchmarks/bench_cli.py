@@ -49,7 +49,8 @@ def timed(tree: Path, ws: Path, args: list[str], cold: bool = False) -> float:
     if cold:
         shutil.rmtree(CACHE / "plans", ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ws, env=env, stdout=subprocess.DEVNULL,
+    # -P: the workspace may itself be a checkout; only PYTHONPATH may say whose code runs
+    subprocess.run([sys.executable, "-P", "-m", "flows.cli", *args], cwd=ws, env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=False)
     return time.perf_counter() - start
 
