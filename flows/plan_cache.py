@@ -137,12 +137,15 @@ def _still_valid(entry: dict, hashed: dict) -> bool:
     return True
 
 
-def _lookup(path: Path, hashed: dict) -> dict | None:
+def _lookup(path: Path, hashed: dict) -> tuple[RecipePlan, dict] | None:
+    """The cached ``(plan, listing)``, or None when there is none, it is stale or it is damaged."""
     try:
         entry = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if not (isinstance(entry, dict) and entry.get("format") == FORMAT and _still_valid(entry, hashed)):
+            return None
+        return _plan_from_json(entry["plan"]), dict(entry["listing"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return entry if isinstance(entry, dict) and entry.get("format") == FORMAT and _still_valid(entry, hashed) else None
 
 
 def _store(path: Path, entry: dict) -> None:
@@ -167,9 +170,9 @@ def compiled_plan(recipe_path: Path, overrides: list[str] | tuple[str, ...] = ()
     are re-read for every call without one."""
     recipe_path, overrides = Path(recipe_path).resolve(), tuple(overrides)
     path = _entry_path(recipe_path, overrides, code_fingerprint())
-    entry = _lookup(path, {} if hashed is None else hashed)
-    if entry is not None:
-        return _plan_from_json(entry["plan"]), entry["listing"]
+    cached = _lookup(path, {} if hashed is None else hashed)
+    if cached is not None:
+        return cached
     from flows.recipe import load_plan, recipe_files
 
     recipe, plan = load_plan(recipe_path, overrides)

@@ -126,7 +126,10 @@ def test_a_corrupt_or_foreign_entry_is_compiled_again(project):
     recipe = project / "params" / "tiny.yaml"
     good = compiled_plan(recipe)[0]
     [entry] = entries(project)
-    for garbage in ("{not json", json.dumps({"format": 0}), json.dumps({"format": 1, "plan": {}}), "[]"):
+    valid = json.loads(entry.read_text())
+    broken_stage = {**valid, "plan": {**valid["plan"], "stages": [{**valid["plan"]["stages"][0], "extra": 1}]}}
+    for garbage in ("{not json", json.dumps({"format": 0}), json.dumps({"format": 1, "plan": {}}), "[]",
+                    json.dumps(broken_stage), json.dumps({**valid, "listing": None})):
         entry.write_text(garbage)
         assert compiled_plan(recipe)[0] == good
         assert json.loads(entry.read_text())["format"] == 1  # rewritten
