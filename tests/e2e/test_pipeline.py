@@ -474,3 +474,17 @@ def test_a_stage_on_two_ranks_matches_its_one_rank_run_and_logs_while_it_trains(
     assert [m.step for m in history] == [4, 8, 12]
     assert not list((ws / ".paperdag" / "ranks").iterdir())
     assert not (ws / ".paperdag" / "checkpoints" / two.digest[:DIGEST_LEN]).exists()
+
+
+def test_a_lora_finetune_stage_saves_a_plain_model_that_transformers_loads(ws):
+    """`method: lora` on a finetune stage: peft's adapters train and are merged on save. (Last in
+    the module: its artifact belongs to no recipe, which the gc test above counts.)"""
+    from transformers import AutoModelForCausalLM
+
+    [outcome] = _run("--set=stages.finetune_spdf.method=lora", "--set=stages.finetune_spdf.params.rank=4",
+                     "--only=finetune_spdf").outcomes
+    assert not outcome.cached
+    facts = json.loads((outcome.path / FACTS).read_text())
+    assert facts["method"] == "lora" and facts["lora_rank"] == 4 and facts["trainable_params"] < facts["n_params"] / 10
+    model = AutoModelForCausalLM.from_pretrained(str(outcome.path))
+    assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n in model.state_dict())
