@@ -178,10 +178,13 @@ def _record_in_dvc(ws: Workspace, summary) -> None:
     if not is_dvc_repo(ws.root):
         return
     try:
-        committed, foreign = record_in_dvc(ws.root, [o.path for o in summary.outcomes])
+        committed, foreign = record_in_dvc(ws.root, [o.path for o in summary.outcomes],
+                                           cached={o.path for o in summary.outcomes if o.cached})
     except DvcError as e:  # the artifacts are built and cached; only DVC's record is missing
         print(f"warning: {e}; run `dvc commit` yourself", file=sys.stderr)
         return
+    if not committed and not foreign:
+        return  # dvc.lock already records every artifact of this run
     print(f"dvc: recorded {len(committed)} stages in dvc.lock"
           + (f"; {foreign} artifacts are not dvc.yaml stages (built with --set, or run `paperdag dvc-sync`)"
              if foreign else ""))

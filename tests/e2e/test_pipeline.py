@@ -317,6 +317,8 @@ def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
     capsys.readouterr()
     assert main(["run", "nano", "--no-progress"]) == 0  # all cache hits: only DVC's record is new
     assert "dvc: recorded 13 stages in dvc.lock" in capsys.readouterr().out
+    assert main(["run", "nano", "--no-progress"]) == 0  # again: dvc.lock already records every artifact
+    assert "dvc: recorded" not in capsys.readouterr().out  # no `dvc commit` (it re-hashed every artifact)
     assert run("git", "check-ignore", "-q", "dvc.lock").returncode == 1, "dvc.lock must not be git-ignored"
     r = run("dvc", "status")
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
