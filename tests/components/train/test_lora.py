@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from components.train.lora import LoraError, LoraFinetune
 from components.train.trainer import train
-from tests.components.train.test_trainer import SEQ, VOCAB, nano, pattern_blocks, states_equal  # noqa: F401
+from tests.components.train.test_trainer import assert_resume_is_exact, nano, pattern_blocks
 
 
 def lora(**overrides):
@@ -49,16 +49,7 @@ def test_only_the_adapters_train_and_the_merge_keeps_what_they_learned():
 
 
 def test_a_lora_resume_is_bit_exact(tmp_path):
-    config, method = lora(checkpoint_every=4)
-    straight_model = nano()
-    straight = train(straight_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path / "a", progress=False)
-    config, method = lora(checkpoint_every=4)
-    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path / "b", progress=False, stop_after_step=8)
-    resumed_model = nano()
-    resumed = train(resumed_model, pattern_blocks(), config, LoraFinetune(config), checkpoint_dir=tmp_path / "b",
-                    progress=False)
-    assert resumed.resumed_from_step == 8 and resumed.losses == straight.losses
-    assert states_equal(resumed_model, straight_model)
+    assert_resume_is_exact(tmp_path, lambda: lora(checkpoint_every=4))
 
 
 def test_params_that_cannot_apply_are_refused_by_name():

@@ -47,6 +47,20 @@ def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def assert_resume_is_exact(tmp_path: Path, make) -> None:
+    """Stopped at step 8 and resumed, a run ends with the losses and weights of one straight run.
+    ``make()`` returns a fresh ``(config, method)`` with ``checkpoint_every=4`` and 12 steps."""
+    config, method = make()
+    straight_model = nano()
+    straight = train(straight_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path / "a", progress=False)
+    config, method = make()
+    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path / "b", progress=False, stop_after_step=8)
+    resumed_model = nano()
+    resumed = train(resumed_model, pattern_blocks(), config, make()[1], checkpoint_dir=tmp_path / "b", progress=False)
+    assert resumed.resumed_from_step == 8 and resumed.losses == straight.losses
+    assert states_equal(resumed_model, straight_model)
+
+
 def test_loss_decreases_on_learnable_pattern():
     config, method = dense(steps=40, lr=1e-2)
     logs = []

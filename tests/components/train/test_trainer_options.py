@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from components.train.dense import DenseTraining
 from components.train.trainer import lr_factor, train
-from tests.components.train.test_trainer import SEQ, VOCAB, dense, nano, pattern_blocks, states_equal  # noqa: F401
+from tests.components.train.test_trainer import assert_resume_is_exact, dense, nano, pattern_blocks, states_equal
 
 
 def factors(**params) -> list[float]:
@@ -83,15 +83,5 @@ def test_a_method_may_bring_its_own_optimizer():
 
 
 def test_a_resume_with_another_optimizer_schedule_and_freeze_is_bit_exact(tmp_path):
-    options = dict(checkpoint_every=4, optimizer="sgd", lr=0.3, schedule="wsd", decay_fraction=0.5,
-                   freeze=(r"\.mlp\.",))
-    config, method = dense(**options)
-    straight_model = nano()
-    straight = train(straight_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path / "a", progress=False)
-    config, method = dense(**options)
-    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path / "b", progress=False, stop_after_step=8)
-    resumed_model = nano()
-    resumed = train(resumed_model, pattern_blocks(), config, DenseTraining(config), checkpoint_dir=tmp_path / "b",
-                    progress=False)
-    assert resumed.resumed_from_step == 8 and resumed.losses == straight.losses
-    assert states_equal(resumed_model, straight_model)
+    assert_resume_is_exact(tmp_path, lambda: dense(checkpoint_every=4, optimizer="sgd", lr=0.3, schedule="wsd",
+                                                   decay_fraction=0.5, freeze=(r"\.mlp\.",)))
