@@ -182,6 +182,7 @@ def run(ctx) -> dict:
         "train_flops": result.train_flops, "train_tokens": result.tokens, "steps": result.steps,
         "final_loss": result.losses[-1], "n_params": count_params(model),
         "trainable_params": result.trainable_params, "optimizer_state_bytes": result.optimizer_state_bytes,
+        "block_matrix_state_bytes": result.block_matrix_state_bytes,
         "resumed_from_step": result.resumed_from_step, **result.method_facts,
         **({"ranks": ranks} if ranks > 1 else {}),
         "sampler": (plan.options.get("sampler") or {}).get("method", "uniform"), **result.sampler_facts,
@@ -195,6 +196,7 @@ def run(ctx) -> dict:
     return {"final_loss": result.losses[-1], "initial_loss": first, "train_flops": result.train_flops,
             "train_tokens": result.tokens, "tokens_per_s": result.tokens_per_second,
             "trainable_params": result.trainable_params, "optimizer_state_bytes": result.optimizer_state_bytes,
+            "block_matrix_state_bytes": result.block_matrix_state_bytes,
             "precision_bf16": float(result.precision == "bf16"),
             **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))}}
 

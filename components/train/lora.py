@@ -16,14 +16,24 @@ this overstates LoRA's backward by up to a third.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from components.registry import Paper
 from components.train.method import TrainingMethod, unwrap
+from components.train.trainer import check_patterns_compile
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_unique_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Validator of a ``target_modules`` field: no name twice."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"target_modules lists a module twice: {list(names)}")
+    return names
 
 
 class LoraError(ValueError):
@@ -43,12 +53,14 @@ class LoraFinetune(TrainingMethod):
             ALL_PROJECTIONS, min_length=1, description="Names of the Linears (inside the decoder blocks) that "
             "get an adapter; the QLoRA-style default targets every projection.")
 
-        @field_validator("target_modules")
-        @classmethod
-        def _unique(cls, names):
-            if len(set(names)) != len(names):
-                raise ValueError(f"target_modules lists a module twice: {list(names)}")
-            return names
+        also_train: tuple[str, ...] = Field(
+            (), description="Regular expressions (re.search) over parameter names that train beside the adapters, "
+            "e.g. embeddings, norms and lm_head when LoRA pretrains from scratch (the GaLore paper's LoRA "
+            "baseline); default: the adapters alone, as in the LoRA paper.")
+
+        _unique = field_validator("target_modules")(check_unique_names)
+
+        _also_train_compiles = field_validator("also_train")(check_patterns_compile)
 
     def prepare(self, model: nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -71,8 +83,9 @@ class LoraFinetune(TrainingMethod):
         config = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=p.dropout,
                             target_modules=list(p.target_modules), bias="none")
         inject_adapter_in_model(config, model)
+        also = [re.compile(pattern) for pattern in p.also_train]
         for name, param in model.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_("lora_" in name or any(c.search(name) for c in also))
 
     def finalize(self, model: nn.Module) -> dict:
         from peft.tuners.lora import LoraLayer

@@ -1,11 +1,14 @@
 """Training methods a recipe can name, per stage kind."""
 from components.registry import Registry
 from components.train.dense import DenseTraining
+from components.train.galore import GaLoreTraining
 from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
 from components.train.method import TrainingMethod
 from components.train.sparse_finetune import SparseFinetune
 from components.train.spdf import SpdfTraining
 
-PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought])
-FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune])
+PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
+                                                            LoraFinetune])
+FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
+                                                            GaLoreTraining])

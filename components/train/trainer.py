@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
 from components.budget import check_compute
@@ -65,6 +65,16 @@ log = logging.getLogger("paperdag.train")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became nan/inf; raised before backward so the weights stay finite."""
+
+
+def check_patterns_compile(patterns: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+    """Validator of a field of regular expressions: each one compiles."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{info.field_name} pattern {pattern!r} is not a regular expression: {e}") from None
+    return patterns
 
 
 class TrainConfig(MethodParams):
@@ -105,13 +115,8 @@ class TrainConfig(MethodParams):
 
     @field_validator("freeze")
     @classmethod
-    def _patterns_compile(cls, patterns):
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"freeze pattern {pattern!r} is not a regular expression: {e}") from None
-        return patterns
+    def _patterns_compile(cls, patterns, info):
+        return check_patterns_compile(patterns, info)
 
     @field_validator("precision", "attention", mode="before")
     @classmethod
@@ -143,6 +148,9 @@ class TrainResult:
     sampler_facts: dict = field(default_factory=dict)  # sampler.facts(steps), keys sampler_*
     trainable_params: int = 0  # elements that trained (after `freeze` and the method's own freezing)
     optimizer_state_bytes: int = 0  # measured from the optimizer's state tensors at the end
+    # the part of it held for the 2-D weights inside the decoder blocks (what GaLore projects, what
+    # LoRA's adapters replace); embeddings, lm_head and norms excluded
+    block_matrix_state_bytes: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -281,10 +289,16 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig, method) -> torc
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors the optimizer keeps (this rank's partition under ZeRO), measured."""
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor))
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None) -> int:
+    """Bytes of the tensors the optimizer keeps (this rank's partition under ZeRO), measured; with
+    ``params``, only the state held for those parameters."""
+    states = optimizer.state.values() if params is None else [optimizer.state[p] for p in params if p in optimizer.state]
+    return sum(v.numel() * v.element_size() for state in states for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def block_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The trainable 2-D parameters inside the decoder blocks (``model.layers.*``)."""
+    return [p for name, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and ".layers." in name]
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -603,6 +617,7 @@ def train(
     trainable = freeze_parameters(model, config.freeze)
 
     optimizer = _make_optimizer(model, config, method)
+    matrices = block_matrices(model)  # before finalize, which may swap modules (LoRA merges its adapters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
     losses: list[float] = []
@@ -732,4 +747,5 @@ def train(
         sampler_facts=sampler.facts(steps_done),
         trainable_params=trainable,
         optimizer_state_bytes=optimizer_state_bytes(optimizer),
+        block_matrix_state_bytes=optimizer_state_bytes(optimizer, matrices),
     )
