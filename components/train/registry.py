@@ -2,6 +2,7 @@
 from components.registry import Registry
 from components.train.dense import DenseTraining
 from components.train.galore import GaLoreTraining
+from components.train.gradual_pruning import GradualPruning
 from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
 from components.train.method import TrainingMethod
@@ -9,6 +10,6 @@ from components.train.sparse_finetune import SparseFinetune
 from components.train.spdf import SpdfTraining
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
-                                                            LoraFinetune])
+                                                            LoraFinetune, GradualPruning])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
-                                                            GaLoreTraining])
+                                                            GaLoreTraining, GradualPruning])
