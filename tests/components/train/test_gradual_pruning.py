@@ -3,7 +3,6 @@ largest weights, FLOPs at the average density, an exact resume across a mask upd
 from __future__ import annotations
 
 import pytest
-import torch
 from pydantic import ValidationError
 
 from components.train.gradual_pruning import GradualPruning
