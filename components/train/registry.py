@@ -3,6 +3,7 @@ from components.registry import Registry
 from components.train.dense import DenseTraining
 from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
+from components.train.hft import HalfFinetune
 from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
 from components.train.method import TrainingMethod
@@ -12,4 +13,4 @@ from components.train.spdf import SpdfTraining
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
-                                                            GaLoreTraining, GradualPruning])
+                                                            GaLoreTraining, GradualPruning, HalfFinetune])
