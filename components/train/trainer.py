@@ -148,8 +148,8 @@ class TrainResult:
     sampler_facts: dict = field(default_factory=dict)  # sampler.facts(steps), keys sampler_*
     trainable_params: int = 0  # elements that trained (after `freeze` and the method's own freezing)
     optimizer_state_bytes: int = 0  # measured from the optimizer's state tensors at the end
-    # the part of it held for the 2-D weights inside the decoder blocks (what GaLore projects, what
-    # LoRA's adapters replace); embeddings, lm_head and norms excluded
+    # the part of it held for the decoder blocks' projections (what GaLore projects, what LoRA's
+    # adapters and SLTrain's factors replace); embeddings, lm_head and norms excluded
     block_matrix_state_bytes: int = 0
 
     @property
@@ -297,8 +297,11 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.T
 
 
 def block_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The trainable 2-D parameters inside the decoder blocks (``model.layers.*``)."""
-    return [p for name, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and ".layers." in name]
+    """The trainable parameters of the decoder blocks' projection matrices (``model.layers.*``,
+    norms excluded): their weights, or whatever a method trains in their place (LoRA's adapters,
+    SLTrain's factors and sparse values)."""
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and ".layers." in name and "norm" not in name.rsplit(".", 2)[-2]]
 
 
 # -- checkpoints -------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_the_projection_is_refreshed_every_gap_steps_only():
 def test_galore_trains_and_keeps_the_block_matrix_state_low_rank():
     config, method = galore(steps=40, rank=8, update_proj_gap=10)
     result = train(nano(), pattern_blocks(), config, method, progress=False)
-    # nano is 64 wide: the loss of the counting pattern falls (measured: first 5 steps ~4.3, last 5 ~0.05)
+    # nano is 64 wide: the loss of the counting pattern falls (measured: first 5 steps 3.34, last 5 0.007)
     assert sum(result.losses[-5:]) < 0.2 * sum(result.losses[:5])
     base = nano()
     shapes = [m.weight.shape for m in base.model.layers.modules() if isinstance(m, torch.nn.Linear)]

@@ -1,0 +1,128 @@
+"""SLTrain: pretrain each block projection as a low-rank product plus a fixed-support sparse matrix.
+
+SLTrain (Han et al., NeurIPS 2024) replaces a weight ``W`` (out x in) by
+``W = (alpha / rank) * B @ A + S``: ``A`` (rank x in) Kaiming-uniform, ``B`` (out x rank) zeros,
+and ``S`` nonzero on a random support of ``sparse_ratio * out * in`` entries, drawn once and
+never changed, with values ~ U(+-1/sqrt(in)). Only ``A``, ``B`` and the values of ``S`` train;
+there is no dense ``W``. Read from the official code (``andyjm3/SLTrain``,
+``splora/splora_linear.py``): the low-rank part learns the head of the spectrum, the sparse
+part the tail. The paper's 60M setting is rank 128 (a quarter of the width), ``sparse_ratio``
+0.03 and ``alpha`` 32.
+
+``sparse_ratio: 0`` is the low-rank-only baseline (``W = B @ A``), and ``train_sparse: false``
+keeps ``S`` at its random values: both are settings of this one class. The official code runs
+a custom C++ sparse kernel; here each forward materialises ``W`` densely (``index_add`` of the
+sparse values into ``B @ A``), so parameters and optimizer state shrink as in the paper but the
+matmul FLOPs and activation memory do not; the FLOPs are counted as dense. When training ends,
+``finalize`` folds every layer back into a plain ``nn.Linear`` holding ``W``: the artifact is an
+ordinary ``LlamaForCausalLM``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from components.registry import Paper
+from components.train.lora import ALL_PROJECTIONS, check_unique_names
+from components.train.method import TrainingMethod, block_linears, forward_flops_per_token, unwrap
+
+
+class SLTrainError(ValueError):
+    """SLTrain params that cannot apply to the model (a rank above a layer's smaller side)."""
+
+
+class SparseLowRankLinear(nn.Module):
+    """``y = x ((alpha / rank) B A + S)ᵀ + bias`` with ``S`` on a fixed random support."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, sparse_ratio: float, train_sparse: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        device, dtype = linear.weight.device, linear.weight.dtype
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        n_sparse = int(sparse_ratio * self.in_features * self.out_features)
+        support = torch.randperm(self.in_features * self.out_features, device=device)[:n_sparse].sort().values
+        self.register_buffer("sparse_index", support)
+        bound = 1 / math.sqrt(self.in_features)
+        self.sparse_value = nn.Parameter(torch.empty(n_sparse, device=device, dtype=dtype).uniform_(-bound, bound),
+                                         requires_grad=train_sparse)
+        self.bias = linear.bias
+
+    def weight(self) -> torch.Tensor:
+        low_rank = self.scale * (self.lora_B @ self.lora_A)
+        if self.sparse_value.numel() == 0:
+            return low_rank
+        return low_rank.flatten().index_add(0, self.sparse_index, self.sparse_value).view_as(low_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), self.bias)
+
+    def folded(self) -> nn.Linear:
+        """A plain Linear computing the same function."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.lora_A.device, dtype=self.lora_A.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+class SLTrain(TrainingMethod):
+    key = "sltrain"
+    paper = Paper(title="SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
+                  url="https://arxiv.org/abs/2406.02214", arxiv="2406.02214")
+
+    class Params(TrainingMethod.Params):
+        rank: int = Field(128, ge=1, description="Rank of B @ A (the paper: 128 for its 60M model of width 512).")
+        alpha: float = Field(32.0, gt=0, description="B @ A is scaled by alpha / rank (the paper: 32).")
+        sparse_ratio: float = Field(0.03, ge=0, lt=1, description="Share of each matrix's entries on the sparse "
+                                    "support (the paper's delta: 0.03); 0 is low-rank only.")
+        train_sparse: bool = Field(True, description="Train the sparse values; false keeps them at their random "
+                                   "initialisation (a control: is it learning S that helps, or its full rank?).")
+        target_modules: tuple[str, ...] = Field(ALL_PROJECTIONS, min_length=1, description="Names of the "
+                                                "Linears (inside the decoder blocks) that are reparameterised.")
+
+        _unique = field_validator("target_modules")(check_unique_names)
+
+    def prepare(self, model: nn.Module) -> None:
+        p = self.params
+        model = unwrap(model)
+        targets = {name: m for name, m in block_linears(model).items() if name.rsplit(".", 1)[-1] in p.target_modules}
+        if not targets:
+            raise SLTrainError(f"params.target_modules {list(p.target_modules)} names no Linear in the decoder blocks")
+        narrow = {name: min(m.in_features, m.out_features) for name, m in targets.items()
+                  if p.rank > min(m.in_features, m.out_features)}
+        if narrow:
+            name, width = sorted(narrow.items())[0]
+            raise SLTrainError(f"params.rank={p.rank} is larger than layer {name} allows (min(in, out) = {width})")
+        for name, linear in sorted(targets.items()):  # sorted: the random init does not depend on dict order
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    SparseLowRankLinear(linear, p.rank, p.alpha, p.sparse_ratio, p.train_sparse))
+
+    def _replaced(self, model: nn.Module) -> dict[str, SparseLowRankLinear]:
+        return {name: m for name, m in unwrap(model).named_modules() if isinstance(m, SparseLowRankLinear)}
+
+    def flops_per_token(self, model: nn.Module, seq_len: int, teacher: nn.Module | None = None) -> float:
+        """3x the forward with every replaced layer counted as the dense matmul it runs here."""
+        dense_equivalent = sum(m.in_features * m.out_features for m in self._replaced(model).values())
+        return 3.0 * (forward_flops_per_token(model, seq_len) + 2.0 * dense_equivalent)
+
+    def finalize(self, model: nn.Module) -> dict:
+        replaced = self._replaced(model)
+        factor_params = sum(m.lora_A.numel() + m.lora_B.numel() for m in replaced.values())
+        sparse_params = sum(m.sparse_value.numel() for m in replaced.values())
+        for name, module in replaced.items():
+            parent, _, child = name.rpartition(".")
+            setattr(unwrap(model).get_submodule(parent), child, module.folded())
+        unwrap(model).requires_grad_(True)  # the saved model is an ordinary one
+        return {"sltrain_rank": self.params.rank, "sltrain_sparse_ratio": self.params.sparse_ratio,
+                "sltrain_layers": len(replaced), "sltrain_factor_params": factor_params,
+                "sltrain_sparse_params": sparse_params}
