@@ -7,11 +7,14 @@ from components.train.hft import HalfFinetune
 from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
 from components.train.method import TrainingMethod
+from components.train.qat import QuantAwareTraining
 from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
 from components.train.spdf import SpdfTraining
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
-                                                            LoraFinetune, GradualPruning, SLTrain])
+                                                            LoraFinetune, GradualPruning, SLTrain,
+                                                            QuantAwareTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
-                                                            GaLoreTraining, GradualPruning, HalfFinetune])
+                                                            GaLoreTraining, GradualPruning, HalfFinetune,
+                                                            QuantAwareTraining])

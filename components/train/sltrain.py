@@ -22,20 +22,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from components.registry import Paper
-from components.train.lora import ALL_PROJECTIONS, check_unique_names
-from components.train.method import TrainingMethod, block_linears, forward_flops_per_token, unwrap
+from components.train.replacement import FoldableLinear, LinearReplacement
 
 
 class SLTrainError(ValueError):
     """SLTrain params that cannot apply to the model (a rank above a layer's smaller side)."""
 
 
-class SparseLowRankLinear(nn.Module):
+class SparseLowRankLinear(FoldableLinear):
     """``y = x ((alpha / rank) B A + S)ᵀ + bias`` with ``S`` on a fixed random support."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, sparse_ratio: float, train_sparse: bool):
@@ -54,75 +52,41 @@ class SparseLowRankLinear(nn.Module):
                                          requires_grad=train_sparse)
         self.bias = linear.bias
 
-    def weight(self) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
         low_rank = self.scale * (self.lora_B @ self.lora_A)
         if self.sparse_value.numel() == 0:
             return low_rank
         return low_rank.flatten().index_add(0, self.sparse_index, self.sparse_value).view_as(low_rank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight().to(x.dtype), self.bias)
 
-    def folded(self) -> nn.Linear:
-        """A plain Linear computing the same function."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.lora_A.device, dtype=self.lora_A.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-
-class SLTrain(TrainingMethod):
+class SLTrain(LinearReplacement):
     key = "sltrain"
     paper = Paper(title="SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining",
                   url="https://arxiv.org/abs/2406.02214", arxiv="2406.02214")
 
-    class Params(TrainingMethod.Params):
+    class Params(LinearReplacement.Params):
         rank: int = Field(128, ge=1, description="Rank of B @ A (the paper: 128 for its 60M model of width 512).")
         alpha: float = Field(32.0, gt=0, description="B @ A is scaled by alpha / rank (the paper: 32).")
         sparse_ratio: float = Field(0.03, ge=0, lt=1, description="Share of each matrix's entries on the sparse "
                                     "support (the paper's delta: 0.03); 0 is low-rank only.")
         train_sparse: bool = Field(True, description="Train the sparse values; false keeps them at their random "
                                    "initialisation (a control: is it learning S that helps, or its full rank?).")
-        target_modules: tuple[str, ...] = Field(ALL_PROJECTIONS, min_length=1, description="Names of the "
-                                                "Linears (inside the decoder blocks) that are reparameterised.")
-
-        _unique = field_validator("target_modules")(check_unique_names)
 
     def prepare(self, model: nn.Module) -> None:
         p = self.params
-        model = unwrap(model)
-        targets = {name: m for name, m in block_linears(model).items() if name.rsplit(".", 1)[-1] in p.target_modules}
-        if not targets:
-            raise SLTrainError(f"params.target_modules {list(p.target_modules)} names no Linear in the decoder blocks")
+        targets = self.targets(model)
         narrow = {name: min(m.in_features, m.out_features) for name, m in targets.items()
                   if p.rank > min(m.in_features, m.out_features)}
         if narrow:
             name, width = sorted(narrow.items())[0]
             raise SLTrainError(f"params.rank={p.rank} is larger than layer {name} allows (min(in, out) = {width})")
-        for name, linear in sorted(targets.items()):  # sorted: the random init does not depend on dict order
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child,
-                    SparseLowRankLinear(linear, p.rank, p.alpha, p.sparse_ratio, p.train_sparse))
-
-    def _replaced(self, model: nn.Module) -> dict[str, SparseLowRankLinear]:
-        return {name: m for name, m in unwrap(model).named_modules() if isinstance(m, SparseLowRankLinear)}
-
-    def flops_per_token(self, model: nn.Module, seq_len: int, teacher: nn.Module | None = None) -> float:
-        """3x the forward with every replaced layer counted as the dense matmul it runs here."""
-        dense_equivalent = sum(m.in_features * m.out_features for m in self._replaced(model).values())
-        return 3.0 * (forward_flops_per_token(model, seq_len) + 2.0 * dense_equivalent)
+        self.replace(model, targets, lambda linear: SparseLowRankLinear(linear, p.rank, p.alpha, p.sparse_ratio,
+                                                                        p.train_sparse))
 
     def finalize(self, model: nn.Module) -> dict:
-        replaced = self._replaced(model)
+        replaced = self.fold_back(model)
         factor_params = sum(m.lora_A.numel() + m.lora_B.numel() for m in replaced.values())
         sparse_params = sum(m.sparse_value.numel() for m in replaced.values())
-        for name, module in replaced.items():
-            parent, _, child = name.rpartition(".")
-            setattr(unwrap(model).get_submodule(parent), child, module.folded())
-        unwrap(model).requires_grad_(True)  # the saved model is an ordinary one
         return {"sltrain_rank": self.params.rank, "sltrain_sparse_ratio": self.params.sparse_ratio,
                 "sltrain_layers": len(replaced), "sltrain_factor_params": factor_params,
                 "sltrain_sparse_params": sparse_params}

@@ -25,7 +25,7 @@ def test_the_layer_is_low_rank_plus_a_fixed_support_sparse_matrix():
     layer = SparseLowRankLinear(torch.nn.Linear(24, 16, bias=False), rank=3, alpha=6.0, sparse_ratio=0.1,
                                 train_sparse=True)
     assert layer.sparse_value.numel() == int(0.1 * 24 * 16) and layer.sparse_index.unique().numel() == 38
-    assert torch.count_nonzero(layer.weight()) == 38  # B starts at zero: only S at first
+    assert torch.count_nonzero(layer.effective_weight()) == 38  # B starts at zero: only S at first
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(5, 24)
@@ -34,7 +34,7 @@ def test_the_layer_is_low_rank_plus_a_fixed_support_sparse_matrix():
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert torch.allclose(layer.folded()(x), expected, atol=1e-5)
     low_rank_only = SparseLowRankLinear(torch.nn.Linear(24, 16, bias=False), 3, 6.0, 0.0, True)
-    assert low_rank_only.sparse_value.numel() == 0 and torch.count_nonzero(low_rank_only.weight()) == 0
+    assert low_rank_only.sparse_value.numel() == 0 and torch.count_nonzero(low_rank_only.effective_weight()) == 0
 
 
 def test_only_factors_and_sparse_values_train_and_the_artifact_is_a_plain_llama():
@@ -58,10 +58,10 @@ def test_frozen_sparse_values_stay_at_their_initialisation():
     class Capture(SLTrain):
         def prepare(self, model):
             super().prepare(model)
-            captured.update({n: m.sparse_value.detach().clone() for n, m in self._replaced(model).items()})
+            captured.update({n: m.sparse_value.detach().clone() for n, m in self.replaced(model).items()})
 
         def finalize(self, model):
-            captured["after"] = {n: m.sparse_value.detach().clone() for n, m in self._replaced(model).items()}
+            captured["after"] = {n: m.sparse_value.detach().clone() for n, m in self.replaced(model).items()}
             return super().finalize(model)
 
     config, _ = sltrain(train_sparse=False)
