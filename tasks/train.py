@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from components.model.presets import build_model, count_params
 from components.train.samplers.base import Sampler
@@ -188,7 +189,15 @@ def run(ctx) -> dict:
         "sampler": (plan.options.get("sampler") or {}).get("method", "uniform"), **result.sampler_facts,
         "parents": parents,
     }
+    quantized = method.pack(model)  # e.g. QAT: the trained weights as packed low-bit codes
+    if quantized is not None:
+        with torch.no_grad():  # the artifact holds exactly what its packed file dequantizes to
+            for name, value in quantized.state_dict.items():
+                model.get_parameter(name).copy_(value)
+        facts["quantization"] = quantized.meta
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
+    if quantized is not None:
+        quantized.save_packed(ctx.out_dir / "quantized.safetensors")
     (ctx.out_dir / LOSS_CURVE).write_text(json.dumps(loss_curve(result.losses)))
     ctx.facts.update({key: facts[key] for key in ("precision", "torch_compile", "attention", "train_flops", "sampler")})
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -197,6 +206,8 @@ def run(ctx) -> dict:
             "train_tokens": result.tokens, "tokens_per_s": result.tokens_per_second,
             "trainable_params": result.trainable_params, "optimizer_state_bytes": result.optimizer_state_bytes,
             "block_matrix_state_bytes": result.block_matrix_state_bytes,
+            **({"packed_bytes": quantized.meta["packed_bytes"], "bits_per_weight": quantized.meta["bits_per_weight"]}
+               if quantized is not None else {}),
             "precision_bf16": float(result.precision == "bf16"),
             **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))}}
 

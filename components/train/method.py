@@ -111,6 +111,13 @@ class TrainingMethod(Method):
         """Facts about the trained model for the artifact metadata."""
         return {}
 
+    def pack(self, model: nn.Module):
+        """Packed low-bit weights of the trained plain ``model`` for the artifact's
+        ``quantized.safetensors`` (a ``components.quant.base.QuantizedModel`` whose ``state_dict``
+        holds the dequantized values of the packed weights), or None (the default): no packed file.
+        Called on rank 0's saved model, after ``finalize``."""
+        return None
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors that must survive a resume (e.g. masks), saved in every checkpoint."""
         return {}

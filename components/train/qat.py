@@ -14,9 +14,9 @@ use (one set of grids in the project), and scales are statistics of the current 
 
 When training ends, ``finalize`` folds every layer back into a plain ``nn.Linear`` holding the
 quantized weight, so the artifact loads with ``from_pretrained`` and every weight lies on its grid
-(tested). The weights are stored dequantized in fp32: the packed low-bit file the quantize stage
-writes is not written here (a gap; ``bits_per_weight`` in the facts is the format's, not a
-measured file size).
+(tested). ``pack`` then writes, like the quantize stage, ``quantized.safetensors`` with the integer
+codes (ternary and binary as 2-bit codes) and fp32 scales, and their real byte size in the
+facts (``quantization.packed_bytes``), which the evaluate stage reports as the model's size.
 
 Spectra's TriLM also changes its schedule (the peak learning rate halved midway, weight decay
 dropped late); that schedule is not implemented: a recipe names the trainer's own schedules.
@@ -30,11 +30,17 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from components.quant.base import PackedWeights, QuantizedModel
 from components.quant.fake_quant import binarize, quantize_int, ternarize
 from components.registry import Paper
 from components.train.replacement import FoldableLinear, LinearReplacement
 
 BITS_PER_WEIGHT = {"ternary": math.log2(3), "binary": 1.0}
+CODE_BITS = {"ternary": 2, "binary": 2}  # packed code width: {-1, 0, 1} and {-1, 1} as 2-bit int codes
+
+
+class QatPackError(ValueError):
+    """A trained weight is not on its format's grid, so it cannot be packed."""
 
 
 class FakeQuantLinear(FoldableLinear):
@@ -83,8 +89,45 @@ class QuantAwareTraining(LinearReplacement):
         return BITS_PER_WEIGHT.get(self.params.weight_format, float(self.params.bits))
 
     def prepare(self, model: nn.Module) -> None:
+        p, targets = self.params, self.targets(model)
+        uneven = sorted(n for n, m in targets.items() if p.granularity == "group" and m.in_features % p.group_size)
+        if uneven:
+            raise ValueError(f"params.group_size={p.group_size} does not divide the input width of {uneven[0]} "
+                             f"({targets[uneven[0]].in_features})")
         quantize = self.quantizer()
-        self.replace(model, self.targets(model), lambda linear: FakeQuantLinear(linear, quantize))
+        self.replace(model, targets, lambda linear: FakeQuantLinear(linear, quantize))
+
+    def pack(self, model: nn.Module) -> QuantizedModel:
+        """Integer codes and one fp32 scale per tensor/channel/group for each quantized weight.
+
+        The folded weights are ``code * scale`` already; the scale is recovered as max|w| / qmax
+        of each set, so the packed file dequantizes to them within an ulp, and the returned
+        ``state_dict`` holds exactly what it dequantizes to (the artifact stores those)."""
+        p = self.params
+        bits = CODE_BITS.get(p.weight_format, p.bits)
+        qmax, zero = 2 ** (bits - 1) - 1, 2 ** (bits - 1)
+        store, state = PackedWeights(), {}
+        for name, linear in sorted(self.targets(model).items()):
+            weight = linear.weight.detach().float()
+            out_features, in_features = weight.shape
+            groups = {"per_tensor": (1, 1), "per_channel": (out_features, 1),
+                      "group": (out_features, in_features // p.group_size)}[p.granularity]
+            rows = weight.reshape(*groups, -1)
+            scale = rows.abs().amax(-1) / qmax
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            codes = torch.round(rows / scale.unsqueeze(-1))
+            if codes.abs().max() > qmax:
+                raise QatPackError(f"{name}.weight is not on the {p.weight_format} grid")
+            dequantized = (codes * scale.unsqueeze(-1)).reshape(weight.shape)
+            if not torch.allclose(dequantized, weight, rtol=1e-6, atol=0):
+                raise QatPackError(f"{name}.weight is not on the {p.weight_format} grid "
+                                   f"(max difference {float((dequantized - weight).abs().max()):.3g})")
+            state[f"{name}.weight"] = dequantized
+            store.add_int(f"{name}.weight", weight.shape, (codes + zero).to(torch.uint8).reshape(weight.shape),
+                          scale, None, bits, p.granularity, p.group_size, True)
+        meta = store.meta("qat", weight_format=p.weight_format, bits=bits, granularity=p.granularity,
+                          group_size=p.group_size if p.granularity == "group" else None, symmetric=True)
+        return QuantizedModel(state_dict=state, packed=store.packed, meta=meta)
 
     def finalize(self, model: nn.Module) -> dict:
         replaced = self.fold_back(model)

@@ -490,3 +490,24 @@ def test_a_lora_finetune_stage_saves_a_plain_model_that_transformers_loads(ws):
     assert facts["method"] == "lora" and facts["lora_rank"] == 4 and facts["trainable_params"] < facts["n_params"] / 10
     model = AutoModelForCausalLM.from_pretrained(str(outcome.path))
     assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n in model.state_dict())
+
+
+def test_a_qat_stage_saves_ternary_weights_with_their_packed_file(ws):
+    """`method: qat` on a finetune stage: the artifact is a plain Llama whose block weights are
+    ternary, with the packed 2-bit codes beside it, measured by size. (After the gc test, as the
+    LoRA test above.)"""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    [outcome] = _run("--set=stages.finetune_spdf.method=qat", "--set=stages.finetune_spdf.params.weight_format=ternary",
+                     "--only=finetune_spdf").outcomes
+    facts = json.loads((outcome.path / FACTS).read_text())
+    assert facts["quantization"]["scheme"] == "qat" and facts["quantization"]["bits"] == 2
+    packed = load_file(outcome.path / "quantized.safetensors")
+    assert len([k for k in packed if k.endswith(".qweight")]) == facts["quantized_layers"] == 14
+    assert sum(t.numel() * t.element_size() for t in packed.values()) == facts["quantization"]["packed_bytes"]
+    model = AutoModelForCausalLM.from_pretrained(str(outcome.path))
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.weight.unique().numel() <= 3, name  # {-s, 0, s}: one absmean scale per tensor

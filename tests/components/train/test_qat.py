@@ -56,3 +56,39 @@ def test_groups_need_an_int_grid():
     with pytest.raises(ValidationError, match="granularity=group needs weight_format=int"):
         QuantAwareTraining.Params(weight_format="ternary", granularity="group")
     QuantAwareTraining.Params(weight_format="int", granularity="group", group_size=32)
+
+
+@pytest.mark.parametrize("fmt, granularity, bits", [("ternary", "per_tensor", 4), ("int", "group", 4)])
+def test_the_packed_file_dequantizes_to_the_trained_weights(tmp_path, fmt, granularity, bits):
+    from safetensors.torch import load_file
+
+    from components.quant.base import dequantize_packed
+
+    config, method = qat(steps=6, weight_format=fmt, granularity=granularity, bits=bits, group_size=32)
+    model = nano()
+    train(model, pattern_blocks(), config, method, progress=False)
+    quantized = method.pack(model)
+    quantized.save_packed(tmp_path / "quantized.safetensors")
+    packed = load_file(tmp_path / "quantized.safetensors")
+    meta = quantized.meta
+    assert meta["bits"] == (2 if fmt == "ternary" else 4) and len(meta["quantized_tensors"]) == 14
+    for name in meta["quantized_tensors"]:
+        weight = model.get_parameter(name).detach()
+        restored = dequantize_packed(packed, name, tuple(weight.shape), meta["bits"], zero_point=2 ** (meta["bits"] - 1))
+        assert torch.allclose(restored, weight, rtol=1e-6, atol=0), name
+        assert torch.equal(restored, quantized.state_dict[name]), name
+    # codes at their width plus the fp32 scales: a ternary nano block stores ~2 bits per weight
+    assert meta["bits_per_weight"] < (2.1 if fmt == "ternary" else 5.1)
+
+
+def test_a_weight_off_the_grid_is_not_packed():
+    from components.train.qat import QatPackError
+
+    config, method = qat(weight_format="ternary")
+    with pytest.raises(QatPackError, match=r"model\.layers\.0\..*\.weight is not on the ternary grid"):
+        method.pack(nano())  # an untrained model: its weights are not ternary
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused():
+    with pytest.raises(ValueError, match=r"params\.group_size=48 does not divide the input width of"):
+        train(nano(), pattern_blocks(), *qat(weight_format="int", granularity="group", group_size=48), progress=False)
