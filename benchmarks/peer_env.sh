@@ -5,7 +5,8 @@
 # loudly instead of silently replacing the CPU build. The install log is kept so a pin conflict can
 # be reported verbatim. Idempotent: re-running reuses the venv.
 #   bash benchmarks/peer_env.sh NAME PIP_SPEC CHECK_PYTHON   -> benchmarks/_work/NAME-venv/bin/python
-# CHECK_PYTHON runs in the venv last and prints the versions the benchmark used.
+# CHECK_PYTHON runs in the venv last and prints the versions the benchmark used. A peer that needs no
+# torch sets PEER_TORCH=0: nothing is pinned then.
 set -euo pipefail
 NAME="$1"; SPEC="$2"; CHECK="$3"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,10 +25,14 @@ set +e
 {
   set -e
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  # torch from the local CPU wheel file (its own deps from the index); the pin is checked against the file
-  wheel=$(ls "$TORCH_WHEEL_DIR"/torch-2.13.0+cpu-*.whl | head -n1)
-  "$VENV/bin/python" -m pip install "$wheel"
-  echo "$TORCH_PIN" > "$CONSTRAINTS"
+  if [ "${PEER_TORCH:-1}" = 1 ]; then
+    # torch from the local CPU wheel file (its own deps from the index); the pin is checked against the file
+    wheel=$(ls "$TORCH_WHEEL_DIR"/torch-2.13.0+cpu-*.whl | head -n1)
+    "$VENV/bin/python" -m pip install "$wheel"
+    echo "$TORCH_PIN" > "$CONSTRAINTS"
+  else
+    : > "$CONSTRAINTS"
+  fi
   "$VENV/bin/python" -m pip install -c "$CONSTRAINTS" $SPEC
 } 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
