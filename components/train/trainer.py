@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from components.budget import check_compute
@@ -84,11 +84,17 @@ class TrainConfig(MethodParams):
     batch_size: int = Field(16, ge=1, description="Blocks (sequences) per optimizer update.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from ~0 to `lr` over this many steps.")
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+    schedule: Literal["cosine", "linear", "constant", "wsd", "infinite"] = Field(
         "cosine", description="After warmup: cosine or linear decay to lr * min_lr_ratio at the last step; a "
-        "constant lr; or warmup-stable-decay ('wsd': constant, then linear decay over the last `decay_fraction`).")
+        "constant lr; warmup-stable-decay ('wsd': constant, then linear decay over the last `decay_fraction`); "
+        "or 'infinite' (Ibrahim et al. 2024): cosine cooldown over `cooldown_steps` to lr * constant_lr_ratio, "
+        "constant, then an exponential anneal to lr * min_lr_ratio over the last `anneal_steps` (0: none, "
+        "the run ends at the constant lr and a later stage continues from there).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Where the decay ends: lr * min_lr_ratio.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of the post-warmup steps that decays.")
+    cooldown_steps: int = Field(0, ge=0, description="infinite: steps of cosine cooldown after warmup.")
+    constant_lr_ratio: float = Field(1.0, gt=0, le=1, description="infinite: the constant phase's lr over `lr`.")
+    anneal_steps: int = Field(0, ge=0, description="infinite: the last steps, an exponential anneal.")
     optimizer: Literal["adamw", "sgd", "adafactor"] = Field(
         "adamw", description="AdamW (betas 0.9/0.95), SGD with `momentum`, or Adafactor (factored second "
         "moments: state per matrix of rows + columns, not rows x columns; `lr` caps its step relative to each "
@@ -112,6 +118,18 @@ class TrainConfig(MethodParams):
                                          "over ranks, 2 also gradients).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = never).")
     log_every: int = Field(10, ge=1, description="Call `on_log` every N steps.")
+
+    @model_validator(mode="after")
+    def _infinite_phases_fit(self):
+        if self.schedule == "infinite":
+            phases = self.warmup_steps + self.cooldown_steps + self.anneal_steps
+            if phases > self.steps:
+                raise ValueError(f"schedule infinite: warmup_steps + cooldown_steps + anneal_steps = {phases} is more "
+                                 f"than steps={self.steps}")
+            if self.anneal_steps and self.min_lr_ratio > self.constant_lr_ratio:
+                raise ValueError(f"schedule infinite: min_lr_ratio={self.min_lr_ratio} is above constant_lr_ratio="
+                                 f"{self.constant_lr_ratio}; the anneal goes down")
+        return self
 
     @field_validator("freeze")
     @classmethod
@@ -166,6 +184,8 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
+    if config.schedule == "infinite":
+        return _infinite_factor(step, config)
     decay_steps = max(1, config.steps - config.warmup_steps - 1)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     if config.schedule == "wsd":  # stable at 1, then linear over the last decay_fraction
@@ -178,6 +198,19 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     else:
         shape = 1.0 - progress
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
+
+
+def _infinite_factor(step: int, config: TrainConfig) -> float:
+    """After warmup: cosine from 1 to ``constant_lr_ratio`` over ``cooldown_steps``, constant, then
+    ``constant * (min / constant) ** fraction`` over the last ``anneal_steps`` (fraction 1/n .. 1)."""
+    constant, since_warmup = config.constant_lr_ratio, step - config.warmup_steps
+    anneal_start = config.steps - config.anneal_steps
+    if step >= anneal_start and config.anneal_steps:
+        floor = max(config.min_lr_ratio, 1e-8)  # an exponential never reaches 0
+        return constant * (floor / constant) ** ((step - anneal_start + 1) / config.anneal_steps)
+    if since_warmup < config.cooldown_steps:
+        return constant + (1.0 - constant) * 0.5 * (1.0 + math.cos(math.pi * (since_warmup + 1) / config.cooldown_steps))
+    return constant
 
 
 class BatchOrder:

@@ -30,6 +30,23 @@ def test_each_schedule_has_its_shape_after_the_same_warmup():
     assert factors(schedule="wsd", decay_fraction=1.0) == pytest.approx(linear)  # all decay: linear
 
 
+def test_the_infinite_schedule_cools_down_holds_and_anneals():
+    config = DenseTraining.Params(steps=12, warmup_steps=2, schedule="infinite", cooldown_steps=4,
+                                  constant_lr_ratio=0.25, anneal_steps=3, min_lr_ratio=0.01)
+    f = [lr_factor(step, config) for step in range(12)]
+    assert f[:2] == [0.5, 1.0]  # warmup
+    assert f[2:6] == pytest.approx([0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in (1, 2, 3, 4)])
+    assert f[5:9] == [0.25] * 4  # cooled down, then constant
+    assert f[9:] == pytest.approx([0.25 * (0.01 / 0.25) ** (i / 3) for i in (1, 2, 3)])  # exponential anneal
+    assert f[11] == pytest.approx(0.01)
+    held = DenseTraining.Params(steps=5, warmup_steps=0, schedule="infinite", constant_lr_ratio=0.5, cooldown_steps=2)
+    assert [lr_factor(s, held) for s in range(5)][-3:] == [0.5] * 3  # no anneal: ends at the constant lr
+    with pytest.raises(ValidationError, match="warmup_steps \\+ cooldown_steps \\+ anneal_steps = 13 is more than"):
+        DenseTraining.Params(steps=12, warmup_steps=2, schedule="infinite", cooldown_steps=8, anneal_steps=3)
+    with pytest.raises(ValidationError, match="min_lr_ratio=0.5 is above constant_lr_ratio=0.25"):
+        DenseTraining.Params(steps=12, schedule="infinite", constant_lr_ratio=0.25, anneal_steps=3, min_lr_ratio=0.5)
+
+
 def test_optimizers_train_and_their_state_is_measured():
     facts = {}
     # Adafactor's lr caps a step relative to each parameter's RMS (torch.optim.Adafactor), hence 0.1
