@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from components.model.presets import build_model, count_params
+from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import train
@@ -90,6 +91,16 @@ def build_sampler(options: dict, tokens_dir: Path, blocks: np.ndarray, batch_siz
     return sampler
 
 
+def build_monitor(tokens_dir: Path, config, stage: str) -> ValidationMonitor:
+    """Held-out loss of every domain's validation blocks every ``monitor_every`` steps."""
+    validation = {p.name[len("validation-"):-len(".npy")]: np.load(p, mmap_mode="r")
+                  for p in sorted(tokens_dir.glob("validation-*.npy"))}
+    try:
+        return ValidationMonitor(validation, config.monitor_every, config.monitor_blocks)
+    except ValueError as e:
+        raise ValueError(f"stage {stage}: {e} ({tokens_dir})") from None
+
+
 def _use_special_ids(model, tokenizer) -> None:
     """config.json and generation_config.json name the tokenizer's bos/eos/pad ids (a new
     LlamaConfig says 1 and 2 whatever the tokenizer), so generation stops where documents end."""
@@ -117,6 +128,7 @@ class TrainingSetup:
     sampler: Sampler | None
     teacher: Any
     parents: dict
+    monitor: Any = None  # ValidationMonitor when the stage sets monitor_every
 
 
 def prepare_training(stage: str, kind: str, method_key: str, options: dict, method,
@@ -131,6 +143,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
     blocks = _train_blocks(tokens.path, options.get("train_domain"), stage)
     config = method.params
     sampler = None if launcher else build_sampler(options, tokens.path, blocks, config.batch_size, config.seed, stage)
+    monitor = None if launcher or not config.monitor_every else build_monitor(tokens.path, config, stage)
     teacher, parents = None, {}
     if kind == "finetune":
         model, _, parent_facts = load_model_artifact(inputs["model"])
@@ -154,7 +167,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
     if kind == "distill" and method.needs_teacher and not inputs.get("teacher"):
         raise ValueError(f"stage {stage}: distill method {method_key!r} needs a `teacher` input")
     method.use_tokenizer(tokenizer)
-    return TrainingSetup(model, tokenizer, blocks, sampler, teacher, parents)
+    return TrainingSetup(model, tokenizer, blocks, sampler, teacher, parents, monitor)
 
 
 def run(ctx) -> dict:
@@ -174,7 +187,7 @@ def run(ctx) -> dict:
         result = train_on_ranks(ctx, model, ranks, checkpoints, on_log)
     else:
         result = train(model, setup.blocks, method.params, method, teacher=setup.teacher, checkpoint_dir=checkpoints,
-                       on_log=on_log, progress=ctx.progress, sampler=sampler)
+                       on_log=on_log, progress=ctx.progress, sampler=sampler, monitor=setup.monitor)
     model.to("cpu")
     facts = {
         "kind": plan.kind, "method": plan.method, "precision": result.precision,
@@ -187,6 +200,7 @@ def run(ctx) -> dict:
         "resumed_from_step": result.resumed_from_step, **result.method_facts,
         **({"ranks": ranks} if ranks > 1 else {}),
         "sampler": (plan.options.get("sampler") or {}).get("method", "uniform"), **result.sampler_facts,
+        **result.monitor_facts,
         "parents": parents,
     }
     quantized = method.pack(model)  # e.g. QAT: the trained weights as packed low-bit codes
@@ -198,7 +212,10 @@ def run(ctx) -> dict:
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
     if quantized is not None:
         quantized.save_packed(ctx.out_dir / "quantized.safetensors")
-    (ctx.out_dir / LOSS_CURVE).write_text(json.dumps(loss_curve(result.losses)))
+    curve = loss_curve(result.losses)
+    if result.monitor_history:
+        curve["validation"] = result.monitor_history
+    (ctx.out_dir / LOSS_CURVE).write_text(json.dumps(curve))
     ctx.facts.update({key: facts[key] for key in ("precision", "torch_compile", "attention", "train_flops", "sampler")})
     shutil.rmtree(checkpoints, ignore_errors=True)
     first = float(np.mean(result.losses[: max(1, len(result.losses) // 20)]))
@@ -209,7 +226,8 @@ def run(ctx) -> dict:
             **({"packed_bytes": quantized.meta["packed_bytes"], "bits_per_weight": quantized.meta["bits_per_weight"]}
                if quantized is not None else {}),
             "precision_bf16": float(result.precision == "bf16"),
-            **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))}}
+            **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))},
+            **result.monitor_facts}
 
 
 def loss_curve(losses: list[float], max_points: int = 500) -> dict[str, list]:

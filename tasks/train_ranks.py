@@ -180,7 +180,7 @@ def _rank_main(spec_path: Path) -> None:
 
             result = train(setup.model, setup.blocks, method.params, method, teacher=setup.teacher,
                            checkpoint_dir=Path(spec["checkpoints"]), on_log=on_log, progress=spec["progress"],
-                           sampler=setup.sampler)
+                           sampler=setup.sampler, monitor=setup.monitor)
         if rank == 0:
             save_weights(setup.model, handoff / "model.safetensors")
             (handoff / "result.json").write_text(json.dumps(dataclasses.asdict(result)))

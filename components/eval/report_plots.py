@@ -108,16 +108,20 @@ def training_curves(curves: dict[str, dict], path: Path) -> Path | None:
     """Training loss by step, one line per trained model, side by side on one axis.
 
     ``curves``: {model: {"steps": [...], "loss": [...]}} as training stages record them
-    (``loss_curve.json`` in the model artifact); models without one (quantized, merged) are absent."""
+    (``loss_curve.json`` in the model artifact); models without one (quantized, merged) are absent.
+    A stage with ``monitor_every`` adds ``"validation": {domain: [[step, loss], ...]}``, drawn dashed."""
     curves = {name: c for name, c in curves.items() if c.get("steps")}
     if not curves:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, curve in curves.items():
-        ax.plot(curve["steps"], curve["loss"], label=name, linewidth=1.0)
+        line, = ax.plot(curve["steps"], curve["loss"], label=name, linewidth=1.0)
+        for domain, points in sorted((curve.get("validation") or {}).items()):
+            ax.plot([s for s, _ in points], [v for _, v in points], linestyle="--", linewidth=0.8,
+                    color=line.get_color(), label=f"{name}: held-out {domain}")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss (dashed: held-out, per domain)")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(True, alpha=0.3)
     return _save(fig, path)

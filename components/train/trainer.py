@@ -51,6 +51,7 @@ from components.train.acceleration import (
 
 if TYPE_CHECKING:
     from components.train.method import TrainingMethod
+    from components.train.monitor import ValidationMonitor
     from components.train.samplers.base import Sampler
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
@@ -117,6 +118,9 @@ class TrainConfig(MethodParams):
     zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage (1 partitions optimizer state "
                                          "over ranks, 2 also gradients).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = never).")
+    monitor_every: int = Field(0, ge=0, description="Score held-out loss per domain before the first step and "
+                               "every N steps, logged as val_loss_<domain> (0 = never; see components/train/monitor.py).")
+    monitor_blocks: int = Field(16, ge=1, description="Validation blocks per domain that the monitor scores.")
     log_every: int = Field(10, ge=1, description="Call `on_log` every N steps.")
 
     @model_validator(mode="after")
@@ -169,6 +173,8 @@ class TrainResult:
     # the part of it held for the decoder blocks' projections (what GaLore projects, what LoRA's
     # adapters and SLTrain's factors replace); embeddings, lm_head and norms excluded
     block_matrix_state_bytes: int = 0
+    monitor_history: dict = field(default_factory=dict)  # domain -> [[step, held-out loss]] (monitor_every)
+    monitor_facts: dict = field(default_factory=dict)  # per domain: start, peak, peak step, end
 
     @property
     def tokens_per_second(self) -> float:
@@ -468,7 +474,7 @@ def _barrier(world: int) -> None:
 
 
 def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, scheduler, losses, method, config,
-                     sampler, owner_pid: int) -> None:
+                     sampler, owner_pid: int, monitor=None) -> None:
     """Rank 0 writes into a temporary directory (named by its pid, ``owner_pid`` on every rank),
     each rank adds its ZeRO shard there, and rank 0 renames it into place once all are in."""
     rank, world = _rank_and_world()
@@ -485,7 +491,7 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, schedule
             torch.save(optimizer.state_dict(), tmp / SHARD_FILE.format(rank=rank))
         _barrier(world)
         if rank == 0:
-            _write_checkpoint(tmp, step, model, optimizer, scheduler, losses, method, config, sampler, world)
+            _write_checkpoint(tmp, step, model, optimizer, scheduler, losses, method, config, sampler, world, monitor)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: give the space back
@@ -500,7 +506,7 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, schedule
 
 
 def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, losses, method, config, sampler,
-                      world: int) -> None:
+                      world: int, monitor=None) -> None:
     aliases = save_weights(model, tmp / MODEL_FILE, {"step": str(step)})
     failpoint("checkpoint-write")
     state = {
@@ -515,6 +521,7 @@ def _write_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, losses,
         "numpy_rng": _numpy_rng_state(),
         "method_state": {k: v.detach().to("cpu") for k, v in method.state_tensors().items()},
         "sampler": {"key": sampler.key, "state": sampler.state()},
+        "monitor": monitor.state() if monitor is not None else {},
         "tied_aliases": aliases,
         "config": config.model_dump(),
     }
@@ -603,13 +610,15 @@ def train(
     progress: bool = True,
     stop_after_step: int | None = None,
     sampler: "Sampler | None" = None,
+    monitor: "ValidationMonitor | None" = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``blocks`` (n_blocks, seq_len) with ``method``.
 
     With ``checkpoint_dir``, resumes from its latest complete checkpoint. ``stop_after_step``
     ends the call after that step (and its checkpoint, if due), as an interruption would.
     ``sampler`` (already ``bind``-ed to ``len(blocks)``, ``config.batch_size`` and ``config.seed``)
-    picks each step's blocks; None is the uniform ``BatchOrder``. Its metrics go to ``on_log``.
+    picks each step's blocks; None is the uniform ``BatchOrder``. Its metrics go to ``on_log``, as
+    do a ``monitor``'s held-out losses (``components/train/monitor.py``).
     """
     import deepspeed
 
@@ -674,6 +683,8 @@ def train(
         state = _load_checkpoint(path, model, device)
         _check_resume_config(state, config, path, world)
         _restore_sampler(state, sampler, path)
+        if monitor is not None:
+            monitor.load_state(state.get("monitor", {}))
         method.load_state_tensors({k: v.to(device) for k, v in state["method_state"].items()})
         if config.zero_stage == 0:
             optimizer.load_state_dict(state["optimizer"])
@@ -723,6 +734,8 @@ def train(
               cpu_allocator_cache(device) as allocator_cache):
             if start_step == 0:  # e.g. Skill-it measures the untrained model's per-skill loss
                 first = sampler.observe(0, model, autocast)
+                if monitor is not None:
+                    first = {**first, **monitor.observe(0, model, autocast)}
                 if first and on_log is not None:
                     on_log(0, first)
             for index in range(start_step, last_step):
@@ -748,6 +761,8 @@ def train(
                 engine.step()
                 method.after_step(model)
                 sampler_metrics = sampler.observe(step, model, autocast)
+                if monitor is not None:
+                    sampler_metrics = {**sampler_metrics, **monitor.observe(step, model, autocast)}
                 losses.append(value)
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -762,7 +777,7 @@ def train(
                     step % config.checkpoint_every == 0 or step == config.steps
                 ):
                     _save_checkpoint(checkpoint_dir, step, model, ds_optimizer, scheduler, losses, method, config,
-                                     sampler, owner[0])
+                                     sampler, owner[0], monitor)
     finally:
         bar.close()
         engine.destroy() if hasattr(engine, "destroy") else None
@@ -781,6 +796,8 @@ def train(
         resumed_from_step=start_step,
         method_facts=method.finalize(model),
         sampler_facts=sampler.facts(steps_done),
+        monitor_history=monitor.history if monitor is not None else {},
+        monitor_facts=monitor.facts() if monitor is not None else {},
         trainable_params=trainable,
         optimizer_state_bytes=optimizer_state_bytes(optimizer),
         block_matrix_state_bytes=optimizer_state_bytes(optimizer, matrices),

@@ -492,17 +492,21 @@ def test_a_lora_finetune_stage_saves_a_plain_model_that_transformers_loads(ws):
     assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n in model.state_dict())
 
 
-def test_a_qat_stage_saves_ternary_weights_with_their_packed_file(ws):
+def test_a_qat_stage_saves_ternary_weights_with_their_packed_file_and_its_monitored_curves(ws):
     """`method: qat` on a finetune stage: the artifact is a plain Llama whose block weights are
-    ternary, with the packed 2-bit codes beside it, measured by size. (After the gc test, as the
-    LoRA test above.)"""
+    ternary, with the packed 2-bit codes beside it, measured by size; `monitor_every` records the
+    held-out loss per domain while it trains. (After the gc test, as the LoRA test above.)"""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     [outcome] = _run("--set=stages.finetune_spdf.method=qat", "--set=stages.finetune_spdf.params.weight_format=ternary",
-                     "--only=finetune_spdf").outcomes
+                     "--set=stages.finetune_spdf.params.monitor_every=2", "--only=finetune_spdf").outcomes
     facts = json.loads((outcome.path / FACTS).read_text())
+    curve = json.loads((outcome.path / "loss_curve.json").read_text())
+    assert curve["validation"] and all(points[0][0] == 0 and len(points) > 1 for points in curve["validation"].values())
+    for domain, points in curve["validation"].items():
+        assert facts[f"val_loss_{domain}_start"] == points[0][1] and facts[f"val_loss_{domain}_end"] == points[-1][1]
     assert facts["quantization"]["scheme"] == "qat" and facts["quantization"]["bits"] == 2
     packed = load_file(outcome.path / "quantized.safetensors")
     assert len([k for k in packed if k.endswith(".qweight")]) == facts["quantized_layers"] == 14

@@ -102,3 +102,31 @@ def test_a_method_may_bring_its_own_optimizer():
 def test_a_resume_with_another_optimizer_schedule_and_freeze_is_bit_exact(tmp_path):
     assert_resume_is_exact(tmp_path, lambda: dense(checkpoint_every=4, optimizer="sgd", lr=0.3, schedule="wsd",
                                                    decay_fraction=0.5, freeze=(r"\.mlp\.",)))
+
+
+def test_the_monitor_scores_held_out_loss_without_changing_training_and_survives_a_resume(tmp_path):
+    from components.train.monitor import ValidationMonitor
+
+    validation = {"count": pattern_blocks(8, seed=5), "other": pattern_blocks(8, seed=6)[:, ::-1].copy()}
+    logged = []
+    config, method = dense(steps=12, checkpoint_every=4)
+    plain_model, monitored_model = nano(), nano()
+    plain = train(plain_model, pattern_blocks(), config, method, progress=False)
+    monitored = train(monitored_model, pattern_blocks(), config, dense(steps=12)[1], progress=False,
+                      monitor=ValidationMonitor(validation, every=4, max_blocks=8),
+                      on_log=lambda step, m: logged.append((step, m)))
+    assert monitored.losses == plain.losses and states_equal(monitored_model, plain_model)  # no side effects
+    history = monitored.monitor_history
+    assert [s for s, _ in history["count"]] == [0, 4, 8, 12]
+    # the trained pattern's held-out loss falls (measured: 4.15 at step 0, 2.59 at step 12)
+    assert history["count"][-1][1] < 0.8 * history["count"][0][1]
+    assert {s for s, m in logged if "val_loss_count" in m} == {0, 4, 8, 12}
+    facts = monitored.monitor_facts
+    assert facts["val_loss_count_start"] == history["count"][0][1] and facts["val_loss_count_end"] == history["count"][-1][1]
+    assert facts["val_loss_other_peak"] == max(v for _, v in history["other"])
+    # stopped at step 8 and resumed: the same history as the straight run
+    train(nano(), pattern_blocks(), config, dense(steps=12, checkpoint_every=4)[1], checkpoint_dir=tmp_path,
+          progress=False, stop_after_step=8, monitor=ValidationMonitor(validation, every=4, max_blocks=8))
+    resumed = train(nano(), pattern_blocks(), config, dense(steps=12, checkpoint_every=4)[1], checkpoint_dir=tmp_path,
+                    progress=False, monitor=ValidationMonitor(validation, every=4, max_blocks=8))
+    assert resumed.resumed_from_step == 8 and resumed.monitor_history == history
