@@ -23,7 +23,7 @@ from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss", "trainable_params", "optimizer_state_bytes",
                 "block_matrix_state_bytes")
-FACT_PREFIXES = ("sampler_",)  # numeric facts a training sampler records, copied as they are
+FACT_PREFIXES = ("sampler_", "val_loss_")  # numeric facts of a training sampler or monitor, copied as they are
 EFT_ROLES = ("eft_large_base", "eft_small_ft", "eft_small_base")
 # HFLM warns on every in-memory model it wraps; the evaluate stage always passes one on purpose.
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
