@@ -7,6 +7,7 @@ from components.train.hft import HalfFinetune
 from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
 from components.train.method import TrainingMethod
+from components.train.perp import PerpRetrain
 from components.train.qat import QuantAwareTraining
 from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
@@ -17,4 +18,4 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
                                                             QuantAwareTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
-                                                            QuantAwareTraining])
+                                                            QuantAwareTraining, PerpRetrain])
