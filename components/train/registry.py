@@ -12,10 +12,11 @@ from components.train.qat import QuantAwareTraining
 from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
 from components.train.spdf import SpdfTraining
+from components.train.sr_ste import SrSteTraining
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning, SLTrain,
-                                                            QuantAwareTraining])
+                                                            QuantAwareTraining, SrSteTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
-                                                            QuantAwareTraining, PerpRetrain])
+                                                            QuantAwareTraining, PerpRetrain, SrSteTraining])
