@@ -56,7 +56,9 @@ class SparseLowRankLinear(FoldableLinear):
         low_rank = self.scale * (self.lora_B @ self.lora_A)
         if self.sparse_value.numel() == 0:
             return low_rank
-        return low_rank.flatten().index_add(0, self.sparse_index, self.sparse_value).view_as(low_rank)
+        # under bf16 autocast B @ A comes out in bf16: the sparse values join it in that dtype
+        values = self.sparse_value.to(low_rank.dtype)
+        return low_rank.flatten().index_add(0, self.sparse_index, values).view_as(low_rank)
 
 
 class SLTrain(LinearReplacement):

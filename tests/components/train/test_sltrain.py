@@ -87,3 +87,17 @@ def test_an_sltrain_resume_is_bit_exact(tmp_path):
 def test_a_rank_above_a_layer_is_refused_by_name():
     with pytest.raises(SLTrainError, match=r"params\.rank=65 is larger than layer .* \(min\(in, out\) = 64\)"):
         train(nano(), pattern_blocks(), *sltrain(rank=65), progress=False)
+
+
+@pytest.mark.parametrize("key", ["sltrain", "qat", "sr_ste", "perp", "lora"])
+def test_every_stand_in_trains_under_bf16_autocast(key):
+    """The catalogue trains in bf16 where the CPU has it; a stand-in must not mix dtypes there."""
+    from components.train.registry import FINETUNE_METHODS, PRETRAIN_METHODS
+    from tests.components.train.test_perp import pruned_nano
+
+    cls = (PRETRAIN_METHODS if key != "perp" else FINETUNE_METHODS).get(key)
+    extra = {"rank": 4} if key in ("sltrain", "perp", "lora") else {}
+    config = cls.Params(steps=3, batch_size=4, lr=1e-3, precision="bf16", **extra)
+    model = pruned_nano() if key == "perp" else nano()
+    result = train(model, pattern_blocks(), config, cls(config), progress=False)
+    assert result.precision == "bf16" and len(result.losses) == 3
