@@ -127,6 +127,14 @@ def results_markdown() -> str:
                          "Step times are means over the run, SVD refreshes included (one at step 1 with gap 200, "
                          "six with gap 5); torch's fused AdamW is the plain baseline GaLore trades time against for "
                          "a third of the state."])
+    if (RESULTS / "sparse_lowrank.md").exists():
+        out += _section("Sparse and low-rank training: step time, memory and optimizer state vs dense AdamW",
+                        "python benchmarks/bench_sparse_lowrank.py",
+                        [(RESULTS / "sparse_lowrank.md").read_text().strip(), "",
+                         "Peak RSS is the whole process, about 1 GB of it the imported libraries, so it moves little. "
+                         "On CPU nothing here runs a sparse kernel: SR-STE computes with the dense masked weight and "
+                         "SLTrain materialises its weight densely each step, so 2:4 and SLTrain save optimizer state "
+                         "(and parameters), not time."])
     r = _load("gptq_llmcompressor.json")
     if r:
         rows = ["| config | quantize time ours / llm-compressor (median of 3) | whole process | ppl fp32 / ours / "
