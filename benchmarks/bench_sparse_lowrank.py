@@ -89,6 +89,7 @@ def main() -> int:
         r = runs[label]
         step = statistics.median(x["step_s"] for x in r)
         rows.append({"method": label, "key": key, "params": params, "step_s": step, "ratio_to_dense": step / dense_step,
+                     "step_s_each_repeat": [x["step_s"] for x in r],
                      "peak_rss_bytes": statistics.median(x["peak_rss_bytes"] for x in r),
                      **{k: r[0][k] for k in ("optimizer_state_bytes", "block_matrix_state_bytes", "trainable_params")}})
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
