@@ -9,7 +9,8 @@ there is no dense ``W``. Read from the official code (``andyjm3/SLTrain``,
 part the tail. The paper's 60M setting is rank 128 (a quarter of the width), ``sparse_ratio``
 0.03 and ``alpha`` 32.
 
-``sparse_ratio: 0`` is the low-rank-only baseline (``W = B @ A``), and ``train_sparse: false``
+``sparse_ratio: 0`` is the low-rank-only baseline (``W = B @ A``, with ``B`` Kaiming-initialised
+too: a zero ``B`` and no ``S`` would leave the blocks dead), and ``train_sparse: false``
 keeps ``S`` at its random values: both are settings of this one class. The official code runs
 a custom C++ sparse kernel; here each forward materialises ``W`` densely (``index_add`` of the
 sparse values into ``B @ A``), so parameters and optimizer state shrink as in the paper but the
@@ -44,6 +45,11 @@ class SparseLowRankLinear(FoldableLinear):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        if sparse_ratio == 0:
+            # Without S a zero B makes every block's output and every block gradient zero: a saddle the
+            # low-rank-only model never leaves (measured: B stayed exactly 0 over 1000 steps). So the
+            # low-rank baseline starts B like A, as a plain factorised layer W = B A would.
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         n_sparse = int(sparse_ratio * self.in_features * self.out_features)
         support = torch.randperm(self.in_features * self.out_features, device=device)[:n_sparse].sort().values
         self.register_buffer("sparse_index", support)

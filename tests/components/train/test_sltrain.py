@@ -34,7 +34,27 @@ def test_the_layer_is_low_rank_plus_a_fixed_support_sparse_matrix():
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert torch.allclose(layer.folded()(x), expected, atol=1e-5)
     low_rank_only = SparseLowRankLinear(torch.nn.Linear(24, 16, bias=False), 3, 6.0, 0.0, True)
-    assert low_rank_only.sparse_value.numel() == 0 and torch.count_nonzero(low_rank_only.effective_weight()) == 0
+    weight = low_rank_only.effective_weight()
+    assert low_rank_only.sparse_value.numel() == 0 and torch.linalg.matrix_rank(weight) == 3  # B A, B not zero
+
+
+def test_the_low_rank_only_baseline_learns_in_its_blocks():
+    """A zero B with no sparse part would leave every block output and gradient zero (it did, in
+    the first sltrain recipe run): the low-rank baseline's factors must move."""
+    factors = {}
+
+    class Capture(SLTrain):
+        def prepare(self, model):
+            super().prepare(model)
+            factors["start"] = [m.lora_B.detach().clone() for m in self.replaced(model).values()]
+
+        def finalize(self, model):
+            factors["end"] = [m.lora_B.detach().clone() for m in self.replaced(model).values()]
+            return super().finalize(model)
+
+    config, _ = sltrain(sparse_ratio=0.0)
+    train(nano(), pattern_blocks(), config, Capture(config), progress=False)
+    assert all(not torch.equal(a, b) for a, b in zip(factors["start"], factors["end"]))
 
 
 def test_only_factors_and_sparse_values_train_and_the_artifact_is_a_plain_llama():
