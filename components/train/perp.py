@@ -30,11 +30,9 @@ class MaskedLoraLinear(FoldableLinear):
     """``W + scale * (B @ A) * (W != 0)`` with ``W`` frozen and ``A``, ``B`` trained."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         self.weight = linear.weight
         self.weight.requires_grad_(False)
-        self.bias = linear.bias
         self.register_buffer("mask", (linear.weight.detach() != 0).to(linear.weight.dtype))
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device,
@@ -60,8 +58,7 @@ class PerpRetrain(LinearReplacement):
     def prepare(self, model: nn.Module) -> None:
         p = self.params
         targets = self.targets(model)
-        dense = sorted(name for name, m in targets.items() if bool((m.weight != 0).all()))
-        if len(dense) == len(targets):
+        if all(bool((m.weight != 0).all()) for m in targets.values()):
             raise ValueError("perp retrains a pruned model, but no targeted layer has a zero weight; prune it first "
                              "(a `prune` stage as this stage's model input)")
         model.requires_grad_(False)

@@ -47,10 +47,8 @@ class FakeQuantLinear(FoldableLinear):
     """A Linear whose forward uses ``quantize(weight)``; ``weight`` is the fp32 master copy."""
 
     def __init__(self, linear: nn.Linear, quantize):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         self.weight = linear.weight
-        self.bias = linear.bias
         self.quantize = quantize
 
     def effective_weight(self) -> torch.Tensor:

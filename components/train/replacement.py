@@ -23,9 +23,10 @@ class FoldableLinear(nn.Module):
     """A stand-in for a Linear (``in_features`` x ``out_features``, optional ``bias``) computing
     ``x @ effective_weight().T + bias``, that can become that plain Linear again."""
 
-    in_features: int
-    out_features: int
-    bias: torch.Tensor | None
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
 
     def effective_weight(self) -> torch.Tensor:
         raise NotImplementedError

@@ -38,8 +38,7 @@ class SparseLowRankLinear(FoldableLinear):
     """``y = x ((alpha / rank) B A + S)ᵀ + bias`` with ``S`` on a fixed random support."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, sparse_ratio: float, train_sparse: bool):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         device, dtype = linear.weight.device, linear.weight.dtype
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
@@ -56,7 +55,6 @@ class SparseLowRankLinear(FoldableLinear):
         bound = 1 / math.sqrt(self.in_features)
         self.sparse_value = nn.Parameter(torch.empty(n_sparse, device=device, dtype=dtype).uniform_(-bound, bound),
                                          requires_grad=train_sparse)
-        self.bias = linear.bias
 
     def effective_weight(self) -> torch.Tensor:
         low_rank = self.scale * (self.lora_B @ self.lora_A)

@@ -41,9 +41,8 @@ class AdaptiveNMLinear(FoldableLinear):
     """``W * M(W)`` with ``M`` the N:M magnitude mask of the current ``W``."""
 
     def __init__(self, linear: nn.Linear, pattern: PruneParams, decay: float):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+        super().__init__(linear)
+        self.weight = linear.weight
         self.pattern, self.decay = pattern, decay
         self.register_buffer("first_mask", self.mask(), persistent=False)
 
