@@ -3,6 +3,7 @@ from components.registry import Registry
 from components.train.dense import DenseTraining
 from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
+from components.train.halo import HaloTraining
 from components.train.hft import HalfFinetune
 from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
@@ -16,7 +17,8 @@ from components.train.sr_ste import SrSteTraining
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning, SLTrain,
-                                                            QuantAwareTraining, SrSteTraining])
+                                                            QuantAwareTraining, SrSteTraining, HaloTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
-                                                            QuantAwareTraining, PerpRetrain, SrSteTraining])
+                                                            QuantAwareTraining, PerpRetrain, SrSteTraining,
+                                                            HaloTraining])
