@@ -131,6 +131,15 @@ class TrainingSetup:
     monitor: Any = None  # ValidationMonitor when the stage sets monitor_every
 
 
+def _check_not_quantized_twice(method, method_key: str, facts: dict, model: Artifact, stage: str) -> None:
+    quantization = facts.get("quantization")
+    if method.quantizes_weights and quantization:
+        raise ValueError(f"stage {stage}: method {method_key!r} trains the weights onto a low-bit grid, but its input "
+                         f"model {model.path} is already quantized ({quantization.get('scheme')}, "
+                         f"{quantization.get('bits')} bits); give it the full-precision model, or fine-tune this "
+                         "one with a method that does not quantize (e.g. lora)")
+
+
 def prepare_training(stage: str, kind: str, method_key: str, options: dict, method,
                      inputs: dict[str, Artifact], launcher: bool = False) -> TrainingSetup:
     """The stage's starting model (built from its preset and seed, or loaded), token blocks,
@@ -148,6 +157,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
     if kind == "finetune":
         model, _, parent_facts = load_model_artifact(inputs["model"])
         _check_vocab(model, tokenizer, f"input model {inputs['model'].path}", stage)
+        _check_not_quantized_twice(method, method_key, parent_facts, inputs["model"], stage)
         parents = {"model": parent_facts}
     elif kind == "distill" and inputs.get("student"):
         model, _, parent_facts = load_model_artifact(inputs["student"])  # e.g. Well-Read Students

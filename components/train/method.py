@@ -68,6 +68,9 @@ class TrainingMethod(Method):
     #: False when the method keeps per-block state (e.g. last epoch's predictions) that, on
     #: several data-parallel ranks, each rank would update for its own blocks only.
     shards_across_ranks: bool = True
+    #: True when the method trains the weights onto a low-bit grid (QAT, L4Q): its input model must
+    #: not be quantized already (a second grid on top of the first is refused, not stacked).
+    quantizes_weights: bool = False
 
     def use_tokenizer(self, tokenizer) -> None:
         """Called first, with the tokenizer of the training tokens (e.g. to find answer tokens)."""

@@ -57,6 +57,7 @@ class FakeQuantLinear(FoldableLinear):
 
 class QuantAwareTraining(LinearReplacement):
     key = "qat"
+    quantizes_weights = True
     paper = Paper(title="Spectra: Surprising Effectiveness of Pretraining Ternary Language Models at Scale",
                   url="https://arxiv.org/abs/2407.12327", arxiv="2407.12327")
 

@@ -5,6 +5,7 @@ from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
 from components.train.halo import HaloTraining
 from components.train.hft import HalfFinetune
+from components.train.l4q import L4QTraining
 from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
 from components.train.method import TrainingMethod
@@ -21,4 +22,4 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
-                                                            HaloTraining])
+                                                            HaloTraining, L4QTraining])

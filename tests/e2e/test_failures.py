@@ -88,6 +88,17 @@ def test_nan_loss_stops_the_stage_and_names_the_step(pretrained, capsys):
     assert len(_artifacts(pretrained, "pretrain")) == 1  # only pretrain_dense's
 
 
+def test_quantization_aware_training_on_a_quantized_model_is_refused(pretrained, capsys):
+    assert _stage("quantize") == 0
+    rc = _stage("finetune_prose", "--set", "stages.finetune_prose.method=l4q", "--set",
+                "stages.finetune_prose.inputs.model=quantize", "--set", "stages.finetune_prose.params.group_size=32")
+    assert rc == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "stage finetune_prose: method 'l4q' trains the weights onto a low-bit grid" in err
+    assert "already quantized (rtn, 4 bits)" in err
+    _assert_failed_cleanly(pretrained, "finetune", "finetune_prose")
+
+
 def test_sigkill_mid_stage_leaves_no_partial_artifact_and_resumes(workspace):
     for stage in ("corpus", "filter", "dedup", "tokenize"):
         assert _stage(stage) == 0
