@@ -129,7 +129,7 @@ def results_markdown() -> str:
                          "a third of the state."])
     if (RESULTS / "sparse_lowrank.md").exists():
         out += _section("Sparse and low-rank training: step time, memory and optimizer state vs dense AdamW",
-                        "python benchmarks/bench_sparse_lowrank.py",
+                        "python benchmarks/bench_training_methods.py --suite sparse_lowrank",
                         [(RESULTS / "sparse_lowrank.md").read_text().strip(), "",
                          "This run shared the 2 cores with a concurrent `paperdag run` (dense AdamW's step took "
                          "1.42 to 1.83 s across the repeats), so the step-time ratios carry about +-20%; the state "
@@ -138,6 +138,14 @@ def results_markdown() -> str:
                          "On CPU nothing here runs a sparse kernel: SR-STE computes with the dense masked weight and "
                          "SLTrain materialises its weight densely each step, so 2:4 and SLTrain save optimizer state "
                          "(and parameters), not time."])
+    if (RESULTS / "low_bit.md").exists():
+        out += _section("Low-bit training: the cost of emulated quantization vs dense AdamW",
+                        "python benchmarks/bench_training_methods.py --suite low_bit",
+                        [(RESULTS / "low_bit.md").read_text().strip(), "",
+                         "Every low-bit method here computes in fp32 on values it rounds first (fake quantization), "
+                         "so a ratio above 1 is the cost of the emulation, not of a low-precision kernel, which "
+                         "this CPU build does not run. QAT and L4Q report the bytes of their packed file (codes "
+                         "plus scales, and L4Q's fp32 zero points); HALO keeps fp32 master weights and packs none."])
     r = _load("gptq_llmcompressor.json")
     if r:
         rows = ["| config | quantize time ours / llm-compressor (median of 3) | whole process | ppl fp32 / ours / "

@@ -24,7 +24,7 @@ def sylvester(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
-@pytest.mark.parametrize("n, block", [(64, 64), (24, 8), (704, 64), (7, 1)])
+@pytest.mark.parametrize("n, block", [(64, 64), (24, 8), (704, 64), (7, 1), (256, 256), (384, 128)])
 def test_rotate_is_the_orthonormal_block_hadamard_and_its_own_inverse(n, block):
     x = torch.randn(5, n, dtype=torch.float64)
     assert hadamard_block(n) == block
@@ -133,12 +133,14 @@ def test_bad_params_are_refused_by_name(params, message):
         HaloTraining.Params(**params)
 
 
-def test_a_non_finite_operand_names_its_layer():
-    config, method = halo(steps=2)
+@pytest.mark.parametrize("gemm_format", ["int8", "e4m3"])
+def test_a_non_finite_operand_names_its_layer(gemm_format):
+    config, method = halo(steps=2, gemm_format=gemm_format)
     model = nano()
     method.prepare(model)
     with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     batch = torch.from_numpy(pattern_blocks()[:2].astype("int64"))
-    with pytest.raises(FloatingPointError, match=r"model\.layers\.1\.mlp\.down_proj: the weight of a int8 GEMM"):
+    with pytest.raises(FloatingPointError, match=rf"model\.layers\.1\.mlp\.down_proj: the weight of a {gemm_format} GEMM "
+                                                 "is not finite"):
         model(input_ids=batch)
