@@ -515,3 +515,22 @@ def test_a_qat_stage_saves_ternary_weights_with_their_packed_file_and_its_monito
     for name, module in model.model.layers.named_modules():
         if isinstance(module, torch.nn.Linear):
             assert module.weight.unique().numel() <= 3, name  # {-s, 0, s}: one absmean scale per tensor
+
+
+def test_a_qat_artifact_flows_into_gptq_merge_and_evaluate(ws):
+    """The DAG across stages: the ternary QAT fine-tune above is GPTQ's input, one of merge's
+    models, and evaluated with both; lineage runs from the score back through them."""
+    qat = ["--set=stages.finetune_spdf.method=qat", "--set=stages.finetune_spdf.params.weight_format=ternary",
+           "--set=stages.finetune_spdf.params.monitor_every=2"]
+    summary = _run(*qat, "--set=stages.quantize.method=gptq",
+                   "--set=stages.quantize.inputs={model: finetune_spdf, tokens: tokenize}",
+                   "--set=stages.quantize.params={bits: 4, group_size: 32, calibration_sequences: 8}",
+                   "--set=stages.merge.inputs.models=[finetune_spdf, finetune_code]",
+                   "--only=finetune_spdf", "--only=quantize", "--only=merge", "--only=evaluate")
+    outcomes = {o.name: o for o in summary.outcomes}
+    gptq = json.loads((outcomes["quantize"].path / FACTS).read_text())
+    assert gptq["method"] == "gptq" and gptq["parents"]["model"]["method"] == "qat"
+    merged = json.loads((outcomes["merge"].path / FACTS).read_text())
+    assert merged["merged"] == ["finetune_spdf", "finetune_code"] and not outcomes["merge"].cached
+    scored = json.loads((outcomes["evaluate"].path / "metrics.json").read_text())["models"]
+    assert {"finetune_spdf", "quantize", "merge"} <= set(scored), sorted(scored)
