@@ -745,17 +745,20 @@ def train(
                     batch_indices = batch_indices[rank * micro_batch:(rank + 1) * micro_batch]
                 batch = torch.from_numpy(blocks[batch_indices].astype(np.int64)).to(device, non_blocking=True)
                 method.on_batch(step, batch_indices)
-                with autocast:
-                    loss = method.loss(engine, batch, teacher)
-                if world > 1:
-                    mean = loss.detach().clone()
-                    torch.distributed.all_reduce(mean)
-                    value = mean.item() / world
-                else:
-                    value = loss.item()  # the one sync per step; checked before backward so weights stay finite
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
-                engine.backward(loss)
+                try:
+                    with autocast:
+                        loss = method.loss(engine, batch, teacher)
+                    if world > 1:
+                        mean = loss.detach().clone()
+                        torch.distributed.all_reduce(mean)
+                        value = mean.item() / world
+                    else:
+                        value = loss.item()  # the one sync per step; checked before backward so weights stay finite
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
+                    engine.backward(loss)
+                except FloatingPointError as error:  # e.g. an emulated low-precision GEMM met inf/nan (names its layer)
+                    raise NonFiniteLossError(f"{error}, at step {step}") from None
                 if clip_params is not None:
                     torch.nn.utils.clip_grad_norm_(clip_params, config.grad_clip, foreach=True)
                 engine.step()

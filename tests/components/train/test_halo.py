@@ -144,3 +144,13 @@ def test_a_non_finite_operand_names_its_layer(gemm_format):
     with pytest.raises(FloatingPointError, match=rf"model\.layers\.1\.mlp\.down_proj: the weight of a {gemm_format} GEMM "
                                                  "is not finite"):
         model(input_ids=batch)
+
+
+def test_training_stops_at_the_step_naming_the_layer():
+    from components.train.trainer import NonFiniteLossError
+
+    model = nano()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"model\.layers\.0\.self_attn\.o_proj: the weight .* at step 1$"):
+        train(model, pattern_blocks(), *halo(steps=3), progress=False)
