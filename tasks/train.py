@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from components.model.presets import build_model, count_params
+from components.quant.base import QUANT_CONFIG_ATTR
 from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
@@ -213,6 +214,9 @@ def run(ctx) -> dict:
         **result.monitor_facts,
         "parents": parents,
     }
+    # trained weights have left the grid of a quantized input model (e.g. LoRA merged into an RTN
+    # model, QLoRA-style), so the saved model is not marked quantized: it may be quantized again
+    setattr(model.config, QUANT_CONFIG_ATTR, None)
     quantized = method.pack(model)  # e.g. QAT: the trained weights as packed low-bit codes
     if quantized is not None:
         with torch.no_grad():  # the artifact holds exactly what its packed file dequantizes to

@@ -534,3 +534,18 @@ def test_a_qat_artifact_flows_into_gptq_merge_and_evaluate(ws):
     assert merged["merged"] == ["finetune_spdf", "finetune_code"] and not outcomes["merge"].cached
     scored = json.loads((outcomes["evaluate"].path / "metrics.json").read_text())["models"]
     assert {"finetune_spdf", "quantize", "merge"} <= set(scored), sorted(scored)
+
+
+def test_lora_on_a_quantized_model_can_be_quantized_again(ws):
+    """QLoRA-style: LoRA merged into an RTN model leaves the grid, so the fine-tune is not marked
+    quantized and RTN may quantize it again (the quantize stage refuses a model still marked)."""
+    # the recipe's distill stage becomes the second quantize stage (overrides cannot add stages)
+    summary = _run("--set=stages.finetune_prose.inputs.model=quantize", "--set=stages.finetune_prose.method=lora",
+                   "--set=stages.distill={kind: quantize, method: rtn, inputs: {model: finetune_prose}, "
+                   "params: {bits: 4, granularity: group, group_size: 32}}",
+                   "--only=quantize", "--only=finetune_prose", "--only=distill")
+    outcomes = {o.name: o for o in summary.outcomes}
+    finetuned = json.loads((outcomes["finetune_prose"].path / "config.json").read_text())
+    assert finetuned.get("paperdag_quantization") is None
+    facts = json.loads((outcomes["distill"].path / FACTS).read_text())
+    assert facts["parents"]["model"]["parents"]["model"]["method"] == "rtn"
