@@ -1,0 +1,190 @@
+"""Scaling-law fits shared by every recipe that measures one: Chinchilla-form power laws with
+bootstrap intervals.
+
+Laws (``LAWS``), each ``E`` plus power-law terms in positive variables:
+- ``power``: ``L(x) = E + A x^-alpha`` (one variable: parameters, average parameters under a
+  sparsity schedule, tokens, bits, ...);
+- ``chinchilla``: ``L(N, D) = E + A N^-alpha + B D^-beta`` (Hoffmann et al. 2022, eq. 2).
+
+The fit is Chinchilla's (Hoffmann et al. 2022, appendix D.2): parameters ``a = log A``,
+``b = log B``, ``e = log E``, and the Huber loss (delta 1e-3) of
+``LSE(a - alpha log N, b - beta log D, e) - log L`` minimised with L-BFGS from a grid of starting
+points (L-BFGS from the 8 starts of lowest loss), keeping the best. Fitting in log space weighs every point by its relative error, and the
+Huber loss keeps one outlier from steering the fit. Intervals are percentile bootstrap intervals:
+the points are resampled with replacement and refitted (the full fit's optimum is one of the
+starts), ``bootstrap`` times with a fixed seed. With a handful of points they are wide, and they
+say so; a law needs at least one point more than it has parameters, so residuals exist.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HUBER_DELTA = 1e-3
+
+
+@dataclass(frozen=True)
+class Law:
+    name: str
+    variables: tuple[str, ...]
+    formula: str
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """E, then a scale and an exponent per variable: (E, A, alpha) or (E, A, alpha, B, beta)."""
+        names = ("E",)
+        for scale, exponent in list(zip("AB", ("alpha", "beta")))[: len(self.variables)]:
+            names += (scale, exponent)
+        return names
+
+    def predict(self, params: dict[str, float], x: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.full(np.shape(x[self.variables[0]]), params["E"], dtype=float)
+        for variable, (scale, exponent) in zip(self.variables, zip("AB", ("alpha", "beta"))):
+            out = out + params[scale] * np.asarray(x[variable], dtype=float) ** -params[exponent]
+        return out
+
+
+LAWS = {law.name: law for law in (
+    Law("power", ("x",), "L = E + A x^-alpha"),
+    Law("chinchilla", ("N", "D"), "L = E + A N^-alpha + B D^-beta"),
+)}
+
+
+@dataclass
+class ScalingFitResult:
+    law: str
+    params: dict[str, float]
+    intervals: dict[str, tuple[float, float]]  # 95% percentile bootstrap
+    log_residuals: list[float]  # log L_measured - log L_fitted, per point in input order
+    rmse_log: float
+    n_points: int
+    bootstrap: int
+    failed_refits: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"law": self.law, "formula": LAWS[self.law].formula, "params": self.params,
+                "intervals_95": {k: list(v) for k, v in self.intervals.items()},
+                "log_residuals": self.log_residuals, "rmse_log": self.rmse_log, "n_points": self.n_points,
+                "bootstrap": self.bootstrap, "failed_refits": self.failed_refits}
+
+
+class ScalingFitError(ValueError):
+    """Points that cannot determine the law (too few, non-positive, non-finite)."""
+
+
+def _huber(r: np.ndarray) -> tuple[float, np.ndarray]:
+    small = np.abs(r) <= HUBER_DELTA
+    loss = np.where(small, 0.5 * r ** 2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
+    grad = np.where(small, r, HUBER_DELTA * np.sign(r))
+    return float(loss.sum()), grad
+
+
+def _objective(theta: np.ndarray, logs: np.ndarray, log_y: np.ndarray) -> tuple[float, np.ndarray]:
+    """theta = (e, a_1, alpha_1, a_2, alpha_2, ...); logs: [n_vars, n_points] of log x."""
+    e, pairs = theta[0], theta[1:].reshape(-1, 2)
+    terms = np.vstack([np.full(log_y.shape, e)] + [a - alpha * lx for (a, alpha), lx in zip(pairs, logs)])
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)
+    lse = top + np.log(weights.sum(axis=0))
+    loss, dr = _huber(lse - log_y)
+    soft = weights / weights.sum(axis=0)  # d lse / d term
+    grad = [float((dr * soft[0]).sum())]
+    for (a, alpha), lx, s in zip(pairs, logs, soft[1:]):
+        grad += [float((dr * s).sum()), float((dr * s * -lx).sum())]
+    return loss, np.asarray(grad)
+
+
+def _starts(n_vars: int) -> np.ndarray:
+    """Chinchilla-style grid of starting points [n_starts, 1 + 2 n_vars]: e, then (a, alpha) per variable."""
+    es, scales, exponents = (-1.0, 0.0, 0.5, 1.0, 1.5), (0.0, 5.0, 10.0, 15.0, 20.0), (0.0, 0.5, 1.0, 2.0)
+    return np.asarray(list(itertools.product(es, *([scales, exponents] * n_vars))), dtype=float)
+
+
+def _grid_losses(thetas: np.ndarray, logs: np.ndarray, log_y: np.ndarray) -> np.ndarray:
+    """The objective at many starting points at once (no gradient)."""
+    pairs = thetas[:, 1:].reshape(len(thetas), -1, 2)  # [S, vars, (a, alpha)]
+    terms = np.concatenate([np.repeat(thetas[:, None, :1], log_y.size, axis=2),
+                            pairs[..., :1] - pairs[..., 1:] * logs[None]], axis=1)  # [S, 1 + vars, points]
+    r = np.logaddexp.reduce(terms, axis=1) - log_y
+    small = np.abs(r) <= HUBER_DELTA
+    return np.where(small, 0.5 * r ** 2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum(axis=1)
+
+
+def _minimise(logs: np.ndarray, log_y: np.ndarray, starts: np.ndarray, keep: int = 8) -> np.ndarray | None:
+    """L-BFGS from the ``keep`` starts of lowest loss; the loss is scaled by 1/delta so that
+    L-BFGS's tolerances do not stop it on the Huber loss's small values."""
+    from scipy.optimize import minimize
+
+    def scaled(theta):
+        loss, grad = _objective(theta, logs, log_y)
+        return loss / HUBER_DELTA, grad / HUBER_DELTA
+
+    best, best_loss = None, math.inf
+    for start in starts[np.argsort(_grid_losses(starts, logs, log_y))[:keep]]:
+        r = minimize(scaled, start, jac=True, method="L-BFGS-B",
+                     options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10})
+        if np.all(np.isfinite(r.x)) and r.fun < best_loss:
+            best, best_loss = r.x, r.fun
+    return best
+
+
+def _as_params(law: Law, theta: np.ndarray) -> dict[str, float]:
+    values = [math.exp(theta[0])]
+    for a, alpha in theta[1:].reshape(-1, 2):
+        values += [math.exp(a), float(alpha)]
+    return dict(zip(law.params, values))
+
+
+def fit_scaling_law(law_name: str, x: dict[str, list[float]], y: list[float], bootstrap: int = 200,
+                    seed: int = 0, where: str = "scaling fit") -> ScalingFitResult:
+    """Fit ``law_name`` to points ``(x[var][i], y[i])``; ``where`` names the fit in errors."""
+    if law_name not in LAWS:
+        raise ScalingFitError(f"{where}: unknown law {law_name!r}; known laws: {', '.join(sorted(LAWS))}")
+    law = LAWS[law_name]
+    if sorted(x) != sorted(law.variables):
+        raise ScalingFitError(f"{where}: the {law.name} law ({law.formula}) needs the variables "
+                              f"{list(law.variables)}, got {sorted(x)}")
+    values = np.asarray([x[v] for v in law.variables], dtype=float)
+    y_values = np.asarray(y, dtype=float)
+    n, k = y_values.size, len(law.params)
+    if values.shape != (len(law.variables), n):
+        raise ScalingFitError(f"{where}: every variable needs one value per point ({n} points)")
+    if n < k + 1:
+        raise ScalingFitError(f"{where}: {n} points cannot fit the {k} parameters of the {law.name} law "
+                              f"({law.formula}) with residuals left to judge it; give at least {k + 1}")
+    if not (np.all(np.isfinite(values)) and np.all(np.isfinite(y_values))):
+        raise ScalingFitError(f"{where}: the points contain nan or inf")
+    if np.any(values <= 0) or np.any(y_values <= 0):
+        raise ScalingFitError(f"{where}: a power law needs positive variables and losses")
+    logs, log_y = np.log(values), np.log(y_values)
+    theta = _minimise(logs, log_y, _starts(len(law.variables)))
+    params = _as_params(law, theta)
+    residuals = log_y - np.log(law.predict(params, {v: values[i] for i, v in enumerate(law.variables)}))
+
+    rng = np.random.default_rng(seed)
+    samples, failed = [], 0
+    refit_starts = np.vstack([theta[None], _starts(len(law.variables))])
+    for _ in range(bootstrap):
+        pick = rng.integers(0, n, size=n)
+        if np.unique(pick).size < k:  # a resample with too few distinct points determines nothing
+            failed += 1
+            continue
+        refit = _minimise(logs[:, pick], log_y[pick], refit_starts, keep=3)
+        if refit is None:
+            failed += 1
+            continue
+        samples.append([_as_params(law, refit)[p] for p in law.params])
+    if samples:
+        table = np.asarray(samples)
+        intervals = {p: (float(np.percentile(table[:, i], 2.5)), float(np.percentile(table[:, i], 97.5)))
+                     for i, p in enumerate(law.params)}
+    else:
+        intervals = {p: (math.nan, math.nan) for p in law.params}
+    return ScalingFitResult(law=law.name, params=params, intervals=intervals,
+                            log_residuals=[float(r) for r in residuals],
+                            rmse_log=float(np.sqrt(np.mean(residuals ** 2))), n_points=n, bootstrap=bootstrap,
+                            failed_refits=failed)

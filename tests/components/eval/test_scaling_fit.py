@@ -1,0 +1,50 @@
+"""The shared scaling-law fitter recovers known exponents from synthetic data, its bootstrap
+intervals cover them under noise, and points that cannot determine a law are refused by name."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.eval.scaling_fit import ScalingFitError, fit_scaling_law
+
+N = np.repeat([1e6, 3e6, 1e7, 3e7, 1e8], 4)
+D = np.tile([1e8, 1e9, 1e10, 1e11], 5)
+TRUE = {"E": 1.7, "A": 400.0, "alpha": 0.34, "B": 410.0, "beta": 0.28}  # Chinchilla's own fit
+
+
+def chinchilla(n, d):
+    return TRUE["E"] + TRUE["A"] * n ** -TRUE["alpha"] + TRUE["B"] * d ** -TRUE["beta"]
+
+
+def test_exact_points_give_the_law_back():
+    fit = fit_scaling_law("chinchilla", {"N": N, "D": D}, chinchilla(N, D), bootstrap=5)
+    for name, value in TRUE.items():
+        assert fit.params[name] == pytest.approx(value, rel=1e-4), name
+    assert fit.rmse_log < 1e-6 and fit.n_points == 20
+    x = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
+    power = fit_scaling_law("power", {"x": x}, 2.0 + 50.0 * x ** -0.5, bootstrap=5)
+    assert power.params == pytest.approx({"E": 2.0, "A": 50.0, "alpha": 0.5}, rel=1e-4)
+
+
+def test_bootstrap_intervals_cover_the_true_exponents_under_noise():
+    rng = np.random.default_rng(0)
+    noisy = chinchilla(N, D) * np.exp(rng.normal(0.0, 0.01, N.size))  # 1% multiplicative noise
+    fit = fit_scaling_law("chinchilla", {"N": N, "D": D}, noisy, bootstrap=30, seed=0)
+    for name in ("alpha", "beta"):
+        low, high = fit.intervals[name]
+        assert low < TRUE[name] < high, (name, low, high)
+        assert high - low < 0.2, name  # informative, not the whole axis
+    assert fit.rmse_log == pytest.approx(0.01, rel=0.5)  # the residuals are the noise
+    assert len(fit.log_residuals) == N.size and fit.failed_refits == 0
+
+
+@pytest.mark.parametrize("law, x, y, message", [
+    ("power", {"x": [1.0, 2.0, 3.0]}, [3.0, 2.0, 1.5], "3 points cannot fit the 3 parameters of the power law"),
+    ("chinchilla", {"N": [1.0, 2.0]}, [3.0, 2.0], r"needs the variables \['N', 'D'\], got \['N'\]"),
+    ("power", {"x": [1.0, 2.0, 0.0, 4.0]}, [3.0, 2.0, 1.5, 1.2], "positive variables and losses"),
+    ("power", {"x": [1.0, 2.0, 3.0, 4.0]}, [3.0, float("nan"), 1.5, 1.2], "nan or inf"),
+    ("cubic", {"x": [1.0]}, [1.0], "unknown law 'cubic'; known laws: chinchilla, power"),
+])
+def test_points_that_cannot_determine_the_law_are_refused(law, x, y, message):
+    with pytest.raises(ScalingFitError, match=rf"^fit journey: .*{message}"):
+        fit_scaling_law(law, x, y, where="fit journey")
