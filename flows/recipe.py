@@ -331,6 +331,9 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     # claims may also read the stage metrics of anything upstream of an evaluate stage (e.g. a
     # select stage's target share), which the evaluate stage collects from their artifacts
     checkable = evaluated | {s for n in evaluates for s in _upstream(recipe, n)}
+    # and the scaling laws an evaluate stage fits (``params.fits``), by the fit's name
+    checkable |= {fit.get("name") for n in evaluates for fit in recipe.stages[n].params.get("fits", [])
+                  if isinstance(fit, dict)}
     for claim in recipe.claims:
         control = claim.effective_control()
         for stage in sorted(claim_stages(claim)):

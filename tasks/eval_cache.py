@@ -21,7 +21,7 @@ from tasks.code_version import code_version, relative_paths, source_closure
 EVAL_KIND = "model_eval"
 SCORES = "scores.json"
 WORK = "work"  # what the evaluator wrote for the model (the lm-eval task it ran)
-REPORT_ONLY_PARAMS = ("plot", "eft_beta")  # shape the stage's report or the EFT model, not a model's scores
+REPORT_ONLY_PARAMS = ("plot", "fits", "eft_beta")  # shape the stage's report or the EFT model, not a model's scores
 
 
 def evaluation_key(evaluator, model: Artifact, tokens: Artifact) -> tuple[str, dict]:

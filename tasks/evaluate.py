@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from components.distill.eft import EftModel
 from components.eval import report_plots
 from components.eval.claims import Claim, SeedPlan, check_claims, verdict_label
 from components.eval.summary import scored_blocks
+from components.eval.scaling_fit import claim_metrics, fit_points, fit_scaling_law, write_fit_plot
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.eval_cache import cached_evaluation
@@ -78,10 +80,15 @@ def run(ctx) -> dict:
     claims = [Claim.model_validate(c) for c in ctx.plan.options.get("claims", [])]
     seeds = ctx.plan.options.get("seeds")
     upstream = _upstream_metrics(ctx)
-    results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()}},
+    fits = _scaling_fits(ctx, evaluator, per_model)
+    results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()},
+                                    **{name: claim_metrics(fit["result"]) for name, fit in fits.items()}},
                            SeedPlan(seeds["seeds"], seeds["expanded"]) if seeds else None)
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
               "arith_examples": len(examples), "training_curves": curves}
+    if fits:
+        report["scaling_fits"] = {name: {**fit["result"].as_dict(), "points": fit["points"], "figure": fit["figure"]}
+                                  for name, fit in fits.items()}
     plot = getattr(evaluator.params, "plot", None)
     if plot is not None:
         report["sweep"] = {"metric": plot.metric, "x_label": plot.x_label, "points": sweep_points(plot, per_model),
@@ -93,6 +100,8 @@ def run(ctx) -> dict:
     (ctx.out_dir / "report.html").write_text(_html(ctx.recipe, report, figures))
     flat = {f"{model}.{k}": v for model, m in per_model.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+    flat.update({f"fit.{name}.{k}": v for name, fit in fits.items() for k, v in claim_metrics(fit["result"]).items()
+                 if math.isfinite(v)})
     flat.update({f"claim.{c['name']}": float(c["passed"]) for c in results})
     flat["claims_passed"] = sum(c["passed"] for c in results)
     flat["claims_reproduced"] = sum(c["reproduced"] for c in results)
@@ -102,6 +111,22 @@ def run(ctx) -> dict:
     ctx.facts["claims"] = {c["name"]: c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "")
                            for c in results}
     return flat
+
+
+def _scaling_fits(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]:
+    """Each ``params.fits`` law fitted across the evaluated models, with its plot in the artifact."""
+    out = {}
+    for spec in getattr(evaluator.params, "fits", None) or []:
+        where = f"stage {ctx.plan.name}: params.fits[{spec.name}]"
+        try:
+            x, y = fit_points(spec, per_model)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        result = fit_scaling_law(spec.law, x, y, spec.bootstrap, spec.seed, where=where)
+        figure = write_fit_plot(spec, x, y, result, ctx.out_dir, f"{ctx.recipe.name}: {spec.name}")
+        out[spec.name] = {"result": result, "figure": figure.name,
+                          "points": {"models": spec.models, "x": x, spec.metric: y}}
+    return out
 
 
 def _upstream_metrics(ctx) -> dict[str, dict]:
@@ -148,6 +173,8 @@ def _figures(report: dict, out_dir) -> dict[str, str]:
     }
     if "sweep" in report:
         drawn[f"Sweep: {report['sweep']['metric']}"] = out_dir / report["sweep"]["figure"]
+    for name, fit in report.get("scaling_fits", {}).items():
+        drawn[f"Scaling fit: {name} ({fit['formula']})"] = out_dir / fit["figure"]
     return {caption: path.name for caption, path in drawn.items() if path is not None and path.exists()}
 
 
@@ -161,6 +188,13 @@ def _markdown(recipe, report: dict, figures: dict[str, str]) -> str:
         lines.append(f"| {name} | " + " | ".join(_cell(m.get(c)) for c in cols) + " |")
     if scored_blocks(report):
         lines += ["", f"Perplexity over the test split: {scored_blocks(report)}."]
+    for name, fit in report.get("scaling_fits", {}).items():
+        lines += ["", f"## Scaling fit {name}: {fit['formula']}", "",
+                  f"{fit['n_points']} points, rmse of the log residuals {fit['rmse_log']:.4g}, 95% intervals from "
+                  f"{fit['bootstrap']} bootstrap refits ({fit['failed_refits']} failed).", "",
+                  "| parameter | value | 95% interval |", "|---|---|---|"]
+        lines += [f"| {p} | {_cell(v)} | [{_cell(fit['intervals_95'][p][0])}, {_cell(fit['intervals_95'][p][1])}] |"
+                  for p, v in fit["params"].items()]
     lines += ["", "## Claims", ""]
     for c in report["claims"]:
         lines.append(f"- **{verdict_label(c)}** {c['name']}: {c['statement']}  \n  {c['detail']}")

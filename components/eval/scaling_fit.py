@@ -22,6 +22,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from components.registry import MethodParams
 
 HUBER_DELTA = 1e-3
 
@@ -188,3 +191,105 @@ def fit_scaling_law(law_name: str, x: dict[str, list[float]], y: list[float], bo
                             log_residuals=[float(r) for r in residuals],
                             rmse_log=float(np.sqrt(np.mean(residuals ** 2))), n_points=n, bootstrap=bootstrap,
                             failed_refits=failed)
+
+
+# --------------------------------------------------------------------------- in an evaluate stage
+
+
+class ScalingFitSpec(MethodParams):
+    """A law fitted across evaluated models: ``metric`` of each model in ``models`` against the
+    law's variables, each given as a per-model metric name (e.g. ``train_tokens``) or as a
+    ``{model: value}`` mapping. The fit's parameters become claimable metrics ``<name>.<param>``
+    (with ``<param>_low``/``<param>_high``, the 95% interval, and ``rmse_log``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="the fit's name in claims and files")
+    law: str = Field(description=f"one of {', '.join(sorted(LAWS))}")
+    metric: str = Field(min_length=1, description="per-model metric fitted, e.g. loss_all (must be positive)")
+    models: list[str] = Field(min_length=2, description="evaluated models that are the fit's points")
+    variables: dict[str, str | dict[str, float]] = Field(description="law variable -> per-model metric name "
+                                                                     "or {model: value}")
+    bootstrap: int = Field(200, ge=0, description="bootstrap refits for the intervals (0: none)")
+    seed: int = 0
+
+    @field_validator("law")
+    @classmethod
+    def _known_law(cls, value: str) -> str:
+        if value not in LAWS:
+            raise ValueError(f"unknown law {value!r}; known laws: {', '.join(sorted(LAWS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _variables_match_the_law(self):
+        law = LAWS[self.law]
+        if sorted(self.variables) != sorted(law.variables):
+            raise ValueError(f"variables {sorted(self.variables)} do not match the {law.name} law's "
+                             f"{list(law.variables)} ({law.formula})")
+        if len(self.models) < len(law.params) + 1:
+            raise ValueError(f"{len(self.models)} models cannot fit the {len(law.params)} parameters of the "
+                             f"{law.name} law with residuals left; name at least {len(law.params) + 1}")
+        return self
+
+
+def fit_points(spec: ScalingFitSpec, per_model: dict[str, dict]) -> tuple[dict[str, list[float]], list[float]]:
+    """The fit's (variables, metric) per model; a missing model, metric or value names itself."""
+    x: dict[str, list[float]] = {v: [] for v in spec.variables}
+    y = []
+    for model in spec.models:
+        if model not in per_model:
+            raise ValueError(f"fit {spec.name}: models names {model!r}, which this evaluate stage did not evaluate; "
+                             f"evaluated: {', '.join(sorted(per_model))}")
+        if spec.metric not in per_model[model]:
+            raise ValueError(f"fit {spec.name}: metric {spec.metric!r} is not a metric of {model}")
+        y.append(float(per_model[model][spec.metric]))
+        for variable, source in spec.variables.items():
+            if isinstance(source, str):
+                if source not in per_model[model]:
+                    raise ValueError(f"fit {spec.name}: variable {variable} reads metric {source!r}, which {model} "
+                                     "does not have")
+                x[variable].append(float(per_model[model][source]))
+            else:
+                if model not in source:
+                    raise ValueError(f"fit {spec.name}: variables.{variable} gives no value for {model}")
+                x[variable].append(float(source[model]))
+    return x, y
+
+
+def claim_metrics(result: ScalingFitResult) -> dict[str, float]:
+    """The fit as metrics a claim can name: each parameter, its interval ends, and ``rmse_log``."""
+    out = dict(result.params)
+    for p, (low, high) in result.intervals.items():
+        out[f"{p}_low"], out[f"{p}_high"] = low, high
+    out["rmse_log"] = result.rmse_log
+    return out
+
+
+def write_fit_plot(spec: ScalingFitSpec, x: dict[str, list[float]], y: list[float], result: ScalingFitResult,
+                   out_dir, title: str):
+    """Measured points against the fitted law, on log axes (the first variable on x)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    law = LAWS[spec.law]
+    first = law.variables[0]
+    fitted = law.predict(result.params, {v: np.asarray(x[v]) for v in law.variables})
+    order = np.argsort(x[first])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter(np.asarray(x[first])[order], np.asarray(y)[order], label="measured", zorder=3)
+    ax.plot(np.asarray(x[first])[order], fitted[order], marker="x", linestyle="--",
+            label=f"fit: {law.formula}, rmse(log) {result.rmse_log:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(first if isinstance(spec.variables[first], dict) else f"{first} ({spec.variables[first]})")
+    ax.set_ylabel(spec.metric)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(out_dir) / f"fit_{spec.name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

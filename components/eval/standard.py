@@ -10,6 +10,7 @@ from pydantic import Field
 from components.eval.evaluator import Evaluator
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
+from components.eval.scaling_fit import ScalingFitSpec
 from components.eval.sizes import model_size_report
 from components.eval.sweep_plot import SweepPlot
 from components.registry import MethodParams, Paper
@@ -35,6 +36,9 @@ class StandardEvaluation(Evaluator):
         """EFT only: weight of the small models' fine-tuning difference (Mitchell et al. 2023)."""
         plot: SweepPlot | None = None
         """Optional: plot one metric across the evaluated models (a sweep), written as a PNG."""
+        fits: list[ScalingFitSpec] = Field(default_factory=list)
+        """Optional: scaling laws fitted across the evaluated models (``components/eval/scaling_fit.py``);
+        each fit's parameters are claimable as ``<fit name>.<param>``."""
 
     def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,

@@ -549,3 +549,25 @@ def test_lora_on_a_quantized_model_can_be_quantized_again(ws):
     assert finetuned.get("paperdag_quantization") is None
     facts = json.loads((outcomes["distill"].path / FACTS).read_text())
     assert facts["parents"]["model"]["parents"]["model"]["method"] == "rtn"
+
+
+def test_an_evaluate_stage_fits_a_scaling_law_that_claims_can_name(ws):
+    """`params.fits` on the evaluate stage: the law's parameters, intervals and plot land in the
+    artifact and in MLflow, and a claim reads `<fit>.<param>`."""
+    fit = ("[{name: toy_law, law: power, metric: ppl_all, bootstrap: 20, models: [pretrain_dense, pretrain_spdf, "
+           "finetune_spdf, distill], variables: {x: {pretrain_dense: 1, pretrain_spdf: 2, finetune_spdf: 4, distill: 8}}}]")
+    claim = ("[{name: toy_fit_finite, statement: the toy law's residuals are finite, kind: accounting, "
+             "metric: toy_law.rmse_log, op: '>=', than: 0}]")
+    [outcome] = _run(f"--set=stages.evaluate.params.fits={fit}", f"--set=claims={claim}", "--only=evaluate").outcomes
+    report = json.loads((outcome.path / "metrics.json").read_text())["scaling_fits"]["toy_law"]
+    assert report["law"] == "power" and set(report["params"]) == {"E", "A", "alpha"}
+    assert report["n_points"] == 4 and len(report["log_residuals"]) == 4 and report["points"]["models"][0] == "pretrain_dense"
+    assert (outcome.path / report["figure"]).stat().st_size > 0 and report["figure"] in (outcome.path / "report.md").read_text()
+    [claim_result] = json.loads((outcome.path / "metrics.json").read_text())["claims"]
+    assert claim_result["name"] == "toy_fit_finite" and claim_result["lhs"] == report["rmse_log"]
+
+
+def test_a_claim_on_an_undeclared_fit_is_refused(ws):
+    claim = "[{name: bad, statement: s, kind: accounting, metric: no_such_fit.alpha, op: '>', than: 0}]"
+    with pytest.raises(Exception, match=r"claims\[bad\]: it refers to stage 'no_such_fit'"):
+        _run(f"--set=claims={claim}", "--only=evaluate")
