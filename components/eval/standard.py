@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from components.eval.evaluator import Evaluator
@@ -36,6 +37,11 @@ class StandardEvaluation(Evaluator):
         """EFT only: weight of the small models' fine-tuning difference (Mitchell et al. 2023)."""
         plot: SweepPlot | None = None
         """Optional: plot one metric across the evaluated models (a sweep), written as a PNG."""
+        hessian_trace_probes: int | None = Field(None, ge=2)
+        """Optional: Hutchinson's estimate of the loss Hessian's trace (flatness) with this many
+        Rademacher probes, on the first ``hessian_trace_blocks`` test blocks of each domain
+        (``components/eval/flatness.py``); metrics ``hessian_trace``, ``_se``, ``_per_param``."""
+        hessian_trace_blocks: int = Field(2, ge=1)
         fits: list[ScalingFitSpec] = Field(default_factory=list)
         """Optional: scaling laws fitted across the evaluated models (``components/eval/scaling_fit.py``);
         each fit's parameters are claimable as ``<fit name>.<param>``."""
@@ -52,8 +58,20 @@ class StandardEvaluation(Evaluator):
                             batch_size=p.lm_eval_batch_size, limit=p.lm_eval_limit)
             out["arith_exact_match"] = r["exact_match"]
             out["arith_n"] = r["n"]
+        if p.hessian_trace_probes:
+            out.update(flatness_metrics(model, blocks_by_domain, p.hessian_trace_probes, p.hessian_trace_blocks))
         out.update(size_metrics(model_dir, quant_meta))
         return out
+
+
+def flatness_metrics(model, blocks_by_domain: dict[str, np.ndarray], probes: int, blocks_per_domain: int) -> dict:
+    """The Hessian trace on the same fixed blocks for every model: the first of each domain."""
+    from components.eval.flatness import hessian_trace
+
+    chosen = [blocks_by_domain[d][:blocks_per_domain] for d in sorted(blocks_by_domain) if len(blocks_by_domain[d])]
+    blocks = torch.from_numpy(np.concatenate(chosen).astype(np.int64))
+    with torch.enable_grad():
+        return hessian_trace(model, blocks, probes)
 
 
 def perplexity_metrics(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int,
