@@ -29,7 +29,7 @@ def test_exact_points_give_the_law_back():
 def test_bootstrap_intervals_cover_the_true_exponents_under_noise():
     rng = np.random.default_rng(0)
     noisy = chinchilla(N, D) * np.exp(rng.normal(0.0, 0.01, N.size))  # 1% multiplicative noise
-    fit = fit_scaling_law("chinchilla", {"N": N, "D": D}, noisy, bootstrap=30, seed=0)
+    fit = fit_scaling_law("chinchilla", {"N": N, "D": D}, noisy, bootstrap=20, seed=0)
     for name in ("alpha", "beta"):
         low, high = fit.intervals[name]
         assert low < TRUE[name] < high, (name, low, high)
