@@ -145,7 +145,10 @@ def results_markdown() -> str:
                          "Every low-bit method here computes in fp32 on values it rounds first (fake quantization), "
                          "so a ratio above 1 is the cost of the emulation, not of a low-precision kernel, which "
                          "this CPU build does not run. QAT and L4Q report the bytes of their packed file (codes "
-                         "plus scales, and L4Q's fp32 zero points); HALO keeps fp32 master weights and packs none."])
+                         "plus scales, and L4Q's fp32 zero points); HALO keeps fp32 master weights and packs none. "
+                         "This run shared the 2 cores with a CI run (dense AdamW's step took 2.14 and 1.76 s in its two "
+                         "repeats, against about 0.3 s on a quiet machine), so the ratios carry about +-25%; the "
+                         "bytes are exact."])
     r = _load("gptq_llmcompressor.json")
     if r:
         rows = ["| config | quantize time ours / llm-compressor (median of 3) | whole process | ppl fp32 / ours / "
