@@ -147,7 +147,7 @@ def results_markdown() -> str:
                          "this CPU build does not run. QAT and L4Q report the bytes of their packed file (codes "
                          "plus scales, and L4Q's fp32 zero points); HALO keeps fp32 master weights and packs none. "
                          "This run shared the 2 cores with a CI run (dense AdamW's step took 2.14 and 1.76 s in its two "
-                         "repeats, against about 0.3 s on a quiet machine), so the ratios carry about +-25%; the "
+                         "repeats), so the ratios carry about +-25%; the "
                          "bytes are exact."])
     r = _load("gptq_llmcompressor.json")
     if r:
