@@ -147,7 +147,7 @@ def results_markdown() -> str:
                          "this CPU build does not run. QAT and L4Q report the bytes of their packed file (codes "
                          "plus scales, and L4Q's fp32 zero points); HALO keeps fp32 master weights and packs none. "
                          "This run shared the 2 cores with a CI run (dense AdamW's step took 2.14 and 1.76 s in its two "
-                         "repeats), so the ratios carry about +-25%; the "
+                         "repeats; HALO level 2's took 3.66 and 4.90 s), so a ratio is good to about a third; the "
                          "bytes are exact."])
     r = _load("gptq_llmcompressor.json")
     if r:
