@@ -66,6 +66,13 @@ def test_a_method_with_per_block_state_is_refused_on_ranks():
                                 "stages.distill.resources.ranks=2"])
 
 
+def test_l4q_is_refused_on_ranks_before_anything_runs():
+    with pytest.raises(RecipeError, match="method 'l4q' packs its merged weights from the learned grids, which only "
+                                          "the training process holds; train it on one rank"):
+        load_plan(NANO_RECIPE, ["stages.finetune_prose.method=l4q", "stages.finetune_prose.params.group_size=32",
+                                "stages.finetune_prose.resources.ranks=2"])
+
+
 @pytest.mark.parametrize(("key", "value", "unit"), [("threads", 4096, "cores"), ("memory_gb", 1e6, "GB of memory"),
                                                     ("gpus", 64, "NVIDIA GPUs")])
 def test_a_stage_asking_more_than_the_machine_has_is_refused_before_anything_runs(tmp_path, capsys, key, value, unit):

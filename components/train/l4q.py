@@ -69,6 +69,8 @@ class LsqLoraLinear(FoldableLinear):
 class L4QTraining(LinearReplacement):
     key = "l4q"
     quantizes_weights = True
+    # ``pack`` reads the learned grids ``finalize`` kept; several ranks hand back only the weights
+    one_process_only = "packs its merged weights from the learned grids, which only the training process holds"
     paper = Paper(title="L4Q: Parameter Efficient Quantization-Aware Fine-Tuning on Large Language Models",
                   url="https://arxiv.org/abs/2402.04902", arxiv="2402.04902")
 

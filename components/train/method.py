@@ -68,6 +68,9 @@ class TrainingMethod(Method):
     #: False when the method keeps per-block state (e.g. last epoch's predictions) that, on
     #: several data-parallel ranks, each rank would update for its own blocks only.
     shards_across_ranks: bool = True
+    #: Why the method cannot train on several ranks, if it cannot (the recipe compiler refuses
+    #: ``resources.ranks`` > 1 with this reason); empty: it can.
+    one_process_only: str = ""
     #: True when the method trains the weights onto a low-bit grid (QAT, L4Q): its input model must
     #: not be quantized already (a second grid on top of the first is refused, not stacked).
     quantizes_weights: bool = False
