@@ -79,11 +79,14 @@ class ScalingFitError(ValueError):
     """Points that cannot determine the law (too few, non-positive, non-finite)."""
 
 
+def _huber_terms(r: np.ndarray) -> np.ndarray:
+    """The Huber loss of each residual (any shape)."""
+    return np.where(np.abs(r) <= HUBER_DELTA, 0.5 * r ** 2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
+
+
 def _huber(r: np.ndarray) -> tuple[float, np.ndarray]:
-    small = np.abs(r) <= HUBER_DELTA
-    loss = np.where(small, 0.5 * r ** 2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA))
-    grad = np.where(small, r, HUBER_DELTA * np.sign(r))
-    return float(loss.sum()), grad
+    grad = np.where(np.abs(r) <= HUBER_DELTA, r, HUBER_DELTA * np.sign(r))
+    return float(_huber_terms(r).sum()), grad
 
 
 def _objective(theta: np.ndarray, logs: np.ndarray, log_y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -112,9 +115,7 @@ def _grid_losses(thetas: np.ndarray, logs: np.ndarray, log_y: np.ndarray) -> np.
     pairs = thetas[:, 1:].reshape(len(thetas), -1, 2)  # [S, vars, (a, alpha)]
     terms = np.concatenate([np.repeat(thetas[:, None, :1], log_y.size, axis=2),
                             pairs[..., :1] - pairs[..., 1:] * logs[None]], axis=1)  # [S, 1 + vars, points]
-    r = np.logaddexp.reduce(terms, axis=1) - log_y
-    small = np.abs(r) <= HUBER_DELTA
-    return np.where(small, 0.5 * r ** 2, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA)).sum(axis=1)
+    return _huber_terms(np.logaddexp.reduce(terms, axis=1) - log_y).sum(axis=1)
 
 
 def _minimise(logs: np.ndarray, log_y: np.ndarray, starts: np.ndarray, keep: int = 8) -> np.ndarray | None:

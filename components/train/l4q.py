@@ -88,10 +88,8 @@ class L4QTraining(LinearReplacement):
 
     def prepare(self, model: nn.Module) -> None:
         p, targets = self.params, self.targets(model)
+        self.check_groups_divide(targets, p.group_size)
         for name, linear in sorted(targets.items()):
-            if linear.in_features % p.group_size:
-                raise ValueError(f"params.group_size={p.group_size} does not divide the input width of {name} "
-                                 f"({linear.in_features})")
             if p.rank > min(linear.in_features, linear.out_features):
                 raise ValueError(f"params.rank={p.rank} is larger than layer {name} allows "
                                  f"(min(in, out) = {min(linear.in_features, linear.out_features)})")

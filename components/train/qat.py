@@ -89,10 +89,8 @@ class QuantAwareTraining(LinearReplacement):
 
     def prepare(self, model: nn.Module) -> None:
         p, targets = self.params, self.targets(model)
-        uneven = sorted(n for n, m in targets.items() if p.granularity == "group" and m.in_features % p.group_size)
-        if uneven:
-            raise ValueError(f"params.group_size={p.group_size} does not divide the input width of {uneven[0]} "
-                             f"({targets[uneven[0]].in_features})")
+        if p.granularity == "group":
+            self.check_groups_divide(targets, p.group_size)
         quantize = self.quantizer()
         self.replace(model, targets, lambda linear: FakeQuantLinear(linear, quantize))
 

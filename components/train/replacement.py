@@ -62,6 +62,14 @@ class LinearReplacement(TrainingMethod):
             raise ValueError(f"params.target_modules {list(names)} names no Linear in the decoder blocks")
         return targets
 
+    @staticmethod
+    def check_groups_divide(targets: dict[str, nn.Linear], group_size: int) -> None:
+        """Refuse a ``group_size`` that does not divide every target's input width (first by name)."""
+        uneven = sorted(n for n, m in targets.items() if m.in_features % group_size)
+        if uneven:
+            raise ValueError(f"params.group_size={group_size} does not divide the input width of {uneven[0]} "
+                             f"({targets[uneven[0]].in_features})")
+
     def replace(self, model: nn.Module, targets: dict[str, nn.Linear],
                 stand_in: Callable[[nn.Linear], FoldableLinear]) -> None:
         for name, linear in sorted(targets.items()):  # sorted: random inits do not depend on dict order
