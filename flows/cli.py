@@ -55,14 +55,15 @@ def _workspace(args, writes: bool = False) -> Workspace:
 
 
 @contextmanager
-def _prefect_api(ws: Workspace):
+def _prefect_api(ws: Workspace, meanwhile=None):
     """Flows report to the user's PREFECT_API_URL, or to a local server this process owns
-    (flows/prefect_server.py) instead of Prefect's ephemeral one."""
+    (flows/prefect_server.py) instead of Prefect's ephemeral one. ``meanwhile``: work done
+    while that server starts."""
     from prefect.context import refresh_global_settings_context
 
     from flows.prefect_server import prefect_api_url
 
-    url = prefect_api_url(ws.state_dir)
+    url = prefect_api_url(ws.state_dir, meanwhile)
     if url is None:
         _check_prefect_api(os.environ["PREFECT_API_URL"])
         yield
@@ -104,11 +105,12 @@ def cmd_run(args) -> int:
         return cmd_status(args)
     ws = _workspace(args, writes=True)
     from flows.pipeline import recipe_flow, stages_to_run
-    from flows.recipe import load_plan, resolve_recipe_path
+    from flows.plan_cache import compiled_plan
+    from flows.recipe_path import resolve_recipe_path
     from flows.report import print_summary
 
     path = resolve_recipe_path(args.recipe, ws.root)
-    _, plan = load_plan(path, args.set)  # fail fast, before Prefect starts
+    plan, _ = compiled_plan(path, args.set)  # fail fast, before Prefect starts
     order, _ = stages_to_run(plan, args.only, args.from_stage)
     _refuse_missing_inputs(plan, ws, order)
     flow, max_parallel = _flow_with_runner(recipe_flow, args)
@@ -117,7 +119,10 @@ def cmd_run(args) -> int:
 
         check_stage_resources(plan, order, Capacity.local())
     print(f"paperdag: recipe {plan.name} ({len(plan.stages)} stages) from {path}")
-    with _prefect_api(ws):
+    from tasks.tracking import import_tracking_client
+
+    # MLflow's imports (seconds) overlap the Prefect server's start-up instead of following it
+    with _prefect_api(ws, meanwhile=lambda: import_tracking_client(ws.tracking_uri)):
         summary = flow(str(path), overrides=args.set, only=args.only, from_stage=args.from_stage,
                        workspace=str(ws.root), progress=not args.no_progress, max_parallel=max_parallel,
                        runner=args.runner)
@@ -202,12 +207,13 @@ def cmd_push_pull(args) -> int:
 def cmd_stage(args) -> int:
     ws = _workspace(args, writes=True)
     from flows.errors import StageFailedError
-    from flows.recipe import load_plan, resolve_recipe_path
+    from flows.plan_cache import compiled_plan
+    from flows.recipe_path import resolve_recipe_path
     from tasks.runner import execute_stage
     from tasks.tracking import Tracker
 
     path = resolve_recipe_path(args.recipe, ws.root)
-    _, plan = load_plan(path, args.set)
+    plan, _ = compiled_plan(path, args.set)
     if args.stage not in plan.stages:
         print(f"error: recipe {plan.name} has no stage {args.stage!r}; stages: {', '.join(plan.stages)}", file=sys.stderr)
         return EXIT_USAGE

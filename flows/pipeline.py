@@ -30,7 +30,8 @@ from flows.parallel import (
     stop_pool_workers,
     threads_per_stage,
 )
-from flows.recipe import load_plan, resolve_recipe_path
+from flows.plan_cache import compiled_plan
+from flows.recipe_path import resolve_recipe_path
 from flows.selection import stages_to_run  # noqa: F401  (the flow's own selection; torch-free for `status`)
 from tasks.plan import RecipePlan
 from tasks.runner import StageOutcome, execute_stage
@@ -80,7 +81,7 @@ def recipe_flow(recipe: str, overrides: list[str] | None = None, only: list[str]
     ws = Workspace.from_env(workspace)
     ws.configure_environment()  # a worker's flow process did not come through the CLI that sets these
     path = resolve_recipe_path(recipe, ws.root)
-    _, plan = load_plan(path, overrides or [])
+    plan, _ = compiled_plan(path, overrides or [])  # a cached plan imports no method registry
     order, forced = stages_to_run(plan, only or [], from_stage)
     if max_parallel == 1 or ":" not in runner:  # stages run on this machine (a cluster places its own)
         check_stage_resources(plan, order, Capacity.local())

@@ -31,6 +31,7 @@ from pathlib import Path
 import pydantic
 import yaml
 
+from tasks import code_version  # its source_bytes: the one reader of source files, as for stage digests
 from tasks.fingerprint import InputFileError, cache_dir, hash_inputs
 from tasks.plan import RecipePlan, StagePlan
 
@@ -45,7 +46,7 @@ def code_fingerprint(root: Path = PROJECT_ROOT, packages: tuple[str, ...] = CODE
     h = hashlib.sha256(f"{sys.version}\0{pydantic.VERSION}\0{yaml.__version__}\0".encode())
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + code_version.source_bytes(path) + b"\0")
     return h.hexdigest()
 
 

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from tasks.artifacts import file_lock
 from tasks.tracking import unhealthy
@@ -66,10 +67,10 @@ class ManagedPrefectServer:
         self.log_path = prefect_home / "paperdag-server.log"
 
     @classmethod
-    def shared(cls, prefect_home: Path) -> "ManagedPrefectServer":
+    def shared(cls, prefect_home: Path, meanwhile: Callable[[], None] | None = None) -> "ManagedPrefectServer":
         if cls._instance is None or not cls._instance.alive:
             cls._instance = cls(prefect_home)
-            cls._instance.start()
+            cls._instance.start(meanwhile)
         return cls._instance
 
     @property
@@ -80,13 +81,22 @@ class ManagedPrefectServer:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> None:
+    def start(self, meanwhile: Callable[[], None] | None = None) -> None:
+        """``meanwhile``: work for this process while the server boots in its own (seconds of
+        imports), done once, in this thread, so nothing imports concurrently."""
         self.prefect_home.mkdir(parents=True, exist_ok=True)
         with file_lock(self.prefect_home / "paperdag-server.lock", "another paperdag process is starting "
                                                                      "its Prefect server on this database"):
             for _attempt in range(3):  # a port taken between choosing and binding: choose again
                 self.port = _free_port()
                 self._spawn()
+                if meanwhile is not None:
+                    try:
+                        meanwhile()
+                    except BaseException:
+                        self.stop()
+                        raise
+                    meanwhile = None
                 if self._wait_healthy():
                     atexit.register(self.stop)
                     return
@@ -135,14 +145,23 @@ class ManagedPrefectServer:
         self.process = None
 
 
-def prefect_api_url(state_dir: Path) -> str | None:
+def prefect_api_url(state_dir: Path, meanwhile: Callable[[], None] | None = None) -> str | None:
     """The API this process's flows report to: the user's ``PREFECT_API_URL`` (None: use it as
-    configured) or a managed local server's."""
+    configured) or a managed local server's. ``meanwhile`` runs while a new server starts, or
+    right away when none has to."""
     ours = ManagedPrefectServer._instance
     if os.environ.get("PREFECT_API_URL") and not (ours and os.environ["PREFECT_API_URL"] == ours.api_url):
-        return None
+        return _done(meanwhile, None)
     home = Path(os.environ.get("PREFECT_HOME") or state_dir / "prefect")
-    return ManagedPrefectServer.shared(home).api_url
+    if ours is not None and ours.alive:
+        return _done(meanwhile, ours.api_url)
+    return ManagedPrefectServer.shared(home, meanwhile).api_url
+
+
+def _done(meanwhile: Callable[[], None] | None, result: str | None) -> str | None:
+    if meanwhile is not None:
+        meanwhile()
+    return result
 
 
 def _watch_parent(parent: int) -> None:

@@ -17,7 +17,6 @@ from typing import Callable
 from components.failpoints import failpoint
 from tasks.artifacts import STAGE_METRICS, Artifact, ArtifactError
 from tasks.code_version import relative_paths
-from tasks.kinds import KINDS
 from tasks.plan import RecipePlan, StagePlan
 from tasks.tracking import Tracker
 from tasks.workspace import Workspace
@@ -45,6 +44,8 @@ class StageContext:
 
     @cached_property
     def method(self):
+        from tasks.kinds import KINDS
+
         cls = KINDS[self.plan.kind].registry.get(self.plan.method)
         return cls(cls.Params.model_validate(self.plan.params))
 
@@ -143,6 +144,8 @@ def _build(plan: RecipePlan, stage: StagePlan, ws: Workspace, tracker: Tracker |
            force: bool, launcher: str, progress: bool, start: float) -> StageOutcome:
     name, store = stage.name, ws.artifacts
     inputs = resolve_inputs(plan, stage, ws)
+    from tasks.kinds import KINDS  # the method registries (torch): a cache hit never needs them
+
     module = importlib.import_module(KINDS[stage.kind].task_module)
     manifest = {
         "stage": name,

@@ -91,6 +91,16 @@ def check_tracking_server(uri: str) -> None:
                                   "MLFLOW_TRACKING_URI to track in the workspace's SQLite file")
 
 
+def import_tracking_client(uri: str) -> None:
+    """Import what ``Tracker`` needs for ``uri`` (MLflow and, for a local store, SQLAlchemy and
+    alembic: seconds), so a caller can do it while it waits for something else."""
+    import mlflow.entities  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+
+    if not is_server(uri):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 

@@ -171,6 +171,18 @@ def test_warm_run_is_all_cache_hits(ws):
     assert len(summary.outcomes) == len(STAGES)
 
 
+def test_a_cached_run_through_the_cli_imports_no_torch(ws):
+    """Every stage a hit: the plan comes from the plan cache and no stage's task module loads, so
+    the run never imports torch, transformers or DeepSpeed (seconds each)."""
+    code = ("import sys; from flows.cli import main; rc = main(['run', 'nano', '--no-progress']); "
+            "print(rc, sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(),
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "13 stages, 13 cache hits" in done.stdout, done.stdout[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "0 []", done.stdout[-3000:]
+
+
 def _evaluations_reused(summary) -> int:
     evaluate = next(o for o in summary.outcomes if o.name == "evaluate")
     return json.loads((evaluate.path / "manifest.json").read_text())["facts"]["evaluations_reused"]
