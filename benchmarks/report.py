@@ -76,7 +76,8 @@ def results_markdown() -> str:
     md = RESULTS / "cached_run.md"
     if md.exists():
         out += _section("A fully cached run against a bare Prefect flow",
-                        "python benchmarks/bench_cached_run.py --workspace WS (WS: the quickstart built at that commit)",
+                        "python benchmarks/bench_cached_run.py --workspace WS --before 46c59a9 (WS: the quickstart built "
+                        "at that commit)",
                         [md.read_text().rstrip()])
     md = RESULTS / "parallel.md"
     if md.exists():
