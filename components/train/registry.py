@@ -1,5 +1,6 @@
 """Training methods a recipe can name, per stage kind."""
 from components.registry import Registry
+from components.train.bert2bert import Bert2Bert
 from components.train.dense import DenseTraining
 from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
@@ -22,4 +23,4 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
-                                                            HaloTraining, L4QTraining])
+                                                            HaloTraining, L4QTraining, Bert2Bert])
