@@ -158,6 +158,7 @@ def grow_llama(small: LlamaForCausalLM, *, hidden_size: int, num_attention_heads
         **old.to_dict(), "hidden_size": hidden_size, "num_attention_heads": num_attention_heads,
         "num_key_value_heads": num_attention_heads, "intermediate_size": intermediate_size,
         "num_hidden_layers": num_hidden_layers, "head_dim": head_dim})
-    model = LlamaForCausalLM(config).to(small.dtype)
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG alone
+        model = LlamaForCausalLM(config).to(small.dtype)
     model.load_state_dict(grown, strict=True)
     return model.train(small.training)

@@ -93,3 +93,12 @@ def test_shapes_growth_cannot_handle_are_refused_by_name(sizes, overrides, messa
 def test_a_model_that_is_not_llama_is_refused():
     with pytest.raises(ValueError, match="bert2bert grows Llama models"):
         grow_llama(torch.nn.Linear(2, 2), **WIDER, num_hidden_layers=2)
+
+
+def test_growth_leaves_the_global_random_stream_alone():
+    small = perturbed_nano()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    grow_llama(small, **WIDER, num_hidden_layers=3, init="aki", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.rand(3), expected)
