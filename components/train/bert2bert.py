@@ -50,8 +50,11 @@ class Bert2Bert(TrainingMethod):
         target = {name: PRESETS[p.grow_to][name] for name in _GROWN_SIZES}
         self._grown_from = {name: getattr(model.config, name) for name in _GROWN_SIZES}
         device = next(model.parameters()).device
-        grown = grow_llama(model.cpu(), **target, init=p.init, depth=p.depth,
-                           generator=torch.Generator().manual_seed(p.seed)).to(device)
+        try:
+            grown = grow_llama(model.cpu(), **target, init=p.init, depth=p.depth,
+                               generator=torch.Generator().manual_seed(p.seed)).to(device)
+        except ValueError as error:
+            raise ValueError(f"params.grow_to={p.grow_to!r}: {error}") from None
         # the trainer holds `model`: swap its insides so the caller's object becomes the grown model
         model.model, model.lm_head, model.config = grown.model, grown.lm_head, grown.config
 
