@@ -36,7 +36,7 @@ def run(ctx) -> dict:
         if tok != reference:
             raise MergeError(f"stage {ctx.plan.name}: checkpoint {name!r} has a different tokenizer from "
                              f"{reference_name!r}; merged models must share one tokenizer")
-    model, tokenizer, _ = load_model_artifact(models[0])
+    model, tokenizer, _ = load_model_artifact(base_art if merger.shaped_like_base else models[0])
     score_fn = None
     domain = merger.params.validation_domain
     if domain is not None and "tokens" not in ctx.inputs:

@@ -8,7 +8,8 @@ from components.merge.groupwise import GroupwiseMerge
 from components.merge.task_arithmetic import TaskArithmetic
 from components.merge.ties import Ties
 from components.merge.uniform_soup import UniformSoup
+from components.merge.vcycle_interpolate import VCycleInterpolate
 from components.registry import Registry
 
 MERGERS = Registry("merge", Merger, [UniformSoup, TaskArithmetic, Ties, DareLinear, DareTies,
-                                     GreedySoup, ComPEFT, GroupwiseMerge, Grafting])
+                                     GreedySoup, ComPEFT, GroupwiseMerge, Grafting, VCycleInterpolate])

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from components.model.growth import DepthGrowth, GrowthInit, grow_llama
+from components.model.growth import DepthMap, GrowthInit, grow_llama, swap_into
 from components.model.presets import PRESETS
 from components.registry import Paper
 from components.train.method import TrainingMethod
@@ -29,7 +29,7 @@ class Bert2Bert(TrainingMethod):
         grow_to: str = Field(description="The model preset to grow into (see components/model/presets.py).")
         init: GrowthInit = Field("aki", description="fpi: copies keep the function; aki: new units also take "
                                                     "weights from the layer above.")
-        depth: DepthGrowth = Field("stack", description="stack: repeat the layer sequence; interpolate: repeat "
+        depth: DepthMap = Field("stack", description="stack: repeat the layer sequence; interpolate: repeat "
                                                         "each layer in place.")
 
         @field_validator("grow_to")
@@ -45,18 +45,14 @@ class Bert2Bert(TrainingMethod):
 
     def prepare(self, model: nn.Module) -> None:
         p = self.params
-        if not isinstance(getattr(model, "model", None), nn.Module):
-            raise ValueError(f"bert2bert grows Llama models (LlamaForCausalLM); got {type(model).__name__}")
-        target = {name: PRESETS[p.grow_to][name] for name in _GROWN_SIZES}
         self._grown_from = {name: getattr(model.config, name) for name in _GROWN_SIZES}
-        device = next(model.parameters()).device
+        target = {name: PRESETS[p.grow_to][name] for name in _GROWN_SIZES}
         try:
-            grown = grow_llama(model.cpu(), **target, init=p.init, depth=p.depth,
-                               generator=torch.Generator().manual_seed(p.seed)).to(device)
+            grown = grow_llama(model, **target, init=p.init, depth=p.depth,
+                               generator=torch.Generator().manual_seed(p.seed))
         except ValueError as error:
             raise ValueError(f"params.grow_to={p.grow_to!r}: {error}") from None
-        # the trainer holds `model`: swap its insides so the caller's object becomes the grown model
-        model.model, model.lm_head, model.config = grown.model, grown.lm_head, grown.config
+        swap_into(model, grown)  # the trainer holds `model`: it becomes the grown model
 
     def finalize(self, model: nn.Module) -> dict:
         return {"grown_from": self._grown_from, "growth_init": self.params.init, "growth_depth": self.params.depth}

@@ -16,6 +16,7 @@ from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
 from components.train.spdf import SpdfTraining
 from components.train.sr_ste import SrSteTraining
+from components.train.vcycle_coalesce import VCycleCoalesce
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning, SLTrain,
@@ -23,4 +24,4 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
-                                                            HaloTraining, L4QTraining, Bert2Bert])
+                                                            HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce])

@@ -6,6 +6,7 @@ a param change, a code change, --only, --from, lineage, and DVC.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from components.model.presets import PRESETS
 from flows.cli import main
 from tasks.artifacts import DIGEST_LEN
 from tasks.model_io import FACTS
@@ -583,3 +585,24 @@ def test_a_claim_on_an_undeclared_fit_is_refused(ws):
     claim = "[{name: bad, statement: s, kind: accounting, metric: no_such_fit.alpha, op: '>', than: 0}]"
     with pytest.raises(Exception, match=r"claims\[bad\]: it refers to stage 'no_such_fit'"):
         _run(f"--set=claims={claim}", "--only=evaluate")
+
+
+def test_a_vcycle_coalesces_trains_and_interpolates_back_through_the_dag(ws):
+    """The V-cycle across stages: a vcycle_coalesce fine-tune saves the half-size model, the
+    vcycle_interpolate merge brings it back to its base's shapes, and both are evaluated."""
+    summary = _run("--set=stages.finetune_prose.method=vcycle_coalesce",
+                   "--set=stages.merge={kind: merge, method: vcycle_interpolate, "
+                   "inputs: {base: pretrain_dense, models: [finetune_prose]}, params: {alpha: 0.5}}",
+                   "--set=stages.evaluate.inputs.models=[pretrain_dense, pretrain_spdf, finetune_spdf, distill, quantize, merge, "
+                   "finetune_prose]",
+                   "--only=finetune_prose", "--only=merge", "--only=evaluate")
+    outcomes = {o.name: o for o in summary.outcomes}
+    small = json.loads((outcomes["finetune_prose"].path / "config.json").read_text())
+    merged = json.loads((outcomes["merge"].path / "config.json").read_text())
+    base = PRESETS["nano"]  # the recipe's model, pretrain_dense's shapes
+    assert (small["hidden_size"], small["num_hidden_layers"]) == (base["hidden_size"] // 2, 1)
+    assert (merged["hidden_size"], merged["num_hidden_layers"]) == (base["hidden_size"], base["num_hidden_layers"])
+    facts = json.loads((outcomes["finetune_prose"].path / FACTS).read_text())
+    assert facts["coalesced_from"]["hidden_size"] == base["hidden_size"]
+    scored = json.loads((outcomes["evaluate"].path / "metrics.json").read_text())["models"]
+    assert {"finetune_prose", "merge"} <= set(scored) and all(math.isfinite(scored[m]["ppl_all"]) for m in scored)

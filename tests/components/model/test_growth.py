@@ -1,11 +1,15 @@
-"""bert2BERT growth: FPI widening keeps the function exactly, AKI and depth growth copy the
-weights they say they copy, and every shape growth cannot handle is refused by name."""
+"""Growth and coalescing: FPI widening keeps the function exactly, AKI and depth growth copy the
+weights they say they copy, coalescing a cyclic growth gives the small model back, and every
+shape the operators cannot handle is refused by name."""
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
-from components.model.growth import grow_llama, layer_map
+from components.model.growth import (LlamaSizes, coalesce_llama, decoalesce_state_dict, grow_llama, layer_map,
+                                      width_maps)
 from components.model.presets import build_model
 
 VOCAB, SEQ = 64, 16
@@ -76,22 +80,22 @@ def test_depth_growth_copies_whole_wide_layers(depth, expected):
 
 
 @pytest.mark.parametrize(("sizes", "overrides", "message"), [
-    (dict(hidden_size=32, num_attention_heads=1, intermediate_size=192), {}, "hidden_size would shrink from 64 to 32"),
+    (dict(hidden_size=32, num_attention_heads=1, intermediate_size=192), {}, "the target's hidden_size (32) is below the input's (64)"),
     (dict(hidden_size=128, num_attention_heads=4, intermediate_size=100), {},
-     "intermediate_size would shrink from 192 to 100"),
+     "the target's intermediate_size (100) is below the input's (192)"),
     (dict(hidden_size=96, num_attention_heads=3, intermediate_size=320), {}, "96 is not a multiple of 64"),
-    (dict(hidden_size=128, num_attention_heads=2, intermediate_size=320), {}, "the target 128/2 = 64"),
+    (dict(hidden_size=128, num_attention_heads=2, intermediate_size=320), {}, "the input's 64/2 = 32, the target's 128/2 = 64"),
     (WIDER, {"tie_word_embeddings": True}, "lm_head is tied to its embedding"),
     (WIDER, {"num_key_value_heads": 1}, "shares 1 key/value heads among 2 query heads"),
     (WIDER, {"attention_bias": True}, "without biases"),
 ])
 def test_shapes_growth_cannot_handle_are_refused_by_name(sizes, overrides, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         grow_llama(perturbed_nano(**overrides), **sizes, num_hidden_layers=2)
 
 
 def test_a_model_that_is_not_llama_is_refused():
-    with pytest.raises(ValueError, match="bert2bert grows Llama models"):
+    with pytest.raises(ValueError, match="growth works on Llama models"):
         grow_llama(torch.nn.Linear(2, 2), **WIDER, num_hidden_layers=2)
 
 
@@ -102,3 +106,59 @@ def test_growth_leaves_the_global_random_stream_alone():
     torch.manual_seed(7)
     grow_llama(small, **WIDER, num_hidden_layers=3, init="aki", generator=torch.Generator().manual_seed(1))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_cyclic_maps_pair_unit_j_with_j_plus_n_and_whole_heads():
+    narrow = LlamaSizes(64, 2, 192, 2, head_dim=32)
+    wide = LlamaSizes(128, 4, 384, 4, head_dim=32)
+    maps = width_maps(narrow, wide, "cyclic")
+    assert maps.maps["hidden"].tolist() == [j % 64 for j in range(128)]
+    heads = maps.maps["attention"].view(4, 32) // 32  # the narrow head of each wide head's rows
+    assert heads[:, 0].tolist() == [0, 1, 0, 1] and bool((heads == heads[:, :1]).all())
+    assert maps.counts("mlp").tolist() == [2.0] * 192
+
+
+@pytest.mark.parametrize("depth", ["interpolate", "stack"])
+def test_coalescing_a_cyclic_growth_gives_the_small_model_back(depth):
+    small = perturbed_nano()
+    grown = grow_llama(small, hidden_size=128, num_attention_heads=4, intermediate_size=384, num_hidden_layers=4,
+                       extras="cyclic", depth=depth)
+    back = coalesce_llama(grown, width_factor=2, depth_factor=2, depth=depth)
+    assert back.config.hidden_size == 64 and back.config.num_hidden_layers == 2
+    expected = small.state_dict()
+    for key, value in back.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=1e-6, msg=key)
+    # and through state dicts, as the V-cycle's merge de-coalesces
+    decoalesced = decoalesce_state_dict(small.state_dict(), grown.state_dict(), depth)
+    assert all(torch.equal(decoalesced[k], v) for k, v in grown.state_dict().items())
+
+
+def test_coalescing_averages_rows_sums_columns_and_averages_adjacent_layers():
+    large = perturbed_nano()
+    small = coalesce_llama(large, width_factor=2, depth_factor=2)
+    assert (small.config.hidden_size, small.config.num_attention_heads, small.config.intermediate_size,
+            small.config.num_hidden_layers) == (32, 1, 96, 1)
+    up = [large.model.layers[i].mlp.up_proj.weight.detach() for i in (0, 1)]
+    # narrow unit u <- wide units u and u + 96 (rows: mean); narrow input c <- wide c and c + 32 (columns: sum)
+    per_layer = [(w[:96] + w[96:]) / 2 for w in up]
+    per_layer = [w[:, :32] + w[:, 32:] for w in per_layer]
+    torch.testing.assert_close(small.model.layers[0].mlp.up_proj.weight, (per_layer[0] + per_layer[1]) / 2)
+    embed = large.model.embed_tokens.weight.detach()
+    torch.testing.assert_close(small.model.embed_tokens.weight, (embed[:, :32] + embed[:, 32:]) / 2)
+
+
+@pytest.mark.parametrize(("factors", "message"), [
+    (dict(width_factor=3, depth_factor=1), "coalescing by width_factor=3: hidden_size=64 is not divisible by it"),
+    (dict(width_factor=1, depth_factor=3), "coalescing by depth_factor=3: num_hidden_layers=2 is not divisible"),
+])
+def test_coalescing_factors_that_do_not_divide_are_refused(factors, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        coalesce_llama(perturbed_nano(), **factors)
+
+
+def test_decoalescing_into_shapes_that_are_not_multiples_is_refused():
+    small = perturbed_nano().state_dict()
+    odd = grow_llama(perturbed_nano(), **WIDER, num_hidden_layers=3).state_dict()  # MLP 320 = 192 + 128
+    with pytest.raises(ValueError, match=re.escape("mlp width to be a whole multiple of the smaller model's; 320 is "
+                                                   "not a multiple of 192")):
+        decoalesce_state_dict(small, odd)

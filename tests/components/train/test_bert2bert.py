@@ -58,12 +58,12 @@ def test_a_resume_regrows_the_same_model_and_is_bit_exact(tmp_path):
 def test_growth_the_input_cannot_take_is_refused_by_name():
     nano = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=0)  # head_dim 32; every larger preset has 64
     config, method = bert2bert(grow_to="micro")
-    with pytest.raises(ValueError, match=r"params\.grow_to='micro': bert2bert keeps head_dim: 64/2 = 32, "
-                                         r"but the target 256/4 = 64"):
+    with pytest.raises(ValueError, match=r"params\.grow_to='micro': growth keeps head_dim: the input's 64/2 = 32, "
+                                         r"the target's 256/4 = 64"):
         train(nano, pattern_blocks(), config, method, progress=False)
     config, method = bert2bert(grow_to="micro_student")
-    with pytest.raises(ValueError, match="params.grow_to='micro_student': bert2bert only grows a model: hidden_size "
-                                         "would shrink from 256 to 128"):
+    with pytest.raises(ValueError, match="params.grow_to='micro_student': growth: the target's hidden_size \\(128\\) "
+                                         "is below the input's \\(256\\)"):
         train(build_model("micro", vocab_size=VOCAB, max_seq_len=SEQ, seed=0), pattern_blocks(), config, method,
               progress=False)
 
