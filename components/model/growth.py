@@ -145,14 +145,14 @@ def width_maps(narrow: LlamaSizes, wide: LlamaSizes, extras: Extras,
     """The wide-to-narrow maps (see the module docstring); ``generator`` draws random extras."""
     if extras == "cyclic":
         return cyclic_maps(narrow.widths, wide.widths)
-    heads = torch.cat([torch.arange(narrow.num_attention_heads),
-                       torch.randint(0, narrow.num_attention_heads,
-                                     (wide.num_attention_heads - narrow.num_attention_heads,), generator=generator)])
+
+    def keep_and_draw(old: int, new: int) -> torch.Tensor:  # old units keep their place, extras copy random ones
+        return torch.cat([torch.arange(old), torch.randint(0, old, (new - old,), generator=generator)])
+
+    heads = keep_and_draw(narrow.num_attention_heads, wide.num_attention_heads)
     attention_rows = (heads[:, None] * narrow.head_dim + torch.arange(narrow.head_dim)).flatten()
-    mlp = torch.cat([torch.arange(narrow.intermediate_size),
-                     torch.randint(0, narrow.intermediate_size, (wide.intermediate_size - narrow.intermediate_size,),
-                                   generator=generator)])
-    maps = {"hidden": torch.arange(wide.hidden_size) % narrow.hidden_size, "attention": attention_rows, "mlp": mlp}
+    maps = {"hidden": torch.arange(wide.hidden_size) % narrow.hidden_size, "attention": attention_rows,
+            "mlp": keep_and_draw(narrow.intermediate_size, wide.intermediate_size)}
     return WidthMaps(maps, narrow.widths)
 
 
