@@ -28,7 +28,7 @@ def tiny(a, b, step):
 
 def test_registry():
     assert MERGERS.keys() == ["compeft", "dare_linear", "dare_ties", "graft", "greedy_soup", "groupwise",
-                              "task_arithmetic", "ties", "uniform_soup"]
+                              "task_arithmetic", "ties", "uniform_soup", "vcycle_interpolate"]
     assert MERGERS.get("uniform_soup").paper.arxiv == "2203.05482"
     assert MERGERS.get("task_arithmetic").paper.arxiv == "2212.04089"
     assert TaskArithmetic.requires_base and not UniformSoup.requires_base
