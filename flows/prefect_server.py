@@ -68,9 +68,13 @@ class ManagedPrefectServer:
 
     @classmethod
     def shared(cls, prefect_home: Path, meanwhile: Callable[[], None] | None = None) -> "ManagedPrefectServer":
+        """This process's server, started if it is not running. ``meanwhile`` runs while it
+        starts, or right away when it is already running."""
         if cls._instance is None or not cls._instance.alive:
             cls._instance = cls(prefect_home)
             cls._instance.start(meanwhile)
+        elif meanwhile is not None:
+            meanwhile()
         return cls._instance
 
     @property
@@ -151,17 +155,11 @@ def prefect_api_url(state_dir: Path, meanwhile: Callable[[], None] | None = None
     right away when none has to."""
     ours = ManagedPrefectServer._instance
     if os.environ.get("PREFECT_API_URL") and not (ours and os.environ["PREFECT_API_URL"] == ours.api_url):
-        return _done(meanwhile, None)
+        if meanwhile is not None:
+            meanwhile()
+        return None
     home = Path(os.environ.get("PREFECT_HOME") or state_dir / "prefect")
-    if ours is not None and ours.alive:
-        return _done(meanwhile, ours.api_url)
     return ManagedPrefectServer.shared(home, meanwhile).api_url
-
-
-def _done(meanwhile: Callable[[], None] | None, result: str | None) -> str | None:
-    if meanwhile is not None:
-        meanwhile()
-    return result
 
 
 def _watch_parent(parent: int) -> None:

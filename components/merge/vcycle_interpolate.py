@@ -8,10 +8,9 @@ way down, and ``components.model.growth`` for the operators.
 """
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
-from components.merge.base import Merger, MergeError, MergerParams, ScoreFn, StateDict
+from components.merge.base import Merger, MergeError, MergerParams, ScoreFn, StateDict, merge_weights
 from components.model.growth import DepthMap, decoalesce_state_dict
 from components.train.vcycle_coalesce import VCYCLE_PAPER
 
@@ -42,12 +41,6 @@ class VCycleInterpolate(Merger):
             raise MergeError(f"{self.key}: the base has weights the de-coalesced model lacks: "
                              f"{sorted(set(base) - set(grown))[:5]}")
         alpha = self.params.alpha
-        merged = {}
-        for key, large in base.items():
-            if not large.is_floating_point():
-                merged[key] = large.clone()
-                continue
-            mix = (1 - alpha) * large.to(torch.float64) + alpha * grown[key].to(torch.float64)
-            merged[key] = mix.to(large.dtype)
+        merged = merge_weights(base, [grown], lambda key, large, small: (1 - alpha) * large + alpha * small[0])
         self.report = {"alpha": alpha, "decoalesced_from": names[0]}
         return merged

@@ -56,7 +56,8 @@ DepthMap = Literal["stack", "interpolate"]
 Extras = Literal["random", "cyclic"]
 StateDict = dict[str, torch.Tensor]
 
-_SIZE_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
+# the sizes growth and coalescing change (head_dim stays)
+SIZE_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
 # module -> (its row map, its column map): "hidden" is the residual stream, "attention" the rows of
 # q/k/v (heads x head_dim), "mlp" the intermediate units
 _LAYOUT = {
@@ -82,7 +83,7 @@ class LlamaSizes:
     @classmethod
     def of(cls, config) -> "LlamaSizes":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(*(getattr(config, key) for key in _SIZE_KEYS), head_dim=head_dim)
+        return cls(*(getattr(config, key) for key in SIZE_KEYS), head_dim=head_dim)
 
     @property
     def widths(self) -> dict[str, int]:
@@ -90,7 +91,7 @@ class LlamaSizes:
                 "mlp": self.intermediate_size}
 
     def as_dict(self) -> dict[str, int]:
-        return {key: getattr(self, key) for key in _SIZE_KEYS}
+        return {key: getattr(self, key) for key in SIZE_KEYS}
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def check_llama(model, operation: str) -> None:
 def check_sizes(narrow: LlamaSizes, wide: LlamaSizes, extras: Extras, operation: str) -> None:
     """The input ``narrow`` can grow into the target ``wide``: no size shrinks, the residual stream
     (and every width, for cyclic maps) is a whole multiple, and heads keep their size."""
-    for key in _SIZE_KEYS:
+    for key in SIZE_KEYS:
         if getattr(wide, key) < getattr(narrow, key):
             raise ValueError(f"{operation}: the target's {key} ({getattr(wide, key)}) is below the input's "
                              f"({getattr(narrow, key)})")
@@ -133,7 +134,7 @@ def check_sizes(narrow: LlamaSizes, wide: LlamaSizes, extras: Extras, operation:
         raise ValueError(f"{operation} keeps head_dim: the input's {narrow.hidden_size}/{narrow.num_attention_heads} "
                          f"= {narrow.head_dim}, the target's {wide.hidden_size}/{wide.num_attention_heads} = "
                          f"{wide.head_dim}")
-    multiples = _SIZE_KEYS[:3] if extras == "cyclic" else ("hidden_size",)
+    multiples = SIZE_KEYS[:3] if extras == "cyclic" else ("hidden_size",)
     for key in multiples:
         if getattr(wide, key) % getattr(narrow, key):
             raise ValueError(f"{operation} needs the target's {key} to be a whole multiple of the input's; "

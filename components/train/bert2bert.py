@@ -10,13 +10,10 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from components.model.growth import DepthMap, GrowthInit, grow_llama, swap_into
+from components.model.growth import SIZE_KEYS, DepthMap, GrowthInit, LlamaSizes, grow_llama, swap_into
 from components.model.presets import PRESETS
 from components.registry import Paper
 from components.train.method import TrainingMethod
-
-_GROWN_SIZES = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
-
 
 class Bert2Bert(TrainingMethod):
     key = "bert2bert"
@@ -45,8 +42,8 @@ class Bert2Bert(TrainingMethod):
 
     def prepare(self, model: nn.Module) -> None:
         p = self.params
-        self._grown_from = {name: getattr(model.config, name) for name in _GROWN_SIZES}
-        target = {name: PRESETS[p.grow_to][name] for name in _GROWN_SIZES}
+        self._grown_from = LlamaSizes.of(model.config).as_dict()
+        target = {name: PRESETS[p.grow_to][name] for name in SIZE_KEYS}
         try:
             grown = grow_llama(model, **target, init=p.init, depth=p.depth,
                                generator=torch.Generator().manual_seed(p.seed))
