@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from components.model.health import check_model_health
 from components.quant.activation import ACTIVATION_FILE
-from components.quant.base import QuantizationError
+from components.quant.base import QuantizationError, read_packed
 from tasks.calibration import model_and_calibration
 from tasks.model_io import save_model_artifact
 
@@ -24,6 +24,9 @@ def run(ctx) -> dict:
             "point `inputs.model` at the full-precision model instead")
     method = ctx.method
     model, tokenizer, parent_facts, calibration = model_and_calibration(ctx, QuantizationError)
+    if method.reads_input_codes:  # model_and_calibration verified the artifact's files
+        packed_file = source.path / "quantized.safetensors"
+        method.use_input_codes(*read_packed(packed_file), source=str(packed_file))
     quantized = method.with_activations(method.quantize(model, calibration))
     quantized.load_into(model)
     check_model_health(model, f"stage {ctx.plan.name}: the quantized model ({ctx.plan.method})")

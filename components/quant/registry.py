@@ -2,6 +2,7 @@
 from components.quant.adaquant import AdaQuantQuantizer
 from components.quant.adaround import AdaRoundQuantizer
 from components.quant.base import Quantizer
+from components.quant.bit_switch import BitSwitch
 from components.quant.cbq import CbqQuantizer
 from components.quant.flatquant import FlatQuantQuantizer
 from components.quant.flexround import FlexRoundQuantizer
@@ -22,4 +23,4 @@ QUANTIZERS = Registry("quantize", Quantizer, [RtnQuantizer, GptqQuantizer,
                                               AdaRoundQuantizer, FlexRoundQuantizer, AdaQuantQuantizer,
                                               OutlierTuneQuantizer, MinifloatPtqQuantizer, FliqsQuantizer,
                                               Ptq161Quantizer, GradientPtqQuantizer, FlatQuantQuantizer,
-                                              CbqQuantizer])
+                                              CbqQuantizer, BitSwitch])

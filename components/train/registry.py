@@ -2,6 +2,7 @@
 from components.registry import Registry
 from components.train.bert2bert import Bert2Bert
 from components.train.dense import DenseTraining
+from components.train.double_rounding import DoubleRounding
 from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
 from components.train.halo import HaloTraining
@@ -20,8 +21,9 @@ from components.train.vcycle_coalesce import VCycleCoalesce
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning, SLTrain,
-                                                            QuantAwareTraining, SrSteTraining, HaloTraining])
+                                                            QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
-                                                            HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce])
+                                                            HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
+                                                            DoubleRounding])

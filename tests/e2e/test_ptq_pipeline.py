@@ -94,3 +94,33 @@ def test_calibrated_pruning_reconstructs_better_than_magnitude_per_layer(ws):
     evaluation = json.loads((_artifact(ws, "evaluate") / "metrics.json").read_text())["models"]
     for model in ("prune_magnitude", "prune_wanda", "prune_sparsegpt_24", "sparsegpt_24_w8"):
         assert math.isfinite(evaluation[model]["ppl_all"]) and evaluation[model]["ppl_all"] > 1, model
+
+
+def test_bit_switch_rebuilds_the_lower_width_from_the_stored_codes_and_is_evaluated(ws):
+    import torch
+
+    from components.quant.base import dequantize_packed
+    from components.quant.bit_switch import double_round
+
+    trained = _artifact(ws, "double_rounding")
+    facts = json.loads((trained / "paperdag.json").read_text())
+    assert facts["bit_widths"] == [8, 4, 2] and facts["quantization"]["scheme"] == "double_rounding"
+    stored = load_file(str(trained / "quantized.safetensors"))
+    switched = load_file(str(_artifact(ws, "switch_w4") / "model.safetensors"))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    codes = dequantize_packed(stored, name, tuple(switched[name].shape), 8, 128) / stored[f"{name}.scales"]
+    expected = double_round(torch.round(codes), 8, 4) * (16 * stored[f"{name}.scales"])
+    assert torch.equal(switched[name], expected)
+    metrics = json.loads((_artifact(ws, "evaluate") / "metrics.json").read_text())["models"]
+    # the stored codes and the switched ones are what each model's size counts (plus a step per row)
+    assert 8 < metrics["double_rounding"]["bits_per_weight"] < 8.5 and 4 < metrics["switch_w4"]["bits_per_weight"] < 4.5
+    assert math.isfinite(metrics["switch_w4"]["ppl_all"])
+
+
+def test_bit_switch_of_a_model_without_stored_codes_fails_naming_the_file(ws, tmp_path, capsys):
+    bad = tmp_path / "switch_dense.yaml"
+    bad.write_text(RECIPE.read_text().replace("name: ptq_nano", "name: switch_dense")
+                   .replace("inputs: {model: double_rounding}", "inputs: {model: pretrain}"))
+    assert main(["--workspace", str(ws), "run", str(bad), "--no-progress", "--only", "switch_w4"]) != 0
+    err = capsys.readouterr().err
+    assert "quantized.safetensors does not exist: the input model stores no packed low-bit codes" in err
