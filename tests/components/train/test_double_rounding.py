@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from components.quant.base import QuantizationError, dequantize_packed
 from components.quant.bit_switch import BitSwitch, double_round
-from components.train.double_rounding import DoubleRounding, DoubleRoundingLinear
+from components.train.double_rounding import DoubleRounding, DoubleRoundingLinear, dequantized, initial_step
 from components.train.replacement import LinearReplacement
 from components.train.trainer import train
 from tests.components.train.test_trainer import assert_resume_is_exact, nano, pattern_blocks
@@ -56,6 +56,21 @@ def test_a_lower_width_is_the_second_rounding_of_the_stored_codes():
     # 2 bits are {-1, 0, 1} codes of a step 64x the stored one; halves round to even
     assert double_round(torch.tensor([-127., -96., -32., 31., 32., 95., 96.]), 8, 2).tolist() == \
         [-1, -1, -0., 0, 0, 1, 1]
+
+
+def test_initial_step_minimizes_the_error_summed_over_the_widths():
+    weight = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+    minmax = weight.abs().amax(1) / 127
+
+    def error(step, widths):
+        return sum(((dequantized(weight, step, 8, b) - weight) ** 2).sum(1) for b in widths)
+
+    for widths in ((8, 4, 2), (8,)):
+        step = initial_step(weight, 8, widths)
+        assert (error(step, widths) <= error(minmax, widths)).all()
+        assert (error(step, widths) <= error(minmax * 0.5, widths)).all()
+    # alone, 2 bits ({-1, 0, 1}) want a step well inside the range: min-max would zero most weights
+    assert (initial_step(weight, 2, (2,)) < 0.8 * weight.abs().amax(1)).all()
 
 
 def test_step_gradients_are_lsqs_and_alrs_scales_only_the_lower_widths_step_gradient():
