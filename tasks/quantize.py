@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from components.model.health import check_model_health
 from components.quant.activation import ACTIVATION_FILE
-from components.quant.base import QuantizationError, read_packed
+from components.quant.base import QuantizationError
 from tasks.calibration import model_and_calibration
 from tasks.model_io import save_model_artifact
 
@@ -24,8 +24,10 @@ def run(ctx) -> dict:
             "point `inputs.model` at the full-precision model instead")
     method = ctx.method
     model, tokenizer, parent_facts, calibration = model_and_calibration(ctx, QuantizationError)
-    if method.reads_input_codes:  # model_and_calibration verified the artifact's files
-        packed_file = source.path / "quantized.safetensors"
+    if getattr(method, "reads_input_codes", False):  # re-encodes the input's codes (bit_switch)
+        from components.quant.bit_switch import read_packed
+
+        packed_file = source.path / "quantized.safetensors"  # verified with the artifact above
         method.use_input_codes(*read_packed(packed_file), source=str(packed_file))
     quantized = method.with_activations(method.quantize(model, calibration))
     quantized.load_into(model)

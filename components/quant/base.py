@@ -15,7 +15,6 @@ those dequantized values (fp32), so a model loads with plain transformers.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,22 +57,6 @@ class QuantizedModel:
 
         save_file({k: v.contiguous() for k, v in self.packed.items()}, str(path),
                   metadata={"paperdag_quantization": json.dumps(self.meta)})
-
-
-def read_packed(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The packed tensors and meta that ``QuantizedModel.save_packed`` wrote to ``path``."""
-    import json
-
-    from safetensors import safe_open
-
-    if not os.path.exists(path):
-        raise QuantizationError(f"{path} does not exist: the input model stores no packed low-bit codes")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("paperdag_quantization", "{}"))
-            return {key: f.get_tensor(key) for key in f.keys()}, meta
-    except Exception as e:  # safetensors raises several types for a damaged header
-        raise QuantizationError(f"cannot read packed codes {path}: {type(e).__name__}: {e}") from None
 
 
 def config_marker(meta: dict) -> dict:
@@ -201,13 +184,6 @@ class Quantizer(Method):
     seq_len]`` drawn from the training split of the stage's ``tokens`` input."""
 
     needs_calibration = False
-    #: True when the method re-encodes the low-bit codes its input model stores (Double Rounding's
-    #: bit switching) instead of quantizing weights: the stage hands it the input's packed file.
-    reads_input_codes = False
-
-    def use_input_codes(self, packed: dict[str, torch.Tensor], meta: dict, source: str) -> None:
-        """Called before ``quantize`` (``reads_input_codes`` methods) with the input model's packed
-        tensors and their meta, read from ``source`` (its ``quantized.safetensors``)."""
 
     def quantize(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> QuantizedModel:
         raise NotImplementedError

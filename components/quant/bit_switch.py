@@ -15,10 +15,13 @@ input whose weights are not what its packed file dequantizes to.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable
 
 import torch
 from pydantic import Field
+from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from components.quant.base import PackedWeights, QuantizationError, QuantizedModel, Quantizer, dequantize_packed
@@ -42,8 +45,21 @@ def double_round(codes: torch.Tensor, from_bits: int, to_bits: int,
     return torch.clamp(rounding(codes / 2 ** (from_bits - to_bits)), qmin, qmax)
 
 
+def read_packed(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The packed tensors and meta that ``QuantizedModel.save_packed`` wrote to ``path``."""
+    if not os.path.exists(path):
+        raise QuantizationError(f"{path} does not exist: the input model stores no packed low-bit codes")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("paperdag_quantization", "{}"))
+            return {key: f.get_tensor(key) for key in f.keys()}, meta
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise QuantizationError(f"cannot read packed codes {path}: {type(e).__name__}: {e}") from None
+
+
 class BitSwitch(Quantizer):
     key = "bit_switch"
+    #: the quantize stage hands a method with this flag its input's packed file (``use_input_codes``)
     reads_input_codes = True
     paper = DOUBLE_ROUNDING_PAPER
 
@@ -51,6 +67,8 @@ class BitSwitch(Quantizer):
         bits: int = Field(4, ge=2, le=8, description="Width to switch to; at most the width the input stores.")
 
     def use_input_codes(self, packed: dict[str, torch.Tensor], meta: dict, source: str) -> None:
+        """Called before ``quantize`` with the input model's packed tensors and meta, read from
+        ``source`` (its ``quantized.safetensors``)."""
         scheme = meta.get("scheme")
         if scheme != STORED_SCHEME:
             raise QuantizationError(
