@@ -124,3 +124,16 @@ def test_bit_switch_of_a_model_without_stored_codes_fails_naming_the_file(ws, tm
     assert main(["--workspace", str(ws), "run", str(bad), "--no-progress", "--only", "switch_w4"]) != 0
     err = capsys.readouterr().err
     assert "quantized.safetensors does not exist: the input model stores no packed low-bit codes" in err
+
+
+def test_pela_saves_a_plain_model_of_rank_r_layers_and_is_evaluated(ws):
+    import torch
+
+    art = _artifact(ws, "pela")
+    facts = json.loads((art / "paperdag.json").read_text())
+    assert facts["pela_layers"] == 14 and facts["low_rank_params"] < 0.52 * facts["replaced_dense_params"]
+    weight = load_file(str(art / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]
+    assert weight.shape == (192, 64)
+    assert torch.linalg.matrix_rank(weight).item() == facts["pela_ranks"]["model.layers.0.mlp.gate_proj"] == 24
+    metrics = json.loads((_artifact(ws, "evaluate") / "metrics.json").read_text())["models"]
+    assert math.isfinite(metrics["pela"]["ppl_all"])
