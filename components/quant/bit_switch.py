@@ -99,6 +99,8 @@ class BitSwitch(Quantizer):
             state[name] = (switched * step.reshape(-1, 1)).to(state[name].dtype)
             store.add_int(name, shape, (switched + 2 ** (bits - 1)).to(torch.uint8), step, None, bits,
                           "per_channel", None, True)
-        meta = store.meta("bit_switch", bits=bits, source_bits=stored_bits, granularity="per_channel",
-                          group_size=None, symmetric=True, zero_point=2 ** (bits - 1))
+        # a width the joint training did not run is switchable too, but nothing trained it
+        trained = bits in self.stored.get("bit_widths", [])
+        meta = store.meta("bit_switch", bits=bits, source_bits=stored_bits, trained_width=trained,
+                          granularity="per_channel", group_size=None, symmetric=True, zero_point=2 ** (bits - 1))
         return QuantizedModel(state_dict=state, packed=store.packed, meta=meta)

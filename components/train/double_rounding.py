@@ -163,10 +163,10 @@ class DoubleRounding(LinearReplacement):
         for name, step in sorted(self.steps.items()):
             weight = model.get_parameter(f"{name}.weight").detach().float()
             codes = torch.round(weight / step.unsqueeze(1))
-            dequantized = codes * step.unsqueeze(1)
-            if codes.min() < qmin or codes.max() > qmax or not torch.allclose(dequantized, weight, rtol=1e-6, atol=0):
+            restored = codes * step.unsqueeze(1)
+            if codes.min() < qmin or codes.max() > qmax or not torch.allclose(restored, weight, rtol=1e-6, atol=0):
                 raise QatPackError(f"{name}.weight is not on its learned {bits}-bit grid")
-            state[f"{name}.weight"] = dequantized
+            state[f"{name}.weight"] = restored
             store.add_int(f"{name}.weight", weight.shape, (codes + 2 ** (bits - 1)).to(torch.uint8),
                           step.reshape(-1, 1), None, bits, "per_channel", None, True)
         meta = store.meta(STORED_SCHEME, bits=bits, bit_widths=list(self.params.bit_widths), granularity="per_channel",

@@ -127,7 +127,7 @@ def test_joint_training_runs_every_width_and_packs_the_stored_codes(monkeypatch)
     step = method.steps["model.layers.0.mlp.down_proj"]
     codes = torch.round(model.get_parameter(name).detach() / step.unsqueeze(1))
     assert torch.equal(switched.state_dict[name], double_round(codes, 8, 2) * (64 * step.unsqueeze(1)))
-    assert switched.meta["bits"] == 2 and switched.meta["source_bits"] == 8
+    assert switched.meta["bits"] == 2 and switched.meta["source_bits"] == 8 and switched.meta["trained_width"]
     restored = dequantize_packed(switched.packed, name, tuple(codes.shape), 2, zero_point=2)
     assert torch.equal(restored, switched.state_dict[name])
 
