@@ -28,7 +28,8 @@ def run(ctx) -> dict:
         from components.quant.bit_switch import read_packed
 
         packed_file = source.path / "quantized.safetensors"  # verified with the artifact above
-        method.use_input_codes(*read_packed(packed_file), source=str(packed_file))
+        method.use_input_codes(read_packed(packed_file), parent_facts.get("quantization", {}),
+                               source=str(packed_file))
     quantized = method.with_activations(method.quantize(model, calibration))
     quantized.load_into(model)
     check_model_health(model, f"stage {ctx.plan.name}: the quantized model ({ctx.plan.method})")

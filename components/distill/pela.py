@@ -66,6 +66,11 @@ class SvdLowRankLinear(FoldableLinear):
         return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype), self.bias)
 
 
+def factor_params(modules) -> int:
+    """Parameters of the factor pairs of ``SvdLowRankLinear`` modules: ``r (in + out)`` each."""
+    return sum(m.rank * (m.in_features + m.out_features) for m in modules)
+
+
 class Pela(FeatureKD, LinearReplacement):
     key = "pela"
     paper = Paper(title="PELA: Learning Parameter-Efficient Models with Low-Rank Approximation",
@@ -118,7 +123,7 @@ class Pela(FeatureKD, LinearReplacement):
 
     def low_rank_flops(self, model: nn.Module) -> float:
         """Forward FLOPs per token of the factorized layers (two thin matmuls each)."""
-        return 2.0 * sum(m.rank * (m.in_features + m.out_features) for m in self.replaced(model).values())
+        return 2.0 * factor_params(self.replaced(model).values())
 
     def flops_per_token(self, model: nn.Module, seq_len: int, teacher: nn.Module | None = None) -> float:
         """The student's training (its plain Linears plus the thin matmuls) and, when the teacher
@@ -132,7 +137,6 @@ class Pela(FeatureKD, LinearReplacement):
         replaced = self.fold_back(model)
         facts = super().finalize(model) if self.runs_teacher() else {}
         dense = sum(m.in_features * m.out_features for m in replaced.values())
-        low_rank = sum(m.rank * (m.in_features + m.out_features) for m in replaced.values())
         return {**facts, "pela_compression_ratio": self.params.compression_ratio, "pela_layers": len(replaced),
                 "pela_ranks": {name: m.rank for name, m in sorted(replaced.items())},
-                "low_rank_params": low_rank, "replaced_dense_params": dense}
+                "low_rank_params": factor_params(replaced.values()), "replaced_dense_params": dense}

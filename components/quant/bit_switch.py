@@ -15,13 +15,12 @@ input whose weights are not what its packed file dequantizes to.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
 import torch
 from pydantic import Field
-from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from components.quant.base import PackedWeights, QuantizationError, QuantizedModel, Quantizer, dequantize_packed
@@ -45,15 +44,14 @@ def double_round(codes: torch.Tensor, from_bits: int, to_bits: int,
     return torch.clamp(rounding(codes / 2 ** (from_bits - to_bits)), qmin, qmax)
 
 
-def read_packed(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The packed tensors and meta that ``QuantizedModel.save_packed`` wrote to ``path``."""
+def read_packed(path) -> dict[str, torch.Tensor]:
+    """The packed tensors ``QuantizedModel.save_packed`` wrote to ``path`` (their meta is the
+    artifact's ``quantization`` fact)."""
     if not os.path.exists(path):
         raise QuantizationError(f"{path} does not exist: the input model stores no packed low-bit codes")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("paperdag_quantization", "{}"))
-            return {key: f.get_tensor(key) for key in f.keys()}, meta
-    except Exception as e:  # safetensors raises several types for a damaged header
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a damaged file
         raise QuantizationError(f"cannot read packed codes {path}: {type(e).__name__}: {e}") from None
 
 
@@ -67,8 +65,8 @@ class BitSwitch(Quantizer):
         bits: int = Field(4, ge=2, le=8, description="Width to switch to; at most the width the input stores.")
 
     def use_input_codes(self, packed: dict[str, torch.Tensor], meta: dict, source: str) -> None:
-        """Called before ``quantize`` with the input model's packed tensors and meta, read from
-        ``source`` (its ``quantized.safetensors``)."""
+        """Called before ``quantize`` with the input model's packed tensors, read from ``source``
+        (its ``quantized.safetensors``), and their meta (the input's ``quantization`` fact)."""
         scheme = meta.get("scheme")
         if scheme != STORED_SCHEME:
             raise QuantizationError(
