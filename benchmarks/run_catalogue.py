@@ -11,6 +11,11 @@ The tree must be clean: a number is only worth quoting with the commit that prod
 Rows of another commit are dropped, so the file always describes one commit.
 
     python benchmarks/run_catalogue.py --workspace /tmp/paperdag-catalogue [recipe ...]
+
+A full pass is hours on 2 cores. `--resume` skips the recipes this commit already recorded
+with return code 0 and every evaluate stage's metrics, so a pass cut short (a closed laptop, a
+session that ended) goes on where it stopped; the workspace's cache keeps the stages a cut-short
+recipe finished.
 """
 from __future__ import annotations
 
@@ -70,9 +75,19 @@ def stage_record(ws: Path, name: str) -> dict:
             "code_versions": {s.name: s.code_version for s in plan.stages.values()}}
 
 
+def recorded_complete(commit: str) -> set[str]:
+    """Recipes the catalogue holds for ``commit`` that ran to the end with every metric."""
+    if not CATALOGUE.exists():
+        return set()
+    return {name for name, e in json.loads(CATALOGUE.read_text()).items()
+            if e.get("commit") == commit and e.get("returncode") == 0 and not e.get("missing_metrics")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", required=True)
+    ap.add_argument("--resume", action="store_true",
+                    help="skip recipes this commit already recorded completely")
     ap.add_argument("recipes", nargs="*")
     args = ap.parse_args()
     try:
@@ -87,6 +102,12 @@ def main() -> int:
     shutil.copytree(REPO / "params", ws / "params")
     names = args.recipes or sorted(p.stem for p in (REPO / "params").glob("*.yaml"))
     names = sorted(names, key=lambda n: n != "quickstart")  # the quickstart fills the shared cache
+    if args.resume:
+        done = recorded_complete(commit)
+        if done:
+            print(f"--resume: skipping {len(done)} recipes recorded at {commit[:12]}: {', '.join(sorted(done))}",
+                  flush=True)
+        names = [n for n in names if n not in done]
     env = dict(os.environ, PAPERDAG_WORKSPACE=str(ws), HF_HUB_OFFLINE="1")
     for name in names:
         t = time.perf_counter()

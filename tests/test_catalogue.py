@@ -78,3 +78,19 @@ def test_the_catalogue_runner_refuses_a_dirty_tree(tmp_path):
                            "quickstart"], cwd=clone, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "uncommitted changes" in done.stderr and "params/quickstart.yaml" in done.stderr
     assert not (tmp_path / "ws" / "artifacts").exists()
+
+
+def test_resume_skips_only_recipes_this_commit_recorded_completely(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run_catalogue
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = {"done": {"commit": "c1", "returncode": 0},
+            "failed": {"commit": "c1", "returncode": 1},
+            "cut_short": {"commit": "c1", "returncode": 0, "missing_metrics": ["evaluate"]},
+            "other_commit": {"commit": "c0", "returncode": 0}}
+    monkeypatch.setattr(run_catalogue, "CATALOGUE", tmp_path / "catalogue.json")
+    assert run_catalogue.recorded_complete("c1") == set(), "no catalogue file: nothing to skip"
+    (tmp_path / "catalogue.json").write_text(json.dumps(rows))
+    assert run_catalogue.recorded_complete("c1") == {"done"}
