@@ -121,6 +121,15 @@ def results_markdown() -> str:
     if r:
         out += _section("Merging: parity and speed vs mergekit", "bash benchmarks/mergekit_env.sh && python benchmarks/bench_mergekit.py",
                         ["```json", json.dumps(r, indent=2)[:4000], "```"])
+    if (RESULTS / "torchao_qat.md").exists():
+        out += _section("QAT fake quantization: parity and speed vs torchao",
+                        "bash benchmarks/torchao_env.sh && python benchmarks/bench_torchao_qat.py",
+                        [(RESULTS / "torchao_qat.md").read_text().strip(), "",
+                         "On paperdag's grid torchao's values are bit-identical; its weight gradient is the "
+                         "upstream gradient times (1/scale)·scale through its rounding STE, so it differs from "
+                         "ours (the upstream gradient itself) by an ulp. torchao's own int4 config uses the "
+                         "code -8 and a finer step, so most values differ by design and its weight MSE is lower. "
+                         "Step times are medians; the two sides run one after the other in separate processes."])
     if (RESULTS / "galore.md").exists():
         out += _section("GaLore: parity and speed vs galore-torch",
                         "bash benchmarks/galore_env.sh && python benchmarks/bench_galore.py",
