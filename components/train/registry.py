@@ -12,6 +12,7 @@ from components.train.lora import LoraFinetune
 from components.train.masked_thought import MaskedThought
 from components.train.method import TrainingMethod
 from components.train.perp import PerpRetrain
+from components.train.qfx import FixedPointTraining
 from components.train.qat import QuantAwareTraining
 from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
@@ -21,9 +22,10 @@ from components.train.vcycle_coalesce import VCycleCoalesce
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning, SLTrain,
-                                                            QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding])
+                                                            QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
+                                                            FixedPointTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
-                                                            DoubleRounding])
+                                                            DoubleRounding, FixedPointTraining])
