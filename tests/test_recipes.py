@@ -306,6 +306,7 @@ def test_seeds_without_a_seed_dependent_stage_are_refused():
     ptq = REPO / "tests" / "recipes" / "ptq_nano.yaml"
     pinned = ["seeds=[0, 1]", "stages.pretrain.params.seed=0", "stages.gptq_w3.params.seed=0",
               "stages.prune_wanda.params.seed=0", "stages.prune_sparsegpt_24.params.seed=0",
-              "stages.double_rounding.params.seed=0", "stages.pela.params.seed=0"]
+              "stages.double_rounding.params.seed=0", "stages.pela.params.seed=0",
+              "stages.qfx.params.seed=0"]
     with pytest.raises(RecipeError, match=r"ptq_nano\.yaml: seeds: no stage depends on the seed"):
         load_plan(ptq, pinned)

@@ -137,3 +137,18 @@ def test_pela_saves_a_plain_model_of_rank_r_layers_and_is_evaluated(ws):
     assert torch.linalg.matrix_rank(weight).item() == facts["pela_ranks"]["model.layers.0.mlp.gate_proj"] == 24
     metrics = json.loads((_artifact(ws, "evaluate") / "metrics.json").read_text())["models"]
     assert math.isfinite(metrics["pela"]["ppl_all"])
+
+
+def test_qfx_saves_a_plain_model_on_its_fixed_point_grids_with_the_packed_codes(ws):
+    import torch
+
+    art = _artifact(ws, "qfx")
+    facts = json.loads((art / "paperdag.json").read_text())
+    assert facts["quantization"]["scheme"] == "fixed_point" and facts["bits"] == 4
+    weights = load_file(str(art / "model.safetensors"))
+    for layer, f in facts["frac_bits"].items():  # every weight an integer in -8..7 times 2^-f
+        codes = weights[f"{layer}.weight"] * 2.0 ** f
+        assert torch.equal(codes, codes.round()) and codes.min() >= -8 and codes.max() <= 7
+    metrics = json.loads((_artifact(ws, "evaluate") / "metrics.json").read_text())["models"]
+    assert 4 <= metrics["qfx"]["bits_per_weight"] < 4.01  # the codes plus one fp32 scale per tensor
+    assert math.isfinite(metrics["qfx"]["ppl_all"])
