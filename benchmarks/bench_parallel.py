@@ -27,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from flows.recipe import load_plan  # noqa: E402
+from flows.report import critical_path  # noqa: E402
 
 STAGE_HEAD = re.compile(r"^\[\d+/\d+\] (\S+) ")
 STAGE_END = re.compile(r"\b(?:done|cached) in ([\d.]+)s$")
@@ -55,19 +57,6 @@ def run(ws: Path, recipe: str, parallel: int, log: Path, overrides: list[str]) -
     if proc.returncode != 0:
         sys.exit(f"--max-parallel {parallel} failed ({proc.returncode}); see {log}")
     return wall, stage_seconds(proc.stdout)
-
-
-def critical_path(recipe_path: Path, overrides: list[str], seconds: dict[str, float]) -> tuple[list[str], float]:
-    from flows.recipe import load_plan
-
-    _, plan = load_plan(recipe_path, overrides)
-    best: dict[str, tuple[float, list[str]]] = {}
-    for name in plan.stages:  # plan order is topological
-        ups = [best[u] for u in plan.stages[name].upstream]
-        before = max(ups, default=(0.0, []))
-        best[name] = (before[0] + seconds.get(name, 0.0), before[1] + [name])
-    total, path = max(best.values())
-    return path, total
 
 
 def model_digests(ws: Path) -> dict[str, str]:
@@ -101,7 +90,7 @@ def main() -> None:
                 digests.setdefault(n, model_digests(ws))
                 shutil.rmtree(ws)
                 print(f"--max-parallel {n}, try {attempt + 1}: {wall:.1f} s", flush=True)
-    path, path_s = critical_path(recipe_file, args.set, stages[1])
+    path, path_s = critical_path(load_plan(recipe_file, args.set)[1], stages[1])
     median = {n: statistics.median(w) for n, w in walls.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=False).stdout.strip()

@@ -47,11 +47,27 @@ def results_table(metrics: dict) -> str:
     return "\n".join(out)
 
 
+def critical_path(plan: RecipePlan, seconds: dict[str, float]) -> tuple[list[str], float]:
+    """The chain of stages, each reading the one before, with the most stage time (``seconds``
+    per stage; a stage not in it counts 0): no number of parallel workers finishes a run faster."""
+    best: dict[str, tuple[float, list[str]]] = {}
+    for name in plan.stages:  # plan order is topological
+        before = max((best[u] for u in plan.stages[name].upstream), default=(0.0, []))
+        best[name] = (before[0] + seconds.get(name, 0.0), before[1] + [name])
+    total, path = max(best.values(), default=(0.0, []))
+    return path, total
+
+
 def summary_text(summary, plan: RecipePlan) -> str:
-    """What a run reports at the end: stage counts, each evaluate stage's results and claims,
-    and where its lineage is."""
+    """What a run reports at the end: stage counts, the critical path of the stages that ran,
+    each evaluate stage's results and claims, and where its lineage is."""
     hits = sum(o.cached for o in summary.outcomes)
     lines = [f"{plan.name}: {len(summary.outcomes)} stages, {hits} cache hits, {summary.seconds:.1f}s"]
+    ran = {o.name: o.seconds for o in summary.outcomes if not o.cached}
+    if len(ran) > 1:
+        path, path_s = critical_path(plan, ran)
+        lines.append(f"critical path: {' -> '.join(n for n in path if n in ran)} ({path_s:.1f}s of "
+                     f"{sum(ran.values()):.1f}s stage time; the shortest the run can take at any --max-parallel)")
     for outcome in summary.outcomes:
         if outcome.kind == "evaluate" and (Path(outcome.path) / "metrics.json").exists():
             lines += ["", f"results ({outcome.name}):",

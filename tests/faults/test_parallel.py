@@ -63,6 +63,7 @@ def test_two_independent_stages_overlap_and_build_the_same_bytes_as_one_after_an
     proc, out = _run(nano_copy, "--max-parallel", "2", "--runner", runner, *BOTH_PRETRAINS, *longer)
     assert proc.returncode == 0, out[-3000:]
     assert out.count(" started\n") == 2 and out.count("done in") == 2
+    assert "critical path: pretrain_" in out  # the two pretrains ran: the report names the longer
     stage_runs = _stage_runs(nano_copy, proc.started_ms)
     dense, spdf = stage_runs["pretrain_dense"].info, stage_runs["pretrain_spdf"].info
     assert dense.status == spdf.status == "FINISHED"
