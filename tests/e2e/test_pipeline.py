@@ -317,7 +317,8 @@ def test_status_show_export_and_gc_look_without_running(ws, capsys, tmp_path):
 def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
     """In a git clone as users have it (the project's own .gitignore): a Prefect run records
     what it built in dvc.lock, DVC then finds everything up to date, `dvc repro -s` of a deleted
-    artifact rebuilds the same bytes, and artifacts round-trip through a DVC remote."""
+    artifact rebuilds the same bytes, artifacts round-trip through a DVC remote, and a second
+    clone pulls them and reruns the recipe with every stage cached."""
     for d in ("components", "tasks"):  # dvc.yaml deps name the stage source files
         shutil.copytree(REPO / d, ws / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / ".gitignore", ws / ".gitignore")
@@ -378,6 +379,20 @@ def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
     assert main(["status", "nano"]) == 0
     assert "13 cached; a run would compute nothing" in capsys.readouterr().out
     assert main(["verify", "nano"]) == 0  # every pulled byte matches its manifest
+
+    # a second clone, as a teammate gets the project: git brings the recipes, dvc.yaml, dvc.lock and
+    # the remote's address, `paperdag pull` the artifacts, and a run then computes nothing
+    git = lambda *args: run("git", "-c", "user.name=paperdag", "-c", "user.email=paperdag@localhost", *args)
+    assert git("add", "-A").returncode == 0
+    assert git("commit", "-qm", "the project").returncode == 0
+    clone = tmp_path / "clone"
+    r = git("clone", "-q", str(ws), str(clone))
+    assert r.returncode == 0 and not (clone / "artifacts").exists(), r.stderr
+    assert main(["--workspace", str(clone), "pull"]) == 0
+    assert len(list((clone / "artifacts").glob("*/*/manifest.json"))) == len(after)  # into the clone
+    capsys.readouterr()
+    assert main(["--workspace", str(clone), "run", "nano", "--no-progress"]) == 0
+    assert "nano: 13 stages, 13 cache hits" in capsys.readouterr().out
 
 
 def test_a_recipe_including_nano_adds_merges_that_train_and_measure(ws):
