@@ -35,7 +35,7 @@ from flows.recipe_path import resolve_recipe_path
 from flows.selection import stages_to_run  # noqa: F401  (the flow's own selection; torch-free for `status`)
 from tasks.plan import RecipePlan
 from tasks.runner import StageOutcome, execute_stage
-from tasks.tracking import Tracker, is_server
+from tasks.tracking import Tracker
 from tasks.workspace import Workspace
 
 
@@ -223,17 +223,14 @@ def _report_to_prefect(summary: FlowSummary, plan: RecipePlan, experiment_id: st
     from prefect.artifacts import create_markdown_artifact
     from prefect.runtime import deployment
 
-    from flows.report import summary_text
+    from flows.report import mlflow_run_markdown, summary_text
 
     if not deployment.id:  # `paperdag run` prints the same text itself
         return
     text = summary_text(summary, plan)
     print("\n" + text, flush=True)  # the worker's console, like the stage lines
     get_run_logger().info("%s", text)  # the flow run's log in the Prefect UI
-    mlflow_run = f"MLflow run `{summary.parent_run_id}` (experiment {experiment_id}) in `{summary.tracking_uri}`"
-    if is_server(summary.tracking_uri):
-        url = f"{summary.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{summary.parent_run_id}"
-        mlflow_run = f"[MLflow run {summary.parent_run_id}]({url})"
+    mlflow_run = mlflow_run_markdown(summary.tracking_uri, experiment_id, summary.parent_run_id)
     create_markdown_artifact(key=f"paperdag-{plan.name.replace('_', '-')}", markdown=f"{mlflow_run}\n\n```\n{text}\n```",
                              description=f"paperdag {plan.name}: results and claims")
 

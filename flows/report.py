@@ -7,6 +7,7 @@ from pathlib import Path
 from components.eval.claims import verdict_label
 from components.eval.summary import scored_blocks
 from tasks.plan import RecipePlan
+from tasks.tracking import is_server
 from tasks.workspace import Workspace
 
 
@@ -45,6 +46,14 @@ def results_table(metrics: dict) -> str:
             out.append(f"  [{verdict_label(c)}] {c['name']}: {c['statement']}")
             out.append(f"         {c['detail']}")
     return "\n".join(out)
+
+
+def mlflow_run_markdown(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow run a Prefect flow run's markdown artifact names: a link into the tracking
+    server's UI, or, for a local store that no browser can open, where to point `mlflow ui`."""
+    if is_server(tracking_uri):
+        return f"[MLflow run {run_id}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    return f"MLflow run `{run_id}` (experiment {experiment_id}) in `{tracking_uri}`"
 
 
 def critical_path(plan: RecipePlan, seconds: dict[str, float]) -> tuple[list[str], float]:

@@ -37,3 +37,12 @@ def test_the_summary_names_the_critical_path_of_the_stages_that_ran_only():
     text = summary({"pretrain_dense": 10.0, "quantize": 2.0, "pretrain_spdf": 3.0})
     assert "critical path: pretrain_dense -> quantize (12.0s of 15.0s stage time" in text
     assert "critical path" not in summary({}) and "critical path" not in summary({"quantize": 2.0})
+
+
+def test_a_flow_runs_markdown_links_its_mlflow_run_on_a_server_and_names_a_local_store():
+    from flows.report import mlflow_run_markdown
+
+    assert mlflow_run_markdown("http://127.0.0.1:5000/", "3", "abc") == \
+        "[MLflow run abc](http://127.0.0.1:5000/#/experiments/3/runs/abc)"
+    local = mlflow_run_markdown("sqlite:////ws/mlflow.db", "3", "abc")
+    assert "](" not in local and "`sqlite:////ws/mlflow.db`" in local and "`abc`" in local

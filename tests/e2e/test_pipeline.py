@@ -463,6 +463,10 @@ def test_a_deployment_on_a_work_pool_runs_through_a_separate_worker(ws, monkeypa
     with get_client(sync_client=True) as client:  # each run gets its stages' limit and runner
         deployment = client.read_deployment_by_name("paperdag-recipe/nano-paperdag-e2e")
     assert (deployment.parameters["max_parallel"], deployment.parameters["runner"]) == (2, "process")
+    assert main(["deploy", "nano", "--pool", "paperdag-e2e", "--name", "nightly", "--cron", "0 3 * * *"]) == 0
+    with get_client(sync_client=True) as client:  # a scheduled deployment on the same pool
+        [schedule] = client.read_deployment_by_name("paperdag-recipe/nightly").schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.active
     # one stage to build, so the deployment's flow starts its own worker processes (they once died
     # importing flows/inspect.py for the standard library's inspect: Prefect puts flows/ on sys.path)
     [quantize] = [p for p in (ws / "artifacts" / "quantize").iterdir()
@@ -483,6 +487,8 @@ def test_a_deployment_on_a_work_pool_runs_through_a_separate_worker(ws, monkeypa
     [parent] = client.search_runs([exp.experiment_id], filter_string=(
         f"tags.`paperdag.prefect_flow_run_id` = '{flow_run.id}'"))
     assert parent.info.status == "FINISHED" and parent.data.tags["paperdag.prefect_deployment"] == "nano-paperdag-e2e"
+    link = parent.data.tags["paperdag.prefect_flow_run_url"]  # and back: the flow run's page in the Prefect UI
+    assert link.startswith("http") and link.endswith(f"/flow-runs/flow-run/{flow_run.id}")
     assert parent.info.run_id in artifact.data
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.data.tags["paperdag.stage"] for c in children} == STAGES  # every stage recorded

@@ -98,6 +98,29 @@ def test_stages_that_each_ask_for_every_core_run_one_after_another(nano_copy):
     assert dense.end_time <= spdf.start_time or spdf.end_time <= dense.start_time, "the two stages overlapped"
 
 
+@pytest.mark.fault("recovers")
+def test_from_on_the_parallel_runner_reruns_exactly_the_stage_and_its_downstream_with_the_same_bytes(nano_copy):
+    """`--from pretrain_dense --max-parallel 2` on the process runner recomputes pretrain_dense and
+    everything that reads it, and serves the rest from the cache; every rebuilt model has the bytes
+    the one-after-another build wrote. (Nano's stages are too short to be sure two of them overlap:
+    a second worker may still be importing torch when the first is done; the overlap itself is
+    tested above with 150-step pretrains.)"""
+    _, plan = load_plan(nano_copy / "params" / "nano.yaml")
+    downstream = {"pretrain_dense"}
+    for name, stage in plan.stages.items():  # plan order is topological
+        if downstream & set(stage.upstream):
+            downstream.add(name)
+    assert {"finetune_prose", "finetune_code", "merge", "evaluate"} <= downstream
+    before = {p: p.read_bytes() for p in nano_copy.glob("artifacts/*/*/model.safetensors")}
+    proc, out = _run(nano_copy, "--max-parallel", "2", "--from", "pretrain_dense")
+    assert proc.returncode == 0, out[-3000:]
+    stage_runs = _stage_runs(nano_copy, proc.started_ms)
+    rebuilt = {n for n, r in stage_runs.items() if r.data.tags["paperdag.cache"] == "miss"}
+    assert rebuilt == downstream and set(stage_runs) == set(plan.stages)
+    assert {p: p.read_bytes() for p in nano_copy.glob("artifacts/*/*/model.safetensors")} == before
+    assert no_run_left_running(nano_copy) and temp_dirs(nano_copy) == []
+
+
 @pytest.mark.fault("clear_error")
 def test_a_failing_stage_stops_new_ones_while_its_sibling_finishes_and_stays_cached(nano_copy):
     """finetune_code diverges (lr 1e30) while finetune_prose, beside it, completes: the run
