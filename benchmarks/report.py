@@ -121,6 +121,10 @@ def results_markdown() -> str:
     if r:
         out += _section("Merging: parity and speed vs mergekit", "bash benchmarks/mergekit_env.sh && python benchmarks/bench_mergekit.py",
                         ["```json", json.dumps(r, indent=2)[:4000], "```"])
+    if (RESULTS / "scale_out_tryout.md").exists():
+        out += _section("Scale out (README section 6), tried from a fresh clone",
+                        "python benchmarks/scale_out_tryout.py",
+                        [(RESULTS / "scale_out_tryout.md").read_text().strip()])
     if (RESULTS / "torchao_qat.md").exists():
         out += _section("QAT fake quantization: parity and speed vs torchao",
                         "bash benchmarks/torchao_env.sh && python benchmarks/bench_torchao_qat.py",

@@ -154,13 +154,16 @@ class FixedPointTraining(LinearReplacement):
 
     def finalize(self, model: nn.Module) -> dict:
         self.final_points = self.points(model)
+        drift = max(abs(float(m.frac_bits) - self.initial_points[n]) for n, m in self.replaced(model).items())
         replaced = self.fold_back(model)
         p, points = self.params, self.final_points
         moved = sorted(n for n in points if points[n] != self.initial_points[n])
         return {"bits": p.bits, "bits_per_weight": float(p.bits), "binary_point": p.binary_point,
                 "learn_binary_point": p.learn_binary_point, "quantized_layers": len(replaced),
                 "frac_bits": points, "frac_bits_mean": sum(points.values()) / len(points),
-                "binary_points_moved": len(moved)}
+                "binary_points_moved": len(moved),
+                # how far the continuous points went: a grid changes only past 0.5
+                "binary_point_drift_max": round(drift, 4)}
 
     def pack(self, model: nn.Module) -> QuantizedModel:
         """Each tensor's two's-complement codes (stored as ``code + 2^(bits-1)``, the quantize stage's

@@ -94,6 +94,8 @@ def test_learned_points_train_at_their_own_rate_and_static_ones_stay(monkeypatch
             assert all(p.numel() == 1 for p in point_groups[0]["params"])
         else:
             assert optimizers == [None]  # the trainer builds its own optimizer
+        if not learn:
+            assert facts["binary_point_drift_max"] == 0.0
     assert points_moved[True] > 0 and points_moved[False] == 0
 
 
