@@ -372,6 +372,12 @@ def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
               if p.parent.parent.name != "model_eval"}
     shutil.rmtree(ws / "artifacts")
     shutil.rmtree(ws / ".dvc" / "cache")
+    # a remote that is gone: the error names it, and no artifact is left half-pulled
+    assert run("dvc", "remote", "add", "gone", str(tmp_path / "no-such-remote")).returncode == 0
+    capsys.readouterr()
+    assert main(["pull", "--remote", "gone"]) == 1
+    assert "`dvc pull` failed" in (err := capsys.readouterr().err) and "no-such-remote" in err, err
+    assert not [p for p in (ws / "artifacts").glob("*/*") if not (p / "manifest.json").exists()]
     assert main(["pull"]) == 0
     after = {p.parent.name: p.read_text() for p in (ws / "artifacts").glob("*/*/manifest.json")}
     assert after == before
