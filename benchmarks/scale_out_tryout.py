@@ -91,7 +91,7 @@ def main() -> int:
               r"nano: 13 stages, \d+ cache hits")
         t.run("one stage on two DeepSpeed ranks (torchrun, gloo)",
               ["run", RECIPE, "--no-progress", "--only", "pretrain_dense", "--set",
-               "stages.pretrain_dense.resources.ranks=2"], r"pretrain_dense .* done in [\d.]+s")
+               "stages.pretrain_dense.resources.ranks=2"], r"(?s)pretrain_dense .*?done in [\d.]+s")
 
         port = free_port()
         server_dir = Path(tmp) / "mlflow-server"

@@ -147,10 +147,30 @@ def push_or_pull(root: Path, action: str, remote: str | None) -> str:
     if not is_dvc_repo(root):
         raise DvcError(f"{root} is not a DVC project (no .dvc/ or no dvc.yaml): run `dvc init` and "
                        "`paperdag dvc-sync` there first")
+    targets: list[str] = []
     if action == "push":
         built = [root / out for out in dvc_stage_names(root) if (root / out / "manifest.json").is_file()]
         record_in_dvc(root, built)
-    done = _dvc(root, action, *(["--remote", remote] if remote else []))
+    else:  # only what dvc.lock records: a bare `dvc pull` also asks for every stage never built anywhere
+        targets = sorted(name for name, outs in _locked_outs(root).items()
+                         if any(not (root / out / "manifest.json").is_file() for out in outs))
+        if not targets:
+            return "dvc pull: every artifact dvc.lock records is here already"
+    done = _dvc(root, action, *(["--remote", remote] if remote else []), *targets)
     if done.returncode != 0:
-        raise DvcError(f"`dvc {action}` failed: {done.stderr.strip() or done.stdout.strip()}")
+        raise DvcError(f"`dvc {action}` failed{_remote_named(root, remote)}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip()
+
+
+def _remote_named(root: Path, remote: str | None) -> str:
+    """' with remote NAME (URL)', and whether a local-directory remote exists: DVC's own message
+    for a missing remote is a list of missing cache files that names neither."""
+    name = remote or _dvc(root, "remote", "default", timeout=60).stdout.strip()
+    if not name:
+        return ""
+    url = _dvc(root, "config", f"remote.{name}.url", timeout=60).stdout.strip()
+    if not url:
+        return f" with remote {name!r}"
+    if "://" not in url and not (root / url).exists():
+        return f" with remote {name!r} ({url}, which does not exist)"
+    return f" with remote {name!r} ({url})"
