@@ -97,10 +97,6 @@ class FixedPointLinear(FoldableLinear):
         return on_fixed_point_grid(self.weight.float(), self.frac_bits, self.bits, rounding=round_ste)
 
 
-class QfxError(ValueError):
-    """A QFX setting that cannot train as asked."""
-
-
 class FixedPointTraining(LinearReplacement):
     key = "qfx"
     quantizes_weights = True
