@@ -7,7 +7,6 @@ from pathlib import Path
 from components.eval.claims import verdict_label
 from components.eval.summary import scored_blocks
 from tasks.plan import RecipePlan
-from tasks.tracking import is_server
 from tasks.workspace import Workspace
 
 
@@ -51,6 +50,8 @@ def results_table(metrics: dict) -> str:
 def mlflow_run_markdown(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The MLflow run a Prefect flow run's markdown artifact names: a link into the tracking
     server's UI, or, for a local store that no browser can open, where to point `mlflow ui`."""
+    from tasks.tracking import is_server  # here, not at the top: `paperdag list` imports this module
+
     if is_server(tracking_uri):
         return f"[MLflow run {run_id}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
     return f"MLflow run `{run_id}` (experiment {experiment_id}) in `{tracking_uri}`"
