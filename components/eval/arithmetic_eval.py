@@ -29,6 +29,7 @@ from components.data.arithmetic_formats import (
 )
 from components.eval.evaluator import Evaluator
 from components.eval.perplexity import evaluate_perplexity
+from components.eval.prepacking import prepacked_greedy_generate
 from components.eval.standard import perplexity_metrics, size_metrics
 from components.registry import MethodParams
 
@@ -92,8 +93,16 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, fmt: str, problems: Sequence[tuple[int, int]], batch_size: int = 64,
-                     extra_new_tokens: int = 4, progress: bool = False) -> list[str]:
-    """Greedy prompt + generation texts, in problem order. Batches share one prompt length."""
+                     extra_new_tokens: int = 4, progress: bool = False,
+                     batching: Literal["by_length", "prepacked"] = "by_length") -> list[str]:
+    """Greedy prompt + generation texts, in problem order.
+
+    ``by_length``: batches of up to ``batch_size`` prompts that share one token length (no padding,
+    but as many ``generate`` calls as there are lengths). ``prepacked``: prompts of all lengths
+    packed into rows as long as the longest prompt (``components/eval/prepacking.py``), ``batch_size``
+    rows per forward: the tensor of a padded batch, holding more prompts.
+    Both give every prompt its own token budget, so the texts do not depend on the batching.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ArithmeticEvalError("the tokenizer has no eos token (documents are packed between eos tokens)")
@@ -111,29 +120,37 @@ def generate_answers(model, tokenizer, fmt: str, problems: Sequence[tuple[int, i
             raise ArithmeticEvalError(
                 f"a {fmt} example ({a}+{b}) takes {needed} tokens with its eos but the model's context is "
                 f"{max_positions}; raise the tokenize stage's seq_len")
+    texts: list[str] = [""] * len(problems)
+    budgets = [min(b, max_positions - len(ids)) if max_positions else b for ids, b in zip(encoded, budgets)]
+
+    def finish(index: int, generated: list[int]) -> None:
+        if eos in generated:
+            generated = generated[:generated.index(eos)]
+        texts[index] = prompts[index] + tokenizer.decode(generated, skip_special_tokens=False,
+                                                         clean_up_tokenization_spaces=False)
+
+    if batching == "prepacked":
+        generated, _ = prepacked_greedy_generate(model, encoded, budgets, eos_token_id=eos,
+                                                 rows_per_batch=batch_size, progress=progress)
+        for index, tokens in enumerate(generated):
+            finish(index, tokens)
+        return texts
     by_length: dict[int, list[int]] = {}
     for index, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(index)
     chunks = [group[i:i + batch_size] for _, group in sorted(by_length.items())
               for i in range(0, len(group), batch_size)]
-    texts: list[str] = [""] * len(problems)
     was_training = model.training
     model.eval()
     try:
         for chunk in tqdm(chunks, desc="arithmetic generate", disable=not progress):
             ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
-            new_tokens = max(budgets[i] for i in chunk)
-            if max_positions:  # the margin must not run past the trained positions
-                new_tokens = min(new_tokens, max_positions - ids.shape[1])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max(budgets[i] for i in chunk), do_sample=False, pad_token_id=pad,
+                                 eos_token_id=eos)
             for row, index in enumerate(chunk):
                 # each row keeps its own budget, so batching never changes an answer
-                generated = out[row, ids.shape[1]:ids.shape[1] + budgets[index]].tolist()
-                if eos in generated:
-                    generated = generated[:generated.index(eos)]
-                texts[index] = prompts[index] + tokenizer.decode(generated, skip_special_tokens=False,
-                                                                 clean_up_tokenization_spaces=False)
+                finish(index, out[row, ids.shape[1]:ids.shape[1] + budgets[index]].tolist())
     finally:
         model.train(was_training)
     return texts
@@ -163,7 +180,11 @@ class ArithmeticExactMatch(Evaluator):
             "every format as its own domain, one model per format)"))
         split: Literal["test", "validation"] = Field("test", description="held-out split the problems come from")
         limit: int | None = Field(256, ge=1, description="problems to generate for (the first ones); None = all")
-        gen_batch_size: int = Field(64, ge=1, description="prompts per generate call")
+        gen_batch_size: int = Field(64, ge=1, description="prompts (by_length) or packed rows (prepacked) per "
+                                    "generate call")
+        batching: Literal["by_length", "prepacked"] = Field("by_length", description=(
+            "by_length: one generate call per prompt length; prepacked: prompts of all lengths packed into "
+            "rows with a block-diagonal mask (Prepacking, Zhao et al. 2024); the same texts either way"))
         extra_new_tokens: int = Field(4, ge=0, description="new-token budget beyond the gold completion's length")
         ppl_batch_size: int = Field(8, ge=1, description="blocks per forward pass for losses")
         max_blocks_per_domain: int | None = Field(None, ge=1, description="test blocks per domain (the first "
@@ -184,7 +205,8 @@ class ArithmeticExactMatch(Evaluator):
                                       f"set the evaluate stage's params.domain")
         out = perplexity_metrics(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain, progress)
         fmt, problems = heldout_problems(heldout, domain, p.split, p.format, p.limit)
-        texts = generate_answers(model, tokenizer, fmt, problems, p.gen_batch_size, p.extra_new_tokens, progress)
+        texts = generate_answers(model, tokenizer, fmt, problems, p.gen_batch_size, p.extra_new_tokens, progress,
+                                 p.batching)
         score = exact_match(fmt, problems, texts)
         out.update(exact_match=score["exact_match"], arith_parsed=score["parsed"], arith_n=len(problems))
         out.update(self._gap(model, out, domain, blocks_by_domain, train_blocks, progress))

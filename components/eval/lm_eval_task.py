@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import yaml
 
 ARITHMETIC_LINE = re.compile(r"^\s*(\d+)\s*([+\-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
@@ -81,10 +82,12 @@ def load(**_):
 
 
 def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: int = 16,
-                limit: int | None = None) -> dict:
+                limit: int | None = None, prepacked: bool = False) -> dict:
     """Run the harness on an in-memory HF model; returns ``{"exact_match", "n"}``.
 
     The model stays on its current device (HFLM ignores ``device`` for model instances).
+    ``prepacked`` generates each batch's greedy answers with the left padding removed and the
+    prompts packed into rows (``prepacked_hflm``) instead of through ``generate`` on the padded batch.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -96,7 +99,8 @@ def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: in
     max_length = getattr(model.config, "max_position_embeddings", None)
     was_training = model.training  # HFLM switches the model to eval mode
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        lm_class = prepacked_hflm() if prepacked else HFLM
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         results = simple_evaluate(
             model=lm,
             tasks=[task_name],
@@ -114,3 +118,41 @@ def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: in
         "exact_match": float(metrics["exact_match,none"]),
         "n": int(results["n-samples"][task_name]["effective"]),
     }
+
+
+def prepacked_hflm():
+    """lm-eval's ``HFLM`` whose greedy generation is prepacked (``components/eval/prepacking.py``).
+
+    The harness hands ``_model_generate`` a left-padded batch of contexts; this one strips the
+    padding with the attention mask, generates every context to the batch's budget or its first
+    stop string (the harness cuts the text at the stop string, as after ``generate``), and returns
+    the padded context followed by the new tokens, the shape ``generate`` returns. Sampling is
+    left to ``generate``: packing only changes how greedy decoding is batched.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    from components.eval.prepacking import prepacked_greedy_generate
+
+    class PrepackedHFLM(HFLM):
+        def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+            mask = generation_kwargs.get("attention_mask")
+            if generation_kwargs.get("do_sample") or mask is None or self.backend != "causal":
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            prompts = [row[keep.bool()].tolist() for row, keep in zip(context, mask)]
+            tok_decode = self.tok_decode
+
+            def hit_stop(_: int, new_tokens: list[int]) -> bool:
+                text = tok_decode(new_tokens)
+                return any(s in text for s in stop)
+
+            new, _ = prepacked_greedy_generate(self.model, prompts, max_length - context.shape[1],
+                                               eos_token_id=self.model.generation_config.eos_token_id,
+                                               rows_per_batch=len(prompts), should_stop=hit_stop)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            out = torch.full((len(prompts), max_length), pad, dtype=context.dtype, device=context.device)
+            out[:, :context.shape[1]] = context
+            for row, tokens in enumerate(new):
+                out[row, context.shape[1]:context.shape[1] + len(tokens)] = torch.as_tensor(tokens)
+            return out
+
+    return PrepackedHFLM

@@ -33,6 +33,9 @@ class StandardEvaluation(Evaluator):
         lm_eval_limit: int | None = Field(64, ge=1)
         """Arithmetic examples run through lm-eval (None = all)."""
         lm_eval_batch_size: int = Field(16, ge=1)
+        lm_eval_prepacked: bool = False
+        """Generate the lm-eval answers with prepacking (Zhao et al. 2024): each batch's prompts
+        packed into rows without left padding (``components/eval/prepacking.py``)."""
         eft_beta: float = 1.0
         """EFT only: weight of the small models' fine-tuning difference (Mitchell et al. 2023)."""
         plot: SweepPlot | None = None
@@ -55,7 +58,7 @@ class StandardEvaluation(Evaluator):
             task_dir = work_dir / "lm_eval_task"
             write_arithmetic_task(task_dir, task_examples)
             r = run_lm_eval(model, tokenizer, task_dir, "paperdag_arithmetic",
-                            batch_size=p.lm_eval_batch_size, limit=p.lm_eval_limit)
+                            batch_size=p.lm_eval_batch_size, limit=p.lm_eval_limit, prepacked=p.lm_eval_prepacked)
             out["arith_exact_match"] = r["exact_match"]
             out["arith_n"] = r["n"]
         if p.hessian_trace_probes:

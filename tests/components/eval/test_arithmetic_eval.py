@@ -94,12 +94,15 @@ def test_end_to_end_on_a_nano_model(nano_setup, tmp_path):
         evaluator.evaluate(model, tokenizer, None, test_blocks, [], tmp_path)
 
 
-def test_batched_generation_equals_one_at_a_time(nano_setup):
+@pytest.mark.parametrize("batching", ["by_length", "prepacked"])
+def test_batched_generation_equals_one_at_a_time(nano_setup, batching):
     model, tokenizer, _, _, _ = nano_setup
-    problems = [(12, 7), (3, 4), (120, 77), (1, 2), (45, 300)]
-    batched = generate_answers(model, tokenizer, "reversed", problems, batch_size=8)
+    problems = [(12, 7), (3, 4), (120, 77), (1, 2), (45, 300), (7, 8)]
+    batched = generate_answers(model, tokenizer, "reversed", problems, batch_size=8, batching=batching)
     single = [generate_answers(model, tokenizer, "reversed", [p], batch_size=1)[0] for p in problems]
-    assert batched == single  # same prompt length per batch (no padding) and a budget per problem
+    # by_length: one prompt length per batch (no padding); prepacked: a block-diagonal mask per
+    # row; either way a budget per problem
+    assert batched == single
     assert all(t.startswith(format_prompt("reversed", a, b)) for t, (a, b) in zip(batched, problems))
     with pytest.raises(ArithmeticEvalError, match=r"scratchpad_detailed example .* takes \d+ tokens .* context is 64"):
         generate_answers(model, tokenizer, "scratchpad_detailed", problems)

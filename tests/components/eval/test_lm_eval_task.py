@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 
+from components.eval import prepacking
 from components.eval.lm_eval_task import arithmetic_examples, run_lm_eval, write_arithmetic_task
 from components.model.presets import build_model
 
@@ -68,7 +69,7 @@ def greedy_answer(model, tokenizer, question, max_new=8):
     return text
 
 
-def test_harness_scores_generations_against_targets(tmp_path, char_tokenizer):
+def test_harness_scores_generations_against_targets(tmp_path, char_tokenizer, monkeypatch):
     model = build_model("nano", vocab_size=64, max_seq_len=32, seed=0).eval()
     rng = random.Random(0)
     texts = [f"{a}+{b}={a + b}" for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(40))]
@@ -87,6 +88,16 @@ def test_harness_scores_generations_against_targets(tmp_path, char_tokenizer):
     task_dir = tmp_path / "final"
     result = run_lm_eval(model, char_tokenizer, task_dir, "paperdag_arithmetic", batch_size=16)
     assert result == {"exact_match": pytest.approx(10 / 40), "n": 40}
+    # the same answers when each batch is generated prepacked instead of left-padded
+    packed_calls, packed_generate = [], prepacking.prepacked_greedy_generate
+
+    def counted(*args, **kwargs):
+        packed_calls.append(len(args[1]))
+        return packed_generate(*args, **kwargs)
+
+    monkeypatch.setattr(prepacking, "prepacked_greedy_generate", counted)
+    prepacked = run_lm_eval(model, char_tokenizer, task_dir, "paperdag_arithmetic", batch_size=16, prepacked=True)
+    assert prepacked == result and sum(packed_calls) == 40  # every prompt went through the packed path
 
     limited = run_lm_eval(model, char_tokenizer, task_dir, "paperdag_arithmetic", limit=5)
     assert limited == {"exact_match": pytest.approx(1.0), "n": 5}
