@@ -127,16 +127,18 @@ def prepacked_hflm():
     padding with the attention mask, generates every context to the batch's budget or its first
     stop string (the harness cuts the text at the stop string, as after ``generate``), and returns
     the padded context followed by the new tokens, the shape ``generate`` returns. Sampling is
-    left to ``generate``: packing only changes how greedy decoding is batched.
+    left to ``generate``: packing only changes how greedy decoding is batched. So is a model that
+    cannot be prepacked (a wrapper such as EFT's).
     """
     from lm_eval.models.huggingface import HFLM
 
-    from components.eval.prepacking import prepacked_greedy_generate
+    from components.eval.prepacking import prepacked_greedy_generate, supports_prepacking
 
     class PrepackedHFLM(HFLM):
         def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
             mask = generation_kwargs.get("attention_mask")
-            if generation_kwargs.get("do_sample") or mask is None or self.backend != "causal":
+            if (generation_kwargs.get("do_sample") or mask is None or self.backend != "causal"
+                    or not supports_prepacking(self.model)):
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
             prompts = [row[keep.bool()].tolist() for row, keep in zip(context, mask)]
             tok_decode = self.tok_decode

@@ -33,6 +33,14 @@ class PrepackingError(ValueError):
     """Prompts or settings that cannot be packed."""
 
 
+def supports_prepacking(model) -> bool:
+    """A transformers model takes position ids, a 4-D mask and a KV cache; a wrapper such as EFT's
+    (``components/distill/eft.py``), which combines several models' logits, does not."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins of item indices whose lengths sum to at most ``capacity``; longest items placed first,
     each into the first bin with room. Within a bin, indices keep the order they were placed in."""
@@ -114,6 +122,9 @@ def prepacked_greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_t
     """
     if rows_per_batch < 1:
         raise PrepackingError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    if not supports_prepacking(model):
+        raise PrepackingError(f"prepacking needs a transformers model (position ids, a 4-D mask, a KV cache); "
+                              f"got {type(model).__name__}")
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts) or any(b < 1 for b in budgets):
         raise PrepackingError(f"max_new_tokens must be one int >= 1 or one per prompt ({len(prompts)}), got "

@@ -33,9 +33,10 @@ class StandardEvaluation(Evaluator):
         lm_eval_limit: int | None = Field(64, ge=1)
         """Arithmetic examples run through lm-eval (None = all)."""
         lm_eval_batch_size: int = Field(16, ge=1)
-        lm_eval_prepacked: bool = False
+        lm_eval_prepacked: bool = True
         """Generate the lm-eval answers with prepacking (Zhao et al. 2024): each batch's prompts
-        packed into rows without left padding (``components/eval/prepacking.py``)."""
+        packed into rows without left padding (``components/eval/prepacking.py``); the same answers
+        as lm-eval's left-padded ``generate`` (``benchmarks/bench_prepacking.py`` times both)."""
         eft_beta: float = 1.0
         """EFT only: weight of the small models' fine-tuning difference (Mitchell et al. 2023)."""
         plot: SweepPlot | None = None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from components.eval.prepacking import (
-    PrepackingError, first_fit_decreasing, prepacked_greedy_generate, prepacked_next_token_logits,
+    PrepackingError, first_fit_decreasing, prepacked_greedy_generate, prepacked_next_token_logits, supports_prepacking,
 )
 from components.model.presets import build_model
 
@@ -102,3 +102,12 @@ def test_bad_input_is_named(model):
         prepacked_greedy_generate(model, [[1]], 1, rows_per_batch=0)
     with pytest.raises(PrepackingError, match="more than the bin capacity 2"):
         prepacked_next_token_logits(model, [[1, 2, 3]], bin_size=2)
+
+
+def test_a_model_that_cannot_be_packed_is_refused_by_name(model):
+    from components.distill.eft import EftModel
+
+    eft = EftModel(model, model, model, beta=0.5)
+    assert not supports_prepacking(eft) and supports_prepacking(model)
+    with pytest.raises(PrepackingError, match="needs a transformers model .*got EftModel"):
+        prepacked_greedy_generate(eft, [[1, 2]], 2)
