@@ -134,6 +134,15 @@ def results_markdown() -> str:
                          "ours (the upstream gradient itself) by an ulp. torchao's own int4 config uses the "
                          "code -8 and a finer step, so most values differ by design and its weight MSE is lower. "
                          "Step times are medians; the two sides run one after the other in separate processes."])
+    if (RESULTS / "prepacking.md").exists():
+        out += _section("Prepacking vs the evaluate stage's batching", "python benchmarks/bench_prepacking.py",
+                        [(RESULTS / "prepacking.md").read_text().strip(), "",
+                         "Prefill is where packing pays: the padded batches compute 1.75x the slots the packed "
+                         "rows do. Arithmetic prompts differ by a token or two, so a row as long as the longest "
+                         "prompt holds one prompt and nothing is packed: what the arithmetic rows measure is one "
+                         "decoding loop over 64 rows, each with its own budget, against one `generate` call per "
+                         "prompt length. The lm-eval rows include the harness's own work (building requests, "
+                         "scoring), which neither way changes, and they vary most between rounds."])
     if (RESULTS / "galore.md").exists():
         out += _section("GaLore: parity and speed vs galore-torch",
                         "bash benchmarks/galore_env.sh && python benchmarks/bench_galore.py",
