@@ -91,6 +91,12 @@ class TrainingMethod(Method):
         ``config.optimizer``. Called after ``bind`` and after ``config.freeze`` is applied."""
         return None
 
+    def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
+        """Parameter groups with settings of their own (e.g. QFX's binary points: their own learning
+        rate, no decay) inside the trainer's ``config.optimizer``; the trainer takes their
+        parameters out of its default groups. Default: none. Called where ``optimizer`` is."""
+        return []
+
     def on_batch(self, step: int, indices: np.ndarray) -> None:
         """Called before ``loss`` with the 1-based step and the block indices (rows of the
         ``blocks`` array) of the batch, in batch order."""

@@ -319,7 +319,11 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig, method) -> torc
     own = method.optimizer(model, config)  # e.g. GaLore: the method brings its optimizer
     if own is not None:
         return own
-    groups = _param_groups(model, config.weight_decay)
+    own_groups = method.param_groups(model, config)  # e.g. QFX: binary points at their own rate
+    taken = {id(p) for g in own_groups for p in g["params"]}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in taken]}
+              for g in _param_groups(model, config.weight_decay)]
+    groups = [g for g in groups if g["params"]] + own_groups
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, foreach=True)
     if config.optimizer == "adafactor":

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from components.quant.base import dequantize_packed
 from components.quant.fake_quant import fixed_point
 from components.train.qfx import FixedPointLinear, FixedPointTraining, mse_binary_point, on_fixed_point_grid
+from components.train import trainer as trainer_module
 from components.train.trainer import train
 from tests.components.train.test_trainer import assert_resume_is_exact, nano, pattern_blocks
 
@@ -74,28 +75,28 @@ def test_the_binary_points_gradient_is_lsqs_step_gradient_through_a_power_of_two
 
 def test_learned_points_train_at_their_own_rate_and_static_ones_stay(monkeypatch):
     points_moved = {}
-    build = FixedPointTraining.optimizer
+    build = trainer_module._make_optimizer
     for learn in (True, False):
         config, method = qfx(learn_binary_point=learn, binary_point_lr=0.5)
         model = nano()
         optimizers = []
-        monkeypatch.setattr(FixedPointTraining, "optimizer",
-                            lambda self, m, c: optimizers.append(build(self, m, c)) or optimizers[-1])
+        monkeypatch.setattr(trainer_module, "_make_optimizer",
+                            lambda m, c, meth: optimizers.append(build(m, c, meth)) or optimizers[-1])
         result = train(model, pattern_blocks(), config, method, progress=False)
         assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5])
         facts = result.method_facts
         assert facts["quantized_layers"] == 14 and facts["bits_per_weight"] == 4.0
         points_moved[learn] = facts["binary_points_moved"]
-        if learn:  # the points are one AdamW group at binary_point_lr, apart from the weights
-            [opt] = optimizers
-            point_groups = [g for g in opt.param_groups if g["initial_lr"] == 0.5]
+        [opt] = optimizers  # the trainer's AdamW, with the method's group
+        point_groups = [g for g in opt.param_groups if g["initial_lr"] == 0.5]
+        if learn:  # the points are one group at binary_point_lr, apart from the weights, in no other group
             assert len(point_groups) == 1 and len(point_groups[0]["params"]) == 14
             assert point_groups[0]["weight_decay"] == 0.0
             assert all(p.numel() == 1 for p in point_groups[0]["params"])
+            in_groups = [id(p) for g in opt.param_groups for p in g["params"]]
+            assert len(in_groups) == len(set(in_groups))
         else:
-            assert optimizers == [None]  # the trainer builds its own optimizer
-        if not learn:
-            assert facts["binary_point_drift_max"] == 0.0
+            assert point_groups == [] and facts["binary_point_drift_max"] == 0.0  # the points are buffers
     assert points_moved[True] > 0 and points_moved[False] == 0
 
 
