@@ -1,6 +1,7 @@
 """Training methods a recipe can name, per stage kind."""
 from components.registry import Registry
 from components.train.bert2bert import Bert2Bert
+from components.train.compacter import CompacterFinetune
 from components.train.dense import DenseTraining
 from components.train.double_rounding import DoubleRounding
 from components.train.galore import GaLoreTraining
@@ -28,4 +29,4 @@ FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFi
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
-                                                            DoubleRounding, FixedPointTraining])
+                                                            DoubleRounding, FixedPointTraining, CompacterFinetune])
