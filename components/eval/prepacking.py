@@ -93,9 +93,14 @@ class PackingStats:
                 "prompts_per_row": self.prompts / max(len(self.rows), 1)}
 
 
-def _pack(prompts: Sequence[Sequence[int]], bin_size: int | None):
+def _pack(model, prompts: Sequence[Sequence[int]], bin_size: int | None, rows_per_batch: int):
     if not prompts:
         raise PrepackingError("no prompts to pack")
+    if rows_per_batch < 1:
+        raise PrepackingError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
+    if not supports_prepacking(model):
+        raise PrepackingError(f"prepacking needs a transformers model (position ids, a 4-D mask, a KV cache); "
+                              f"got {type(model).__name__}")
     lengths = [len(p) for p in prompts]
     bins = first_fit_decreasing(lengths, bin_size or max(lengths))
     return lengths, bins, PackingStats(prompts=len(prompts), prompt_tokens=sum(lengths), rows=[len(b) for b in bins])
@@ -113,23 +118,18 @@ def prepacked_greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_t
                               rows_per_batch: int = 8, should_stop: Callable[[int, list[int]], bool] | None = None,
                               progress: bool = False) -> tuple[list[list[int]], PackingStats]:
     """Greedy continuations of ``prompts`` (token id lists), each up to its own ``max_new_tokens`` and
-    stopping after an ``eos_token_id`` (one id or several; it is kept, as ``generate`` keeps it). Returns the new tokens
-    per prompt, in prompt order, and what was computed.
+    stopping after an ``eos_token_id`` (one id or several; kept, as ``generate`` keeps it). Returns
+    the new tokens per prompt, in prompt order, and what was computed.
 
     ``bin_size`` is a row's prompt-token capacity (default: the longest prompt, as in the paper);
     ``rows_per_batch`` rows go through the model together. ``should_stop(prompt_index, new_tokens)``,
     if given, ends a prompt's generation early (stop strings), after the token that triggered it.
     """
-    if rows_per_batch < 1:
-        raise PrepackingError(f"rows_per_batch must be >= 1, got {rows_per_batch}")
-    if not supports_prepacking(model):
-        raise PrepackingError(f"prepacking needs a transformers model (position ids, a 4-D mask, a KV cache); "
-                              f"got {type(model).__name__}")
+    lengths, bins, stats = _pack(model, prompts, bin_size, rows_per_batch)
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts) or any(b < 1 for b in budgets):
         raise PrepackingError(f"max_new_tokens must be one int >= 1 or one per prompt ({len(prompts)}), got "
                               f"{max_new_tokens!r}")
-    lengths, bins, stats = _pack(prompts, bin_size)
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     outputs: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
@@ -180,7 +180,7 @@ def _prefill(model, prompts, rows: list[list[int]], stats: PackingStats):
 def prepacked_next_token_logits(model, prompts: Sequence[Sequence[int]], bin_size: int | None = None,
                                 rows_per_batch: int = 8) -> tuple[torch.Tensor, PackingStats]:
     """Packed prefill only: each prompt's next-token logits [n_prompts, vocab], in prompt order."""
-    lengths, bins, stats = _pack(prompts, bin_size)
+    lengths, bins, stats = _pack(model, prompts, bin_size, rows_per_batch)
     result: list[torch.Tensor | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
