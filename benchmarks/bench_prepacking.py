@@ -162,7 +162,9 @@ def markdown(result: dict) -> str:
             agree = f"same texts: {r['same_texts']}; {r['prepacked_rows']} packed rows"
         elif key == "lm_eval":
             base = "HFLM left-padded generate"
-            agree = f"same exact match: {r['same_exact_match']}"
+            em = r["exact_match"]
+            agree = (f"exact match {em[0]:.3f} / {em[1]:.3f}" + (" (an untrained model answers nothing right: no "
+                     "agreement check; tests/components/eval/test_lm_eval_task.py is)" if em == [0.0, 0.0] else ""))
         else:
             base = (f"right-padded batches: {r['baseline_pad_tokens']} pad of {r['prompt_tokens']} tokens, "
                     f"{r['baseline_forwards']} forwards")
