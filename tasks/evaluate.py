@@ -20,6 +20,7 @@ from components.eval.scaling_fit import claim_metrics, fit_points, fit_scaling_l
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from tasks.eval_cache import cached_evaluation
+from components.train.trainer import MODEL_FILE, load_weights
 from tasks.model_io import LOSS_CURVE, load_model_artifact, read_model_facts
 from tasks.artifacts import STAGE_METRICS
 
@@ -62,6 +63,8 @@ def run(ctx) -> dict:
         m.update({k: facts[k] for k in FACT_METRICS if k in facts})
         m.update(prefixed_fact_metrics(facts))
         per_model[name] = m
+        if getattr(evaluator.params, "checkpoints", False):
+            per_model.update(_score_kept_checkpoints(ctx, evaluator, name, art, facts, blocks, examples, extra))
     if reused:
         print(f"{ctx.plan.name}: reused the cached evaluation of {reused} of {len(per_model)} models "
               f"(same model, test data, evaluator and code)", flush=True)
@@ -111,6 +114,29 @@ def run(ctx) -> dict:
     ctx.facts["claims"] = {c["name"]: c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "")
                            for c in results}
     return flat
+
+
+def checkpoint_label(model: str, fraction: float) -> str:
+    """``pretrain_dense_at30``: the model at 30% of its training (a name MLflow accepts in metric keys)."""
+    return f"{model}_at{round(100 * fraction)}"
+
+
+def _score_kept_checkpoints(ctx, evaluator, name: str, art, facts: dict, blocks, examples, extra) -> dict[str, dict]:
+    """Each checkpoint the model's training stage kept (``keep_checkpoints``), scored like the model
+    itself: its weights in the artifact's config. Not cached apart from the stage: a sweep is
+    rescored when the evaluate stage reruns."""
+    out = {}
+    for kept in facts.get("kept_checkpoints", []):
+        model, tokenizer, _ = load_model_artifact(art, activation_hooks=True)
+        load_weights(model, art.path / kept["path"] / MODEL_FILE)
+        model.eval()
+        label = checkpoint_label(name, kept["fraction"])
+        model_extra = {"facts": facts} if getattr(evaluator, "needs_model_facts", False) else {}
+        m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / label, progress=ctx.progress,
+                               **extra, **model_extra)
+        out[label] = {**m, "checkpoint_of": name, "checkpoint_step": kept["step"],
+                      "checkpoint_fraction": kept["fraction"]}
+    return out
 
 
 def _scaling_fits(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]:
@@ -170,6 +196,8 @@ def _figures(report: dict, out_dir) -> dict[str, str]:
         "Claims: slack relative to the bar, 95% interval over seeds": report_plots.claims_against_bars(
             report["claims"], out_dir / "claims.png"),
         "Training curves": report_plots.training_curves(report["training_curves"], out_dir / "training_curves.png"),
+        "Checkpoint sweep: each capability along training": report_plots.checkpoint_sweep(
+            report["models"], report["domains"], out_dir / "checkpoint_sweep.png"),
     }
     if "sweep" in report:
         drawn[f"Sweep: {report['sweep']['metric']}"] = out_dir / report["sweep"]["figure"]

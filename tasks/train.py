@@ -22,7 +22,7 @@ from components.quant.base import QUANT_CONFIG_ATTR
 from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
-from components.train.trainer import train
+from components.train.trainer import KEPT_DIR, kept_steps, train
 from tasks.artifacts import DIGEST_LEN, Artifact
 from tasks.model_io import (LOSS_CURVE, load_model_artifact, load_tokenizer_artifact, read_model_facts,
                             save_model_artifact)
@@ -223,6 +223,14 @@ def run(ctx) -> dict:
             for name, value in quantized.state_dict.items():
                 model.get_parameter(name).copy_(value)
         facts["quantization"] = quantized.meta
+    kept = checkpoints / KEPT_DIR
+    if method.params.keep_checkpoints:  # the sweep's checkpoints: weights only, read with the artifact's config
+        facts["kept_checkpoints"] = [{"step": step, "fraction": f, "path": f"{KEPT_ARTIFACT_DIR}/step-{step:07d}"}
+                                     for f, step in kept_steps(method.params).items()]
+        missing = [k["step"] for k in facts["kept_checkpoints"] if not (kept / f"step-{k['step']:07d}").is_dir()]
+        if missing:
+            raise RuntimeError(f"stage {plan.name}: kept checkpoints of steps {missing} are missing from {kept}")
+        shutil.move(str(kept), str(ctx.out_dir / KEPT_ARTIFACT_DIR))
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
     if quantized is not None:
         quantized.save_packed(ctx.out_dir / "quantized.safetensors")
@@ -242,6 +250,9 @@ def run(ctx) -> dict:
             "precision_bf16": float(result.precision == "bf16"),
             **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))},
             **result.monitor_facts}
+
+
+KEPT_ARTIFACT_DIR = "checkpoints"
 
 
 def loss_curve(losses: list[float], max_points: int = 500) -> dict[str, list]:

@@ -125,3 +125,30 @@ def training_curves(curves: dict[str, dict], path: Path) -> Path | None:
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
+
+
+def checkpoint_sweep(per_model: dict[str, dict], domains: list[str], path: Path) -> Path | None:
+    """One panel per capability (perplexity per domain, arithmetic exact match): each model that has
+    kept checkpoints as a line over the fraction of its training, its final model at 1."""
+    sweeps: dict[str, list[tuple[float, dict]]] = {}
+    for m in per_model.values():
+        if "checkpoint_of" in m:
+            sweeps.setdefault(m["checkpoint_of"], []).append((m["checkpoint_fraction"], m))
+    sweeps = {name: sorted(points, key=lambda p: p[0]) + [(1.0, per_model[name])]
+              for name, points in sweeps.items() if name in per_model}
+    if not sweeps:
+        return None
+    capabilities = [f"ppl_{d}" for d in domains] + ["arith_exact_match", "exact_match"]
+    capabilities = [c for c in capabilities if any(c in m for points in sweeps.values() for _, m in points)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(capabilities), figsize=(3.2 * len(capabilities), 3.2), squeeze=False)
+    for ax, capability in zip(axes[0], capabilities):
+        for name, points in sweeps.items():
+            xs = [f for f, m in points if m.get(capability) is not None]
+            ax.plot(xs, [m[capability] for _, m in points if m.get(capability) is not None], marker="o", label=name)
+        if capability.startswith("ppl_"):
+            ax.set_yscale("log")
+        ax.set_title(capability)
+        ax.set_xlabel("fraction of training")
+    axes[0][0].legend(fontsize="small")
+    return _save(fig, path)

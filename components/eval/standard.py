@@ -46,6 +46,10 @@ class StandardEvaluation(Evaluator):
         Rademacher probes, on the first ``hessian_trace_blocks`` test blocks of each domain
         (``components/eval/flatness.py``); metrics ``hessian_trace``, ``_se``, ``_per_param``."""
         hessian_trace_blocks: int = Field(2, ge=1)
+        checkpoints: bool = False
+        """Also score the checkpoints each input model's training stage kept (``keep_checkpoints``),
+        as models ``<stage>_at<percent>``, and plot every capability along training (The Fine Line,
+        Yang et al. 2024). Checkpoints are rescored whenever the stage runs."""
         fits: list[ScalingFitSpec] = Field(default_factory=list)
         """Optional: scaling laws fitted across the evaluated models (``components/eval/scaling_fit.py``);
         each fit's parameters are claimable as ``<fit name>.<param>``."""

@@ -118,10 +118,24 @@ class TrainConfig(MethodParams):
     zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage (1 partitions optimizer state "
                                          "over ranks, 2 also gradients).")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = never).")
+    keep_checkpoints: tuple[float, ...] = Field((), description="Also keep the model at these fractions of "
+                                                 "`steps` (0 = before the first step) in the artifact, for a checkpoint "
+                                                 "sweep (an evaluate stage with `checkpoints: true`).")
     monitor_every: int = Field(0, ge=0, description="Score held-out loss per domain before the first step and "
                                "every N steps, logged as val_loss_<domain> (0 = never; see components/train/monitor.py).")
     monitor_blocks: int = Field(16, ge=1, description="Validation blocks per domain that the monitor scores.")
     log_every: int = Field(10, ge=1, description="Call `on_log` every N steps.")
+
+    @model_validator(mode="after")
+    def _kept_checkpoints_are_distinct_steps(self):
+        fractions = self.keep_checkpoints
+        if any(not 0 <= f < 1 for f in fractions):
+            raise ValueError(f"keep_checkpoints must be fractions in [0, 1) (the end is the artifact itself), got "
+                             f"{list(fractions)}")
+        if list(fractions) != sorted(set(fractions)) or len(set(kept_steps(self).values())) != len(fractions):
+            raise ValueError(f"keep_checkpoints {list(fractions)} must be increasing and fall on distinct steps of "
+                             f"the {self.steps}")
+        return self
 
     @model_validator(mode="after")
     def _infinite_phases_fit(self):
@@ -553,6 +567,28 @@ def _load_optimizer_shards(path: Path, ds_optimizer, world: int) -> None:
     ds_optimizer.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
+def kept_steps(config: "TrainConfig") -> dict[float, int]:
+    """The step each ``keep_checkpoints`` fraction falls on (0: before the first step)."""
+    return {f: round(f * config.steps) for f in config.keep_checkpoints}
+
+
+KEPT_DIR = "keep"  # inside the resume checkpoint directory, so a resumed run still has the earlier ones
+
+
+def _keep_checkpoint(checkpoint_dir: Path, step: int, model) -> None:
+    """Rank 0 writes the model's weights at ``step`` to ``<checkpoint_dir>/keep/step-N/`` (whole or not at all)."""
+    if _rank_and_world()[0] != 0:
+        return
+    final = checkpoint_dir / KEPT_DIR / f"step-{step:07d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / MODEL_FILE, {"step": str(step)})
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
 def _check_resume_config(state: dict, config: TrainConfig, path: Path, world: int) -> None:
     saved = state["config"]
     for key in ("batch_size", "seed"):  # these change the data order: resuming would be wrong
@@ -661,9 +697,16 @@ def train(
         teacher.to(device)
         teacher.eval()
         teacher.requires_grad_(False)
+    plain_keys = set(model.state_dict())
     method.prepare(model)
     method.bind(model, teacher, blocks.shape[0])
     trainable = freeze_parameters(model, config.freeze)
+    keep = {step: f for f, step in kept_steps(config).items()}
+    if keep and checkpoint_dir is None:
+        raise ValueError("keep_checkpoints needs a checkpoint_dir to keep them in")
+    if keep and set(model.state_dict()) != plain_keys:
+        raise ValueError(f"keep_checkpoints keeps the plain model's weights, but method {method.key!r} trains "
+                         f"through modules of its own (they fold back only at the end); drop keep_checkpoints")
 
     optimizer = _make_optimizer(model, config, method)
     matrices = block_matrices(model)  # before finalize, which may swap modules (LoRA merges its adapters)
@@ -736,6 +779,8 @@ def train(
     try:
         with (attention_implementation(models, attention), compiled_engine(engine, model, compiled),
               cpu_allocator_cache(device) as allocator_cache):
+            if start_step == 0 and 0 in keep:
+                _keep_checkpoint(checkpoint_dir, 0, model)
             if start_step == 0:  # e.g. Skill-it measures the untrained model's per-skill loss
                 first = sampler.observe(0, model, autocast)
                 if monitor is not None:
@@ -780,6 +825,8 @@ def train(
                     log_time, log_step = time.perf_counter(), step
                 if sampler_metrics and on_log is not None:
                     on_log(step, sampler_metrics)
+                if step in keep:  # before the resume checkpoint: a crash between the two loses neither
+                    _keep_checkpoint(checkpoint_dir, step, model)
                 if checkpoint_dir is not None and config.checkpoint_every and (
                     step % config.checkpoint_every == 0 or step == config.steps
                 ):

@@ -638,3 +638,32 @@ def test_a_vcycle_coalesces_trains_and_interpolates_back_through_the_dag(ws):
     assert facts["coalesced_from"]["hidden_size"] == base["hidden_size"]
     scored = json.loads((outcomes["evaluate"].path / "metrics.json").read_text())["models"]
     assert {"finetune_prose", "merge"} <= set(scored) and all(math.isfinite(scored[m]["ppl_all"]) for m in scored)
+
+
+def test_an_evaluate_stage_scores_the_checkpoints_a_training_stage_kept(ws):
+    """The Fine Line's checkpoint sweep: `keep_checkpoints` on a training stage keeps its weights at
+    those fractions inside its artifact; `checkpoints: true` on the evaluate stage scores each as
+    `<stage>_at<percent>` and plots every capability along training."""
+    import torch
+
+    from components.model.presets import load_model
+    from components.train.trainer import load_weights
+
+    summary = _run("--set=stages.finetune_prose.params.keep_checkpoints=[0.0, 0.5]",
+                   "--set=stages.evaluate.params.checkpoints=true")
+    outcomes = {o.name: o for o in summary.outcomes}
+    finetune, evaluate = outcomes["finetune_prose"], outcomes["evaluate"]
+    facts = json.loads((finetune.path / FACTS).read_text())
+    assert [(k["step"], k["fraction"]) for k in facts["kept_checkpoints"]] == [(0, 0.0), (2, 0.5)]
+    # step 0 is the fine-tune's input model, weight for weight
+    start = load_model(finetune.path)
+    load_weights(start, finetune.path / facts["kept_checkpoints"][0]["path"] / "model.safetensors")
+    parent = load_model(outcomes["pretrain_dense"].path)
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), parent.state_dict().values()))
+    models = json.loads((evaluate.path / "metrics.json").read_text())["models"]
+    for label, fraction in (("finetune_prose_at0", 0.0), ("finetune_prose_at50", 0.5)):
+        assert models[label]["checkpoint_of"] == "finetune_prose" and models[label]["checkpoint_fraction"] == fraction
+        assert math.isfinite(models[label]["ppl_prose"])
+    assert models["finetune_prose_at0"]["ppl_prose"] != models["finetune_prose"]["ppl_prose"]
+    assert (evaluate.path / "checkpoint_sweep.png").stat().st_size > 0
+    assert "checkpoint_sweep.png" in (evaluate.path / "report.md").read_text()
