@@ -649,21 +649,21 @@ def test_an_evaluate_stage_scores_the_checkpoints_a_training_stage_kept(ws):
     from components.model.presets import load_model
     from components.train.trainer import load_weights
 
-    summary = _run("--set=stages.finetune_prose.params.keep_checkpoints=[0.0, 0.5]",
+    summary = _run("--set=stages.finetune_spdf.params.keep_checkpoints=[0.0, 0.5]",
                    "--set=stages.evaluate.params.checkpoints=true")
     outcomes = {o.name: o for o in summary.outcomes}
-    finetune, evaluate = outcomes["finetune_prose"], outcomes["evaluate"]
+    finetune, evaluate = outcomes["finetune_spdf"], outcomes["evaluate"]
     facts = json.loads((finetune.path / FACTS).read_text())
     assert [(k["step"], k["fraction"]) for k in facts["kept_checkpoints"]] == [(0, 0.0), (2, 0.5)]
     # step 0 is the fine-tune's input model, weight for weight
     start = load_model(finetune.path)
     load_weights(start, finetune.path / facts["kept_checkpoints"][0]["path"] / "model.safetensors")
-    parent = load_model(outcomes["pretrain_dense"].path)
+    parent = load_model(outcomes["pretrain_spdf"].path)
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), parent.state_dict().values()))
     models = json.loads((evaluate.path / "metrics.json").read_text())["models"]
-    for label, fraction in (("finetune_prose_at0", 0.0), ("finetune_prose_at50", 0.5)):
-        assert models[label]["checkpoint_of"] == "finetune_prose" and models[label]["checkpoint_fraction"] == fraction
-        assert math.isfinite(models[label]["ppl_prose"])
-    assert models["finetune_prose_at0"]["ppl_prose"] != models["finetune_prose"]["ppl_prose"]
+    for label, fraction in (("finetune_spdf_at0", 0.0), ("finetune_spdf_at50", 0.5)):
+        assert models[label]["checkpoint_of"] == "finetune_spdf" and models[label]["checkpoint_fraction"] == fraction
+        assert math.isfinite(models[label]["ppl_all"])
+    assert models["finetune_spdf_at0"]["ppl_all"] != models["finetune_spdf"]["ppl_all"]
     assert (evaluate.path / "checkpoint_sweep.png").stat().st_size > 0
     assert "checkpoint_sweep.png" in (evaluate.path / "report.md").read_text()
