@@ -19,8 +19,8 @@ from components.eval.summary import scored_blocks
 from components.eval.scaling_fit import claim_metrics, fit_points, fit_scaling_law, write_fit_plot
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
-from tasks.eval_cache import cached_evaluation
 from components.train.trainer import MODEL_FILE, load_weights
+from tasks.eval_cache import cached_evaluation
 from tasks.model_io import LOSS_CURVE, load_model_artifact, read_model_facts
 from tasks.artifacts import STAGE_METRICS
 
