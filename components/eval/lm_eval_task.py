@@ -147,9 +147,11 @@ def prepacked_hflm():
                 text = tok_decode(new_tokens)
                 return any(s in text for s in stop)
 
-            new, _ = prepacked_greedy_generate(self.model, prompts, max_length - context.shape[1],
-                                               eos_token_id=self.model.generation_config.eos_token_id,
-                                               rows_per_batch=len(prompts), should_stop=hit_stop)
+            dtype = getattr(self, "mixed_precision_dtype", None)  # as HFLM's own generation applies it
+            with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
+                new, _ = prepacked_greedy_generate(self.model, prompts, max_length - context.shape[1],
+                                                   eos_token_id=self.model.generation_config.eos_token_id,
+                                                   rows_per_batch=len(prompts), should_stop=hit_stop)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             out = torch.full((len(prompts), max_length), pad, dtype=context.dtype, device=context.device)
             out[:, :context.shape[1]] = context
