@@ -51,12 +51,8 @@ def run(ctx) -> dict:
             curves[name] = json.loads((art.path / LOSS_CURVE).read_text())
 
         def score(work_dir, art=art, facts=facts) -> dict:
-            model, tokenizer, _ = load_model_artifact(art, activation_hooks=True)
-            model.eval()
-            model_extra = {"facts": facts} if getattr(evaluator, "needs_model_facts", False) else {}
-            return evaluator.evaluate(model, tokenizer, art.path, blocks, examples, work_dir,
-                                      quant_meta=facts.get("quantization"), progress=ctx.progress,
-                                      **extra, **model_extra)
+            return _score_model(ctx, evaluator, art, facts, blocks, examples, extra, work_dir,
+                                quant_meta=facts.get("quantization"))
 
         m, was_cached = cached_evaluation(ctx.workspace.artifacts, evaluator, art, tokens, ctx.out_dir / name, score)
         reused += was_cached
@@ -121,19 +117,27 @@ def checkpoint_label(model: str, fraction: float) -> str:
     return f"{model}_at{round(100 * fraction)}"
 
 
+def _score_model(ctx, evaluator, art, facts: dict, blocks, examples, extra, work_dir, quant_meta: dict | None = None,
+                 weights=None) -> dict:
+    """The evaluator's scores of the artifact's model, or of ``weights`` (a safetensors file) in its config."""
+    model, tokenizer, _ = load_model_artifact(art, activation_hooks=True)
+    if weights is not None:
+        load_weights(model, weights)
+    model.eval()
+    model_extra = {"facts": facts} if getattr(evaluator, "needs_model_facts", False) else {}
+    return evaluator.evaluate(model, tokenizer, art.path, blocks, examples, work_dir, quant_meta=quant_meta,
+                              progress=ctx.progress, **extra, **model_extra)
+
+
 def _score_kept_checkpoints(ctx, evaluator, name: str, art, facts: dict, blocks, examples, extra) -> dict[str, dict]:
     """Each checkpoint the model's training stage kept (``keep_checkpoints``), scored like the model
     itself: its weights in the artifact's config. Not cached apart from the stage: a sweep is
     rescored when the evaluate stage reruns."""
     out = {}
     for kept in facts.get("kept_checkpoints", []):
-        model, tokenizer, _ = load_model_artifact(art, activation_hooks=True)
-        load_weights(model, art.path / kept["path"] / MODEL_FILE)
-        model.eval()
         label = checkpoint_label(name, kept["fraction"])
-        model_extra = {"facts": facts} if getattr(evaluator, "needs_model_facts", False) else {}
-        m = evaluator.evaluate(model, tokenizer, art.path, blocks, examples, ctx.out_dir / label, progress=ctx.progress,
-                               **extra, **model_extra)
+        m = _score_model(ctx, evaluator, art, facts, blocks, examples, extra, ctx.out_dir / label,
+                         weights=art.path / kept["path"] / MODEL_FILE)
         out[label] = {**m, "checkpoint_of": name, "checkpoint_step": kept["step"],
                       "checkpoint_fraction": kept["fraction"]}
     return out

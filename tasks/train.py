@@ -22,7 +22,7 @@ from components.quant.base import QUANT_CONFIG_ATTR
 from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
-from components.train.trainer import KEPT_DIR, kept_steps, train
+from components.train.trainer import KEPT_DIR, kept_steps, step_dir_name, train
 from tasks.artifacts import DIGEST_LEN, Artifact
 from tasks.model_io import (LOSS_CURVE, load_model_artifact, load_tokenizer_artifact, read_model_facts,
                             save_model_artifact)
@@ -225,9 +225,10 @@ def run(ctx) -> dict:
         facts["quantization"] = quantized.meta
     kept = checkpoints / KEPT_DIR
     if method.params.keep_checkpoints:  # the sweep's checkpoints: weights only, read with the artifact's config
-        facts["kept_checkpoints"] = [{"step": step, "fraction": f, "path": f"{KEPT_ARTIFACT_DIR}/step-{step:07d}"}
-                                     for f, step in kept_steps(method.params).items()]
-        missing = [k["step"] for k in facts["kept_checkpoints"] if not (kept / f"step-{k['step']:07d}").is_dir()]
+        facts["kept_checkpoints"] = [
+            {"step": step, "fraction": f, "path": f"{KEPT_ARTIFACT_DIR}/{step_dir_name(step)}"}
+            for f, step in kept_steps(method.params).items()]
+        missing = [k["step"] for k in facts["kept_checkpoints"] if not (kept / step_dir_name(k["step"])).is_dir()]
         if missing:
             raise RuntimeError(f"stage {plan.name}: kept checkpoints of steps {missing} are missing from {kept}")
         shutil.move(str(kept), str(ctx.out_dir / KEPT_ARTIFACT_DIR))

@@ -208,6 +208,7 @@ def _generate_batch(model, prompts, budgets, eos: set[int], should_stop, rows: l
                              for r in range(n_rows)])
     prefix = segment[:, None, :] == torch.arange(slots)[None, :, None]  # [rows, slots, width]: slot's prompt
     own = torch.eye(slots, dtype=torch.bool)
+    cache_name = _cache_keyword(model)
     step = 0
     while True:
         tokens = logits.argmax(-1).cpu()
@@ -230,8 +231,7 @@ def _generate_batch(model, prompts, budgets, eos: set[int], should_stop, rows: l
         allowed[~occupied] = False
         allowed[..., -slots:] |= own  # every slot sees itself, occupied or not
         out = model(input_ids=torch.where(active, tokens, 0).to(device), position_ids=next_pos.to(device),
-                    attention_mask=_additive(allowed, dtype).to(device), use_cache=True,
-                    **_cache_argument(model, cache))
+                    attention_mask=_additive(allowed, dtype).to(device), use_cache=True, **{cache_name: cache})
         stats.forwards += 1
         stats.decode_tokens += int(active.sum())
         stats.decode_slots += n_rows * slots
@@ -247,10 +247,9 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[:, None]
 
 
-def _cache_argument(model, cache) -> dict:
+def _cache_keyword(model) -> str:
     """transformers 5 names the KV cache ``cache``; 4.x (which pyproject still allows) ``past_key_values``."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _returned_cache(out):

@@ -496,7 +496,7 @@ def _save_checkpoint(checkpoint_dir: Path, step: int, model, optimizer, schedule
     """Rank 0 writes into a temporary directory (named by its pid, ``owner_pid`` on every rank),
     each rank adds its ZeRO shard there, and rank 0 renames it into place once all are in."""
     rank, world = _rank_and_world()
-    final = checkpoint_dir / f"step-{step:07d}"
+    final = checkpoint_dir / step_dir_name(step)
     tmp = checkpoint_dir / f".tmp-step-{step:07d}-{owner_pid}"
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -572,6 +572,11 @@ def kept_steps(config: "TrainConfig") -> dict[float, int]:
     return {f: round(f * config.steps) for f in config.keep_checkpoints}
 
 
+def step_dir_name(step: int) -> str:
+    """The directory of the checkpoint of ``step``: a resume checkpoint, or one kept for a sweep."""
+    return f"step-{step:07d}"
+
+
 KEPT_DIR = "keep"  # inside the resume checkpoint directory, so a resumed run still has the earlier ones
 
 
@@ -579,7 +584,7 @@ def _keep_checkpoint(checkpoint_dir: Path, step: int, model) -> None:
     """Rank 0 writes the model's weights at ``step`` to ``<checkpoint_dir>/keep/step-N/`` (whole or not at all)."""
     if _rank_and_world()[0] != 0:
         return
-    final = checkpoint_dir / KEPT_DIR / f"step-{step:07d}"
+    final = checkpoint_dir / KEPT_DIR / step_dir_name(step)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -697,7 +702,7 @@ def train(
         teacher.to(device)
         teacher.eval()
         teacher.requires_grad_(False)
-    plain_keys = set(model.state_dict())
+    plain_keys = set(model.state_dict()) if config.keep_checkpoints else set()
     method.prepare(model)
     method.bind(model, teacher, blocks.shape[0])
     trainable = freeze_parameters(model, config.freeze)
