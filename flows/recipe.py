@@ -334,6 +334,9 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     # and the scaling laws an evaluate stage fits (``params.fits``), by the fit's name
     checkable |= {fit.get("name") for n in evaluates for fit in recipe.stages[n].params.get("fits", [])
                   if isinstance(fit, dict)}
+    # and the rank agreements between early checkpoints and final models, by name
+    for n in evaluates:
+        checkable |= _check_rank_agreements(recipe, n, path)
     for claim in recipe.claims:
         control = claim.effective_control()
         for stage in sorted(claim_stages(claim)):
@@ -344,6 +347,35 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
                     f"{path}: claims[{claim.name}]: {role} refers to stage {stage!r}, which is neither evaluated "
                     f"nor upstream of an evaluate stage; checkable stages: {', '.join(sorted(checkable))}")
     expand_seeds(recipe, path)  # a seed-dependent stage in a one-stage role is an error now, not at run time
+
+
+def _check_rank_agreements(recipe: Recipe, name: str, path) -> set[str]:
+    """An evaluate stage's ``rank_agreements`` name evaluated runs whose training stage keeps a
+    checkpoint at the agreement's fraction; checked before any stage trains. Returns their names."""
+    spec = recipe.stages[name]
+    models = spec.inputs.get("models", [])
+    models = [models] if isinstance(models, str) else models
+    names = set()
+    agreements = spec.params.get("rank_agreements", [])
+    dependent = seed_dependent(recipe, path) if recipe.seeds and agreements else set()
+    for i, agreement in enumerate(agreements):
+        if not isinstance(agreement, dict):
+            continue  # the evaluator's own validation names the bad entry
+        where = f"{path}: stages.{name}.params.rank_agreements[{i}]"
+        names.add(agreement.get("name"))
+        at = agreement.get("at", 0.3)
+        for run in agreement.get("models", []):
+            if run not in models:
+                raise RecipeError(f"{where}.models: {run!r} is not among this stage's inputs.models "
+                                  f"({', '.join(models) or 'none'})")
+            if run in dependent:
+                raise RecipeError(f"{where}.models: {run!r} depends on the recipe's seeds, so it is one run per seed; "
+                                  f"a rank agreement ranks fixed runs: pin stages.{run}.params.seed")
+            kept = recipe.stages[run].params.get("keep_checkpoints") or []
+            if not any(round(100 * k) == round(100 * at) for k in kept if isinstance(k, (int, float))):
+                raise RecipeError(f"{where}: ranks {run!r} at {at} of training, but stage {run} keeps checkpoints "
+                                  f"at {kept or 'none'}; add {at} to stages.{run}.params.keep_checkpoints")
+    return names
 
 
 def _check_selector_inputs(spec: StageSpec, where: str, selector) -> None:

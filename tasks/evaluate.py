@@ -16,6 +16,7 @@ from components.distill.eft import EftModel
 from components.eval import report_plots
 from components.eval.claims import Claim, SeedPlan, check_claims, verdict_label
 from components.eval.summary import scored_blocks
+from components.eval.rank_agreement import agreement_scores, rank_agreement
 from components.eval.scaling_fit import claim_metrics, fit_points, fit_scaling_law, write_fit_plot
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
@@ -80,11 +81,15 @@ def run(ctx) -> dict:
     seeds = ctx.plan.options.get("seeds")
     upstream = _upstream_metrics(ctx)
     fits = _scaling_fits(ctx, evaluator, per_model)
+    agreements = _rank_agreements(ctx, evaluator, per_model)
     results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()},
-                                    **{name: claim_metrics(fit["result"]) for name, fit in fits.items()}},
+                                    **{name: claim_metrics(fit["result"]) for name, fit in fits.items()},
+                                    **{name: a["result"] for name, a in agreements.items()}},
                            SeedPlan(seeds["seeds"], seeds["expanded"]) if seeds else None)
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
               "arith_examples": len(examples), "training_curves": curves}
+    if agreements:
+        report["rank_agreements"] = agreements
     if fits:
         report["scaling_fits"] = {name: {**fit["result"].as_dict(), "points": fit["points"], "figure": fit["figure"]}
                                   for name, fit in fits.items()}
@@ -100,6 +105,8 @@ def run(ctx) -> dict:
     flat = {f"{model}.{k}": v for model, m in per_model.items() for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
     flat.update({f"fit.{name}.{k}": v for name, fit in fits.items() for k, v in claim_metrics(fit["result"]).items()
+                 if math.isfinite(v)})
+    flat.update({f"ranks.{name}.{k}": v for name, a in agreements.items() for k, v in a["result"].items()
                  if math.isfinite(v)})
     flat.update({f"claim.{c['name']}": float(c["passed"]) for c in results})
     flat["claims_passed"] = sum(c["passed"] for c in results)
@@ -156,6 +163,21 @@ def _scaling_fits(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]
         figure = write_fit_plot(spec, x, y, result, ctx.out_dir, f"{ctx.recipe.name}: {spec.name}")
         out[spec.name] = {"result": result, "figure": figure.name,
                           "points": {"models": spec.models, "x": x, spec.metric: y}}
+    return out
+
+
+def _rank_agreements(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]:
+    """Each ``params.rank_agreements`` entry: the runs' early-checkpoint and final scores, and
+    Spearman's rho between them with its interval and permutation null."""
+    out = {}
+    for spec in getattr(evaluator.params, "rank_agreements", None) or []:
+        try:
+            early, final = agreement_scores(spec, per_model, checkpoint_label)
+            result = rank_agreement(early, final, spec.bootstrap, spec.permutations, spec.seed)
+        except ValueError as error:
+            raise ValueError(f"stage {ctx.plan.name}: params.rank_agreements[{spec.name}]: {error}") from None
+        out[spec.name] = {"result": result, "metric": spec.metric, "at": spec.at, "models": spec.models,
+                          "early": early, "final": final}
     return out
 
 
@@ -227,6 +249,15 @@ def _markdown(recipe, report: dict, figures: dict[str, str]) -> str:
                   "| parameter | value | 95% interval |", "|---|---|---|"]
         lines += [f"| {p} | {_cell(v)} | [{_cell(fit['intervals_95'][p][0])}, {_cell(fit['intervals_95'][p][1])}] |"
                   for p, v in fit["params"].items()]
+    for name, a in report.get("rank_agreements", {}).items():
+        r = a["result"]
+        lines += ["", f"## Rank agreement {name}: {a['metric']} at {round(100 * a['at'])}% of training vs final", "",
+                  f"Spearman rho {_cell(r['spearman'])}, 95% bootstrap interval [{_cell(r['spearman_low'])}, "
+                  f"{_cell(r['spearman_high'])}] ({_cell(r['bootstrap_dropped'])} tied resamples dropped); "
+                  f"permutation null's 95th percentile {_cell(r['null_q95'])}, one-sided p {_cell(r['p_value'])}; "
+                  f"one shuffled ranking's rho {_cell(r['shuffled_spearman'])}.", "",
+                  "| run | early | final |", "|---|---|---|"]
+        lines += [f"| {m} | {_cell(e)} | {_cell(f)} |" for m, e, f in zip(a["models"], a["early"], a["final"])]
     lines += ["", "## Claims", ""]
     for c in report["claims"]:
         lines.append(f"- **{verdict_label(c)}** {c['name']}: {c['statement']}  \n  {c['detail']}")

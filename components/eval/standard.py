@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from components.eval.evaluator import Evaluator
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
+from components.eval.rank_agreement import RankAgreementSpec
 from components.eval.scaling_fit import ScalingFitSpec
 from components.eval.sizes import model_size_report
 from components.eval.sweep_plot import SweepPlot
@@ -53,6 +54,20 @@ class StandardEvaluation(Evaluator):
         fits: list[ScalingFitSpec] = Field(default_factory=list)
         """Optional: scaling laws fitted across the evaluated models (``components/eval/scaling_fit.py``);
         each fit's parameters are claimable as ``<fit name>.<param>``."""
+        rank_agreements: list[RankAgreementSpec] = Field(default_factory=list)
+        """Optional, with ``checkpoints``: does a capability rank the runs at an early checkpoint as
+        it does at the end? Spearman's rho with its interval and permutation null
+        (``components/eval/rank_agreement.py``), claimable as ``<name>.spearman`` etc."""
+
+        @model_validator(mode="after")
+        def _agreements_need_checkpoints(self):
+            if self.rank_agreements and not self.checkpoints:
+                raise ValueError("rank_agreements compare early checkpoints with final models; set checkpoints: true")
+            names = [s.name for s in self.fits] + [s.name for s in self.rank_agreements]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"fits and rank_agreements must have distinct names; repeated: {', '.join(repeated)}")
+            return self
 
     def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
