@@ -26,7 +26,7 @@ from tasks.model_io import LOSS_CURVE, load_model_artifact, read_model_facts
 from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss", "trainable_params", "optimizer_state_bytes",
-                "block_matrix_state_bytes")
+                "block_matrix_state_bytes", "block_params", "block_params_final", "block_params_avg")
 FACT_PREFIXES = ("sampler_", "val_loss_")  # numeric facts of a training sampler or monitor, copied as they are
 EFT_ROLES = ("eft_large_base", "eft_small_ft", "eft_small_base")
 # HFLM warns on every in-memory model it wraps; the evaluate stage always passes one on purpose.

@@ -19,6 +19,7 @@ import torch
 
 from components.model.presets import build_model, count_params
 from components.quant.base import QUANT_CONFIG_ATTR
+from components.train.method import block_weight_counts
 from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
@@ -223,6 +224,7 @@ def run(ctx) -> dict:
             for name, value in quantized.state_dict.items():
                 model.get_parameter(name).copy_(value)
         facts["quantization"] = quantized.meta
+    facts.update(block_weight_counts(model, result.method_facts.get("mean_density")))
     kept = checkpoints / KEPT_DIR
     if method.params.keep_checkpoints:  # the sweep's checkpoints: weights only, read with the artifact's config
         facts["kept_checkpoints"] = [

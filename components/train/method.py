@@ -33,6 +33,19 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def block_weight_counts(model: nn.Module, mean_density: float | None = None) -> dict[str, int]:
+    """Block-linear weights of a trained plain model (the non-embedding count of scaling laws):
+    ``block_params`` (all), ``block_params_final`` (the nonzero ones, measured) and
+    ``block_params_avg``, their average over training (the Journey paper's N_avg): all times the
+    method's ``mean_density`` where it reports one (gradual pruning), else the final count (no
+    mask, or one fixed from the first step)."""
+    weights = [m.weight for m in block_linears(model).values()]
+    total = sum(w.numel() for w in weights)
+    nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
+    average = round(total * mean_density) if mean_density is not None else nonzero
+    return {"block_params": total, "block_params_final": nonzero, "block_params_avg": average}
+
+
 def attention_width(model: nn.Module) -> tuple[int, int]:
     """(n_layers, n_heads * head_dim) of a Llama-style config."""
     config = unwrap(model).config

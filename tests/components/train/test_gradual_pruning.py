@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from components.train.gradual_pruning import GradualPruning
-from components.train.method import block_linears
+from components.train.method import block_linears, block_weight_counts
 from components.train.trainer import train
 from tests.components.train.test_trainer import assert_resume_is_exact, dense, nano, pattern_blocks
 
@@ -60,6 +60,15 @@ def test_masks_tighten_during_training_and_keep_the_largest_weights():
         assert weights[live].abs().min() >= weights[~live].abs().max()
     assert result.method_facts["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert result.method_facts["mean_density"] == pytest.approx(Watch(config).mean_density())
+    # the Journey law's N: every block weight, the nonzero ones left, and their average over training
+    counts = block_weight_counts(model, result.method_facts["mean_density"])
+    total = sum(m.weight.numel() for m in linears.values())
+    assert counts["block_params"] == total
+    assert counts["block_params_final"] == sum(int((m.weight != 0).sum()) for m in linears.values())
+    assert counts["block_params_final"] == pytest.approx(0.5 * total, rel=1e-3)
+    assert counts["block_params_avg"] == round(total * result.method_facts["mean_density"])
+    assert counts["block_params_final"] < counts["block_params_avg"] < total
+    assert block_weight_counts(nano())["block_params_avg"] == total  # no mask: the dense count throughout
     dense_flops = train(nano(), pattern_blocks(), *dense(steps=12), progress=False).train_flops
     assert dense_flops > result.train_flops > 0.5 * dense_flops
 
