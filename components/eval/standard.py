@@ -9,6 +9,7 @@ import torch
 from pydantic import Field, model_validator
 
 from components.eval.evaluator import Evaluator
+from components.eval.infilling import InfillSpec, infill_metrics
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
 from components.eval.rank_agreement import RankAgreementSpec
@@ -47,6 +48,10 @@ class StandardEvaluation(Evaluator):
         Rademacher probes, on the first ``hessian_trace_blocks`` test blocks of each domain
         (``components/eval/flatness.py``); metrics ``hessian_trace``, ``_se``, ``_per_param``."""
         hessian_trace_blocks: int = Field(2, ge=1)
+        infill: InfillSpec | None = None
+        """Optional: fill a middle span of test blocks given prefix and suffix, scored left to right
+        and in the span-corruption format (``components/eval/infilling.py``); metrics
+        ``infill_nll_<format>``, ``infill_acc_<format>``, also per domain."""
         checkpoints: bool = False
         """Also score the checkpoints each input model's training stage kept (``keep_checkpoints``),
         as models ``<stage>_at<percent>``, and plot every capability along training (The Fine Line,
@@ -81,6 +86,8 @@ class StandardEvaluation(Evaluator):
                             batch_size=p.lm_eval_batch_size, limit=p.lm_eval_limit, prepacked=p.lm_eval_prepacked)
             out["arith_exact_match"] = r["exact_match"]
             out["arith_n"] = r["n"]
+        if p.infill is not None:
+            out.update(infill_metrics(model, tokenizer, p.infill, blocks_by_domain, p.ppl_batch_size))
         if p.hessian_trace_probes:
             out.update(flatness_metrics(model, blocks_by_domain, p.hessian_trace_probes, p.hessian_trace_blocks))
         out.update(size_metrics(model_dir, quant_meta))

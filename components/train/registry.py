@@ -19,14 +19,16 @@ from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
 from components.train.spdf import SpdfTraining
 from components.train.sr_ste import SrSteTraining
+from components.train.ul2 import MixtureOfDenoisers
 from components.train.vcycle_coalesce import VCycleCoalesce
 
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning, SLTrain,
                                                             QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
-                                                            FixedPointTraining])
+                                                            FixedPointTraining, MixtureOfDenoisers])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
-                                                            DoubleRounding, FixedPointTraining, CompacterFinetune])
+                                                            DoubleRounding, FixedPointTraining, CompacterFinetune,
+                                                            MixtureOfDenoisers])

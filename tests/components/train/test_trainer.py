@@ -47,16 +47,18 @@ def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def assert_resume_is_exact(tmp_path: Path, make) -> None:
+def assert_resume_is_exact(tmp_path: Path, make, blocks: np.ndarray | None = None) -> None:
     """Stopped at step 8 and resumed, a run ends with the losses and weights of one straight run.
-    ``make()`` returns a fresh ``(config, method)`` with ``checkpoint_every=4`` and 12 steps."""
+    ``make()`` returns a fresh ``(config, method)`` with ``checkpoint_every=4`` and 12 steps;
+    ``blocks`` default to ``pattern_blocks()``."""
+    blocks = pattern_blocks() if blocks is None else blocks
     config, method = make()
     straight_model = nano()
-    straight = train(straight_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path / "a", progress=False)
+    straight = train(straight_model, blocks, config, method, checkpoint_dir=tmp_path / "a", progress=False)
     config, method = make()
-    train(nano(), pattern_blocks(), config, method, checkpoint_dir=tmp_path / "b", progress=False, stop_after_step=8)
+    train(nano(), blocks, config, method, checkpoint_dir=tmp_path / "b", progress=False, stop_after_step=8)
     resumed_model = nano()
-    resumed = train(resumed_model, pattern_blocks(), config, make()[1], checkpoint_dir=tmp_path / "b", progress=False)
+    resumed = train(resumed_model, blocks, config, make()[1], checkpoint_dir=tmp_path / "b", progress=False)
     assert resumed.resumed_from_step == 8 and resumed.losses == straight.losses
     assert states_equal(resumed_model, straight_model)
 

@@ -1,0 +1,105 @@
+"""Infilling built from the corpus: fill a middle span of a test block, given what surrounds it.
+
+Each example cuts ``prefix | middle | suffix`` out of a test block at a seeded position (the same
+examples for every model). A model is scored in two formats, on the middle's tokens only:
+
+- ``prefix``: left to right, ``prefix`` then the middle; the suffix is unseen. This is what a
+  plain causal LM can do.
+- ``sentinel``: the X-denoiser's format (``components/data/denoising.py``), ``[X] prefix <s0>
+  suffix <s0>`` then the middle, which a model trained on span corruption (UL2) reads.
+
+Metrics per format: ``infill_nll_<format>`` (mean negative log-likelihood per middle token) and
+``infill_acc_<format>`` (teacher-forced top-1 accuracy on the middle tokens), over all examples
+and per domain (``..._<domain>``). Teacher-forced scores are used rather than exact match of a
+generated middle, which a micro model almost never gets right, so every model would tie at 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from components.data.denoising import DenoisingTokens, infill_example
+from components.registry import MethodParams
+
+FORMATS = ("prefix", "sentinel")
+
+
+class InfillSpec(MethodParams):
+    """Which infilling examples to build from the test blocks."""
+
+    examples_per_domain: int = Field(64, ge=1)
+    middle_tokens: int = Field(8, ge=1, description="length of the span to fill in")
+    context_tokens: int = Field(32, ge=1, description="length of the prefix and of the suffix")
+    domains: list[str] | None = Field(None, description="test domains to cut examples from; None: every domain")
+    seed: int = 0
+
+
+def infill_examples(spec: InfillSpec, blocks_by_domain: dict[str, np.ndarray]) -> dict[str, list[tuple]]:
+    """``{domain: [(prefix, middle, suffix), ...]}``, the same for every model (seeded)."""
+    need = 2 * spec.context_tokens + spec.middle_tokens
+    domains = spec.domains if spec.domains is not None else sorted(blocks_by_domain)
+    rng = np.random.default_rng(spec.seed)
+    out = {}
+    for domain in domains:
+        if domain not in blocks_by_domain:
+            raise ValueError(f"infill.domains names {domain!r}, which has no test blocks; domains: "
+                             f"{', '.join(sorted(blocks_by_domain))}")
+        blocks = np.asarray(blocks_by_domain[domain])
+        if len(blocks) == 0:
+            raise ValueError(f"infill: domain {domain!r} has no test blocks")
+        if blocks.shape[1] < need:
+            raise ValueError(f"infill needs blocks of at least 2 x context_tokens + middle_tokens = {need} tokens; the "
+                             f"test blocks have {blocks.shape[1]}")
+        examples = []
+        for i in range(spec.examples_per_domain):
+            block = blocks[i % len(blocks)]
+            start = int(rng.integers(0, blocks.shape[1] - need + 1))
+            a, b = start + spec.context_tokens, start + spec.context_tokens + spec.middle_tokens
+            examples.append((block[start:a], block[a:b], block[b:b + spec.context_tokens]))
+        out[domain] = examples
+    return out
+
+
+@torch.no_grad()
+def _middle_scores(model, sequences: np.ndarray, n_context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example NLL (summed over the middle) and correct top-1 count of the middle tokens."""
+    ids = torch.from_numpy(sequences.astype(np.int64)).to(next(model.parameters()).device)
+    logits = model(input_ids=ids).logits[:, n_context - 1:-1].float()
+    targets = ids[:, n_context:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    correct = (logits.argmax(-1) == targets).sum(1)
+    return nll.view(targets.shape).sum(1).cpu().numpy(), correct.cpu().numpy()
+
+
+def infill_metrics(model, tokenizer, spec: InfillSpec, blocks_by_domain: dict[str, np.ndarray],
+                   batch_size: int = 16) -> dict[str, float]:
+    """``infill_{nll,acc}_{format}`` overall and per domain (see the module docstring)."""
+    tokens = DenoisingTokens.from_tokenizer(tokenizer)
+    examples = infill_examples(spec, blocks_by_domain)
+    out: dict[str, float] = {}
+    totals = {f: [0.0, 0.0, 0] for f in FORMATS}  # nll, correct, middle tokens
+    for domain, items in examples.items():
+        tokens.check_absent(torch.from_numpy(np.concatenate([np.concatenate(x) for x in items])), f"infill ({domain})")
+        for f in FORMATS:
+            if f == "prefix":
+                built = [(np.concatenate([p, m]), len(p)) for p, m, _ in items]
+            else:
+                built = [infill_example(p, m, s, tokens) for p, m, s in items]
+            n_context = built[0][1]
+            sequences = np.stack([seq for seq, _ in built])
+            nll, correct = 0.0, 0
+            for i in range(0, len(sequences), batch_size):
+                n, c = _middle_scores(model, sequences[i:i + batch_size], n_context)
+                nll, correct = nll + float(n.sum()), correct + int(c.sum())
+            count = len(items) * spec.middle_tokens
+            out[f"infill_nll_{f}_{domain}"] = nll / count
+            out[f"infill_acc_{f}_{domain}"] = correct / count
+            totals[f][0] += nll
+            totals[f][1] += correct
+            totals[f][2] += count
+    for f, (nll, correct, count) in totals.items():
+        out[f"infill_nll_{f}"] = nll / count
+        out[f"infill_acc_{f}"] = correct / count
+    return out

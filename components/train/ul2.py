@@ -1,0 +1,115 @@
+"""UL2's mixture of denoisers on a decoder-only model (Tay et al. 2022, "UL2: Unifying Language
+Learning Paradigms"; continued training of a causal LM as in UL2R, Tay et al. 2022b).
+
+Every training block becomes one denoising example of a denoiser drawn from the mixture
+(``components/data/denoising.py`` holds the format): R (regular span corruption: short spans,
+15%), X (extreme: long spans or 50% corrupted) and S (sequential: prefix LM, the last 25%
+predicted). A mode token names the paradigm at the start, so a caller picks one at inference
+(``[X]`` for infilling). The loss is on the targets only; the input is context.
+
+Defaults are the paper's seven denoisers, as the method notes give them from third-party configs:
+R (mu=3, r=0.15), R (8, 0.15), S (r=0.25), X (3, 0.5), X (8, 0.5), X (64, 0.15), X (64, 0.5).
+[Guess: equal weights for the seven; the paper's own sampling rates are not in the notes.]
+
+Different here: the model keeps causal attention over the input (UL2's decoder-only runs use a
+prefix-LM mask there), because the artifact must stay a plain ``LlamaForCausalLM`` that every
+other stage loads; the denoised example is built inside one training block (the source shortened
+so that sentinels fit), padded to the block length, pads outside the loss.
+
+Draws come from a generator seeded by ``(seed, step, row)``, so a resumed run corrupts exactly as
+the uninterrupted one did. The tokenizer is needed to find the mode and sentinel tokens:
+``use_tokenizer`` (the train stage calls it) must come before training.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from components.data.denoising import DenoisingTokens, corrupt, source_length
+from components.registry import Paper
+from components.train.method import TrainingMethod
+
+IGNORE = -100  # HF's ignored label
+
+
+class Denoiser(BaseModel):
+    """One denoiser of the mixture: paradigm, mean span length (R and X) and corrupted share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["R", "S", "X"]
+    corruption: float = Field(gt=0, lt=1, description="share of the source that becomes targets")
+    mean_span: float = Field(3.0, ge=1, description="mean noise-span length in tokens (R and X; S has one suffix)")
+    weight: float = Field(1.0, gt=0, description="relative sampling weight in the mixture")
+
+
+PAPER_MIXTURE = (
+    Denoiser(mode="R", mean_span=3, corruption=0.15), Denoiser(mode="R", mean_span=8, corruption=0.15),
+    Denoiser(mode="S", corruption=0.25),
+    Denoiser(mode="X", mean_span=3, corruption=0.5), Denoiser(mode="X", mean_span=8, corruption=0.5),
+    Denoiser(mode="X", mean_span=64, corruption=0.15), Denoiser(mode="X", mean_span=64, corruption=0.5),
+)
+
+
+def _seed_for(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**32, 0x554C32, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class MixtureOfDenoisers(TrainingMethod):
+    """Causal-LM training on span-corrupted examples from UL2's mixture of denoisers."""
+
+    key = "ul2"
+    paper = Paper(title="UL2: Unifying Language Learning Paradigms", url="https://arxiv.org/abs/2205.05131",
+                  arxiv="2205.05131")
+
+    class Params(TrainingMethod.Params):
+        denoisers: list[Denoiser] = Field(default_factory=lambda: list(PAPER_MIXTURE), min_length=1)
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._tokens: DenoisingTokens | None = None
+        self._step = 0
+        weights = np.array([d.weight for d in self.params.denoisers], dtype=float)
+        self._probabilities = weights / weights.sum()
+
+    def use_tokenizer(self, tokenizer) -> None:
+        self._tokens = DenoisingTokens.from_tokenizer(tokenizer)
+
+    def bind(self, model: nn.Module, teacher: nn.Module | None, n_blocks: int) -> None:
+        if self._tokens is None:
+            raise ValueError("ul2 needs the tokenizer for its mode tokens and sentinels: call "
+                             "method.use_tokenizer(tokenizer) before training")
+
+    def on_batch(self, step: int, indices: np.ndarray) -> None:
+        self._step = step
+
+    def denoise_batch(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(input ids, labels, mode of each row) of ``batch`` at ``step``; deterministic."""
+        if self._tokens is None:
+            raise ValueError("ul2: call use_tokenizer(tokenizer) first")
+        self._tokens.check_absent(batch, f"ul2 (step {step})")
+        rng = np.random.default_rng(_seed_for(self.params.seed, step))
+        rows = batch.detach().cpu().numpy()
+        seq_len = rows.shape[1]
+        ids = np.full(rows.shape, self._tokens.pad, dtype=np.int64)
+        labels = np.full(rows.shape, IGNORE, dtype=np.int64)
+        modes = []
+        for r, row in enumerate(rows):
+            d = self.params.denoisers[rng.choice(len(self.params.denoisers), p=self._probabilities)]
+            length = source_length(seq_len, d.mode, d.corruption, d.mean_span)
+            sequence, n_input = corrupt(row[:length], d.mode, d.corruption, d.mean_span, self._tokens, rng)
+            ids[r, :len(sequence)] = sequence
+            labels[r, n_input:len(sequence)] = sequence[n_input:]
+            modes.append(d.mode)
+        return torch.from_numpy(ids).to(batch.device), torch.from_numpy(labels).to(batch.device), modes
+
+    def loss(self, model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None) -> torch.Tensor:
+        ids, labels, _ = self.denoise_batch(batch, self._step)
+        return model(input_ids=ids, labels=labels).loss
+
+    def finalize(self, model: nn.Module) -> dict:
+        return {"ul2_denoisers": len(self.params.denoisers)}
