@@ -16,6 +16,11 @@ prefix-LM mask there), because the artifact must stay a plain ``LlamaForCausalLM
 other stage loads; the denoised example is built inside one training block (the source shortened
 so that sentinels fit), padded to the block length, pads outside the loss.
 
+CodeT5+ (Wang et al. 2023, arXiv 2305.07922) is a setting of this class, not a copy: its
+decoder-side mixture of span denoising (R, mu=3, r=0.15), seq2seq causal LM at a random pivot
+(S with ``corruption_max``) and decoder-only causal LM (C) is ``params/codet5p.yaml``. The
+text-code matching objective needs an encoder and paired data and is not built.
+
 Draws come from a generator seeded by ``(seed, step, row)``, so a resumed run corrupts exactly as
 the uninterrupted one did. The tokenizer is needed to find the mode and sentinel tokens:
 ``use_tokenizer`` (the train stage calls it) must come before training.
@@ -26,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from components.data.denoising import DenoisingTokens, corrupt, source_length
@@ -37,14 +42,31 @@ IGNORE = -100  # HF's ignored label
 
 
 class Denoiser(BaseModel):
-    """One denoiser of the mixture: paradigm, mean span length (R and X) and corrupted share."""
+    """One denoiser of the mixture: paradigm, mean span length (R and X) and corrupted share.
+    ``C`` is plain causal LM on the whole block (no mode token, loss on every token), which
+    CodeT5+'s mixture adds to span denoising."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["R", "S", "X"]
-    corruption: float = Field(gt=0, lt=1, description="share of the source that becomes targets")
+    mode: Literal["R", "S", "X", "C"]
+    corruption: float | None = Field(None, gt=0, lt=1, description="share of the source that becomes targets "
+                                                                 "(R, S, X)")
+    corruption_max: float | None = Field(None, gt=0, lt=1, description="S only: draw the share uniformly from "
+                                         "[corruption, corruption_max] per example (a random pivot, as CodeT5+)")
     mean_span: float = Field(3.0, ge=1, description="mean noise-span length in tokens (R and X; S has one suffix)")
     weight: float = Field(1.0, gt=0, description="relative sampling weight in the mixture")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_mode(self):
+        if self.mode == "C" and (self.corruption is not None or self.corruption_max is not None):
+            raise ValueError("denoiser C is plain causal LM on the whole block; it takes no corruption")
+        if self.mode != "C" and self.corruption is None:
+            raise ValueError(f"denoiser {self.mode} needs corruption, the share of the source that becomes targets")
+        if self.corruption_max is not None and (self.mode != "S" or self.corruption_max < self.corruption):
+            raise ValueError(f"corruption_max (a random pivot) applies to the S denoiser only and must be at least "
+                             f"corruption; got mode {self.mode}, corruption {self.corruption}, "
+                             f"corruption_max {self.corruption_max}")
+        return self
 
 
 PAPER_MIXTURE = (
@@ -100,8 +122,12 @@ class MixtureOfDenoisers(TrainingMethod):
         modes = []
         for r, row in enumerate(rows):
             d = self.params.denoisers[rng.choice(len(self.params.denoisers), p=self._probabilities)]
-            length = source_length(seq_len, d.mode, d.corruption, d.mean_span)
-            sequence, n_input = corrupt(row[:length], d.mode, d.corruption, d.mean_span, self._tokens, rng)
+            if d.mode == "C":
+                sequence, n_input = row.astype(np.int64), 0
+            else:
+                share = d.corruption if d.corruption_max is None else float(rng.uniform(d.corruption, d.corruption_max))
+                length = source_length(seq_len, d.mode, share, d.mean_span)
+                sequence, n_input = corrupt(row[:length], d.mode, share, d.mean_span, self._tokens, rng)
             ids[r, :len(sequence)] = sequence
             labels[r, n_input:len(sequence)] = sequence[n_input:]
             modes.append(d.mode)

@@ -68,6 +68,22 @@ def test_examples_are_a_function_of_seed_and_step_and_only_targets_carry_loss():
     assert set(s_only.denoise_batch(batch, step=1)[2]) == {"S"}
 
 
+def test_codet5p_settings_causal_rows_and_a_random_pivot():
+    """CodeT5+'s mixture is a setting: C rows are the block itself with loss on every token; an S
+    denoiser with corruption_max draws its pivot per example."""
+    _, method = ul2(denoisers=[{"mode": "C"}, {"mode": "S", "corruption": 0.1, "corruption_max": 0.9}])
+    batch = torch.from_numpy(blocks(8)).long()
+    inputs = set()
+    for step in range(1, 6):
+        ids, labels, modes = method.denoise_batch(batch, step)
+        for row, mode in enumerate(modes):
+            if mode == "C":
+                assert torch.equal(ids[row], batch[row]) and torch.equal(labels[row], batch[row])
+            else:
+                inputs.add(int((labels[row] == IGNORE).sum()))
+    assert set(modes) <= {"C", "S"} and len(inputs) >= 4  # the S split moves between examples
+
+
 def test_trains_and_learns_and_resumes_exactly(tmp_path):
     config, method = ul2(steps=40, log_every=1)
     result = train(nano(), blocks(), config, method, progress=False)
@@ -81,6 +97,12 @@ def test_refusals_name_what_is_wrong():
         MixtureOfDenoisers.Params(denoisers=[{"mode": "X", "corruption": 1.0}])
     with pytest.raises(ValidationError, match="mode"):
         MixtureOfDenoisers.Params(denoisers=[{"mode": "Q", "corruption": 0.5}])
+    with pytest.raises(ValidationError, match="denoiser C is plain causal LM"):
+        MixtureOfDenoisers.Params(denoisers=[{"mode": "C", "corruption": 0.5}])
+    with pytest.raises(ValidationError, match="denoiser R needs corruption"):
+        MixtureOfDenoisers.Params(denoisers=[{"mode": "R"}])
+    with pytest.raises(ValidationError, match="applies to the S denoiser only"):
+        MixtureOfDenoisers.Params(denoisers=[{"mode": "X", "corruption": 0.2, "corruption_max": 0.5}])
     with pytest.raises(ValidationError, match="at least 1"):
         MixtureOfDenoisers.Params(denoisers=[])
     no_tokenizer = MixtureOfDenoisers(MixtureOfDenoisers.Params(steps=2, batch_size=2))
