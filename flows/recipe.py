@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from components.eval.claims import Claim, SeedPlan, claim_stages
+from components.eval.rank_agreement import RankAgreementSpec
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
 from components.model.presets import PRESETS
@@ -359,12 +360,11 @@ def _check_rank_agreements(recipe: Recipe, name: str, path) -> set[str]:
     agreements = spec.params.get("rank_agreements", [])
     dependent = seed_dependent(recipe, path) if recipe.seeds and agreements else set()
     for i, agreement in enumerate(agreements):
-        if not isinstance(agreement, dict):
-            continue  # the evaluator's own validation names the bad entry
         where = f"{path}: stages.{name}.params.rank_agreements[{i}]"
-        names.add(agreement.get("name"))
-        at = agreement.get("at", 0.3)
-        for run in agreement.get("models", []):
+        agreement = RankAgreementSpec.model_validate(agreement)  # the evaluator's params validated it already
+        names.add(agreement.name)
+        at = agreement.at
+        for run in agreement.models:
             if run not in models:
                 raise RecipeError(f"{where}.models: {run!r} is not among this stage's inputs.models "
                                   f"({', '.join(models) or 'none'})")
