@@ -575,8 +575,10 @@ def _checked_ranks(spec: StageSpec, method_cls, params: dict, where: str) -> int
     if not method_cls.shards_across_ranks:
         raise RecipeError(f"{where}: method {spec.method!r} keeps per-block state that each rank would update "
                           "for its own blocks only; train it on one rank")
-    if getattr(method_cls, "one_process_only", ""):
-        raise RecipeError(f"{where}: method {spec.method!r} {method_cls.one_process_only}; train it on one rank")
+    # an instance: whether a method needs one process may depend on its params (FIM with HLP's head)
+    reason = getattr(method_cls(method_cls.Params.model_validate(params)), "one_process_only", "")
+    if reason:
+        raise RecipeError(f"{where}: method {spec.method!r} {reason}; train it on one rank")
     if 0 < spec.resources.gpus < ranks:
         raise RecipeError(f"{where}: {ranks} ranks need one GPU each, but resources.gpus is {spec.resources.gpus}")
     return ranks

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from components.model.presets import build_model, count_params
 from components.quant.base import QUANT_CONFIG_ATTR
-from components.train.method import block_weight_counts
+from components.train.method import AUXILIARY_FILE, block_weight_counts
 from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
@@ -235,6 +236,9 @@ def run(ctx) -> dict:
             raise RuntimeError(f"stage {plan.name}: kept checkpoints of steps {missing} are missing from {kept}")
         shutil.move(str(kept), str(ctx.out_dir / KEPT_ARTIFACT_DIR))
     save_model_artifact(model, tokenizer, ctx.out_dir, facts)
+    auxiliary = method.auxiliary_tensors()
+    if auxiliary:
+        save_file({k: v.contiguous() for k, v in auxiliary.items()}, str(ctx.out_dir / AUXILIARY_FILE))
     if quantized is not None:
         quantized.save_packed(ctx.out_dir / "quantized.safetensors")
     curve = loss_curve(result.losses)

@@ -1,4 +1,5 @@
-"""Span corruption for a decoder-only model: the format UL2 trains and the infilling task reads.
+"""Span corruption and fill-in-the-middle for a decoder-only model: the formats UL2 and FIM train
+and the infilling task reads.
 
 A corrupted example is one causal sequence, ``mode, input with sentinels, targets``:
 
@@ -8,11 +9,12 @@ A corrupted example is one causal sequence, ``mode, input with sentinels, target
 Each noise span of the source is replaced in the input by a sentinel and follows the same
 sentinel in the targets, in order (T5's format, Raffel et al. 2020, on one sequence as in
 decoder-only UL2). The S-denoiser (prefix LM) has no sentinels: input = the source's first
-``1 - corruption`` share, targets = the rest.
+``1 - corruption`` share, targets = the rest. Fill-in-the-middle moves the middle to the end
+instead: ``<PRE> prefix <SUF> suffix <MID> middle`` (``fim_example``).
 
 Tokens. The project's tokenizers have a fixed vocabulary with one special token, and an artifact
-must keep its vocabulary to merge and compare with its parents, so no token is added. Sentinels
-and mode tokens are ASCII control bytes instead: a byte-level BPE holds every byte as one token,
+must keep its vocabulary to merge and compare with its parents, so no token is added. Sentinels,
+mode tokens and FIM's three tokens are ASCII control bytes instead: a byte-level BPE holds every byte as one token,
 and text corpora do not contain these bytes. ``DenoisingTokens.from_tokenizer`` checks that each is
 one token, and ``check_absent`` that training data never holds one (a clear error, not a silent
 clash). 16 sentinels cycle when an example has more spans; order tells them apart.
@@ -31,6 +33,7 @@ import torch
 
 MODE_BYTES = {"R": 0x0E, "S": 0x0F, "X": 0x10}  # UL2's [NLU], [S2S], [NLG] paradigm tokens
 SENTINEL_BYTES = tuple(range(0x11, 0x1B)) + tuple(range(0x01, 0x07))  # 16 control bytes, none of \t \n \r
+FIM_BYTES = {"PRE": 0x1C, "SUF": 0x1D, "MID": 0x1E}  # fill-in-the-middle's <PRE> <SUF> <MID> (file/group/record separators)
 Mode = Literal["R", "S", "X"]
 
 
@@ -41,6 +44,7 @@ class DenoisingTokens:
     modes: dict[str, int]
     sentinels: tuple[int, ...]
     pad: int
+    fim: dict[str, int]
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "DenoisingTokens":
@@ -53,14 +57,15 @@ class DenoisingTokens:
 
         modes = {m: one_id(b, f"mode {m}") for m, b in MODE_BYTES.items()}
         sentinels = tuple(one_id(b, "sentinel") for b in SENTINEL_BYTES)
+        fim = {name: one_id(b, f"fill-in-the-middle {name}") for name, b in FIM_BYTES.items()}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("span corruption pads with the tokenizer's pad or eos token; it has neither")
-        return cls(modes, sentinels, int(pad))
+        return cls(modes, sentinels, int(pad), fim)
 
     @property
     def reserved(self) -> torch.Tensor:
-        return torch.tensor([*self.modes.values(), *self.sentinels])
+        return torch.tensor([*self.modes.values(), *self.sentinels, *self.fim.values()])
 
     def check_absent(self, ids: torch.Tensor, where: str) -> None:
         """Refuse data that already holds a mode or sentinel token (its meaning would clash)."""
@@ -130,4 +135,13 @@ def infill_example(prefix: np.ndarray, middle: np.ndarray, suffix: np.ndarray,
     then the middle. Returns ``(sequence, n_context)``; the middle is ``sequence[n_context:]``."""
     s0 = tokens.sentinels[0]
     context = np.concatenate([[tokens.modes["X"]], prefix, [s0], suffix, [s0]]).astype(np.int64)
+    return np.concatenate([context, middle]).astype(np.int64), len(context)
+
+
+def fim_example(prefix: np.ndarray, middle: np.ndarray, suffix: np.ndarray,
+                tokens: DenoisingTokens) -> tuple[np.ndarray, int]:
+    """Fill-in-the-middle's PSM order (Bavarian et al. 2022): ``<PRE> prefix <SUF> suffix <MID>``
+    then the middle. Returns ``(sequence, n_context)``; the middle is ``sequence[n_context:]``."""
+    context = np.concatenate([[tokens.fim["PRE"]], prefix, [tokens.fim["SUF"]], suffix,
+                              [tokens.fim["MID"]]]).astype(np.int64)
     return np.concatenate([context, middle]).astype(np.int64), len(context)

@@ -7,6 +7,12 @@ examples for every model). A model is scored in two formats, on the middle's tok
   plain causal LM can do.
 - ``sentinel``: the X-denoiser's format (``components/data/denoising.py``), ``[X] prefix <s0>
   suffix <s0>`` then the middle, which a model trained on span corruption (UL2) reads.
+- ``fim``: fill-in-the-middle's ``<PRE> prefix <SUF> suffix <MID>`` then the middle (FIM, HLP).
+
+A model trained with horizon-length prediction keeps its head beside it
+(``auxiliary.safetensors``); its predictions of the share of the middle still to come, at
+``<MID>`` and after each middle token but the last, are scored as ``hlp_mae`` (mean absolute
+error), beside ``hlp_mae_constant``, the error of predicting the mean share everywhere.
 
 Metrics per format: ``infill_nll_<format>`` (mean negative log-likelihood per middle token) and
 ``infill_acc_<format>`` (teacher-forced top-1 accuracy on the middle tokens), over all examples
@@ -20,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from components.data.denoising import DenoisingTokens, infill_example
+from components.data.denoising import DenoisingTokens, fim_example, infill_example
 from components.registry import MethodParams
+from components.train.method import AUXILIARY_FILE
 
-FORMATS = ("prefix", "sentinel")
+FORMATS = ("prefix", "sentinel", "fim")
 
 
 class InfillSpec(MethodParams):
@@ -63,36 +70,67 @@ def infill_examples(spec: InfillSpec, blocks_by_domain: dict[str, np.ndarray]) -
 
 
 @torch.no_grad()
-def _middle_scores(model, sequences: np.ndarray, n_context: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example NLL (summed over the middle) and correct top-1 count of the middle tokens."""
+def _middle_scores(model, sequences: np.ndarray, n_context: int,
+                   head: torch.nn.Linear | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per example: NLL summed over the middle, correct top-1 count of the middle tokens, and the
+    horizon head's predictions at ``<MID>`` and the middle tokens but the last (with ``head``)."""
     ids = torch.from_numpy(sequences.astype(np.int64)).to(next(model.parameters()).device)
-    logits = model(input_ids=ids).logits[:, n_context - 1:-1].float()
+    out = model(input_ids=ids, output_hidden_states=head is not None)
+    logits = out.logits[:, n_context - 1:-1].float()
     targets = ids[:, n_context:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     correct = (logits.argmax(-1) == targets).sum(1)
-    return nll.view(targets.shape).sum(1).cpu().numpy(), correct.cpu().numpy()
+    horizon = None
+    if head is not None:
+        hidden = out.hidden_states[-1][:, n_context - 1:-1].float()
+        horizon = torch.sigmoid(head(hidden).squeeze(-1)).cpu().numpy()
+    return nll.view(targets.shape).sum(1).cpu().numpy(), correct.cpu().numpy(), horizon
+
+
+def load_horizon_head(model_dir) -> torch.nn.Linear | None:
+    """The HLP head a FIM training stage kept beside its model, if it kept one."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / AUXILIARY_FILE if model_dir is not None else None
+    if path is None or not path.exists():
+        return None
+    tensors = load_file(str(path))
+    if "horizon_head.weight" not in tensors:
+        return None
+    weight = tensors["horizon_head.weight"]
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": tensors["horizon_head.bias"]})
+    return head
 
 
 def infill_metrics(model, tokenizer, spec: InfillSpec, blocks_by_domain: dict[str, np.ndarray],
-                   batch_size: int = 16) -> dict[str, float]:
-    """``infill_{nll,acc}_{format}`` overall and per domain (see the module docstring)."""
+                   batch_size: int = 16, model_dir=None) -> dict[str, float]:
+    """``infill_{nll,acc}_{format}`` overall and per domain, and ``hlp_mae`` where ``model_dir``
+    holds a horizon head (see the module docstring)."""
     tokens = DenoisingTokens.from_tokenizer(tokenizer)
+    head = load_horizon_head(model_dir)
     examples = infill_examples(spec, blocks_by_domain)
     out: dict[str, float] = {}
     totals = {f: [0.0, 0.0, 0] for f in FORMATS}  # nll, correct, middle tokens
+    horizons = []
     for domain, items in examples.items():
         tokens.check_absent(torch.from_numpy(np.concatenate([np.concatenate(x) for x in items])), f"infill ({domain})")
         for f in FORMATS:
             if f == "prefix":
                 built = [(np.concatenate([p, m]), len(p)) for p, m, _ in items]
             else:
-                built = [infill_example(p, m, s, tokens) for p, m, s in items]
+                build = infill_example if f == "sentinel" else fim_example
+                built = [build(p, m, s, tokens) for p, m, s in items]
             n_context = built[0][1]
             sequences = np.stack([seq for seq, _ in built])
             nll, correct = 0.0, 0
             for i in range(0, len(sequences), batch_size):
-                n, c = _middle_scores(model, sequences[i:i + batch_size], n_context)
+                n, c, h = _middle_scores(model, sequences[i:i + batch_size], n_context, head if f == "fim" else None)
                 nll, correct = nll + float(n.sum()), correct + int(c.sum())
+                if h is not None:
+                    horizons.append(h)
             count = len(items) * spec.middle_tokens
             out[f"infill_nll_{f}_{domain}"] = nll / count
             out[f"infill_acc_{f}_{domain}"] = correct / count
@@ -102,4 +140,10 @@ def infill_metrics(model, tokenizer, spec: InfillSpec, blocks_by_domain: dict[st
     for f, (nll, correct, count) in totals.items():
         out[f"infill_nll_{f}"] = nll / count
         out[f"infill_acc_{f}"] = correct / count
+    if horizons:
+        m = spec.middle_tokens
+        predicted = np.concatenate(horizons)  # [examples, m]
+        truth = (m - np.arange(m)) / m
+        out["hlp_mae"] = float(np.abs(predicted - truth).mean())
+        out["hlp_mae_constant"] = float(np.abs(truth.mean() - truth).mean())
     return out

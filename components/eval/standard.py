@@ -87,7 +87,7 @@ class StandardEvaluation(Evaluator):
             out["arith_exact_match"] = r["exact_match"]
             out["arith_n"] = r["n"]
         if p.infill is not None:
-            out.update(infill_metrics(model, tokenizer, p.infill, blocks_by_domain, p.ppl_batch_size))
+            out.update(infill_metrics(model, tokenizer, p.infill, blocks_by_domain, p.ppl_batch_size, model_dir))
         if p.hessian_trace_probes:
             out.update(flatness_metrics(model, blocks_by_domain, p.hessian_trace_probes, p.hessian_trace_blocks))
         out.update(size_metrics(model_dir, quant_meta))

@@ -12,6 +12,8 @@ from torch import nn
 from components.registry import Method
 from components.train.trainer import TrainConfig
 
+AUXILIARY_FILE = "auxiliary.safetensors"  # a method's trained tensors beside the model (``auxiliary_tensors``)
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module behind a DeepSpeed engine (or the module itself)."""
@@ -142,6 +144,11 @@ class TrainingMethod(Method):
         holds the dequantized values of the packed weights), or None (the default): no packed file.
         Called on rank 0's saved model, after ``finalize``."""
         return None
+
+    def auxiliary_tensors(self) -> dict[str, torch.Tensor]:
+        """Trained tensors that are not part of the saved model (e.g. HLP's horizon head), written
+        beside it as ``auxiliary.safetensors``; called after ``finalize``. Default: none."""
+        return {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors that must survive a resume (e.g. masks), saved in every checkpoint."""

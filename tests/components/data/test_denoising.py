@@ -9,6 +9,7 @@ from components.data.denoising import (
     SENTINEL_BYTES,
     DenoisingTokens,
     corrupt,
+    fim_example,
     infill_example,
     random_spans,
     source_length,
@@ -49,8 +50,8 @@ def uncorrupt(sequence: np.ndarray, n_input: int, tokens: DenoisingTokens) -> np
 
 
 def test_mode_tokens_and_sentinels_are_distinct_single_byte_tokens(tokenizer, tokens):
-    ids = [*tokens.modes.values(), *tokens.sentinels]
-    assert len(set(ids)) == len(ids) == 3 + len(SENTINEL_BYTES)
+    ids = [*tokens.modes.values(), *tokens.sentinels, *tokens.fim.values()]
+    assert len(set(ids)) == len(ids) == 3 + len(SENTINEL_BYTES) + 3
     for byte, i in zip(SENTINEL_BYTES, tokens.sentinels):
         assert tokenizer.decode([i]) == chr(byte)
     assert tokens.pad == tokenizer.pad_token_id
@@ -106,6 +107,14 @@ def test_infilling_is_the_x_format_with_one_span(tokens):
     np.testing.assert_array_equal(sequence[n_context:], middle)
     s0, x = tokens.sentinels[0], tokens.modes["X"]
     np.testing.assert_array_equal(sequence[:n_context], [x, *prefix, s0, *suffix, s0])
+
+
+def test_fill_in_the_middle_is_psm(tokens):
+    prefix, middle, suffix = np.arange(5), np.arange(5, 8), np.arange(8, 12)
+    sequence, n_context = fim_example(prefix, middle, suffix, tokens)
+    np.testing.assert_array_equal(sequence[n_context:], middle)
+    np.testing.assert_array_equal(sequence[:n_context], [tokens.fim["PRE"], *prefix, tokens.fim["SUF"], *suffix,
+                                                         tokens.fim["MID"]])
 
 
 def test_data_holding_a_reserved_token_is_refused(tokens):

@@ -45,18 +45,43 @@ def test_scores_equal_a_direct_forward_of_each_example(setup):
     m = infill_metrics(model, tokenizer, spec, blocks, batch_size=2)
     tokens = DenoisingTokens.from_tokenizer(tokenizer)
     s0, x = tokens.sentinels[0], tokens.modes["X"]
-    expected = {"prefix": [], "sentinel": []}
+    pre, suf, mid = tokens.fim["PRE"], tokens.fim["SUF"], tokens.fim["MID"]
+    expected = {"prefix": [], "sentinel": [], "fim": []}
     with torch.no_grad():
         for prefix, middle, suffix in infill_examples(spec, blocks)["code"]:
-            for f, context in (("prefix", list(prefix)), ("sentinel", [x, *prefix, s0, *suffix, s0])):
+            for f, context in (("prefix", list(prefix)), ("sentinel", [x, *prefix, s0, *suffix, s0]),
+                               ("fim", [pre, *prefix, suf, *suffix, mid])):
                 ids = torch.tensor([context + list(middle)])
                 logits = model(input_ids=ids).logits[0, len(context) - 1:-1]
                 expected[f].append(F.cross_entropy(logits, torch.tensor(middle), reduction="sum").item())
-    for f in ("prefix", "sentinel"):
+    assert "hlp_mae" not in m  # no horizon head beside this model
+    for f in ("prefix", "sentinel", "fim"):
         assert m[f"infill_nll_{f}"] == pytest.approx(sum(expected[f]) / 12, rel=1e-5)
         assert m[f"infill_nll_{f}_code"] == m[f"infill_nll_{f}"]
         assert 0.0 <= m[f"infill_acc_{f}"] <= 1.0
     assert m["infill_nll_prefix"] != m["infill_nll_sentinel"]
+
+
+def test_a_horizon_head_beside_the_model_is_scored_against_the_true_remaining_share(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    tokenizer, blocks, model = setup
+    spec = InfillSpec(examples_per_domain=3, middle_tokens=4, context_tokens=8, domains=["code"])
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    save_file({"horizon_head.weight": head.weight.detach(), "horizon_head.bias": head.bias.detach()},
+              str(tmp_path / "auxiliary.safetensors"))
+    m = infill_metrics(model, tokenizer, spec, blocks, model_dir=tmp_path)
+    tokens = DenoisingTokens.from_tokenizer(tokenizer)
+    truth = np.array([1.0, 0.75, 0.5, 0.25])
+    errors = []
+    with torch.no_grad():
+        for prefix, middle, suffix in infill_examples(spec, blocks)["code"]:
+            context = [tokens.fim["PRE"], *prefix, tokens.fim["SUF"], *suffix, tokens.fim["MID"]]
+            hidden = model(input_ids=torch.tensor([context + list(middle)]), output_hidden_states=True).hidden_states[-1]
+            predicted = torch.sigmoid(head(hidden[0, len(context) - 1:-1]).squeeze(-1)).numpy()
+            errors.append(np.abs(predicted - truth).mean())
+    assert m["hlp_mae"] == pytest.approx(float(np.mean(errors)), rel=1e-5)
+    assert m["hlp_mae_constant"] == pytest.approx(0.25)  # |0.625 - truth| averages 0.25
 
 
 def test_bad_specs_are_named(setup):

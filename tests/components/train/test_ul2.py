@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from components.data.denoising import MODE_BYTES, SENTINEL_BYTES
+from components.data.denoising import FIM_BYTES, MODE_BYTES, SENTINEL_BYTES
 from components.train.registry import FINETUNE_METHODS, PRETRAIN_METHODS
 from components.train.trainer import train
 from components.train.ul2 import IGNORE, MixtureOfDenoisers
@@ -20,7 +20,7 @@ class ControlBytes:
     """A tokenizer stand-in: each control byte is one token id at the top of the nano vocabulary."""
 
     pad_token_id = eos_token_id = TEXT_VOCAB
-    ids = {chr(b): VOCAB - 1 - i for i, b in enumerate([*MODE_BYTES.values(), *SENTINEL_BYTES])}
+    ids = {chr(b): VOCAB - 1 - i for i, b in enumerate([*MODE_BYTES.values(), *SENTINEL_BYTES, *FIM_BYTES.values()])}
 
     def encode(self, text, add_special_tokens=False):
         return [self.ids[text]]
