@@ -136,11 +136,23 @@ def _minimise(logs: np.ndarray, log_y: np.ndarray, starts: np.ndarray, keep: int
     return best
 
 
+def _exp(v: float) -> float:
+    """exp that saturates to inf: a degenerate refit can drive a log-scale past float range."""
+    return math.exp(v) if v < 709.0 else math.inf
+
+
 def _as_params(law: Law, theta: np.ndarray) -> dict[str, float]:
-    values = [math.exp(theta[0])]
+    values = [_exp(theta[0])]
     for a, alpha in theta[1:].reshape(-1, 2):
-        values += [math.exp(a), float(alpha)]
+        values += [_exp(a), float(alpha)]
     return dict(zip(law.params, values))
+
+
+def _log_prediction(theta: np.ndarray, logs: np.ndarray) -> np.ndarray:
+    """log L of the law at ``theta``, in log space (finite where the scales themselves overflow)."""
+    pairs = theta[1:].reshape(-1, 2)
+    terms = np.vstack([np.full(logs.shape[1], theta[0])] + [a - alpha * lx for (a, alpha), lx in zip(pairs, logs)])
+    return np.logaddexp.reduce(terms, axis=0)
 
 
 def fit_scaling_law(law_name: str, x: dict[str, list[float]], y: list[float], bootstrap: int = 200,
@@ -167,7 +179,7 @@ def fit_scaling_law(law_name: str, x: dict[str, list[float]], y: list[float], bo
     logs, log_y = np.log(values), np.log(y_values)
     theta = _minimise(logs, log_y, _starts(len(law.variables)))
     params = _as_params(law, theta)
-    residuals = log_y - np.log(law.predict(params, {v: values[i] for i, v in enumerate(law.variables)}))
+    residuals = log_y - _log_prediction(theta, logs)
 
     rng = np.random.default_rng(seed)
     samples, failed = [], 0
@@ -178,10 +190,11 @@ def fit_scaling_law(law_name: str, x: dict[str, list[float]], y: list[float], bo
             failed += 1
             continue
         refit = _minimise(logs[:, pick], log_y[pick], refit_starts, keep=3)
-        if refit is None:
+        sample = None if refit is None else [_as_params(law, refit)[p] for p in law.params]
+        if sample is None or not all(math.isfinite(v) for v in sample):  # diverged: a scale past float range
             failed += 1
             continue
-        samples.append([_as_params(law, refit)[p] for p in law.params])
+        samples.append(sample)
     if samples:
         table = np.asarray(samples)
         intervals = {p: (float(np.percentile(table[:, i], 2.5)), float(np.percentile(table[:, i], 97.5)))
