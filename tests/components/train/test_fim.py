@@ -85,8 +85,14 @@ def test_hlp_trains_its_head_keeps_it_beside_the_model_and_resumes_exactly(tmp_p
 
 
 def test_refusals_and_the_one_process_rule():
-    assert FillInTheMiddle(FillInTheMiddle.Params(horizon_weight=1.0)).one_process_only
-    assert FillInTheMiddle(FillInTheMiddle.Params()).one_process_only == ""
+    from pathlib import Path
+
+    from flows.recipe import RecipeError, load_plan
+
+    recipe = Path(__file__).resolve().parents[3] / "params" / "fim_hlp.yaml"
+    load_plan(recipe, ["stages.fim_code.resources.ranks=2"])  # plain FIM shards across ranks
+    with pytest.raises(RecipeError, match="hlp_code_s0.resources.ranks: method 'fim' keeps the horizon head"):
+        load_plan(recipe, ["stages.hlp_code.resources.ranks=2"])
     with pytest.raises(ValueError, match="fim_rate"):
         FillInTheMiddle.Params(fim_rate=0.0)
     no_tokenizer = FillInTheMiddle(FillInTheMiddle.Params(steps=2, batch_size=2))
