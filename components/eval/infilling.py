@@ -1,7 +1,7 @@
 """Infilling built from the corpus: fill a middle span of a test block, given what surrounds it.
 
 Each example cuts ``prefix | middle | suffix`` out of a test block at a seeded position (the same
-examples for every model). A model is scored in two formats, on the middle's tokens only:
+examples for every model). A model is scored in three formats, on the middle's tokens only:
 
 - ``prefix``: left to right, ``prefix`` then the middle; the suffix is unseen. This is what a
   plain causal LM can do.
@@ -28,6 +28,7 @@ from pydantic import Field
 
 from components.data.denoising import DenoisingTokens, fim_example, infill_example
 from components.registry import MethodParams
+from components.train.fim import HEAD_ATTR
 from components.train.method import AUXILIARY_FILE
 
 FORMATS = ("prefix", "sentinel", "fim")
@@ -75,7 +76,7 @@ def _middle_scores(model, sequences: np.ndarray, n_context: int,
     """Per example: NLL summed over the middle, correct top-1 count of the middle tokens, and the
     horizon head's predictions at ``<MID>`` and the middle tokens but the last (with ``head``)."""
     ids = torch.from_numpy(sequences.astype(np.int64)).to(next(model.parameters()).device)
-    out = model(input_ids=ids, output_hidden_states=head is not None)
+    out = model(input_ids=ids, **({"output_hidden_states": True} if head is not None else {}))
     logits = out.logits[:, n_context - 1:-1].float()
     targets = ids[:, n_context:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
@@ -97,11 +98,11 @@ def load_horizon_head(model_dir) -> torch.nn.Linear | None:
     if path is None or not path.exists():
         return None
     tensors = load_file(str(path))
-    if "horizon_head.weight" not in tensors:
+    if f"{HEAD_ATTR}.weight" not in tensors:
         return None
-    weight = tensors["horizon_head.weight"]
+    weight = tensors[f"{HEAD_ATTR}.weight"]
     head = torch.nn.Linear(weight.shape[1], weight.shape[0])
-    head.load_state_dict({"weight": weight, "bias": tensors["horizon_head.bias"]})
+    head.load_state_dict({"weight": weight, "bias": tensors[f"{HEAD_ATTR}.bias"]})
     return head
 
 
