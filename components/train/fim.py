@@ -32,15 +32,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from components.data.denoising import DenoisingTokens, fim_example
+from components.data.denoising import fim_example
 from components.registry import Paper
-from components.train.method import TrainingMethod, unwrap
+from components.train.control_tokens import ControlTokenMethod
+from components.train.method import TrainingMethod, step_seed, unwrap
 
 HEAD_ATTR = "horizon_head"
-
-
-def _seed_for(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**32, 0x46494D, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def horizon_targets(n_context: int, middle: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,10 +46,11 @@ def horizon_targets(n_context: int, middle: int) -> tuple[np.ndarray, np.ndarray
     return np.arange(n_context - 1, n_context - 1 + middle), (middle - np.arange(middle)) / middle
 
 
-class FillInTheMiddle(TrainingMethod):
+class FillInTheMiddle(ControlTokenMethod):
     """Causal-LM training on blocks rearranged prefix-suffix-middle, optionally with HLP's head."""
 
     key = "fim"
+    control_tokens = "<PRE>/<SUF>/<MID> tokens"
     paper = Paper(title="Efficient Training of Language Models to Fill in the Middle",
                   url="https://arxiv.org/abs/2207.14255", arxiv="2207.14255")
 
@@ -68,17 +66,10 @@ class FillInTheMiddle(TrainingMethod):
 
     def __init__(self, params=None):
         super().__init__(params)
-        self._tokens: DenoisingTokens | None = None
-        self._step = 0
         self._head_state: dict[str, torch.Tensor] = {}
 
-    def use_tokenizer(self, tokenizer) -> None:
-        self._tokens = DenoisingTokens.from_tokenizer(tokenizer)
-
     def bind(self, model: nn.Module, teacher: nn.Module | None, n_blocks: int) -> None:
-        if self._tokens is None:
-            raise ValueError("fim needs the tokenizer for its <PRE>/<SUF>/<MID> tokens: call "
-                             "method.use_tokenizer(tokenizer) before training")
+        super().bind(model, teacher, n_blocks)
         if self.params.horizon_weight > 0:
             plain = unwrap(model)
             if HEAD_ATTR in plain._modules:
@@ -88,16 +79,11 @@ class FillInTheMiddle(TrainingMethod):
             nn.init.zeros_(head.bias)
             plain.add_module(HEAD_ATTR, head.to(next(plain.parameters()).device))
 
-    def on_batch(self, step: int, indices: np.ndarray) -> None:
-        self._step = step
-
     def fim_batch(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
         """(input ids, per row the HLP (positions, remaining share); empty for causal rows) of
         ``batch`` at ``step``; deterministic."""
-        if self._tokens is None:
-            raise ValueError("fim: call use_tokenizer(tokenizer) first")
-        self._tokens.check_absent(batch, f"fim (step {step})")
-        rng = np.random.default_rng(_seed_for(self.params.seed, step))
+        tokens = self.tokens_for(batch, step)
+        rng = np.random.default_rng(step_seed(self.params.seed, b"FIM", step))
         rows = batch.detach().cpu().numpy().astype(np.int64)
         seq_len = rows.shape[1]
         ids = rows.copy()
@@ -108,7 +94,7 @@ class FillInTheMiddle(TrainingMethod):
                 continue
             source = row[:seq_len - 3]
             a, b = np.sort(rng.integers(0, len(source) + 1, size=2))
-            sequence, n_context = fim_example(source[:a], source[a:b], source[b:], self._tokens)
+            sequence, n_context = fim_example(source[:a], source[a:b], source[b:], tokens)
             ids[r] = sequence
             horizons.append(horizon_targets(n_context, b - a) if b > a else
                             (np.zeros(0, dtype=np.int64), np.zeros(0)))

@@ -36,15 +36,11 @@ from torch import nn
 
 from components.data.arithmetic_formats import target_spans
 from components.registry import Paper
-from components.train.method import TrainingMethod
+from components.train.method import TrainingMethod, step_seed
 
 
 class MaskedThoughtError(ValueError):
     """Masked Thought cannot run as configured (no tokenizer, bad mask token...)."""
-
-
-def _seed_for(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**32, 0x4D4654, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class MaskedThought(TrainingMethod):
@@ -171,7 +167,7 @@ class MaskedThought(TrainingMethod):
         if self._mask_id is None:
             raise MaskedThoughtError("masked_thought: call use_tokenizer(tokenizer) first")
         target = self.target_positions(batch)
-        generator = torch.Generator().manual_seed(_seed_for(self.params.seed, step))
+        generator = torch.Generator().manual_seed(step_seed(self.params.seed, b"MFT", step))
         draws = torch.rand(batch.shape, generator=generator)
         chosen = target & (draws < self.rate_at(step))
         masked = batch.detach().cpu().clone()

@@ -15,6 +15,14 @@ from components.train.trainer import TrainConfig
 AUXILIARY_FILE = "auxiliary.safetensors"  # a method's trained tensors beside the model (``auxiliary_tensors``)
 
 
+def step_seed(seed: int, salt: bytes, step: int) -> int:
+    """A seed for one step's random draws, from the run's seed, a per-method salt (a few bytes,
+    so methods draw independently) and the step, so a resumed run draws what the uninterrupted
+    run drew at that step."""
+    words = [seed % 2**32, int.from_bytes(salt, "big"), step]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module behind a DeepSpeed engine (or the module itself)."""
     return getattr(model, "module", model)

@@ -34,9 +34,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from components.data.denoising import DenoisingTokens, corrupt, source_length
+from components.data.denoising import corrupt, source_length
 from components.registry import Paper
-from components.train.method import TrainingMethod
+from components.train.control_tokens import ControlTokenMethod
+from components.train.method import TrainingMethod, step_seed
 
 IGNORE = -100  # HF's ignored label
 
@@ -77,14 +78,11 @@ PAPER_MIXTURE = (
 )
 
 
-def _seed_for(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**32, 0x554C32, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class MixtureOfDenoisers(TrainingMethod):
+class MixtureOfDenoisers(ControlTokenMethod):
     """Causal-LM training on span-corrupted examples from UL2's mixture of denoisers."""
 
     key = "ul2"
+    control_tokens = "mode tokens and sentinels"
     paper = Paper(title="UL2: Unifying Language Learning Paradigms", url="https://arxiv.org/abs/2205.05131",
                   arxiv="2205.05131")
 
@@ -93,31 +91,16 @@ class MixtureOfDenoisers(TrainingMethod):
 
     def __init__(self, params=None):
         super().__init__(params)
-        self._tokens: DenoisingTokens | None = None
-        self._step = 0
         weights = np.array([d.weight for d in self.params.denoisers], dtype=float)
         self._probabilities = weights / weights.sum()
 
-    def use_tokenizer(self, tokenizer) -> None:
-        self._tokens = DenoisingTokens.from_tokenizer(tokenizer)
-
-    def bind(self, model: nn.Module, teacher: nn.Module | None, n_blocks: int) -> None:
-        if self._tokens is None:
-            raise ValueError("ul2 needs the tokenizer for its mode tokens and sentinels: call "
-                             "method.use_tokenizer(tokenizer) before training")
-
-    def on_batch(self, step: int, indices: np.ndarray) -> None:
-        self._step = step
-
     def denoise_batch(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(input ids, labels, mode of each row) of ``batch`` at ``step``; deterministic."""
-        if self._tokens is None:
-            raise ValueError("ul2: call use_tokenizer(tokenizer) first")
-        self._tokens.check_absent(batch, f"ul2 (step {step})")
-        rng = np.random.default_rng(_seed_for(self.params.seed, step))
+        tokens = self.tokens_for(batch, step)
+        rng = np.random.default_rng(step_seed(self.params.seed, b"UL2", step))
         rows = batch.detach().cpu().numpy()
         seq_len = rows.shape[1]
-        ids = np.full(rows.shape, self._tokens.pad, dtype=np.int64)
+        ids = np.full(rows.shape, tokens.pad, dtype=np.int64)
         labels = np.full(rows.shape, IGNORE, dtype=np.int64)
         modes = []
         for r, row in enumerate(rows):
@@ -127,7 +110,7 @@ class MixtureOfDenoisers(TrainingMethod):
             else:
                 share = d.corruption if d.corruption_max is None else float(rng.uniform(d.corruption, d.corruption_max))
                 length = source_length(seq_len, d.mode, share, d.mean_span)
-                sequence, n_input = corrupt(row[:length], d.mode, share, d.mean_span, self._tokens, rng)
+                sequence, n_input = corrupt(row[:length], d.mode, share, d.mean_span, tokens, rng)
             ids[r, :len(sequence)] = sequence
             labels[r, n_input:len(sequence)] = sequence[n_input:]
             modes.append(d.mode)
