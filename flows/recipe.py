@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from components.eval.claims import Claim, SeedPlan, claim_stages
-from components.eval.rank_agreement import RankAgreementSpec
+from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementSpec
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
 from components.model.presets import PRESETS
@@ -335,9 +335,10 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     # and the scaling laws an evaluate stage fits (``params.fits``), by the fit's name
     checkable |= {fit.get("name") for n in evaluates for fit in recipe.stages[n].params.get("fits", [])
                   if isinstance(fit, dict)}
-    # and the rank agreements between early checkpoints and final models, by name
+    # and the rank agreements between early checkpoints and final models, and the correlations
+    # between two metrics across runs, by name
     for n in evaluates:
-        checkable |= _check_rank_agreements(recipe, n, path)
+        checkable |= _check_rank_agreements(recipe, n, path) | _check_correlations(recipe, n, path)
     for claim in recipe.claims:
         control = claim.effective_control()
         for stage in sorted(claim_stages(claim)):
@@ -375,6 +376,29 @@ def _check_rank_agreements(recipe: Recipe, name: str, path) -> set[str]:
             if not any(round(100 * k) == round(100 * at) for k in kept if isinstance(k, (int, float))):
                 raise RecipeError(f"{where}: ranks {run!r} at {at} of training, but stage {run} keeps checkpoints "
                                   f"at {kept or 'none'}; add {at} to stages.{run}.params.keep_checkpoints")
+    return names
+
+
+def _check_correlations(recipe: Recipe, name: str, path) -> set[str]:
+    """An evaluate stage's ``correlations`` pair fixed runs among its evaluated models; checked
+    before any stage trains. Returns their names."""
+    spec = recipe.stages[name]
+    models = spec.inputs.get("models", [])
+    models = [models] if isinstance(models, str) else models
+    correlations = spec.params.get("correlations", [])
+    dependent = seed_dependent(recipe, path) if recipe.seeds and correlations else set()
+    names = set()
+    for i, correlation in enumerate(correlations):
+        where = f"{path}: stages.{name}.params.correlations[{i}]"
+        correlation = MetricCorrelationSpec.model_validate(correlation)  # the evaluator's params validated it already
+        names.add(correlation.name)
+        for run in dict.fromkeys(run for pair in correlation.pairs() for run in pair):
+            if run not in models:
+                raise RecipeError(f"{where}: {run!r} is not among this stage's inputs.models "
+                                  f"({', '.join(models) or 'none'})")
+            if run in dependent:
+                raise RecipeError(f"{where}: {run!r} depends on the recipe's seeds, so it is one run per seed; "
+                                  f"a correlation pairs fixed runs: pin stages.{run}.params.seed")
     return names
 
 

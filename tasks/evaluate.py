@@ -16,7 +16,7 @@ from components.distill.eft import EftModel
 from components.eval import report_plots
 from components.eval.claims import Claim, SeedPlan, check_claims, verdict_label
 from components.eval.summary import scored_blocks
-from components.eval.rank_agreement import agreement_scores, rank_agreement
+from components.eval.rank_agreement import agreement_scores, correlation_scores, rank_agreement
 from components.eval.scaling_fit import claim_metrics, fit_points, fit_scaling_law, write_fit_plot
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
@@ -167,8 +167,9 @@ def _scaling_fits(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]
 
 
 def _rank_agreements(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]:
-    """Each ``params.rank_agreements`` entry: the runs' early-checkpoint and final scores, and
-    Spearman's rho between them with its interval and permutation null."""
+    """Each ``params.rank_agreements`` entry (the runs' early-checkpoint and final scores) and each
+    ``params.correlations`` entry (two metrics across runs): Spearman's rho with its interval and
+    permutation null."""
     out = {}
     for spec in getattr(evaluator.params, "rank_agreements", None) or []:
         try:
@@ -176,8 +177,19 @@ def _rank_agreements(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, di
             result = rank_agreement(early, final, spec.bootstrap, spec.permutations, spec.seed)
         except ValueError as error:
             raise ValueError(f"stage {ctx.plan.name}: params.rank_agreements[{spec.name}]: {error}") from None
-        out[spec.name] = {"result": result, "metric": spec.metric, "at": spec.at, "models": spec.models,
-                          "early": early, "final": final}
+        out[spec.name] = {"result": result, "title": f"{spec.metric} at {round(100 * spec.at)}% of training vs final",
+                          "columns": ["early", "final"], "runs": spec.models, "values": [early, final]}
+    for spec in getattr(evaluator.params, "correlations", None) or []:
+        try:
+            x, y, given = correlation_scores(spec, per_model)
+            result = rank_agreement(x, y, spec.bootstrap, spec.permutations, spec.seed, given=given)
+        except ValueError as error:
+            raise ValueError(f"stage {ctx.plan.name}: params.correlations[{spec.name}]: {error}") from None
+        out[spec.name] = {"result": result,
+                          "title": f"{spec.x} vs {spec.y}" + (f", holding {spec.given} fixed (partial)" if given else ""),
+                          "columns": [spec.x, spec.y, *([spec.given] if given else [])],
+                          "runs": [a if a == b else f"{a} / {b}" for a, b in spec.pairs()],
+                          "values": [x, y, *([given] if given else [])]}
     return out
 
 
@@ -251,13 +263,16 @@ def _markdown(recipe, report: dict, figures: dict[str, str]) -> str:
                   for p, v in fit["params"].items()]
     for name, a in report.get("rank_agreements", {}).items():
         r = a["result"]
-        lines += ["", f"## Rank agreement {name}: {a['metric']} at {round(100 * a['at'])}% of training vs final", "",
+        partial = (f" Without holding it fixed, rho is {_cell(r['raw_spearman'])}; its spread across the runs is "
+                   f"{_cell(r['given_spread'])}." if "raw_spearman" in r else "")
+        lines += ["", f"## Rank correlation {name}: {a['title']}", "",
                   f"Spearman rho {_cell(r['spearman'])}, 95% bootstrap interval [{_cell(r['spearman_low'])}, "
                   f"{_cell(r['spearman_high'])}] ({_cell(r['bootstrap_dropped'])} tied resamples dropped); "
                   f"permutation null's 95th percentile {_cell(r['null_q95'])}, one-sided p {_cell(r['p_value'])}; "
-                  f"one shuffled ranking's rho {_cell(r['shuffled_spearman'])}.", "",
-                  "| run | early | final |", "|---|---|---|"]
-        lines += [f"| {m} | {_cell(e)} | {_cell(f)} |" for m, e, f in zip(a["models"], a["early"], a["final"])]
+                  f"one shuffled ranking's rho {_cell(r['shuffled_spearman'])}.{partial}", "",
+                  "| run | " + " | ".join(a["columns"]) + " |", "|---|" + "---|" * len(a["columns"])]
+        lines += [f"| {run} | " + " | ".join(_cell(v[i]) for v in a["values"]) + " |"
+                  for i, run in enumerate(a["runs"])]
     lines += ["", "## Claims", ""]
     for c in report["claims"]:
         lines.append(f"- **{verdict_label(c)}** {c['name']}: {c['statement']}  \n  {c['detail']}")

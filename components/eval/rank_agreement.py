@@ -14,11 +14,18 @@ final model, and measure Spearman's rho between the two rankings. Reported besid
 
 Spearman's rho ignores the metric's direction (both rankings use the same one), so a loss and
 an accuracy need no flag. Ties get average ranks, as in ``scipy.stats.spearmanr``.
+
+The same test serves any two per-model metrics (``MetricCorrelationSpec``): e.g. flatness
+against a downstream probe (Liu et al. 2023, "Same Pre-training Loss, Better Downstream"). Such a
+correlation can hold a third metric fixed (``given``): rho is then the partial Spearman
+correlation, the correlation of the two rankings after each is regressed on the third's ranks,
+so "at roughly equal loss" is a computation rather than a hope. Its null shuffles the first
+metric and residualizes each shuffle the same way.
 """
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy import stats
 
 from components.registry import MethodParams
@@ -39,38 +46,86 @@ class RankAgreementSpec(MethodParams):
     seed: int = 0
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho; NaN when either side is all ties."""
+class MetricCorrelationSpec(MethodParams):
+    """Spearman correlation between metric ``x`` of ``models`` and metric ``y`` of ``y_models``
+    (paired by position; default the same models), optionally holding metric ``given`` of
+    ``models`` fixed (partial rho). Claimable as ``<name>.spearman`` and the rest, as a rank
+    agreement, plus ``raw_spearman`` and ``given_spread`` (max - min of ``given``) with ``given``."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="the correlation's name in claims and reports")
+    x: str = Field(min_length=1, description="a per-model metric of `models`, e.g. hessian_trace")
+    y: str = Field(min_length=1, description="a per-model metric of `y_models`, e.g. loss_arithmetic")
+    models: list[str] = Field(min_length=4, description="the runs (at least 4, as for a rank agreement)")
+    y_models: list[str] | None = Field(None, description="where y is read, paired with `models` by position "
+                                                         "(e.g. each run's downstream fine-tune); default `models`")
+    given: str | None = Field(None, description="a metric of `models` held fixed: rho becomes the partial Spearman "
+                                                "correlation (e.g. the upstream loss, for 'at equal loss')")
+    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the interval (0: none)")
+    permutations: int = Field(20000, ge=100, description="shuffles of x for the permutation null")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _pairs_match(self):
+        if self.y_models is not None and len(self.y_models) != len(self.models):
+            raise ValueError(f"y_models pairs with models by position: {len(self.y_models)} y_models for "
+                             f"{len(self.models)} models")
+        return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return list(zip(self.models, self.y_models or self.models))
+
+
+def _residual_ranks(ranks: np.ndarray, given_ranks: np.ndarray | None) -> np.ndarray:
+    """Ranks (one run per column; rows are alternatives) centred, and with ``given_ranks``
+    regressed out: what partial Spearman correlates."""
+    if given_ranks is None:
+        return ranks - ranks.mean(axis=-1, keepdims=True)
+    design = np.column_stack([np.ones_like(given_ranks), given_ranks])
+    projection = design @ np.linalg.pinv(design)
+    return ranks - ranks @ projection
+
+
+def spearman(a: np.ndarray, b: np.ndarray, given: np.ndarray | None = None) -> float:
+    """Spearman's rho, or its partial form holding ``given`` fixed; NaN when a side (or ``given``)
+    is all ties."""
     ra, rb = stats.rankdata(a), stats.rankdata(b)
-    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+    rz = None if given is None else stats.rankdata(given)
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0 or (rz is not None and np.ptp(rz) == 0):
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(_row_correlations(_residual_ranks(ra[None], rz), _residual_ranks(rb, rz))[0])
 
 
 def rank_agreement(early: list[float], final: list[float], bootstrap: int = 2000, permutations: int = 20000,
-                   seed: int = 0) -> dict[str, float]:
-    """Spearman's rho between ``early`` and ``final`` scores of the same runs, its bootstrap
-    interval, and its permutation null (see the module docstring)."""
+                   seed: int = 0, given: list[float] | None = None) -> dict[str, float]:
+    """Spearman's rho between ``early`` and ``final`` scores of the same runs (partial, holding
+    ``given`` fixed, if given), its bootstrap interval, and its permutation null (see the module
+    docstring)."""
     early_a, final_a = np.asarray(early, dtype=float), np.asarray(final, dtype=float)
-    if early_a.shape != final_a.shape or early_a.ndim != 1:
-        raise ValueError(f"rank_agreement needs two equal-length lists, got {early_a.shape} and {final_a.shape}")
+    given_a = None if given is None else np.asarray(given, dtype=float)
+    if early_a.shape != final_a.shape or early_a.ndim != 1 or (given_a is not None and given_a.shape != early_a.shape):
+        raise ValueError(f"rank_agreement needs equal-length lists, got {early_a.shape} and {final_a.shape}"
+                         + ("" if given_a is None else f" and {given_a.shape}"))
     if len(early_a) < 4:
         raise ValueError(f"rank_agreement needs at least 4 runs, got {len(early_a)}")
-    if not (np.isfinite(early_a).all() and np.isfinite(final_a).all()):
+    if not all(np.isfinite(v).all() for v in (early_a, final_a, *([] if given_a is None else [given_a]))):
         raise ValueError("rank_agreement: a score is not finite (a run diverged?); early "
-                         f"{early_a.tolist()}, final {final_a.tolist()}")
+                         f"{early_a.tolist()}, final {final_a.tolist()}"
+                         + ("" if given_a is None else f", given {given_a.tolist()}"))
     rng = np.random.default_rng(seed)
-    rho = spearman(early_a, final_a)
+    rho = spearman(early_a, final_a, given_a)
     n = len(early_a)
 
+    rank_given = None if given_a is None else stats.rankdata(given_a)
     rank_early, rank_final = stats.rankdata(early_a), stats.rankdata(final_a)
     shuffled = rng.permuted(np.tile(rank_early, (permutations, 1)), axis=1)
-    null = _row_correlations(shuffled, rank_final)
+    null = _row_correlations(_residual_ranks(shuffled, rank_given), _residual_ranks(rank_final, rank_given))
     null = null[np.isfinite(null)]
     out = {"spearman": rho, "n_runs": float(n),
            "null_q95": float(np.quantile(null, 0.95)) if len(null) else float("nan"),
            "p_value": float((1 + np.sum(null >= rho)) / (1 + len(null))) if np.isfinite(rho) else float("nan"),
-           "shuffled_spearman": spearman(rng.permutation(early_a), final_a)}
+           "shuffled_spearman": spearman(rng.permutation(early_a), final_a, given_a)}
+    if given_a is not None:
+        out.update({"raw_spearman": spearman(early_a, final_a), "given_spread": float(np.ptp(given_a))})
 
     low = high = float("nan")
     dropped = 0
@@ -78,7 +133,7 @@ def rank_agreement(early: list[float], final: list[float], bootstrap: int = 2000
         rhos = []
         for _ in range(bootstrap):
             idx = rng.integers(0, n, n)
-            r = spearman(early_a[idx], final_a[idx])
+            r = spearman(early_a[idx], final_a[idx], None if given_a is None else given_a[idx])
             if np.isfinite(r):
                 rhos.append(r)
             else:
@@ -90,7 +145,8 @@ def rank_agreement(early: list[float], final: list[float], bootstrap: int = 2000
 
 
 def _row_correlations(rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each row of ``rows`` with ``ranks`` (rho, on ranks)."""
+    """Pearson correlation of each row of ``rows`` with ``ranks`` (rho, on ranks); inputs centred
+    already (``_residual_ranks``) stay as they are."""
     x = rows - rows.mean(axis=1, keepdims=True)
     y = ranks - ranks.mean()
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -115,3 +171,21 @@ def agreement_scores(spec: RankAgreementSpec, per_model: dict[str, dict],
         early.append(float(per_model[checkpoint][spec.metric]))
         final.append(float(per_model[model][spec.metric]))
     return early, final
+
+
+def correlation_scores(spec: MetricCorrelationSpec, per_model: dict[str, dict]
+                       ) -> tuple[list[float], list[float], list[float] | None]:
+    """(x, y, given or None) of each pair of ``spec``; a missing model or metric names itself."""
+    def read(model: str, metric: str) -> float:
+        if model not in per_model:
+            raise ValueError(f"correlation {spec.name}: needs scores of {model!r}, which this evaluate stage did not "
+                             f"produce; scored: {', '.join(sorted(per_model))}")
+        if metric not in per_model[model]:
+            raise ValueError(f"correlation {spec.name}: metric {metric!r} is not a metric of {model}")
+        return float(per_model[model][metric])
+
+    pairs = spec.pairs()
+    x = [read(m, spec.x) for m, _ in pairs]
+    y = [read(m, spec.y) for _, m in pairs]
+    given = [read(m, spec.given) for m, _ in pairs] if spec.given else None
+    return x, y, given

@@ -12,7 +12,7 @@ from components.eval.evaluator import Evaluator
 from components.eval.infilling import InfillSpec, infill_metrics
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
-from components.eval.rank_agreement import RankAgreementSpec
+from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementSpec
 from components.eval.scaling_fit import ScalingFitSpec
 from components.eval.sizes import model_size_report
 from components.eval.sweep_plot import SweepPlot
@@ -64,14 +64,20 @@ class StandardEvaluation(Evaluator):
         it does at the end? Spearman's rho with its interval and permutation null
         (``components/eval/rank_agreement.py``), claimable as ``<name>.spearman`` etc."""
 
+        correlations: list[MetricCorrelationSpec] = Field(default_factory=list)
+        """Optional: Spearman correlation of two per-model metrics across runs (e.g. flatness against
+        a downstream probe), partial when a third is held fixed; the rank agreements' statistics
+        (``components/eval/rank_agreement.py``), claimable as ``<name>.spearman`` etc."""
+
         @model_validator(mode="after")
         def _agreements_need_checkpoints(self):
             if self.rank_agreements and not self.checkpoints:
                 raise ValueError("rank_agreements compare early checkpoints with final models; set checkpoints: true")
-            names = [s.name for s in self.fits] + [s.name for s in self.rank_agreements]
+            names = [s.name for s in (*self.fits, *self.rank_agreements, *self.correlations)]
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
-                raise ValueError(f"fits and rank_agreements must have distinct names; repeated: {', '.join(repeated)}")
+                raise ValueError("fits, rank_agreements and correlations must have distinct names; repeated: "
+                                 f"{', '.join(repeated)}")
             return self
 
     def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
