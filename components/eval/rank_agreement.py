@@ -150,7 +150,7 @@ def _row_correlations(rows: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     x = rows - rows.mean(axis=1, keepdims=True)
     y = ranks - ranks.mean()
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (x @ y) / (np.sqrt((x * x).sum(axis=1)) * np.sqrt((y * y).sum()))
+        return np.clip((x @ y) / (np.sqrt((x * x).sum(axis=1)) * np.sqrt((y * y).sum())), -1.0, 1.0)
 
 
 def agreement_scores(spec: RankAgreementSpec, per_model: dict[str, dict],

@@ -1,5 +1,6 @@
 """The Fine Line's rank agreement: Spearman's rho between early and final scores of runs, its
-bootstrap interval and permutation null, and the evaluate/recipe checks around it."""
+bootstrap interval and permutation null, and the evaluate/recipe checks around it; and the
+correlations between two metrics across runs (partial when a third is held fixed) built on it."""
 import itertools
 import math
 from pathlib import Path
@@ -9,12 +10,14 @@ import pytest
 from pydantic import ValidationError
 from scipy import stats
 
-from components.eval.rank_agreement import RankAgreementSpec, agreement_scores, rank_agreement
+from components.eval.rank_agreement import (MetricCorrelationSpec, RankAgreementSpec, agreement_scores,
+                                           correlation_scores, rank_agreement)
 from components.eval.standard import StandardEvaluation
 from flows.recipe import RecipeError, load_plan
 from tasks.evaluate import checkpoint_label
 
 FINE_LINE = Path(__file__).resolve().parents[3] / "params" / "fine_line.yaml"
+FLATNESS = FINE_LINE.parent / "flatness.yaml"
 
 
 def test_rho_matches_scipy_with_ties_and_ignores_direction():
@@ -115,14 +118,15 @@ def test_a_run_that_varies_with_the_recipe_seeds_cannot_be_ranked(tmp_path):
         load_plan(unpinned)
 
 
-def _fine_line_claims_on(per_model: dict) -> dict[str, str]:
-    """The fine_line recipe's own evaluate params and claims, judged on the given scores."""
+def _recipe_claims_on(path: Path, per_model: dict, heading: str) -> dict[str, str]:
+    """The recipe's own evaluate params and claims, judged on the given scores; its report has
+    ``heading``."""
     from types import SimpleNamespace
 
     from components.eval.claims import Claim, check_claims
     from tasks.evaluate import _markdown, _rank_agreements
 
-    recipe, plan = load_plan(FINE_LINE)
+    recipe, plan = load_plan(path)
     evaluate = plan.stages["evaluate"]
     evaluator = StandardEvaluation(StandardEvaluation.Params.model_validate(evaluate.params))
     ctx = SimpleNamespace(plan=SimpleNamespace(name="evaluate"))
@@ -130,8 +134,13 @@ def _fine_line_claims_on(per_model: dict) -> dict[str, str]:
     results = check_claims([Claim.model_validate(c) for c in evaluate.options["claims"]],
                            {**per_model, **{n: a["result"] for n, a in agreements.items()}})
     report = {"models": per_model, "claims": results, "rank_agreements": agreements}
-    assert "## Rank agreement ranks_prose: loss_prose at 30% of training vs final" in _markdown(plan, report, {})
+    assert heading in _markdown(plan, report, {})
     return {r["name"]: r["verdict"] for r in results}
+
+
+def _fine_line_claims_on(per_model: dict) -> dict[str, str]:
+    return _recipe_claims_on(FINE_LINE, per_model,
+                             "## Rank correlation ranks_prose: loss_prose at 30% of training vs final")
 
 
 def test_fine_line_claims_pass_on_agreeing_runs_and_fail_on_unrelated_ones():
@@ -147,3 +156,68 @@ def test_fine_line_claims_pass_on_agreeing_runs_and_fail_on_unrelated_ones():
                              for r, m in final.items()}}
     verdicts = _fine_line_claims_on(unrelated)
     assert set(verdicts.values()) == {"FAIL"}, verdicts
+
+
+def test_partial_spearman_matches_the_textbook_formula():
+    rng = np.random.default_rng(2)
+    x, y, z = rng.normal(size=(3, 9))
+    r_xy, r_xz, r_yz = (stats.spearmanr(a, b).statistic for a, b in ((x, y), (x, z), (y, z)))
+    expected = (r_xy - r_xz * r_yz) / math.sqrt((1 - r_xz**2) * (1 - r_yz**2))
+    r = rank_agreement(list(x), list(y), bootstrap=0, permutations=100, given=list(z))
+    assert r["spearman"] == pytest.approx(expected, abs=1e-12)
+    assert r["raw_spearman"] == pytest.approx(r_xy, abs=1e-12)
+    assert r["given_spread"] == pytest.approx(float(np.ptp(z)))
+
+
+def test_holding_the_confounder_fixed_removes_a_correlation_it_alone_causes():
+    rng = np.random.default_rng(0)
+    loss = rng.normal(size=12)  # both metrics follow the upstream loss, and nothing else
+    x, y = loss + 0.05 * rng.normal(size=12), loss + 0.05 * rng.normal(size=12)
+    r = rank_agreement(list(x), list(y), bootstrap=0, seed=0, given=list(loss))
+    assert r["raw_spearman"] > 0.9 and r["spearman"] < r["null_q95"]
+    # a link beyond the confounder survives it
+    extra = rng.normal(size=12)
+    r = rank_agreement(list(loss + extra), list(loss + extra + 0.05 * rng.normal(size=12)), bootstrap=0, seed=0,
+                       given=list(loss))
+    assert r["spearman"] > r["null_q95"]
+
+
+def test_correlation_pairs_models_by_position_and_names_what_is_missing():
+    spec = MetricCorrelationSpec(name="c", x="hessian_trace", y="loss_arithmetic", given="loss_prose",
+                                 models=["a", "b", "c", "d"], y_models=["pa", "pb", "pc", "pd"])
+    per_model = {m: {"hessian_trace": float(i), "loss_prose": 10.0 - i} for i, m in enumerate("abcd")}
+    per_model |= {f"p{m}": {"loss_arithmetic": 20.0 + i} for i, m in enumerate("dcba")}
+    assert correlation_scores(spec, per_model) == ([0.0, 1.0, 2.0, 3.0], [23.0, 22.0, 21.0, 20.0],
+                                                   [10.0, 9.0, 8.0, 7.0])
+    with pytest.raises(ValueError, match="metric 'loss_prose' is not a metric of b"):
+        correlation_scores(spec, {**per_model, "b": {"hessian_trace": 1.0}})
+    with pytest.raises(ValueError, match="needs scores of 'pc'"):
+        correlation_scores(spec, {k: v for k, v in per_model.items() if k != "pc"})
+    with pytest.raises(ValidationError, match="3 y_models for 4 models"):
+        MetricCorrelationSpec(name="c", x="a", y="b", models=["a", "b", "c", "d"], y_models=["a", "b", "c"])
+    with pytest.raises(ValidationError, match="repeated: c"):
+        StandardEvaluation.Params.model_validate({"correlations": [spec.model_dump()] * 2})
+
+
+def test_recipe_checks_correlations_before_anything_trains():
+    with pytest.raises(RecipeError, match=r"correlations\[0\]: 'probe_b8_lr1e4' is not among this stage's inputs"):
+        load_plan(FLATNESS, ["stages.evaluate.inputs.models=[ft_b8_lr1e4, ft_b8_lr3e4, ft_b8_lr1e3, ft_b8_lr2e3, "
+                             "ft_b32_lr1e4, ft_b32_lr3e4, ft_b32_lr1e3, ft_b32_lr2e3]"])
+
+
+def test_flatness_claim_passes_when_flatness_predicts_the_probe_beyond_the_loss_and_fails_otherwise():
+    recipe, _ = load_plan(FLATNESS)
+    spec = recipe.stages["evaluate"].params["correlations"][0]
+    rng = np.random.default_rng(0)
+    loss = rng.normal(3.0, 0.02, size=8)
+    trace = rng.uniform(50, 150, size=8)
+
+    def scores(probe_loss):
+        per_model = {m: {"hessian_trace": float(t), "loss_prose": float(v)}
+                     for m, t, v in zip(spec["models"], trace, loss)}
+        return per_model | {m: {"loss_arithmetic": float(p)} for m, p in zip(spec["y_models"], probe_loss)}
+
+    heading = "## Rank correlation flat_probe: hessian_trace vs loss_arithmetic, holding loss_prose fixed (partial)"
+    assert _recipe_claims_on(FLATNESS, scores(2.0 + 0.01 * trace), heading) == {"flatter_models_probe_better": "PASS"}
+    unrelated = _recipe_claims_on(FLATNESS, scores(rng.normal(2.0, 0.1, size=8)), heading)
+    assert unrelated == {"flatter_models_probe_better": "FAIL"}
