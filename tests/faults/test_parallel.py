@@ -55,7 +55,9 @@ def _run(ws, *args: str, timeout: float = 600):
 def test_two_independent_stages_overlap_and_build_the_same_bytes_as_one_after_another(nano_copy, runner):
     """Both pretraining stages read only the tokens: submitted together, they train in two
     worker processes at once (150 steps each, so the workers' start-up cannot hide the overlap),
-    and each writes the bytes that a build one after another, in this process, writes."""
+    and the masked one writes the bytes that a build in this process writes (rebuilding both
+    would add a minute to the default suite; the --from test below checks every rebuilt model's
+    bytes on this runner)."""
     if runner == "ray":
         pytest.importorskip("prefect_ray", reason="pip install -e '.[ray]'")
     longer = [a for name in ("pretrain_dense", "pretrain_spdf") for a in
@@ -73,13 +75,12 @@ def test_two_independent_stages_overlap_and_build_the_same_bytes_as_one_after_an
     assert len(parent) == 1 and None not in parent  # one flow run owns both
     assert no_run_left_running(nano_copy) and temp_dirs(nano_copy) == []
 
-    for name in ("pretrain_dense", "pretrain_spdf"):
-        digest = stage_runs[name].data.tags["paperdag.artifact_digest"]
-        [built] = nano_copy.glob(f"artifacts/pretrain/{digest[:16]}")
-        side_by_side = (built / "model.safetensors").read_bytes()
-        assert main(["--workspace", str(nano_copy), "stage", "nano", name, "--force", "--no-progress",
-                     "--no-track", *longer]) == 0
-        assert (built / "model.safetensors").read_bytes() == side_by_side, name
+    digest = stage_runs["pretrain_spdf"].data.tags["paperdag.artifact_digest"]
+    [built] = nano_copy.glob(f"artifacts/pretrain/{digest[:16]}")
+    side_by_side = (built / "model.safetensors").read_bytes()
+    assert main(["--workspace", str(nano_copy), "stage", "nano", "pretrain_spdf", "--force", "--no-progress",
+                 "--no-track", *longer]) == 0
+    assert (built / "model.safetensors").read_bytes() == side_by_side
 
 
 @pytest.mark.fault("recovers")
@@ -89,7 +90,7 @@ def test_stages_that_each_ask_for_every_core_run_one_after_another(nano_copy):
     time (the test above is the control: without resources they overlap)."""
     cores = os.cpu_count()
     args = [a for name in ("pretrain_dense", "pretrain_spdf") for a in
-            ("--set", f"stages.{name}.params.steps=40", "--set", f"stages.{name}.resources={{threads: {cores}}}")]
+            ("--set", f"stages.{name}.params.steps=10", "--set", f"stages.{name}.resources={{threads: {cores}}}")]
     proc, out = _run(nano_copy, "--max-parallel", "2", *BOTH_PRETRAINS, *args)
     assert proc.returncode == 0, out[-3000:]
     stage_runs = _stage_runs(nano_copy, proc.started_ms)
