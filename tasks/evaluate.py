@@ -186,10 +186,11 @@ def _rank_agreements(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, di
         except ValueError as error:
             raise ValueError(f"stage {ctx.plan.name}: params.correlations[{spec.name}]: {error}") from None
         out[spec.name] = {"result": result,
-                          "title": f"{spec.x} vs {spec.y}" + (f", holding {spec.given} fixed (partial)" if given else ""),
-                          "columns": [spec.x, spec.y, *([spec.given] if given else [])],
+                          "title": f"{spec.x} vs {spec.y}"
+                                   + (f", holding {' and '.join(spec.given)} fixed (partial)" if given else ""),
+                          "columns": [spec.x, spec.y, *spec.given],
                           "runs": [a if a == b else f"{a} / {b}" for a, b in spec.pairs()],
-                          "values": [x, y, *([given] if given else [])]}
+                          "values": [x, y, *(given or [])]}
     return out
 
 
@@ -263,8 +264,8 @@ def _markdown(recipe, report: dict, figures: dict[str, str]) -> str:
                   for p, v in fit["params"].items()]
     for name, a in report.get("rank_agreements", {}).items():
         r = a["result"]
-        partial = (f" Without holding it fixed, rho is {_cell(r['raw_spearman'])}; its spread across the runs is "
-                   f"{_cell(r['given_spread'])}." if "raw_spearman" in r else "")
+        partial = (f" Without holding anything fixed, rho is {_cell(r['raw_spearman'])}." if "raw_spearman" in r
+                   else "")
         lines += ["", f"## Rank correlation {name}: {a['title']}", "",
                   f"Spearman rho {_cell(r['spearman'])}, 95% bootstrap interval [{_cell(r['spearman_low'])}, "
                   f"{_cell(r['spearman_high'])}] ({_cell(r['bootstrap_dropped'])} tied resamples dropped); "

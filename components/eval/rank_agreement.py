@@ -17,15 +17,15 @@ an accuracy need no flag. Ties get average ranks, as in ``scipy.stats.spearmanr`
 
 The same test serves any two per-model metrics (``MetricCorrelationSpec``): e.g. flatness
 against a downstream probe (Liu et al. 2023, "Same Pre-training Loss, Better Downstream"). Such a
-correlation can hold a third metric fixed (``given``): rho is then the partial Spearman
-correlation, the correlation of the two rankings after each is regressed on the third's ranks,
+correlation can hold other metrics fixed (``given``): rho is then the partial Spearman
+correlation, the correlation of the two rankings after each is regressed on the others' ranks,
 so "at roughly equal loss" is a computation rather than a hope. Its null shuffles the first
 metric and residualizes each shuffle the same way.
 """
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from scipy import stats
 
 from components.registry import MethodParams
@@ -48,9 +48,9 @@ class RankAgreementSpec(MethodParams):
 
 class MetricCorrelationSpec(MethodParams):
     """Spearman correlation between metric ``x`` of ``models`` and metric ``y`` of ``y_models``
-    (paired by position; default the same models), optionally holding metric ``given`` of
+    (paired by position; default the same models), optionally holding the ``given`` metrics of
     ``models`` fixed (partial rho). Claimable as ``<name>.spearman`` and the rest, as a rank
-    agreement, plus ``raw_spearman`` and ``given_spread`` (max - min of ``given``) with ``given``."""
+    agreement, plus ``raw_spearman`` with ``given``, and ``given_spread`` (max - min) with one."""
 
     name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="the correlation's name in claims and reports")
     x: str = Field(min_length=1, description="a per-model metric of `models`, e.g. hessian_trace")
@@ -58,11 +58,17 @@ class MetricCorrelationSpec(MethodParams):
     models: list[str] = Field(min_length=4, description="the runs (at least 4, as for a rank agreement)")
     y_models: list[str] | None = Field(None, description="where y is read, paired with `models` by position "
                                                          "(e.g. each run's downstream fine-tune); default `models`")
-    given: str | None = Field(None, description="a metric of `models` held fixed: rho becomes the partial Spearman "
-                                                "correlation (e.g. the upstream loss, for 'at equal loss')")
+    given: list[str] = Field(default_factory=list, description="metrics of `models` held fixed (one name or a "
+                             "list): rho becomes the partial Spearman correlation (e.g. the upstream loss, for 'at "
+                             "equal loss')")
     bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the interval (0: none)")
     permutations: int = Field(20000, ge=100, description="shuffles of x for the permutation null")
     seed: int = 0
+
+    @field_validator("given", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _pairs_match(self):
@@ -76,33 +82,38 @@ class MetricCorrelationSpec(MethodParams):
 
 
 def _residual_ranks(ranks: np.ndarray, given_ranks: np.ndarray | None) -> np.ndarray:
-    """Ranks (one run per column; rows are alternatives) centred, and with ``given_ranks``
-    regressed out: what partial Spearman correlates."""
+    """Ranks (one run per column; rows are alternatives) centred, and with ``given_ranks`` (one
+    row per metric held fixed) regressed out: what partial Spearman correlates."""
     if given_ranks is None:
         return ranks - ranks.mean(axis=-1, keepdims=True)
-    design = np.column_stack([np.ones_like(given_ranks), given_ranks])
+    design = np.column_stack([np.ones(given_ranks.shape[1]), given_ranks.T])
     projection = design @ np.linalg.pinv(design)
     return ranks - ranks @ projection
 
 
+def _ranks_of(given: np.ndarray | None) -> np.ndarray | None:
+    return None if given is None else stats.rankdata(np.atleast_2d(given), axis=1)
+
+
 def spearman(a: np.ndarray, b: np.ndarray, given: np.ndarray | None = None) -> float:
-    """Spearman's rho, or its partial form holding ``given`` fixed; NaN when a side (or ``given``)
-    is all ties."""
+    """Spearman's rho, or its partial form holding ``given`` (one metric, or one row per metric)
+    fixed; NaN when a side, or a metric held fixed, is all ties."""
     ra, rb = stats.rankdata(a), stats.rankdata(b)
-    rz = None if given is None else stats.rankdata(given)
-    if np.ptp(ra) == 0 or np.ptp(rb) == 0 or (rz is not None and np.ptp(rz) == 0):
+    rz = _ranks_of(given)
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0 or (rz is not None and (np.ptp(rz, axis=1) == 0).any()):
         return float("nan")
     return float(_row_correlations(_residual_ranks(ra[None], rz), _residual_ranks(rb, rz))[0])
 
 
 def rank_agreement(early: list[float], final: list[float], bootstrap: int = 2000, permutations: int = 20000,
-                   seed: int = 0, given: list[float] | None = None) -> dict[str, float]:
+                   seed: int = 0, given: list | None = None) -> dict[str, float]:
     """Spearman's rho between ``early`` and ``final`` scores of the same runs (partial, holding
-    ``given`` fixed, if given), its bootstrap interval, and its permutation null (see the module
-    docstring)."""
+    ``given`` fixed: one list of scores, or one per metric), its bootstrap interval, and its
+    permutation null (see the module docstring)."""
     early_a, final_a = np.asarray(early, dtype=float), np.asarray(final, dtype=float)
-    given_a = None if given is None else np.asarray(given, dtype=float)
-    if early_a.shape != final_a.shape or early_a.ndim != 1 or (given_a is not None and given_a.shape != early_a.shape):
+    given_a = None if given is None else np.atleast_2d(np.asarray(given, dtype=float))
+    if early_a.shape != final_a.shape or early_a.ndim != 1 or (given_a is not None
+                                                              and given_a.shape[1:] != early_a.shape):
         raise ValueError(f"rank_agreement needs equal-length lists, got {early_a.shape} and {final_a.shape}"
                          + ("" if given_a is None else f" and {given_a.shape}"))
     if len(early_a) < 4:
@@ -115,7 +126,7 @@ def rank_agreement(early: list[float], final: list[float], bootstrap: int = 2000
     rho = spearman(early_a, final_a, given_a)
     n = len(early_a)
 
-    rank_given = None if given_a is None else stats.rankdata(given_a)
+    rank_given = _ranks_of(given_a)
     rank_early, rank_final = stats.rankdata(early_a), stats.rankdata(final_a)
     shuffled = rng.permuted(np.tile(rank_early, (permutations, 1)), axis=1)
     null = _row_correlations(_residual_ranks(shuffled, rank_given), _residual_ranks(rank_final, rank_given))
@@ -125,7 +136,9 @@ def rank_agreement(early: list[float], final: list[float], bootstrap: int = 2000
            "p_value": float((1 + np.sum(null >= rho)) / (1 + len(null))) if np.isfinite(rho) else float("nan"),
            "shuffled_spearman": spearman(rng.permutation(early_a), final_a, given_a)}
     if given_a is not None:
-        out.update({"raw_spearman": spearman(early_a, final_a), "given_spread": float(np.ptp(given_a))})
+        out["raw_spearman"] = spearman(early_a, final_a)
+        if len(given_a) == 1:
+            out["given_spread"] = float(np.ptp(given_a))
 
     low = high = float("nan")
     dropped = 0
@@ -133,7 +146,7 @@ def rank_agreement(early: list[float], final: list[float], bootstrap: int = 2000
         rhos = []
         for _ in range(bootstrap):
             idx = rng.integers(0, n, n)
-            r = spearman(early_a[idx], final_a[idx], None if given_a is None else given_a[idx])
+            r = spearman(early_a[idx], final_a[idx], None if given_a is None else given_a[:, idx])
             if np.isfinite(r):
                 rhos.append(r)
             else:
@@ -175,7 +188,8 @@ def agreement_scores(spec: RankAgreementSpec, per_model: dict[str, dict],
 
 def correlation_scores(spec: MetricCorrelationSpec, per_model: dict[str, dict]
                        ) -> tuple[list[float], list[float], list[float] | None]:
-    """(x, y, given or None) of each pair of ``spec``; a missing model or metric names itself."""
+    """(x, y, given or None: one list per metric held fixed) of each pair of ``spec``; a missing
+    model or metric names itself."""
     def read(model: str, metric: str) -> float:
         if model not in per_model:
             raise ValueError(f"correlation {spec.name}: needs scores of {model!r}, which this evaluate stage did not "
@@ -187,5 +201,5 @@ def correlation_scores(spec: MetricCorrelationSpec, per_model: dict[str, dict]
     pairs = spec.pairs()
     x = [read(m, spec.x) for m, _ in pairs]
     y = [read(m, spec.y) for _, m in pairs]
-    given = [read(m, spec.given) for m, _ in pairs] if spec.given else None
+    given = [[read(m, metric) for m, _ in pairs] for metric in spec.given] or None
     return x, y, given

@@ -169,6 +169,23 @@ def test_partial_spearman_matches_the_textbook_formula():
     assert r["given_spread"] == pytest.approx(float(np.ptp(z)))
 
 
+def test_several_metrics_held_fixed_are_regressed_out_together():
+    rng = np.random.default_rng(3)
+    x, y, z1, z2 = rng.normal(size=(4, 10))
+    ranks = [stats.rankdata(v) for v in (x, y, z1, z2)]
+    design = np.column_stack([np.ones(10), ranks[2], ranks[3]])
+
+    def residual(v):
+        return v - design @ np.linalg.lstsq(design, v, rcond=None)[0]
+
+    expected = np.corrcoef(residual(ranks[0]), residual(ranks[1]))[0, 1]
+    r = rank_agreement(list(x), list(y), bootstrap=0, permutations=100, given=[list(z1), list(z2)])
+    assert r["spearman"] == pytest.approx(expected, abs=1e-12)
+    assert "given_spread" not in r  # a spread is reported for one metric held fixed only
+    spec = MetricCorrelationSpec(name="c", x="a", y="b", given="loss_prose", models=["a", "b", "c", "d"])
+    assert spec.given == ["loss_prose"]  # one name is a list of one
+
+
 def test_holding_the_confounder_fixed_removes_a_correlation_it_alone_causes():
     rng = np.random.default_rng(0)
     loss = rng.normal(size=12)  # both metrics follow the upstream loss, and nothing else
@@ -188,7 +205,7 @@ def test_correlation_pairs_models_by_position_and_names_what_is_missing():
     per_model = {m: {"hessian_trace": float(i), "loss_prose": 10.0 - i} for i, m in enumerate("abcd")}
     per_model |= {f"p{m}": {"loss_arithmetic": 20.0 + i} for i, m in enumerate("dcba")}
     assert correlation_scores(spec, per_model) == ([0.0, 1.0, 2.0, 3.0], [23.0, 22.0, 21.0, 20.0],
-                                                   [10.0, 9.0, 8.0, 7.0])
+                                                   [[10.0, 9.0, 8.0, 7.0]])
     with pytest.raises(ValueError, match="metric 'loss_prose' is not a metric of b"):
         correlation_scores(spec, {**per_model, "b": {"hessian_trace": 1.0}})
     with pytest.raises(ValueError, match="needs scores of 'pc'"):
