@@ -338,7 +338,7 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     # and the rank agreements between early checkpoints and final models, and the correlations
     # between two metrics across runs, by name
     for n in evaluates:
-        checkable |= _check_rank_agreements(recipe, n, path) | _check_correlations(recipe, n, path)
+        checkable |= _check_compared_runs(recipe, n, path)
     for claim in recipe.claims:
         control = claim.effective_control()
         for stage in sorted(claim_stages(claim)):
@@ -351,55 +351,33 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     expand_seeds(recipe, path)  # a seed-dependent stage in a one-stage role is an error now, not at run time
 
 
-def _check_rank_agreements(recipe: Recipe, name: str, path) -> set[str]:
-    """An evaluate stage's ``rank_agreements`` name evaluated runs whose training stage keeps a
-    checkpoint at the agreement's fraction; checked before any stage trains. Returns their names."""
+def _check_compared_runs(recipe: Recipe, name: str, path) -> set[str]:
+    """An evaluate stage's ``rank_agreements`` and ``correlations`` compare fixed runs among its
+    evaluated models, and a rank agreement's runs keep a checkpoint at its fraction; checked
+    before any stage trains. Returns their names."""
     spec = recipe.stages[name]
     models = spec.inputs.get("models", [])
     models = [models] if isinstance(models, str) else models
-    names = set()
-    agreements = spec.params.get("rank_agreements", [])
-    dependent = seed_dependent(recipe, path) if recipe.seeds and agreements else set()
-    for i, agreement in enumerate(agreements):
-        where = f"{path}: stages.{name}.params.rank_agreements[{i}]"
-        agreement = RankAgreementSpec.model_validate(agreement)  # the evaluator's params validated it already
-        names.add(agreement.name)
-        at = agreement.at
-        for run in agreement.models:
+    entries = [(key, i, cls.model_validate(entry))  # the evaluator's params validated them already
+               for key, cls in (("rank_agreements", RankAgreementSpec), ("correlations", MetricCorrelationSpec))
+               for i, entry in enumerate(spec.params.get(key, []))]
+    dependent = seed_dependent(recipe, path) if recipe.seeds and entries else set()
+    for key, i, entry in entries:
+        where = f"{path}: stages.{name}.params.{key}[{i}]"
+        for run in entry.runs():
             if run not in models:
                 raise RecipeError(f"{where}.models: {run!r} is not among this stage's inputs.models "
                                   f"({', '.join(models) or 'none'})")
             if run in dependent:
                 raise RecipeError(f"{where}.models: {run!r} depends on the recipe's seeds, so it is one run per seed; "
-                                  f"a rank agreement ranks fixed runs: pin stages.{run}.params.seed")
+                                  f"{key} compare fixed runs: pin stages.{run}.params.seed")
+            if key != "rank_agreements":
+                continue
             kept = recipe.stages[run].params.get("keep_checkpoints") or []
-            if not any(round(100 * k) == round(100 * at) for k in kept if isinstance(k, (int, float))):
-                raise RecipeError(f"{where}: ranks {run!r} at {at} of training, but stage {run} keeps checkpoints "
-                                  f"at {kept or 'none'}; add {at} to stages.{run}.params.keep_checkpoints")
-    return names
-
-
-def _check_correlations(recipe: Recipe, name: str, path) -> set[str]:
-    """An evaluate stage's ``correlations`` pair fixed runs among its evaluated models; checked
-    before any stage trains. Returns their names."""
-    spec = recipe.stages[name]
-    models = spec.inputs.get("models", [])
-    models = [models] if isinstance(models, str) else models
-    correlations = spec.params.get("correlations", [])
-    dependent = seed_dependent(recipe, path) if recipe.seeds and correlations else set()
-    names = set()
-    for i, correlation in enumerate(correlations):
-        where = f"{path}: stages.{name}.params.correlations[{i}]"
-        correlation = MetricCorrelationSpec.model_validate(correlation)  # the evaluator's params validated it already
-        names.add(correlation.name)
-        for run in dict.fromkeys(run for pair in correlation.pairs() for run in pair):
-            if run not in models:
-                raise RecipeError(f"{where}: {run!r} is not among this stage's inputs.models "
-                                  f"({', '.join(models) or 'none'})")
-            if run in dependent:
-                raise RecipeError(f"{where}: {run!r} depends on the recipe's seeds, so it is one run per seed; "
-                                  f"a correlation pairs fixed runs: pin stages.{run}.params.seed")
-    return names
+            if not any(round(100 * k) == round(100 * entry.at) for k in kept if isinstance(k, (int, float))):
+                raise RecipeError(f"{where}: ranks {run!r} at {entry.at} of training, but stage {run} keeps checkpoints "
+                                  f"at {kept or 'none'}; add {entry.at} to stages.{run}.params.keep_checkpoints")
+    return {entry.name for _, _, entry in entries}
 
 
 def _check_selector_inputs(spec: StageSpec, where: str, selector) -> None:

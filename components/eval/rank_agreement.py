@@ -45,6 +45,9 @@ class RankAgreementSpec(MethodParams):
     permutations: int = Field(20000, ge=100, description="shuffles for the permutation null")
     seed: int = 0
 
+    def runs(self) -> list[str]:
+        return list(self.models)
+
 
 class MetricCorrelationSpec(MethodParams):
     """Spearman correlation between metric ``x`` of ``models`` and metric ``y`` of ``y_models``
@@ -79,6 +82,10 @@ class MetricCorrelationSpec(MethodParams):
 
     def pairs(self) -> list[tuple[str, str]]:
         return list(zip(self.models, self.y_models or self.models))
+
+    def runs(self) -> list[str]:
+        """Every run read, each once, in order."""
+        return list(dict.fromkeys(run for pair in self.pairs() for run in pair))
 
 
 def _residual_ranks(ranks: np.ndarray, given_ranks: np.ndarray | None) -> np.ndarray:

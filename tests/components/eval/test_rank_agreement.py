@@ -217,7 +217,7 @@ def test_correlation_pairs_models_by_position_and_names_what_is_missing():
 
 
 def test_recipe_checks_correlations_before_anything_trains():
-    with pytest.raises(RecipeError, match=r"correlations\[0\]: 'probe_b8_lr1e4' is not among this stage's inputs"):
+    with pytest.raises(RecipeError, match=r"correlations\[0\].models: 'probe_b8_lr1e4' is not among this stage's inputs"):
         load_plan(FLATNESS, ["stages.evaluate.inputs.models=[ft_b8_lr1e4, ft_b8_lr3e4, ft_b8_lr1e3, ft_b8_lr2e3, "
                              "ft_b32_lr1e4, ft_b32_lr3e4, ft_b32_lr1e3, ft_b32_lr2e3]"])
 
@@ -228,10 +228,11 @@ def test_flatness_claim_passes_when_flatness_predicts_the_probe_beyond_the_loss_
     rng = np.random.default_rng(0)
     loss = rng.normal(3.0, 0.02, size=8)
     trace = rng.uniform(50, 150, size=8)
+    retained = rng.normal(2.0, 0.1, size=8)  # each prose run's own arithmetic loss (the second correlation)
 
     def scores(probe_loss):
-        per_model = {m: {"hessian_trace": float(t), "loss_prose": float(v)}
-                     for m, t, v in zip(spec["models"], trace, loss)}
+        per_model = {m: {"hessian_trace": float(t), "loss_prose": float(v), "loss_arithmetic": float(a)}
+                     for m, t, v, a in zip(spec["models"], trace, loss, retained)}
         return per_model | {m: {"loss_arithmetic": float(p)} for m, p in zip(spec["y_models"], probe_loss)}
 
     heading = "## Rank correlation flat_probe: hessian_trace vs loss_arithmetic, holding loss_prose fixed (partial)"
