@@ -66,7 +66,7 @@ class StandardEvaluation(Evaluator):
 
         correlations: list[MetricCorrelationSpec] = Field(default_factory=list)
         """Optional: Spearman correlation of two per-model metrics across runs (e.g. flatness against
-        a downstream probe), partial when a third is held fixed; the rank agreements' statistics
+        a downstream probe), partial when others are held fixed; the rank agreements' statistics
         (``components/eval/rank_agreement.py``), claimable as ``<name>.spearman`` etc."""
 
         @model_validator(mode="after")
