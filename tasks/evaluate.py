@@ -242,6 +242,9 @@ def _figures(report: dict, out_dir) -> dict[str, str]:
         drawn[f"Sweep: {report['sweep']['metric']}"] = out_dir / report["sweep"]["figure"]
     for name, fit in report.get("scaling_fits", {}).items():
         drawn[f"Scaling fit: {name} ({fit['formula']})"] = out_dir / fit["figure"]
+    for name, entry in report.get("rank_agreements", {}).items():
+        drawn[f"Rank correlation: {name} ({entry['title']})"] = report_plots.rank_correlation(
+            entry, out_dir / f"ranks_{name}.png")
     return {caption: path.name for caption, path in drawn.items() if path is not None and path.exists()}
 
 

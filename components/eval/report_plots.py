@@ -152,3 +152,20 @@ def checkpoint_sweep(per_model: dict[str, dict], domains: list[str], path: Path)
         ax.set_xlabel("fraction of training")
     axes[0][0].legend(fontsize="small")
     return _save(fig, path)
+
+
+def rank_correlation(entry: dict, path: Path) -> Path | None:
+    """One rank agreement or correlation (``tasks/evaluate.py``): its first two columns' scores,
+    one point per run, labelled, with rho in the title."""
+    values, runs = entry["values"], entry["runs"]
+    if len(values) < 2 or not runs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    ax.scatter(values[0], values[1])
+    for run, x, y in zip(runs, values[0], values[1]):
+        ax.annotate(run, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(entry["columns"][0])
+    ax.set_ylabel(entry["columns"][1])
+    ax.set_title(f"Spearman rho {entry['result']['spearman']:.3g}", fontsize="medium")
+    return _save(fig, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from components.eval.report_plots import (
     claims_against_bars,
     pareto_front,
+    rank_correlation,
     perplexity_by_domain,
     size_against_quality,
     training_curves,
@@ -34,7 +35,9 @@ def test_figures_are_drawn_as_png_files(tmp_path):
                  size_against_quality(MODELS, tmp_path / "b.png"),
                  claims_against_bars(claims, tmp_path / "c.png"),
                  training_curves({"dense": {"steps": [1, 2, 3], "loss": [4.0, 3.5, 3.2]},
-                                  "spdf": {"steps": [2, 4], "loss": [4.1, 3.6]}}, tmp_path / "d.png")):
+                                  "spdf": {"steps": [2, 4], "loss": [4.1, 3.6]}}, tmp_path / "d.png"),
+                 rank_correlation({"values": [[1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 3.0]], "runs": list("abcd"),
+                                   "columns": ["early", "final"], "result": {"spearman": 0.6}}, tmp_path / "e.png")):
         assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
