@@ -156,7 +156,8 @@ def checkpoint_sweep(per_model: dict[str, dict], domains: list[str], path: Path)
 
 def rank_correlation(entry: dict, path: Path) -> Path | None:
     """One rank agreement or correlation (``tasks/evaluate.py``): its first two columns' scores,
-    one point per run, labelled, with rho in the title."""
+    one point per run, labelled by the run the first column reads, with rho in the title (a
+    partial rho says so: the axes show the raw scores)."""
     values, runs = entry["values"], entry["runs"]
     if len(values) < 2 or not runs:
         return None
@@ -164,8 +165,10 @@ def rank_correlation(entry: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     ax.scatter(values[0], values[1])
     for run, x, y in zip(runs, values[0], values[1]):
-        ax.annotate(run, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+        ax.annotate(run.split(" / ")[0], (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+    ax.margins(x=0.2, y=0.1)  # room for the labels of the extreme points
     ax.set_xlabel(entry["columns"][0])
     ax.set_ylabel(entry["columns"][1])
-    ax.set_title(f"Spearman rho {entry['result']['spearman']:.3g}", fontsize="medium")
+    partial = "partial " if "raw_spearman" in entry["result"] else ""
+    ax.set_title(f"{partial}Spearman rho {entry['result']['spearman']:.3g}", fontsize="medium")
     return _save(fig, path)
