@@ -70,7 +70,7 @@ def run(ctx) -> dict:
     if eft_roles:
         if len(eft_roles) != len(EFT_ROLES):
             raise ValueError(f"stage {ctx.plan.name}: EFT needs all of {', '.join(EFT_ROLES)}; got {', '.join(eft_roles)}")
-        loaded = [load_model_artifact(ctx.input(r), activation_hooks=True) for r in EFT_ROLES]
+        loaded = [load_model_artifact(ctx.input(r), activation_hooks=True, linear_attention_ok=True) for r in EFT_ROLES]
         eft = EftModel(*(m for m, _, _ in loaded), beta=evaluator.params.eft_beta, tokenizers=[t for _, t, _ in loaded])
         eft.eval()
         per_model["eft"] = evaluator.evaluate(eft, loaded[0][1], None, blocks, examples, ctx.out_dir / "eft",
@@ -127,7 +127,7 @@ def checkpoint_label(model: str, fraction: float) -> str:
 def _score_model(ctx, evaluator, art, facts: dict, blocks, examples, extra, work_dir, quant_meta: dict | None = None,
                  weights=None) -> dict:
     """The evaluator's scores of the artifact's model, or of ``weights`` (a safetensors file) in its config."""
-    model, tokenizer, _ = load_model_artifact(art, activation_hooks=True)
+    model, tokenizer, _ = load_model_artifact(art, activation_hooks=True, linear_attention_ok=True)
     if weights is not None:
         load_weights(model, weights)
     model.eval()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementS
 from components.eval.scaling_fit import ScalingFitSpec
 from components.eval.sizes import model_size_report
 from components.eval.sweep_plot import SweepPlot
+from components.model.linear_attention import (
+    FEATURE_MAPS, has_linear_attention, install_linear_attention, recorded_attention_kl, remove_linear_attention,
+    set_distill_attention)
 from components.registry import MethodParams, Paper
 
 
@@ -48,6 +52,10 @@ class StandardEvaluation(Evaluator):
         Rademacher probes, on the first ``hessian_trace_blocks`` test blocks of each domain
         (``components/eval/flatness.py``); metrics ``hessian_trace``, ``_se``, ``_per_param``."""
         hessian_trace_blocks: int = Field(2, ge=1)
+        attention_kl_maps: tuple[Literal[FEATURE_MAPS], ...] = ()
+        """Linear-attention feature maps (``elu``, ``hedgehog``) to put, untrained, in each softmax
+        model's place: metric ``attention_kl_<map>``, the KL of its attention weights from softmax's
+        (Hedgehog's baseline). A model with linear attention always reports ``attention_kl``."""
         infill: InfillSpec | None = None
         """Optional: fill a middle span of test blocks given prefix and suffix, scored left to right
         and in the span-corruption format (``components/eval/infilling.py``); metrics
@@ -96,6 +104,16 @@ class StandardEvaluation(Evaluator):
             out.update(infill_metrics(model, tokenizer, p.infill, blocks_by_domain, p.ppl_batch_size, model_dir))
         if p.hessian_trace_probes:
             out.update(flatness_metrics(model, blocks_by_domain, p.hessian_trace_probes, p.hessian_trace_blocks))
+        if has_linear_attention(model):
+            out["attention_kl"] = attention_kl(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain)
+        else:
+            for kind in p.attention_kl_maps:  # the untrained map in softmax's place, measured, then removed
+                install_linear_attention(model, kind)
+                try:
+                    out[f"attention_kl_{kind}"] = attention_kl(model, blocks_by_domain, p.ppl_batch_size,
+                                                               p.max_blocks_per_domain)
+                finally:
+                    remove_linear_attention(model)
         out.update(size_metrics(model_dir, quant_meta))
         return out
 
@@ -108,6 +126,26 @@ def flatness_metrics(model, blocks_by_domain: dict[str, np.ndarray], probes: int
     blocks = torch.from_numpy(np.concatenate(chosen).astype(np.int64))
     with torch.enable_grad():
         return hessian_trace(model, blocks, probes)
+
+
+def attention_kl(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int,
+                 max_blocks_per_domain: int | None = None) -> float:
+    """For a model with linear attention (Hedgehog): the mean over layers and query rows of
+    ``KL(softmax || linear)`` between the attention weights its own queries and keys give under
+    softmax and under its feature map, on the test blocks perplexity scores."""
+    chosen = [np.asarray(blocks_by_domain[d][:max_blocks_per_domain]) for d in sorted(blocks_by_domain)]
+    blocks = torch.from_numpy(np.concatenate([b for b in chosen if len(b)]).astype(np.int64))
+    kls = []
+    set_distill_attention(model, True)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(blocks), batch_size):
+                batch = blocks[start:start + batch_size]
+                model(input_ids=batch, logits_to_keep=1)
+                kls.append(float(recorded_attention_kl(model)) * len(batch))
+    finally:
+        set_distill_attention(model, False)
+    return sum(kls) / len(blocks)
 
 
 def perplexity_metrics(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int,

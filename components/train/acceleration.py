@@ -14,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from components.model.linear_attention import LINEAR_ATTENTION
+
 # Cold inductor compile of the micro model (5.3M params, batch 16 x 256) takes ~33 s on 2 CPU
 # cores and saves ~0.16 s of ~0.59 s per bf16 step: it repays itself after ~200 steps, ~2.2e13
 # training FLOPs. Below this budget, eager mode finishes first.
@@ -94,8 +96,9 @@ def current_attention(model: torch.nn.Module) -> str:
 @contextlib.contextmanager
 def attention_implementation(models: list[torch.nn.Module], name: str) -> Iterator[None]:
     """Run the block with ``name`` attention in every model, then put each model's own back, so the
-    saved config (and every later use of the model) is unchanged."""
-    previous = [(model, current_attention(model)) for model in models]
+    saved config (and every later use of the model) is unchanged. A model with linear attention
+    keeps it: there it is part of the model, not a choice of kernel."""
+    previous = [(model, current_attention(model)) for model in models if current_attention(model) != LINEAR_ATTENTION]
     changed = []
     try:
         for model, own in previous:

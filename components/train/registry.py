@@ -8,6 +8,7 @@ from components.train.double_rounding import DoubleRounding
 from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
 from components.train.halo import HaloTraining
+from components.train.hedgehog import HedgehogConversion
 from components.train.hft import HalfFinetune
 from components.train.l4q import L4QTraining
 from components.train.lora import LoraFinetune
@@ -32,4 +33,4 @@ FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFi
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
                                                             DoubleRounding, FixedPointTraining, CompacterFinetune,
-                                                            MixtureOfDenoisers, FillInTheMiddle])
+                                                            MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion])

@@ -1,0 +1,173 @@
+"""Linear attention for the Llama models here: a feature map ``phi`` per attention layer replaces
+softmax, ``A_ij = phi(q_i) . phi(k_j) / sum_{j' <= i} phi(q_i) . phi(k_j')``.
+
+Two maps (``FEATURE_MAPS``):
+- ``hedgehog`` (Zhang et al. 2024, "The Hedgehog & the Porcupine", arXiv 2402.04347): per head,
+  a trainable ``W`` (initialised to the identity) and ``b`` (zeros);
+  ``phi(x) = softmax([xW + b, -(xW + b)])`` over the 2d features. Queries and keys have maps of
+  their own. The paper writes ``[exp(xW+b), exp(-(xW+b))]``; the softmax over features is the
+  overflow-free form the public re-implementations use (flash-linear-attention's
+  ``HedgehogFeatureMap``, LoLCATs) [read]. It divides each key's features by their own sum, so it
+  is not the same function as the plain exp; we follow the re-implementations.
+- ``elu``: ``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020), nothing to train: the paper's
+  fixed-map baseline.
+
+The map runs on the queries and keys after RoPE. The attention is computed in its quadratic form
+(the normalised ``n x n`` matrix): the same function as the linear-time prefix-sum form, and it
+takes HF's attention mask as it is (causal, padding, packing, and a KV cache while generating).
+The linear-time form is a speed-up this CPU-scale code does not need; it is not written.
+
+``install_linear_attention`` attaches the maps (``self_attn.feature_map``) and registers the
+implementation with transformers' attention interface, so the model's own ``forward``,
+``generate`` and every evaluator run it unchanged. With ``distill_attention`` on, each layer
+instead runs softmax attention (the teacher's output flows on) and records
+``KL(softmax || linear)`` of its rows, with the map's inputs detached: Hedgehog's first stage,
+which trains the maps alone to mimic softmax.
+
+A model with linear attention is saved as its plain Llama weights plus the maps' tensors in
+``auxiliary.safetensors`` and ``linear_attention`` in its facts; ``tasks.model_io`` installs the
+maps again on load (``from_pretrained`` alone would give softmax attention).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+LINEAR_ATTENTION = "paperdag_linear"  # the name registered with transformers' attention interface
+FEATURE_MAPS = ("hedgehog", "elu")
+MAP_ATTR = "feature_map"
+
+
+class FeatureMap(nn.Module):
+    """phi for the queries and the keys of one attention layer (``heads`` x ``head_dim``)."""
+
+    def __init__(self, kind: str, heads: int, head_dim: int):
+        super().__init__()
+        if kind not in FEATURE_MAPS:
+            raise ValueError(f"feature map {kind!r} is not one of {list(FEATURE_MAPS)}")
+        self.kind = kind
+        if kind == "hedgehog":
+            eye = torch.eye(head_dim).expand(heads, head_dim, head_dim)
+            self.query_weight = nn.Parameter(eye.clone())
+            self.query_bias = nn.Parameter(torch.zeros(heads, 1, head_dim))
+            self.key_weight = nn.Parameter(eye.clone())
+            self.key_bias = nn.Parameter(torch.zeros(heads, 1, head_dim))
+
+    def _phi(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "elu":
+            return F.elu(x) + 1.0
+        projected = torch.einsum("bhld,hde->bhle", x, weight.to(x.dtype)) + bias.to(x.dtype)
+        return torch.softmax(torch.cat([projected, -projected], dim=-1), dim=-1)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(phi(query), phi(key)) for ``[batch, heads, length, head_dim]`` inputs."""
+        if self.kind == "elu":
+            return self._phi(query, None, None), self._phi(key, None, None)
+        return (self._phi(query, self.query_weight, self.query_bias),
+                self._phi(key, self.key_weight, self.key_bias))
+
+
+def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
+    """Which keys each query may see, from HF's additive mask (0 = visible); causal without one."""
+    if attention_mask is None:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    mask = attention_mask[..., :k_len]  # as HF's eager attention slices it
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def linear_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **_):
+    """transformers' attention-interface signature: ``(output [b, l, h, d], weights)``."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    allowed = _allowed(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    feature_map: FeatureMap = getattr(module, MAP_ATTR)
+    distill = getattr(module, "distill_attention", False)
+    phi_q, phi_k = feature_map(query.detach(), key.detach()) if distill else feature_map(query, key)
+    scores = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~allowed, 0.0)
+    linear = scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    if not distill:
+        return (linear @ value).transpose(1, 2).contiguous(), linear
+    logits = (query @ key.transpose(-1, -2) * scaling).masked_fill(~allowed, torch.finfo(query.dtype).min)
+    softmax = torch.softmax(logits.float(), dim=-1)
+    module.attention_kl = attention_kl(softmax.detach(), linear.float(), allowed)
+    return (softmax.to(value.dtype) @ value).transpose(1, 2).contiguous(), softmax
+
+
+def attention_kl(target: torch.Tensor, approx: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Mean over query rows of ``KL(target_row || approx_row)``, over the keys a row may see."""
+    tiny = torch.finfo(approx.dtype).tiny
+    terms = target * (target.clamp_min(tiny).log() - approx.clamp_min(tiny).log())
+    return terms.masked_fill(~allowed, 0.0).sum(-1).mean()
+
+
+ALL_ATTENTION_FUNCTIONS.register(LINEAR_ATTENTION, linear_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(LINEAR_ATTENTION, eager_mask)  # additive float masks, like eager
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def has_linear_attention(model: nn.Module) -> bool:
+    return any(hasattr(m, MAP_ATTR) for m in attention_modules(model))
+
+
+def install_linear_attention(model: nn.Module, kind: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Attach a ``kind`` feature map to every attention layer (loading ``state``, the tensors of
+    ``feature_map_state``, when given) and switch the model to linear attention."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    for module in attention_modules(model):
+        weight = module.q_proj.weight
+        setattr(module, MAP_ATTR, FeatureMap(kind, heads, head_dim).to(device=weight.device))
+    if state is not None:
+        expected = set(feature_map_state(model))
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"linear attention ({kind}): the saved feature maps do not fit this model "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in state:
+                    param.copy_(state[name])
+    model.set_attn_implementation(LINEAR_ATTENTION)
+
+
+def remove_linear_attention(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Take the feature maps off and switch back to softmax attention; returns the maps' tensors."""
+    state = feature_map_state(model)
+    for module in attention_modules(model):
+        module.__dict__.pop("distill_attention", None)
+        module.__dict__.pop("attention_kl", None)
+        if hasattr(module, MAP_ATTR):
+            delattr(module, MAP_ATTR)
+    model.set_attn_implementation("sdpa")
+    return state
+
+
+def feature_map_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The feature maps' tensors by parameter name (empty for ``elu``)."""
+    return {name: param.detach().clone() for name, param in model.named_parameters() if f".{MAP_ATTR}." in name}
+
+
+def set_distill_attention(model: nn.Module, on: bool) -> None:
+    for module in attention_modules(model):
+        module.distill_attention = on
+        module.attention_kl = None
+
+
+def recorded_attention_kl(model: nn.Module) -> torch.Tensor:
+    """The mean over layers of the KL each layer recorded in its last distilling forward."""
+    kls = [m.attention_kl for m in attention_modules(model)]
+    if any(kl is None for kl in kls):
+        raise RuntimeError("no attention KL recorded: run a forward with set_distill_attention(model, True) first")
+    return torch.stack(kls).mean()
