@@ -12,10 +12,14 @@ Two maps (``FEATURE_MAPS``):
 - ``elu``: ``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020), nothing to train: the paper's
   fixed-map baseline.
 
-The map runs on the queries and keys after RoPE. The attention is computed in its quadratic form
-(the normalised ``n x n`` matrix): the same function as the linear-time prefix-sum form, and it
-takes HF's attention mask as it is (causal, padding, packing, and a KV cache while generating).
-The linear-time form is a speed-up this CPU-scale code does not need; it is not written.
+The map runs on the queries and keys after RoPE. Two forms of one function:
+- linear time (``chunked_causal_linear_attention``): chunks of ``CHUNK`` positions; inside a
+  chunk the masked ``C x C`` products, across chunks a running ``sum_j phi(k_j) v_j^T`` and
+  ``sum_j phi(k_j)``: O(n C D d) time and no ``n x n`` matrix. Used whenever the mask is plain
+  causal (transformers' SDPA mask builder returns no mask then), which is every training step.
+- quadratic (the normalised ``n x n`` matrix), for any other mask as HF gives it: padding,
+  packed rows, a KV cache while generating; and while distilling, which needs the weights.
+Both are tested against the prefix-sum recurrence.
 
 ``install_linear_attention`` attaches the maps (``self_attn.feature_map``) and registers the
 implementation with transformers' attention interface, so the model's own ``forward``,
@@ -33,10 +37,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 LINEAR_ATTENTION = "paperdag_linear"  # the name registered with transformers' attention interface
+CHUNK = 64  # positions per chunk of the linear-time form
 FEATURE_MAPS = ("hedgehog", "elu")
 MAP_ATTR = "feature_map"
 
@@ -71,7 +76,7 @@ class FeatureMap(nn.Module):
 
 
 def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
-    """Which keys each query may see, from HF's additive mask (0 = visible); causal without one."""
+    """Which keys each query may see, from HF's bool or additive mask (0 = visible); causal without one."""
     if attention_mask is None:
         return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
     mask = attention_mask[..., :k_len]  # as HF's eager attention slices it
@@ -82,15 +87,35 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def chunked_causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, value: torch.Tensor,
+                                    chunk: int = CHUNK) -> torch.Tensor:
+    """Causal linear attention in linear time: ``[b, h, n, D]`` features, ``[b, h, n, d]`` values."""
+    state = phi_k.new_zeros(*phi_k.shape[:2], phi_k.shape[-1], value.shape[-1])  # sum_j phi(k_j) v_j^T
+    norm = phi_k.new_zeros(*phi_k.shape[:2], 1, phi_k.shape[-1])                   # sum_j phi(k_j)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=phi_q.device).tril()
+    outputs = []
+    for start in range(0, phi_q.shape[-2], chunk):
+        q, k, v = (t[..., start:start + chunk, :] for t in (phi_q, phi_k, value))
+        inside = (q @ k.transpose(-1, -2)).masked_fill(~causal[:q.shape[-2], :q.shape[-2]], 0.0)
+        numerator = q @ state + inside @ v
+        denominator = (q * norm).sum(-1, keepdim=True) + inside.sum(-1, keepdim=True)
+        outputs.append(numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny))
+        state = state + k.transpose(-1, -2) @ v
+        norm = norm + k.sum(-2, keepdim=True)
+    return torch.cat(outputs, dim=-2)
+
+
 def linear_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **_):
-    """transformers' attention-interface signature: ``(output [b, l, h, d], weights)``."""
+    """transformers' attention-interface signature: ``(output [b, l, h, d], weights or None)``."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    allowed = _allowed(attention_mask, query.shape[-2], key.shape[-2], query.device)
     feature_map: FeatureMap = getattr(module, MAP_ATTR)
     distill = getattr(module, "distill_attention", False)
     phi_q, phi_k = feature_map(query.detach(), key.detach()) if distill else feature_map(query, key)
+    if attention_mask is None and not distill and query.shape[-2] == key.shape[-2]:  # plain causal
+        return chunked_causal_linear_attention(phi_q, phi_k, value).transpose(1, 2).contiguous(), None
+    allowed = _allowed(attention_mask, query.shape[-2], key.shape[-2], query.device)
     scores = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~allowed, 0.0)
     linear = scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
     if not distill:
@@ -109,7 +134,8 @@ def attention_kl(target: torch.Tensor, approx: torch.Tensor, allowed: torch.Tens
 
 
 ALL_ATTENTION_FUNCTIONS.register(LINEAR_ATTENTION, linear_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(LINEAR_ATTENTION, eager_mask)  # additive float masks, like eager
+# SDPA's mask builder: no mask at all for plain causal attention (the linear-time form), else a bool mask
+ALL_MASK_ATTENTION_FUNCTIONS.register(LINEAR_ATTENTION, sdpa_mask)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

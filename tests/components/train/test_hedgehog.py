@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from components.model.linear_attention import (
-    FeatureMap, feature_map_state, has_linear_attention, install_linear_attention, linear_attention_forward,
+    FeatureMap, chunked_causal_linear_attention, feature_map_state, has_linear_attention, install_linear_attention, linear_attention_forward,
     recorded_attention_kl, set_distill_attention)
 from components.train.dense import DenseTraining
 from components.train.hedgehog import HedgehogConversion
@@ -53,7 +53,7 @@ def test_registered_for_finetuning_only():
 
 
 @pytest.mark.parametrize("kind", ["hedgehog", "elu"])
-def test_the_quadratic_form_is_the_causal_prefix_sum_recurrence(kind):
+def test_the_quadratic_and_chunked_forms_are_the_causal_prefix_sum_recurrence(kind):
     torch.manual_seed(0)
     b, h, n, d = 2, 2, 7, 4
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
@@ -63,15 +63,20 @@ def test_the_quadratic_form_is_the_causal_prefix_sum_recurrence(kind):
         with torch.no_grad():
             for p in module.feature_map.parameters():
                 p.add_(0.3 * torch.randn_like(p))
-    out, _ = linear_attention_forward(module, q, k, v, None, scaling=d ** -0.5)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    quadratic, weights = linear_attention_forward(module, q, k, v, causal, scaling=d ** -0.5)  # a mask: n x n
+    linear_time, none = linear_attention_forward(module, q, k, v, None, scaling=d ** -0.5)  # plain causal
+    assert weights.shape == (b, h, n, n) and none is None
     phi_q, phi_k = module.feature_map(q, k)
+    chunked = chunked_causal_linear_attention(phi_q, phi_k, v, chunk=3).transpose(1, 2)  # chunks 3, 3, 1
     state = torch.zeros(b, h, phi_k.shape[-1], d, dtype=torch.float64)  # sum_j phi(k_j) v_j^T
     norm = torch.zeros(b, h, phi_k.shape[-1], dtype=torch.float64)     # sum_j phi(k_j)
     for i in range(n):
         state += phi_k[:, :, i, :, None] * v[:, :, i, None, :]
         norm += phi_k[:, :, i]
         expected = (phi_q[:, :, i, None, :] @ state).squeeze(-2) / (phi_q[:, :, i] * norm).sum(-1, keepdim=True)
-        torch.testing.assert_close(out[:, i], expected)
+        for out in (quadratic, linear_time, chunked):
+            torch.testing.assert_close(out[:, i], expected)
 
 
 def test_a_kv_cache_gives_the_full_forwards_logits_and_distilling_keeps_softmax_outputs(trained):
