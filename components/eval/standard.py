@@ -104,14 +104,14 @@ class StandardEvaluation(Evaluator):
             out.update(infill_metrics(model, tokenizer, p.infill, blocks_by_domain, p.ppl_batch_size, model_dir))
         if p.hessian_trace_probes:
             out.update(flatness_metrics(model, blocks_by_domain, p.hessian_trace_probes, p.hessian_trace_blocks))
+        kl_args = (blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain)
         if has_linear_attention(model):
-            out["attention_kl"] = attention_kl(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain)
+            out["attention_kl"] = attention_kl_on_blocks(model, *kl_args)
         else:
             for kind in p.attention_kl_maps:  # the untrained map in softmax's place, measured, then removed
                 install_linear_attention(model, kind)
                 try:
-                    out[f"attention_kl_{kind}"] = attention_kl(model, blocks_by_domain, p.ppl_batch_size,
-                                                               p.max_blocks_per_domain)
+                    out[f"attention_kl_{kind}"] = attention_kl_on_blocks(model, *kl_args)
                 finally:
                     remove_linear_attention(model)
         out.update(size_metrics(model_dir, quant_meta))
@@ -128,7 +128,7 @@ def flatness_metrics(model, blocks_by_domain: dict[str, np.ndarray], probes: int
         return hessian_trace(model, blocks, probes)
 
 
-def attention_kl(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int,
+def attention_kl_on_blocks(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int,
                  max_blocks_per_domain: int | None = None) -> float:
     """For a model with linear attention (Hedgehog): the mean over layers and query rows of
     ``KL(softmax || linear)`` between the attention weights its own queries and keys give under

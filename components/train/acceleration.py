@@ -98,6 +98,9 @@ def attention_implementation(models: list[torch.nn.Module], name: str) -> Iterat
     """Run the block with ``name`` attention in every model, then put each model's own back, so the
     saved config (and every later use of the model) is unchanged. A model with linear attention
     keeps it: there it is part of the model, not a choice of kernel."""
+    if name == LINEAR_ATTENTION:  # resolve_attention keeps a linear model's own: nothing to switch
+        yield
+        return
     previous = [(model, current_attention(model)) for model in models if current_attention(model) != LINEAR_ATTENTION]
     changed = []
     try:
