@@ -120,8 +120,8 @@ def linear_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     linear = scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
     if not distill:
         return (linear @ value).transpose(1, 2).contiguous(), linear
-    logits = (query @ key.transpose(-1, -2) * scaling).masked_fill(~allowed, torch.finfo(query.dtype).min)
-    softmax = torch.softmax(logits.float(), dim=-1)
+    logits = (query @ key.transpose(-1, -2) * scaling).float()  # bf16 under autocast: softmax in fp32
+    softmax = torch.softmax(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min), dim=-1)
     module.attention_kl = attention_kl(softmax.detach(), linear.float(), allowed)
     return (softmax.to(value.dtype) @ value).transpose(1, 2).contiguous(), softmax
 

@@ -187,3 +187,10 @@ def test_prepacked_prefill_of_a_linear_attention_model_matches_each_prompts_own_
         alone = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     assert max(stats.rows) > 1
+
+
+@pytest.mark.parametrize("phase", ["distill", "finetune"])
+def test_both_phases_train_under_bf16_autocast(trained, phase):
+    config, method = hedgehog(phase=phase, steps=2, precision="bf16")
+    result = train(trained_nano(trained), pattern_blocks(), config, method, progress=False)
+    assert result.precision == "bf16" and all(np.isfinite(result.losses))
