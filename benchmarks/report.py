@@ -143,6 +143,16 @@ def results_markdown() -> str:
                          "decoding loop over 64 rows, each with its own budget, against one `generate` call per "
                          "prompt length. The lm-eval rows include the harness's own work (building requests, "
                          "scoring), which neither way changes, and they vary most between rounds."])
+    if (RESULTS / "linear_attention.md").exists():
+        out += _section("Hedgehog's linear attention vs fused softmax attention",
+                        "python benchmarks/bench_linear_attention.py",
+                        [(RESULTS / "linear_attention.md").read_text().strip(), "",
+                         "The chunked form is what every training step of a Hedgehog model runs (64-position "
+                         "chunks; `components/model/linear_attention.py`); the quadratic form runs under padding or "
+                         "packing masks and while distilling. Python loops over chunks and a 128-wide feature map "
+                         "(twice the head width) make it slower than PyTorch's fused softmax kernel at short "
+                         "lengths; its cost grows linearly, so it overtakes softmax at long ones. One attention "
+                         "call only: the projections and MLP around it are the same for both."])
     if (RESULTS / "galore.md").exists():
         out += _section("GaLore: parity and speed vs galore-torch",
                         "bash benchmarks/galore_env.sh && python benchmarks/bench_galore.py",

@@ -28,7 +28,7 @@ from components.model.linear_attention import (
     MAP_ATTR, attention_modules, has_linear_attention, install_linear_attention, recorded_attention_kl,
     remove_linear_attention, set_distill_attention)
 from components.registry import Paper
-from components.train.method import TrainingMethod, unwrap
+from components.train.method import TrainingMethod, forward_flops_per_token, unwrap
 
 
 def linear_attention_kind(model: nn.Module) -> str | None:
@@ -85,6 +85,18 @@ class HedgehogConversion(TrainingMethod):
             return model(input_ids=batch, labels=batch).loss
         model(input_ids=batch, logits_to_keep=1)  # the layers record their KL; the logits are not needed
         return recorded_attention_kl(unwrap(model))
+
+    def flops_per_token(self, model: nn.Module, seq_len: int, teacher: nn.Module | None = None) -> float:
+        """Fine-tuning: 3x the forward. Distilling: the forward once (the backward reaches only the
+        maps, through detached queries and keys). Either way plus the maps' own forward and
+        backward: per layer and head, two ``head_dim x head_dim`` projections per token."""
+        config = unwrap(model).config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        learned = self.params.feature_map == "hedgehog"
+        maps = 3.0 * 2 * 2 * config.num_hidden_layers * heads * head_dim ** 2 if learned else 0.0
+        passes = 3.0 if self.params.phase == "finetune" else 1.0
+        return passes * forward_flops_per_token(model, seq_len) + maps
 
     def finalize(self, model: nn.Module) -> dict:
         """Take the maps off the model (saved beside it) so the saved weights are a plain Llama."""

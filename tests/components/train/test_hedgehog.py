@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from components.model.linear_attention import (
-    FeatureMap, chunked_causal_linear_attention, feature_map_state, has_linear_attention, install_linear_attention, linear_attention_forward,
-    recorded_attention_kl, set_distill_attention)
+    FeatureMap, chunked_causal_linear_attention, feature_map_state, has_linear_attention, install_linear_attention,
+    linear_attention_forward, recorded_attention_kl, set_distill_attention)
 from components.train.dense import DenseTraining
 from components.train.hedgehog import HedgehogConversion
 from components.train.method import AUXILIARY_FILE
@@ -194,3 +194,13 @@ def test_both_phases_train_under_bf16_autocast(trained, phase):
     config, method = hedgehog(phase=phase, steps=2, precision="bf16")
     result = train(trained_nano(trained), pattern_blocks(), config, method, progress=False)
     assert result.precision == "bf16" and all(np.isfinite(result.losses))
+
+
+def test_distilling_counts_one_forward_and_fine_tuning_three_plus_the_maps():
+    from components.train.method import forward_flops_per_token
+
+    model, forward = nano(), forward_flops_per_token(nano(), 16)
+    maps = 3 * 2 * 2 * 2 * 2 * 32 ** 2  # fwd+bwd, 2 FLOPs per MAC, q and k, 2 layers, 2 heads of 32
+    assert hedgehog()[1].flops_per_token(model, 16) == forward + maps
+    assert hedgehog(phase="finetune")[1].flops_per_token(model, 16) == 3 * forward + maps
+    assert hedgehog(phase="finetune", feature_map="elu")[1].flops_per_token(model, 16) == 3 * forward
