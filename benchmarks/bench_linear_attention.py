@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._provenance import commit_and_cpu  # noqa: E402
 from components.model.linear_attention import FeatureMap, linear_attention_forward  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -102,10 +101,7 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048, 8192])
     args = parser.parse_args()
     lengths = [length_workload(n, args.repeats) for n in args.lengths]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    commit, cpu = commit_and_cpu()
     result = {"commit": commit, "cpu": cpu, "repeats": args.repeats, "lengths": lengths}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "linear_attention.json").write_text(json.dumps(result, indent=2) + "\n")

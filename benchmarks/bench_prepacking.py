@@ -26,7 +26,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks._provenance import commit_and_cpu  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 SEQ_LEN = 128
 
@@ -179,8 +180,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    import platform
-
     docs, tokenizer, model = build_setup()
     workloads = {}
     with tempfile.TemporaryDirectory() as work:
@@ -188,10 +187,7 @@ def main() -> int:
             workloads[f"arithmetic_{fmt}"] = arithmetic_workload(docs, tokenizer, model, fmt, args.repeats)
         workloads["lm_eval"] = lm_eval_workload(docs, tokenizer, model, args.repeats, Path(work))
     workloads["prefill"] = prefill_workload(docs, tokenizer, model, args.repeats)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    commit, cpu = commit_and_cpu()
     result = {"commit": commit, "cpu": cpu, "repeats": args.repeats, "workloads": workloads}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "prepacking.json").write_text(json.dumps(result, indent=2) + "\n")
