@@ -147,7 +147,7 @@ def results_markdown() -> str:
         out += _section("Hedgehog's linear attention vs fused softmax attention",
                         "python benchmarks/bench_linear_attention.py",
                         [(RESULTS / "linear_attention.md").read_text().strip(), "",
-                         "The chunked form is what every training step of a Hedgehog model runs (64-position "
+                         "The chunked form is what every training step of a Hedgehog model runs (128-position "
                          "chunks; `components/model/linear_attention.py`); the quadratic form runs under padding or "
                          "packing masks and while distilling. Python loops over chunks and a 128-wide feature map "
                          "(twice the head width) make it slower than PyTorch's fused softmax kernel at short "

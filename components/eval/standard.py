@@ -129,7 +129,7 @@ def flatness_metrics(model, blocks_by_domain: dict[str, np.ndarray], probes: int
 
 
 def attention_kl_on_blocks(model, blocks_by_domain: dict[str, np.ndarray], batch_size: int,
-                 max_blocks_per_domain: int | None = None) -> float:
+                           max_blocks_per_domain: int | None = None) -> float:
     """For a model with linear attention (Hedgehog): the mean over layers and query rows of
     ``KL(softmax || linear)`` between the attention weights its own queries and keys give under
     softmax and under its feature map, on the test blocks perplexity scores."""
