@@ -1,4 +1,4 @@
-"""Hedgehog linear attention: the quadratic form against the prefix-sum recurrence, a KV cache,
+"""Hedgehog linear attention: the quadratic and chunked forms against the prefix-sum recurrence, a KV cache,
 softmax outputs while distilling, a real distillation that lowers the attention KL by training
 the maps alone, the artifact round trip (plain Llama + maps beside it), an exact resume, and
 refusals."""
