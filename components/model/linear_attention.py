@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import repeat_kv
 
 LINEAR_ATTENTION = "paperdag_linear"  # the name registered with transformers' attention interface
 # positions per chunk of the linear-time form. On 2 CPU cores (4 heads of 64, forward + backward,
@@ -86,10 +87,6 @@ def _allowed(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
 def chunked_causal_linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, value: torch.Tensor,
                                     chunk: int = CHUNK) -> torch.Tensor:
     """Causal linear attention in linear time: ``[b, h, n, D]`` features, ``[b, h, n, d]`` values."""
@@ -112,7 +109,7 @@ def linear_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                              attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **_):
     """transformers' attention-interface signature: ``(output [b, l, h, d], weights or None)``."""
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     feature_map: FeatureMap = getattr(module, MAP_ATTR)
     distill = getattr(module, "distill_attention", False)
     phi_q, phi_k = feature_map(query.detach(), key.detach()) if distill else feature_map(query, key)

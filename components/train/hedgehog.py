@@ -28,7 +28,7 @@ from components.model.linear_attention import (
     MAP_ATTR, attention_modules, has_linear_attention, install_linear_attention, recorded_attention_kl,
     remove_linear_attention, set_distill_attention)
 from components.registry import Paper
-from components.train.method import TrainingMethod, forward_flops_per_token, unwrap
+from components.train.method import TrainingMethod, attention_width, forward_flops_per_token, unwrap
 
 
 def linear_attention_kind(model: nn.Module) -> str | None:
@@ -90,11 +90,10 @@ class HedgehogConversion(TrainingMethod):
         """Fine-tuning: 3x the forward. Distilling: the forward once (the backward reaches only the
         maps, through detached queries and keys). Either way plus the maps' own forward and
         backward: per layer and head, two ``head_dim x head_dim`` projections per token."""
-        config = unwrap(model).config
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        n_layers, d_attn = attention_width(model)
+        head_dim = d_attn // unwrap(model).config.num_attention_heads
         learned = self.params.feature_map == "hedgehog"
-        maps = 3.0 * 2 * 2 * config.num_hidden_layers * heads * head_dim ** 2 if learned else 0.0
+        maps = 3.0 * 2 * 2 * n_layers * d_attn * head_dim if learned else 0.0
         passes = 3.0 if self.params.phase == "finetune" else 1.0
         return passes * forward_flops_per_token(model, seq_len) + maps
 
