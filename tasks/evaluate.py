@@ -157,12 +157,15 @@ def _scaling_fits(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]
         where = f"stage {ctx.plan.name}: params.fits[{spec.name}]"
         try:
             x, y = fit_points(spec, per_model)
+            holdout = fit_points(spec, per_model, spec.holdout) if spec.holdout else None
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
-        result = fit_scaling_law(spec.law, x, y, spec.bootstrap, spec.seed, where=where)
-        figure = write_fit_plot(spec, x, y, result, ctx.out_dir, f"{ctx.recipe.name}: {spec.name}")
-        out[spec.name] = {"result": result, "figure": figure.name,
-                          "points": {"models": spec.models, "x": x, spec.metric: y}}
+        result = fit_scaling_law(spec.law, x, y, spec.bootstrap, spec.seed, where=where, holdout=holdout)
+        figure = write_fit_plot(spec, x, y, result, ctx.out_dir, f"{ctx.recipe.name}: {spec.name}", holdout)
+        points = {"models": spec.models, "x": x, spec.metric: y}
+        if holdout:
+            points["holdout"] = {"models": spec.holdout, "x": holdout[0], spec.metric: holdout[1]}
+        out[spec.name] = {"result": result, "figure": figure.name, "points": points}
     return out
 
 

@@ -43,7 +43,7 @@ def test_bootstrap_intervals_cover_the_true_exponents_under_noise():
     ("chinchilla", {"N": [1.0, 2.0]}, [3.0, 2.0], r"needs the variables \['N', 'D'\], got \['N'\]"),
     ("power", {"x": [1.0, 2.0, 0.0, 4.0]}, [3.0, 2.0, 1.5, 1.2], "positive variables and losses"),
     ("power", {"x": [1.0, 2.0, 3.0, 4.0]}, [3.0, float("nan"), 1.5, 1.2], "nan or inf"),
-    ("cubic", {"x": [1.0]}, [1.0], "unknown law 'cubic'; known laws: chinchilla, power"),
+    ("cubic", {"x": [1.0]}, [1.0], "unknown law 'cubic'; known laws: chinchilla, constant, fp_format, power"),
 ])
 def test_points_that_cannot_determine_the_law_are_refused(law, x, y, message):
     with pytest.raises(ScalingFitError, match=rf"^fit journey: .*{message}"):
@@ -58,8 +58,8 @@ def test_a_refit_that_diverges_past_float_range_counts_as_failed(monkeypatch):
     real = scaling_fit._minimise
     calls = []
 
-    def diverging(logs, log_y, starts, keep=8):
-        theta = real(logs, log_y, starts, keep)
+    def diverging(law, feats, log_y, starts, keep=8):
+        theta = real(law, feats, log_y, starts, keep)
         calls.append(1)
         if len(calls) % 2 == 0:  # every second refit ends with the first scale at exp(800)
             theta = theta.copy()
@@ -71,3 +71,34 @@ def test_a_refit_that_diverges_past_float_range_counts_as_failed(monkeypatch):
     assert fit.failed_refits == 3 and all(np.isfinite(v) for pair in fit.intervals.values() for v in pair)
     assert fit.params["A"] == pytest.approx(TRUE["A"], rel=1e-4)
     assert scaling_fit._as_params(scaling_fit.LAWS["power"], np.array([0.0, 800.0, 1.0]))["A"] == np.inf
+
+
+FP_TRUE = {"E": 3.0, "K": 4.0, "delta": 1.6, "nu": 1.2}
+
+
+def fp_law(block, e, m):
+    return FP_TRUE["E"] + FP_TRUE["K"] * np.log2(block) / ((e + 0.5) ** FP_TRUE["delta"] * (m + 0.5) ** FP_TRUE["nu"])
+
+
+def test_the_fp_format_law_comes_back_and_predicts_held_out_formats():
+    """Sun et al.'s format term at one N and D: the exponents come back from exact points, the
+    optimal split is eq. 19's, and held-out formats are predicted where a constant is not."""
+    e, m = np.array([1, 1, 2, 2, 3, 3, 1, 2, 4, 1]), np.array([0, 2, 0, 1, 1, 2, 1, 3, 0, 3])
+    block = np.array([64, 16, 64, 8, 16, 64, 32, 64, 32, 8])
+    held = {"block": [16.0, 64.0], "exp_bits": [2.0, 4.0], "man_bits": [2.0, 3.0]}
+    held_y = fp_law(np.array(held["block"]), np.array(held["exp_bits"]), np.array(held["man_bits"]))
+    x = {"block": block, "exp_bits": e, "man_bits": m}
+    fit = fit_scaling_law("fp_format", x, fp_law(block, e, m), bootstrap=3, holdout=(held, held_y))
+    assert fit.params == pytest.approx(FP_TRUE, rel=1e-3)
+    share = FP_TRUE["delta"] / (FP_TRUE["delta"] + FP_TRUE["nu"])
+    assert fit.extra["exp_bits_opt_p8"] == pytest.approx(8 * share - 0.5, rel=1e-3)
+    assert fit.extra["exp_bits_opt_p8"] + fit.extra["man_bits_opt_p8"] == pytest.approx(7.0)
+    assert fit.extra["holdout_max_rel_error"] < 1e-4
+    constant = fit_scaling_law("constant", {}, fp_law(block, e, m), bootstrap=3, holdout=({}, held_y))
+    assert constant.extra["holdout_max_rel_error"] > 0.05  # the held-out losses are not the mean
+
+
+def test_a_block_of_one_has_no_log2_and_is_refused_by_name():
+    with pytest.raises(ScalingFitError, match=r"log2\(block\) is not positive at \[1.0\]"):
+        fit_scaling_law("fp_format", {"block": [1, 2, 4, 8, 16, 32], "exp_bits": [1] * 6, "man_bits": [1] * 6},
+                        [3.0] * 6, where="fit fp")
