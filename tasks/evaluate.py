@@ -27,7 +27,8 @@ from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss", "trainable_params", "optimizer_state_bytes",
                 "block_matrix_state_bytes", "block_params", "block_params_final", "block_params_avg")
-FACT_PREFIXES = ("sampler_", "val_loss_")  # numeric facts of a training sampler or monitor, copied as they are
+FACT_PREFIXES = ("sampler_", "val_loss_", "format_")  # numeric facts of a training sampler, monitor or
+# number format, copied as they are
 EFT_ROLES = ("eft_large_base", "eft_small_ft", "eft_small_base")
 # HFLM warns on every in-memory model it wraps; the evaluate stage always passes one on purpose.
 logging.getLogger("lm_eval").setLevel(logging.ERROR)

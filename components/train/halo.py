@@ -25,6 +25,14 @@ of low-precision GEMMs is reproduced and their speed is not (HALO's INT8/FP8 CUD
 HQ-FSDP are not here). ``gemm_format: fp32`` is the full-precision reference through the same
 layer (plain GEMMs), so a recipe compares like with like.
 
+The same layer serves plain low-precision training (``components/train/fp_training.py``): at
+level 0, ``operands`` picks which of the six GEMM inputs are quantized, in Sun et al.'s (arXiv
+2501.02423) names: P1 = x and P2 = W of the forward, P3 = the output gradient and P4 = W of the
+input-gradient GEMM, P5 = the output gradient and P6 = x of the weight-gradient GEMM (HALO
+quantizes all six). ``block_size`` gives every ``block_size`` consecutive elements along an
+operand's last dimension their own absmax scale (the input features of x and W, the output
+features of a gradient), in place of one scale per tensor.
+
 ``outlier_channels`` / ``outlier_scale`` make the paper's failure case on a model that has none:
 ``components/model/outliers.py`` scales a few hidden channels up at the projections' inputs
 without changing the model's function. The trained master weights are saved as a plain
@@ -41,95 +49,134 @@ from torch import nn
 from components.model.outliers import inject_outlier_channels
 from components.quant.fake_quant import quantize_int
 from components.quant.hadamard import rotate
-from components.quant.minifloat import from_name, minifloat_fake_quant
+from components.quant.minifloat import MinifloatFormat, from_name, minifloat_fake_quant
 from components.registry import Paper
 from components.train.replacement import FoldableLinear, LinearReplacement
 
 INT_FORMAT = re.compile(r"int([2-8])")
+OPERANDS = ("P1", "P2", "P3", "P4", "P5", "P6")
+OPERAND_NAMES = {"P1": "input", "P2": "weight", "P3": "output gradient (input-gradient GEMM)",
+                 "P4": "weight (input-gradient GEMM)", "P5": "output gradient (weight-gradient GEMM)",
+                 "P6": "input (weight-gradient GEMM)"}
+WIDTH_OF = {"P1": "in", "P2": "in", "P3": "out", "P4": "in", "P5": "out", "P6": "in"}  # each operand's last dim
 
 
-def gemm_quantizer(gemm_format: str):
-    """The per-tensor fake quantizer of a GEMM operand for ``gemm_format`` (None for fp32)."""
+def gemm_quantizer(gemm_format: str | MinifloatFormat, block_size: int | None = None):
+    """The fake quantizer of a GEMM operand for ``gemm_format`` (None for fp32): one absmax scale
+    per tensor, or per ``block_size`` elements along the last dimension."""
     if gemm_format == "fp32":
         return None
-    match = INT_FORMAT.fullmatch(gemm_format)
+    match = INT_FORMAT.fullmatch(gemm_format) if isinstance(gemm_format, str) else None
     if match:
         bits = int(match[1])
+        if block_size:
+            return lambda t: quantize_int(t, bits, True, "group", block_size)
         return lambda t: quantize_int(t, bits, True, "per_tensor")
-    fmt = from_name(gemm_format)
+    fmt = from_name(gemm_format) if isinstance(gemm_format, str) else gemm_format
+    if block_size:
+        return lambda t: minifloat_fake_quant(t, fmt, block_size)
     return lambda t: minifloat_fake_quant(t, fmt, scale_granularity="per_tensor")
 
 
 class _LowPrecisionGemm(torch.autograd.Function):
-    """``x @ weight.T`` (x: [tokens, in]) with all three GEMMs on quantized operands, in fp32."""
+    """``x @ weight.T`` (x: [tokens, in]) with its three GEMMs on the layer's quantized operands, in fp32."""
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)  # emulated GEMMs stay fp32 under bf16 autocast
     @torch.autocast("cuda", enabled=False)
-    def forward(ctx, x, weight, quantize, level):
+    def forward(ctx, x, weight, layer, level):
         xf, wf = x.float(), weight.float()
-        qx, qw = (quantize(rotate(xf), "input"), quantize(rotate(wf), "weight")) if level else \
-            (quantize(xf, "input"), quantize(wf, "weight"))
-        # level 1's backward quantizes the unrotated operands; levels 0 and 2 reuse the forward's
-        ctx.save_for_backward(*((x, weight) if level == 1 else (qx, qw)))
-        ctx.quantize, ctx.level, ctx.dtypes = quantize, level, (x.dtype, weight.dtype)
+        qx, qw = (layer.quantize(rotate(xf), "P1"), layer.quantize(rotate(wf), "P2")) if level else \
+            (layer.quantize(xf, "P1"), layer.quantize(wf, "P2"))
+        # the backward reuses the forward's operands where it quantizes them alike; level 1's
+        # backward quantizes the unrotated ones
+        ctx.reuse = level != 1 and layer.backward_reuses_forward
+        ctx.save_for_backward(*((qx, qw) if ctx.reuse else (x, weight)))
+        ctx.layer, ctx.level, ctx.dtypes = layer, level, (x.dtype, weight.dtype)
         return (qx @ qw.T).to(x.dtype)
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
     def backward(ctx, grad):
-        quantize, level = ctx.quantize, ctx.level
+        layer, level = ctx.layer, ctx.level
         qx, qw = ctx.saved_tensors
-        if level == 1:
-            qx, qw = quantize(qx.float(), "input"), quantize(qw.float(), "weight")
-        qe = quantize(grad.float(), "output gradient")
+        if not ctx.reuse:
+            qx, qw = layer.quantize(qx.float(), "P6"), layer.quantize(qw.float(), "P4")
+        g = grad.float()
+        # P3 and P5 are the same tensor: with both quantized alike it is quantized once
+        qe = layer.quantize(g, "P3") if level != 2 and layer.same_output_gradients else None
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             if level == 2:  # H_t (Q(H_t e) Q(WH)) H = e W: both rotations undone
-                grad_x = rotate(rotate(quantize(rotate(grad.float(), 0), "output gradient") @ qw, 0))
+                grad_x = rotate(rotate(layer.quantize(rotate(g, 0), "P3") @ qw, 0))
             else:
-                grad_x = qe @ qw
+                grad_x = (qe if qe is not None else layer.quantize(g, "P3")) @ qw
             grad_x = grad_x.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_w = qe.T @ qx
+            grad_w = (qe if qe is not None else layer.quantize(g, "P5")).T @ qx
             grad_w = (rotate(grad_w) if level == 2 else grad_w).to(ctx.dtypes[1])
         return grad_x, grad_w, None, None
 
 
 class LowPrecisionLinear(FoldableLinear):
-    """A Linear whose GEMMs run on ``gemm_format`` operands with HALO's rotations at ``level``."""
+    """A Linear whose GEMMs run on ``gemm_format`` operands (those named in ``operands``) with
+    HALO's rotations at ``level``."""
 
-    def __init__(self, linear: nn.Linear, name: str, gemm_format: str, level: int):
+    def __init__(self, linear: nn.Linear, name: str, gemm_format: str | MinifloatFormat, level: int,
+                 operands: tuple[str, ...] = OPERANDS, block_size: int | None = None):
         super().__init__(linear)
         self.weight = linear.weight
-        self.name, self.gemm_format, self.level = name, gemm_format, level
-        self._quantize = gemm_quantizer(gemm_format)
-        self._checks_result = not INT_FORMAT.fullmatch(gemm_format)
+        self.name, self.gemm_format, self.level, self.block_size = name, gemm_format, level, block_size
+        self.operands = frozenset(operands)
+        self._quantize = gemm_quantizer(gemm_format, block_size)
+        self._checks_result = not (isinstance(gemm_format, str) and INT_FORMAT.fullmatch(gemm_format))
+        self.backward_reuses_forward = (("P1" in self.operands) == ("P6" in self.operands)
+                                        and ("P2" in self.operands) == ("P4" in self.operands))
+        self.same_output_gradients = ("P3" in self.operands) == ("P5" in self.operands)
 
     def effective_weight(self) -> torch.Tensor:
         return self.weight  # the fp32 master weight; only the GEMMs are low precision
 
-    def quantize(self, operand: torch.Tensor, what: str) -> torch.Tensor:
+    def quantize(self, operand: torch.Tensor, which: str) -> torch.Tensor:
+        if which not in self.operands:
+            return operand
         try:  # an int grid refuses a non-finite absmax itself
             q = self._quantize(operand)
         except ValueError as error:
-            raise FloatingPointError(f"{self.name}: the {what} of a {self.gemm_format} GEMM is not finite "
+            raise FloatingPointError(f"{self.name}: the {OPERAND_NAMES[which]} of a {self.label} GEMM is not finite "
                                      f"({error})") from None
         if self._checks_result and not torch.isfinite(q).all():  # a minifloat passes NaN on
-            raise FloatingPointError(f"{self.name}: the {what} of a {self.gemm_format} GEMM is not finite "
+            raise FloatingPointError(f"{self.name}: the {OPERAND_NAMES[which]} of a {self.label} GEMM is not finite "
                                      "(inf or nan after quantization)")
         return q
+
+    @property
+    def label(self) -> str:
+        fmt = self.gemm_format if isinstance(self.gemm_format, str) else \
+            f"e{self.gemm_format.exp_bits}m{self.gemm_format.man_bits}"
+        return fmt + (f" (blocks of {self.block_size})" if self.block_size else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._quantize is None:
             return super().forward(x)
-        y = _LowPrecisionGemm.apply(x.reshape(-1, self.in_features), self.weight, self.quantize, self.level)
+        y = _LowPrecisionGemm.apply(x.reshape(-1, self.in_features), self.weight, self, self.level)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, gemm_format={self.gemm_format}, level={self.level}"
+        return (f"{self.in_features}, {self.out_features}, gemm_format={self.label}, level={self.level}, "
+                f"operands={','.join(sorted(self.operands))}")
+
+
+def check_blocks_divide(targets: dict[str, nn.Linear], block_size: int, operands) -> None:
+    """Refuse a ``block_size`` that does not divide the last dimension of a quantized operand."""
+    for name, linear in sorted(targets.items()):
+        for which in sorted(operands):
+            width = linear.in_features if WIDTH_OF[which] == "in" else linear.out_features
+            if width % block_size:
+                raise ValueError(f"params.block_size={block_size} does not divide the {WIDTH_OF[which]}put width "
+                                 f"({width}) of {name}, the last dimension of its {OPERAND_NAMES[which]} ({which})")
 
 
 class HaloTraining(LinearReplacement):

@@ -4,6 +4,7 @@ from components.train.bert2bert import Bert2Bert
 from components.train.compacter import CompacterFinetune
 from components.train.dense import DenseTraining
 from components.train.fim import FillInTheMiddle
+from components.train.fp_training import FloatingPointTraining
 from components.train.double_rounding import DoubleRounding
 from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
@@ -27,10 +28,12 @@ from components.train.vcycle_coalesce import VCycleCoalesce
 PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTraining, MaskedThought, GaLoreTraining,
                                                             LoraFinetune, GradualPruning, SLTrain,
                                                             QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
-                                                            FixedPointTraining, MixtureOfDenoisers, FillInTheMiddle])
+                                                            FixedPointTraining, MixtureOfDenoisers, FillInTheMiddle,
+                                                            FloatingPointTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
                                                             DoubleRounding, FixedPointTraining, CompacterFinetune,
-                                                            MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion])
+                                                            MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion,
+                                                            FloatingPointTraining])
