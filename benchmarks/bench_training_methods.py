@@ -42,7 +42,7 @@ SUITES = {
         ("SLTrain rank 64 + 3%", "sltrain", {"rank": 64, "alpha": 16.0, "sparse_ratio": 0.03}),
         ("2:4 (SR-STE)", "sr_ste", {"pattern": "2:4"}),
     ],
-    "low_bit": [  # at the recipes' settings (trilm, l4q, halo)
+    "low_bit": [  # at the recipes' settings (trilm, l4q, halo, fp_scaling_law)
         ("dense AdamW", "dense", {}),
         ("QAT ternary (TriLM)", "qat", {"weight_format": "ternary"}),
         ("QAT int4, group 64", "qat", {"weight_format": "int", "bits": 4, "granularity": "group", "group_size": 64}),
@@ -50,6 +50,7 @@ SUITES = {
         ("INT8 GEMMs, HALO level 0", "halo", {"gemm_format": "int8", "level": 0}),
         ("INT8 GEMMs, HALO level 2", "halo", {"gemm_format": "int8", "level": 2}),
         ("FP8 E4M3 GEMMs, level 0", "halo", {"gemm_format": "e4m3", "level": 0}),
+        ("FP4 E2M1 P2/P4/P6, blocks of 32", "fp_training", {"exp_bits": 2, "man_bits": 1, "block_size": 32}),
     ],
 }
 WARMUP_STEPS = 3
