@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -84,6 +85,20 @@ class Law:
         for term in self.terms:
             names += [term.scale] + [f.exponent for f in term.factors if f.exponent]
         return tuple(names)
+
+    @cached_property  # the objective asks for it at every L-BFGS step
+    def layout(self) -> tuple[list[int], list[int | None], list[int]]:
+        """Where each term's log-scale and each factor's exponent sit in theta (laid out as
+        ``params``), and the term of each factor."""
+        scale_index, exponent_index, term_of, i = [], [], [], 1
+        for t, term in enumerate(self.terms):
+            scale_index.append(i)
+            i += 1
+            for f in term.factors:
+                term_of.append(t)
+                exponent_index.append(i if f.exponent else None)
+                i += 1 if f.exponent else 0
+        return scale_index, exponent_index, term_of
 
     def predict(self, params: dict[str, float], x: dict[str, np.ndarray]) -> np.ndarray:
         shape = np.shape(x[self.variables[0]]) if self.variables else ()
@@ -150,24 +165,10 @@ def _huber(r: np.ndarray) -> tuple[float, np.ndarray]:
     return float(_huber_terms(r).sum()), grad
 
 
-def _layout(law: Law) -> tuple[list[int], list[int | None], list[int]]:
-    """Where each term's log-scale and each factor's exponent sit in theta (laid out as
-    ``law.params``), and the term of each factor."""
-    scale_index, exponent_index, term_of, i = [], [], [], 1
-    for t, term in enumerate(law.terms):
-        scale_index.append(i)
-        i += 1
-        for f in term.factors:
-            term_of.append(t)
-            exponent_index.append(i if f.exponent else None)
-            i += 1 if f.exponent else 0
-    return scale_index, exponent_index, term_of
-
-
 def _terms(law: Law, thetas: np.ndarray, feats: np.ndarray) -> np.ndarray:
     """The log of each summand, [starts, 1 + terms, points]: ``e``, then per term
     ``a - sum(exponent * log f)`` (``+ log f`` for a fixed factor); feats: [factors, points] of log f."""
-    scale_index, exponent_index, term_of = _layout(law)
+    scale_index, exponent_index, term_of = law.layout
     out = np.empty((thetas.shape[0], 1 + len(law.terms), feats.shape[1]))
     out[:, 0] = thetas[:, :1]
     for t, i in enumerate(scale_index):
@@ -184,7 +185,7 @@ def _objective(law: Law, theta: np.ndarray, feats: np.ndarray, log_y: np.ndarray
     lse = top + np.log(weights.sum(axis=0))
     loss, dr = _huber(lse - log_y)
     soft = weights / weights.sum(axis=0)  # d lse / d term
-    scale_index, exponent_index, term_of = _layout(law)
+    scale_index, exponent_index, term_of = law.layout
     grad = np.zeros_like(theta)
     grad[0] = (dr * soft[0]).sum()
     for t, i in enumerate(scale_index):
@@ -234,7 +235,7 @@ def _exp(v: float) -> float:
 
 
 def _as_params(law: Law, theta: np.ndarray) -> dict[str, float]:
-    scale_index, exponent_index, _ = _layout(law)
+    scale_index, exponent_index, _ = law.layout
     logged = {0, *scale_index}
     return {name: _exp(v) if i in logged else float(v) for i, (name, v) in enumerate(zip(law.params, theta))}
 
@@ -429,9 +430,10 @@ def write_fit_plot(spec: ScalingFitSpec, x: dict[str, list[float]], y: list[floa
         ax.set_xlabel(first if isinstance(spec.variables[first], dict) else f"{first} ({spec.variables[first]})")
         ax.set_ylabel(spec.metric)
     else:
-        fitted = law.predict(result.params, {v: np.asarray(x[v]) for v in law.variables})
-        ax.scatter(np.broadcast_to(fitted, np.shape(y)), y, label=label, zorder=3)
-        seen = [*np.broadcast_to(fitted, np.shape(y)), *y]
+        fitted = np.broadcast_to(law.predict(result.params, {v: np.asarray(x[v]) for v in law.variables}),
+                                 np.shape(y))  # a constant law predicts one number
+        ax.scatter(fitted, y, label=label, zorder=3)
+        seen = [*fitted, *y]
         if holdout:
             predicted = result.extra["holdout_predictions"]
             ax.scatter(predicted, holdout[1], marker="D", zorder=3,

@@ -32,7 +32,7 @@ from torch import nn
 
 from components.quant.minifloat import MinifloatFormat
 from components.registry import Paper
-from components.train.halo import OPERANDS, LowPrecisionLinear, check_blocks_divide
+from components.train.halo import OPERANDS, LowPrecisionLinear, operand_widths
 from components.train.replacement import LinearReplacement
 
 Operand = Literal["P1", "P2", "P3", "P4", "P5", "P6"]
@@ -70,14 +70,13 @@ class FloatingPointTraining(LinearReplacement):
 
     def format(self) -> MinifloatFormat:
         p = self.params
-        return MinifloatFormat(p.exp_bits, p.man_bits, nan_encoding="none", saturate=True,
-                               name=f"e{p.exp_bits}m{p.man_bits}")
+        return MinifloatFormat(p.exp_bits, p.man_bits, nan_encoding="none", saturate=True)  # named eXmY
 
     def prepare(self, model: nn.Module) -> None:
         p, fmt = self.params, self.format()
         targets = self.targets(model)
         if p.block_size:
-            check_blocks_divide(targets, p.block_size, p.operands)
+            self.check_groups_divide(targets, p.block_size, "block_size", operand_widths(p.operands))
         names = {id(linear): name for name, linear in targets.items()}  # errors name the layer
         self.replace(model, targets, lambda linear: LowPrecisionLinear(
             linear, names[id(linear)], fmt, level=0, operands=p.operands, block_size=p.block_size))
@@ -85,7 +84,7 @@ class FloatingPointTraining(LinearReplacement):
     def finalize(self, model: nn.Module) -> dict:
         replaced = self.fold_back(model)
         p = self.params
-        return {"format": f"e{p.exp_bits}m{p.man_bits}", "format_exp_bits": p.exp_bits,
+        return {"format": self.format().name, "format_exp_bits": p.exp_bits,
                 "format_man_bits": p.man_bits, "format_bits": 1 + p.exp_bits + p.man_bits,
                 "format_block_size": p.block_size, "quantized_operands": list(p.operands),
                 "low_precision_layers": len(replaced)}

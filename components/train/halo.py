@@ -126,6 +126,9 @@ class LowPrecisionLinear(FoldableLinear):
     def __init__(self, linear: nn.Linear, name: str, gemm_format: str | MinifloatFormat, level: int,
                  operands: tuple[str, ...] = OPERANDS, block_size: int | None = None):
         super().__init__(linear)
+        if level and frozenset(operands) != frozenset(OPERANDS):
+            raise ValueError(f"{name}: HALO level {level} rotates operands it then quantizes, so it quantizes all "
+                             f"six; got operands {sorted(operands)}")
         self.weight = linear.weight
         self.name, self.gemm_format, self.level, self.block_size = name, gemm_format, level, block_size
         self.operands = frozenset(operands)
@@ -153,8 +156,7 @@ class LowPrecisionLinear(FoldableLinear):
 
     @property
     def label(self) -> str:
-        fmt = self.gemm_format if isinstance(self.gemm_format, str) else \
-            f"e{self.gemm_format.exp_bits}m{self.gemm_format.man_bits}"
+        fmt = self.gemm_format if isinstance(self.gemm_format, str) else self.gemm_format.name
         return fmt + (f" (blocks of {self.block_size})" if self.block_size else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,14 +171,10 @@ class LowPrecisionLinear(FoldableLinear):
                 f"operands={','.join(sorted(self.operands))}")
 
 
-def check_blocks_divide(targets: dict[str, nn.Linear], block_size: int, operands) -> None:
-    """Refuse a ``block_size`` that does not divide the last dimension of a quantized operand."""
-    for name, linear in sorted(targets.items()):
-        for which in sorted(operands):
-            width = linear.in_features if WIDTH_OF[which] == "in" else linear.out_features
-            if width % block_size:
-                raise ValueError(f"params.block_size={block_size} does not divide the {WIDTH_OF[which]}put width "
-                                 f"({width}) of {name}, the last dimension of its {OPERAND_NAMES[which]} ({which})")
+def operand_widths(operands) -> list[tuple[str, str]]:
+    """The ``sides`` of ``LinearReplacement.check_groups_divide`` for blocks along each operand's last dim."""
+    return [(WIDTH_OF[which], f", the last dimension of its {OPERAND_NAMES[which]} ({which})")
+            for which in sorted(operands)]
 
 
 class HaloTraining(LinearReplacement):

@@ -8,7 +8,7 @@ swaps every stand-in back for the plain ``nn.Linear`` it computes, so the artifa
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +63,19 @@ class LinearReplacement(TrainingMethod):
         return targets
 
     @staticmethod
-    def check_groups_divide(targets: dict[str, nn.Linear], group_size: int) -> None:
-        """Refuse a ``group_size`` that does not divide every target's input width (first by name)."""
-        uneven = sorted(n for n, m in targets.items() if m.in_features % group_size)
-        if uneven:
-            raise ValueError(f"params.group_size={group_size} does not divide the input width of {uneven[0]} "
-                             f"({targets[uneven[0]].in_features})")
+    def check_groups_divide(targets: dict[str, nn.Linear], size: int, key: str = "group_size",
+                            sides: Iterable[tuple[str, str]] = (("in", ""),)) -> None:
+        """Refuse ``params.<key>=size`` where it does not divide a width of a target (first by name).
+
+        ``sides`` lists ``("in" | "out", what)`` pairs: which width is split, and what the message adds
+        about it (a low-precision GEMM names the operand whose last dimension that width is).
+        """
+        for name, linear in sorted(targets.items()):
+            for side, what in sides:
+                width = linear.in_features if side == "in" else linear.out_features
+                if width % size:
+                    raise ValueError(f"params.{key}={size} does not divide the {side}put width of {name} "
+                                     f"({width}){what}")
 
     def replace(self, model: nn.Module, targets: dict[str, nn.Linear],
                 stand_in: Callable[[nn.Linear], FoldableLinear]) -> None:

@@ -50,6 +50,12 @@ def test_each_gemm_sees_exactly_the_operands_it_quantizes(operands):
         assert torch.equal(got, expected), operands
 
 
+def test_a_rotation_level_with_an_operand_subset_is_refused():
+    """HALO's rotations are undone around GEMMs whose operands are all quantized; a subset has no meaning."""
+    with pytest.raises(ValueError, match=r"layer: HALO level 2 .* got operands \['P2', 'P4'\]"):
+        LowPrecisionLinear(torch.nn.Linear(32, 16), "layer", "int8", level=2, operands=("P2", "P4"))
+
+
 def test_fp_training_trains_folds_back_and_records_its_format():
     config, method = fp()
     model, base = nano(), nano()
@@ -79,8 +85,8 @@ def test_bad_params_are_refused_by_name(params, message):
 
 def test_a_block_that_does_not_divide_a_layer_names_it():
     _, method = fp(block_size=128)
-    with pytest.raises(ValueError, match=r"params.block_size=128 does not divide the input width \(192\) of "
-                                         r"model\.layers\.0\.mlp\.down_proj, the last dimension of its weight \(P2\)"):
+    with pytest.raises(ValueError, match=r"params.block_size=128 does not divide the input width of "
+                                         r"model\.layers\.0\.mlp\.down_proj \(192\), the last dimension of its weight \(P2\)"):
         method.prepare(nano())
 
 
