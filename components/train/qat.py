@@ -18,8 +18,10 @@ quantized weight, so the artifact loads with ``from_pretrained`` and every weigh
 codes (ternary and binary as 2-bit codes) and fp32 scales, and their real byte size in the
 facts (``quantization.packed_bytes``), which the evaluate stage reports as the model's size.
 
-Spectra's TriLM also changes its schedule (the peak learning rate halved midway, weight decay
-dropped late); that schedule is not implemented: a recipe names the trainer's own schedules.
+Spectra's TriLM also changes its schedule: linear decay, the peak learning rate lowered at the
+halfway point and weight decay removed at two thirds (section 3.3, read). That is the trainer's
+``lr_drop_at``, ``lr_drop_ratio`` and ``weight_decay_off_at``, which any method can use;
+``params/trilm.yaml`` sets them.
 """
 from __future__ import annotations
 

@@ -102,6 +102,14 @@ class TrainConfig(MethodParams):
         "parameter's RMS, as torch.optim.Adafactor does). A method may supply its own.")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on >=2-D weights only.")
+    lr_drop_at: float | None = Field(None, gt=0, lt=1, description="From this fraction of `steps` on, the "
+                                     "schedule's lr is multiplied by `lr_drop_ratio` (Spectra's TriLM schedule "
+                                     "lowers its peak at the halfway point, 2.4e-3 to 1.5e-3 for its smallest "
+                                     "models); none: no drop.")
+    lr_drop_ratio: float = Field(0.5, gt=0, lt=1, description="lr_drop_at: what the lr is multiplied by.")
+    weight_decay_off_at: float | None = Field(None, gt=0, lt=1, description="From this fraction of `steps` on, "
+                                              "weight decay is 0 (Spectra's TriLM schedule removes it at two thirds); "
+                                              "none: it stays on.")
     freeze: tuple[str, ...] = Field((), description="Regular expressions (re.search) over parameter names; "
                                     "matching parameters are not trained: no gradient, no optimizer state.")
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient L2 norm; 0 disables clipping.")
@@ -135,6 +143,15 @@ class TrainConfig(MethodParams):
         if list(fractions) != sorted(set(fractions)) or len(set(kept_steps(self).values())) != len(fractions):
             raise ValueError(f"keep_checkpoints {list(fractions)} must be increasing and fall on distinct steps of "
                              f"the {self.steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _drops_fall_after_warmup(self):
+        for key in ("lr_drop_at", "weight_decay_off_at"):
+            fraction = getattr(self, key)
+            if fraction is not None and not self.warmup_steps <= phase_step(fraction, self.steps) < self.steps:
+                raise ValueError(f"{key}={fraction} falls on step {phase_step(fraction, self.steps)} of {self.steps}, "
+                                 f"which is not after the {self.warmup_steps} warmup steps and before the end")
         return self
 
     @model_validator(mode="after")
@@ -197,9 +214,58 @@ class TrainResult:
         return ran * (self.tokens / max(self.steps, 1)) / max(self.wall_seconds, 1e-9)
 
 
+def phase_step(fraction: float, steps: int) -> int:
+    """The 0-based index of the first update at or after ``fraction`` of ``steps``."""
+    return math.ceil(fraction * steps)
+
+
 def lr_factor(step: int, config: TrainConfig) -> float:
     """LR multiplier for the update with 0-based index ``step``: linear warmup, then the
-    ``schedule`` from 1 down to ``min_lr_ratio`` at the last step (or constant at 1)."""
+    ``schedule`` from 1 down to ``min_lr_ratio`` at the last step (or constant at 1), times
+    ``lr_drop_ratio`` from ``lr_drop_at`` on."""
+    factor = _schedule_factor(step, config)
+    if config.lr_drop_at is not None and step >= phase_step(config.lr_drop_at, config.steps):
+        factor *= config.lr_drop_ratio
+    return factor
+
+
+def weight_decay_factor(step: int, config: TrainConfig) -> float:
+    """1, or 0 for the updates from ``weight_decay_off_at`` on."""
+    off = config.weight_decay_off_at
+    return 0.0 if off is not None and step >= phase_step(off, config.steps) else 1.0
+
+
+class StageSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """``lr_factor`` as a scheduler that also sets each group's weight decay for the next update
+    (``weight_decay_factor`` times the group's own), so both follow the step on resume too."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig):
+        self.config = config
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group.get("weight_decay", 0.0))
+        super().__init__(optimizer, lambda s: lr_factor(s, config))
+
+    def step(self, epoch=None):
+        super().step(epoch)
+        self.apply_weight_decay()
+
+    def state_dict(self):
+        state = super().state_dict()
+        del state["config"]  # checkpoints hold tensors and plain values only (loaded weights_only)
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.apply_weight_decay()
+
+    def apply_weight_decay(self) -> None:
+        factor = weight_decay_factor(self.last_epoch, self.config)
+        for group in self.optimizer.param_groups:
+            if "weight_decay" in group:
+                group["weight_decay"] = group["initial_weight_decay"] * factor
+
+
+def _schedule_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
@@ -715,7 +781,7 @@ def train(
 
     optimizer = _make_optimizer(model, config, method)
     matrices = block_matrices(model)  # before finalize, which may swap modules (LoRA merges its adapters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    scheduler = StageSchedule(optimizer, config)
 
     losses: list[float] = []
     start_step = 0

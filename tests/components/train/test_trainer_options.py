@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from components.train.dense import DenseTraining
-from components.train.trainer import lr_factor, train
+from components.train.trainer import StageSchedule, lr_factor, train
 from tests.components.train.test_trainer import assert_resume_is_exact, dense, nano, pattern_blocks, states_equal
 
 
@@ -45,6 +45,38 @@ def test_the_infinite_schedule_cools_down_holds_and_anneals():
         DenseTraining.Params(steps=12, warmup_steps=2, schedule="infinite", cooldown_steps=8, anneal_steps=3)
     with pytest.raises(ValidationError, match="min_lr_ratio=0.5 is above constant_lr_ratio=0.25"):
         DenseTraining.Params(steps=12, schedule="infinite", constant_lr_ratio=0.25, anneal_steps=3, min_lr_ratio=0.5)
+
+
+def test_spectra_drops_the_peak_midway_and_weight_decay_late():
+    """Spectra's TriLM schedule: the lr (whatever the schedule) times lr_drop_ratio from lr_drop_at
+    on; weight decay 0 from weight_decay_off_at on, set by the scheduler for each update."""
+    linear, dropped = factors(schedule="linear"), factors(schedule="linear", lr_drop_at=0.5)
+    assert dropped[:6] == linear[:6] and dropped[6:] == pytest.approx([0.5 * f for f in linear[6:]])  # ceil(5.5)
+    config = DenseTraining.Params(steps=10, weight_decay=0.1, weight_decay_off_at=0.7)
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW([{"params": [weight], "weight_decay": 0.1}, {"params": [], "weight_decay": 0.0}])
+    scheduler, seen = StageSchedule(optimizer, config), []
+    for _ in range(10):
+        seen.append([g["weight_decay"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert seen == [[0.1, 0.0]] * 7 + [[0.0, 0.0]] * 3
+    with pytest.raises(ValidationError, match=r"lr_drop_at=0.05 falls on step 1 of 11, which is not after the 2 "
+                                              "warmup steps"):
+        DenseTraining.Params(steps=11, warmup_steps=2, lr_drop_at=0.05)
+
+
+def test_weight_decay_off_changes_the_run_and_resumes_exactly(tmp_path):
+    def make(**extra):
+        return dense(checkpoint_every=4, lr=1e-2, weight_decay=0.5, lr_drop_at=0.5, **extra)
+
+    with_decay = nano()
+    train(with_decay, pattern_blocks(), *make(), progress=False)
+    without_late_decay = nano()
+    train(without_late_decay, pattern_blocks(), *make(weight_decay_off_at=0.25), progress=False)
+    assert not states_equal(with_decay, without_late_decay)
+    # resumed at step 8, after weight decay went off at step 3: the restored groups keep it off
+    assert_resume_is_exact(tmp_path, lambda: make(weight_decay_off_at=0.25))
 
 
 def test_optimizers_train_and_their_state_is_measured():
