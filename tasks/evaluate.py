@@ -22,7 +22,7 @@ from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from components.train.trainer import MODEL_FILE, load_weights
 from tasks.eval_cache import cached_evaluation
-from tasks.model_io import LOSS_CURVE, load_model_artifact, read_model_facts
+from tasks.model_io import LOSS_CURVE, SIDE_MODULES, load_model_artifact, read_model_facts
 from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss", "trainable_params", "optimizer_state_bytes",
@@ -71,7 +71,7 @@ def run(ctx) -> dict:
     if eft_roles:
         if len(eft_roles) != len(EFT_ROLES):
             raise ValueError(f"stage {ctx.plan.name}: EFT needs all of {', '.join(EFT_ROLES)}; got {', '.join(eft_roles)}")
-        loaded = [load_model_artifact(ctx.input(r), activation_hooks=True, linear_attention_ok=True) for r in EFT_ROLES]
+        loaded = [load_model_artifact(ctx.input(r), activation_hooks=True, keeps=SIDE_MODULES) for r in EFT_ROLES]
         eft = EftModel(*(m for m, _, _ in loaded), beta=evaluator.params.eft_beta, tokenizers=[t for _, t, _ in loaded])
         eft.eval()
         per_model["eft"] = evaluator.evaluate(eft, loaded[0][1], None, blocks, examples, ctx.out_dir / "eft",
@@ -128,7 +128,7 @@ def checkpoint_label(model: str, fraction: float) -> str:
 def _score_model(ctx, evaluator, art, facts: dict, blocks, examples, extra, work_dir, quant_meta: dict | None = None,
                  weights=None) -> dict:
     """The evaluator's scores of the artifact's model, or of ``weights`` (a safetensors file) in its config."""
-    model, tokenizer, _ = load_model_artifact(art, activation_hooks=True, linear_attention_ok=True)
+    model, tokenizer, _ = load_model_artifact(art, activation_hooks=True, keeps=SIDE_MODULES)
     if weights is not None:
         load_weights(model, weights)
     model.eval()

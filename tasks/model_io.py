@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from components.model.binary_network import install_binary_network
 from components.model.linear_attention import install_linear_attention
 from components.model.presets import load_model
 from components.quant.activation import ACTIVATION_FILE, ActivationSpec, install_activation_quant
@@ -24,15 +25,19 @@ def read_model_facts(art: Artifact) -> dict:
     return json.loads((art.path / FACTS).read_text()) if (art.path / FACTS).exists() else {}
 
 
-def load_model_artifact(art: Artifact, activation_hooks: bool = False, linear_attention_ok: bool = False):
+SIDE_MODULES = ("linear_attention", "binary_network")  # facts of models with modules beside their weights
+
+
+def load_model_artifact(art: Artifact, activation_hooks: bool = False, keeps: tuple[str, ...] = ()):
     """(model, tokenizer, facts) from a model artifact, verified against its manifest.
 
     ``activation_hooks``: for a WxAy model, also quantize activations as it deploys (the
     evaluate stage). Training and merging start from its weights alone.
 
-    A model with linear attention (Hedgehog) is loaded with its feature maps installed, and only by
-    callers that say they keep them (``linear_attention_ok``): a stage that saves a new model
-    from its weights alone (quantize, merge, prune, distil into it) would silently drop them."""
+    A model with modules beside its weights (``SIDE_MODULES``: Hedgehog's linear attention, BiPFT's
+    binary network) is loaded with them installed, and only by callers that keep them (``keeps``
+    names the kinds): a stage that saves a new model from its weights alone (quantize, merge, prune,
+    distil into it) would silently drop them."""
     art.verify()  # a corrupt or truncated model.safetensors fails here, naming the file
     try:
         model = load_model(art.path)
@@ -40,17 +45,22 @@ def load_model_artifact(art: Artifact, activation_hooks: bool = False, linear_at
     except Exception as e:  # safetensors/transformers raise many types for a bad file
         raise ArtifactError(f"cannot load model artifact {art.path}: {type(e).__name__}: {e}") from None
     facts = read_model_facts(art)
-    linear = facts.get("linear_attention")
-    if linear:
-        if not linear_attention_ok:
-            raise ArtifactError(f"model artifact {art.path} has {linear['feature_map']} linear attention (feature "
-                                f"maps beside its weights, in {AUXILIARY_FILE}); this stage would save a model "
-                                "without them. Evaluate it, or fine-tune it with method hedgehog")
-        try:
+    linear, binary = facts.get("linear_attention"), facts.get("binary_network")
+    for kind, what in (("linear_attention", linear and f"{linear['feature_map']} linear attention"),
+                       ("binary_network", binary and "a binary network (BiPFT)")):
+        if what and kind not in keeps:
+            raise ArtifactError(f"model artifact {art.path} has {what} (modules beside its weights, in "
+                                f"{AUXILIARY_FILE}); this stage would save a model without them. Evaluate it"
+                                + (", or fine-tune it with method hedgehog" if kind == "linear_attention" else ""))
+    try:
+        if linear:
             install_linear_attention(model, linear["feature_map"], load_file(str(art.path / AUXILIARY_FILE))
                                      if linear["feature_map"] != "elu" else {})
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"cannot load the linear attention of model artifact {art.path}: {e}") from None
+        if binary:
+            install_binary_network(model, binary["estimators"], load_file(str(art.path / AUXILIARY_FILE)))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot load the {'linear attention' if linear else 'binary network'} of model "
+                            f"artifact {art.path}: {e}") from None
     activations = facts.get("quantization", {}).get("activations")
     if activations and activation_hooks:
         side_state = load_file(str(art.path / ACTIVATION_FILE))

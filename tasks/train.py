@@ -26,7 +26,7 @@ from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import KEPT_DIR, kept_steps, step_dir_name, train
 from tasks.artifacts import DIGEST_LEN, Artifact
-from tasks.model_io import (LOSS_CURVE, load_model_artifact, load_tokenizer_artifact, read_model_facts,
+from tasks.model_io import (LOSS_CURVE, SIDE_MODULES, load_model_artifact, load_tokenizer_artifact, read_model_facts,
                             save_model_artifact)
 
 
@@ -158,7 +158,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
     monitor = None if launcher or not config.monitor_every else build_monitor(tokens.path, config, stage)
     teacher, parents = None, {}
     if kind == "finetune":
-        model, _, parent_facts = load_model_artifact(inputs["model"], linear_attention_ok=method_key == "hedgehog")
+        model, _, parent_facts = load_model_artifact(inputs["model"], keeps=("linear_attention",) if method_key == "hedgehog" else ())
         _check_vocab(model, tokenizer, f"input model {inputs['model'].path}", stage)
         _check_not_quantized_twice(method, method_key, parent_facts, inputs["model"], stage)
         parents = {"model": parent_facts}
@@ -174,7 +174,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
     if kind == "distill" and inputs.get("teacher") and launcher:
         parents["teacher"] = read_model_facts(inputs["teacher"])
     elif kind == "distill" and inputs.get("teacher"):
-        teacher, _, parent_facts = load_model_artifact(inputs["teacher"], linear_attention_ok=True)
+        teacher, _, parent_facts = load_model_artifact(inputs["teacher"], keeps=SIDE_MODULES)
         _check_vocab(teacher, tokenizer, f"teacher {inputs['teacher'].path}", stage)
         parents["teacher"] = parent_facts
     if kind == "distill" and method.needs_teacher and not inputs.get("teacher"):

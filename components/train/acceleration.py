@@ -14,7 +14,12 @@ from typing import Iterator
 
 import torch
 
-from components.model.linear_attention import LINEAR_ATTENTION
+
+def is_model_attention(name: str) -> bool:
+    """The attentions this project registers (Hedgehog's linear, BiPFT's binary) are part of the
+    model, trained with it, not a choice of kernel."""
+    return name.startswith("paperdag_")
+
 
 # Cold inductor compile of the micro model (5.3M params, batch 16 x 256) takes ~33 s on 2 CPU
 # cores and saves ~0.16 s of ~0.59 s per bf16 step: it repays itself after ~200 steps, ~2.2e13
@@ -96,12 +101,12 @@ def current_attention(model: torch.nn.Module) -> str:
 @contextlib.contextmanager
 def attention_implementation(models: list[torch.nn.Module], name: str) -> Iterator[None]:
     """Run the block with ``name`` attention in every model, then put each model's own back, so the
-    saved config (and every later use of the model) is unchanged. A model with linear attention
-    keeps it: there it is part of the model, not a choice of kernel."""
-    if name == LINEAR_ATTENTION:  # resolve_attention keeps a linear model's own: nothing to switch
+    saved config (and every later use of the model) is unchanged. A model with linear or binary
+    attention keeps it: there it is part of the model, not a choice of kernel."""
+    if is_model_attention(name):  # resolve_attention keeps such a model's own: nothing to switch
         yield
         return
-    previous = [(model, current_attention(model)) for model in models if current_attention(model) != LINEAR_ATTENTION]
+    previous = [(model, current_attention(model)) for model in models if not is_model_attention(current_attention(model))]
     changed = []
     try:
         for model, own in previous:

@@ -1,6 +1,7 @@
 """Training methods a recipe can name, per stage kind."""
 from components.registry import Registry
 from components.train.bert2bert import Bert2Bert
+from components.train.bipft import BiPFTTraining
 from components.train.compacter import CompacterFinetune
 from components.train.dense import DenseTraining
 from components.train.fim import FillInTheMiddle
@@ -29,11 +30,11 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
                                                             LoraFinetune, GradualPruning, SLTrain,
                                                             QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
                                                             FixedPointTraining, MixtureOfDenoisers, FillInTheMiddle,
-                                                            FloatingPointTraining])
+                                                            FloatingPointTraining, BiPFTTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
                                                             DoubleRounding, FixedPointTraining, CompacterFinetune,
                                                             MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion,
-                                                            FloatingPointTraining])
+                                                            FloatingPointTraining, BiPFTTraining])

@@ -117,7 +117,7 @@ def test_distillation_trains_the_maps_alone_and_lowers_the_attention_kl(trained,
     art = Artifact(tmp_path, {"digest": "d" * 64, "kind": "finetune", "files": {}})
     with pytest.raises(ArtifactError, match=r"has hedgehog linear attention .* would save a model without them"):
         load_model_artifact(art)
-    loaded, _, _ = load_model_artifact(art, linear_attention_ok=True)
+    loaded, _, _ = load_model_artifact(art, keeps=("linear_attention",))
     assert has_linear_attention(loaded)
     assert all(torch.equal(v, maps[k]) for k, v in feature_map_state(loaded).items())
 

@@ -1,0 +1,74 @@
+"""BiPFT (Xing et al., AAAI 2024, arXiv 2312.08937): pretrain a binary transformer, weights and
+activations, with low-rank estimators of the binarization residual in attention.
+
+The network is ``components/model/binary_network.py``: binary (BWN) weights and binary inputs in
+every block projection, binary queries, keys, values and attention probabilities, and, with
+``estimators: true``, the five rank-1 full-precision maps the paper adds to each attention.
+``estimators: false`` is the same binary network without them: the paper's baseline, and the
+control of its claim. Every tensor of the binary network trains (its scales too) with the stage's
+optimizer and schedule [guess: the reference pretrains by distilling from a full-precision BERT;
+here the stage's own objective, causal LM loss, unless a recipe names a distill stage].
+
+The artifact is the plain Llama holding the binary weights, plus the input shifts, scales and
+estimators in ``auxiliary.safetensors`` and ``binary_network`` in its facts; loading installs
+them again, so the evaluate stage scores the binary model. Stages that would save a new model from
+its weights alone (quantize, merge, further training) refuse it.
+"""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from components.model.binary_network import (
+    BinaryLinear, has_binary_network, install_binary_network, remove_binary_network)
+from components.registry import Paper
+from components.train.method import TrainingMethod, forward_flops_per_token, unwrap
+
+
+class BiPFTTraining(TrainingMethod):
+    """Train the binary network (with or without the residual estimators) on the stage's loss."""
+
+    key = "bipft"
+    paper = Paper(title="BiPFT: Binary Pre-trained Foundation Transformer with Low-rank Estimation of "
+                  "Binarization Residual Polynomials", url="https://arxiv.org/abs/2312.08937", arxiv="2312.08937")
+    one_process_only = "keeps the scales and estimators it trains beside the model, and only the training process holds them"
+    quantizes_weights = True
+
+    class Params(TrainingMethod.Params):
+        estimators: bool = Field(True, description="Add the five rank-1 estimators of the binarization residual "
+                                 "to every attention (BiPFT); false: the plain binary network (its baseline).")
+
+        @model_validator(mode="after")
+        def _own_attention(self):
+            if self.attention != "auto":
+                raise ValueError(f"attention={self.attention!r}: bipft trains through its own binary attention; "
+                                 "leave attention at 'auto'")
+            return self
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._side: dict = {}
+
+    def prepare(self, model: nn.Module) -> None:
+        plain = unwrap(model)
+        if has_binary_network(plain):
+            raise ValueError("bipft: the input model is already a binary network")
+        self._layers = install_binary_network(plain, self.params.estimators)
+
+    def flops_per_token(self, model: nn.Module, seq_len: int, teacher: nn.Module | None = None) -> float:
+        """3x the forward, each binary projection counted as the dense matmul it runs here."""
+        plain = unwrap(model)
+        dense_equivalent = sum(m.in_features * m.out_features for m in plain.modules() if isinstance(m, BinaryLinear))
+        return 3.0 * (forward_flops_per_token(model, seq_len) + 2.0 * dense_equivalent)
+
+    def finalize(self, model: nn.Module) -> dict:
+        """Fold the binary projections back and take the side tensors off (saved beside the model)."""
+        plain = unwrap(model)
+        self._side = {k: v.cpu() for k, v in remove_binary_network(plain).items()}
+        plain.requires_grad_(True)
+        estimator_params = sum(v.numel() for k, v in self._side.items() if ".estimate." in k)
+        return {"binary_network": {"estimators": self.params.estimators}, "binary_layers": self._layers,
+                "estimator_params": estimator_params}
+
+    def auxiliary_tensors(self) -> dict:
+        return dict(self._side)
