@@ -43,6 +43,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from components.model.side_tensors import load_side_tensors
 from components.train.method import block_linears
 from components.train.replacement import FoldableLinear
 
@@ -254,18 +255,8 @@ def install_binary_network(model: nn.Module, estimators: bool, state: dict[str, 
         setattr(module, SIDE_ATTR, BinaryAttention(hidden, estimators, device=module.q_proj.weight.device))
         module._binary_hook = module.register_forward_pre_hook(_record_input, with_kwargs=True)
     if state is not None:
-        expected = binary_network_state(model)
-        if set(state) != set(expected):
-            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise ValueError(f"binary network (estimators={estimators}): the saved tensors do not fit this model "
-                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        with torch.no_grad():
-            for name, tensor in model.named_parameters():
-                if name in state:
-                    tensor.copy_(state[name])
-            for name, tensor in model.named_buffers():
-                if name in state:
-                    tensor.copy_(state[name])
+        load_side_tensors(model, state, binary_network_state(model),
+                          f"binary network (estimators={estimators}): the saved tensors")
     model.set_attn_implementation(BINARY_ATTENTION)
     return len(linears)
 

@@ -41,6 +41,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from components.model.side_tensors import load_side_tensors
+
 LINEAR_ATTENTION = "paperdag_linear"  # the name registered with transformers' attention interface
 # positions per chunk of the linear-time form. On 2 CPU cores (4 heads of 64, forward + backward,
 # lengths 128, 512, 2048) 128 took 0.75-0.82x the time of 64; 256 was 3-6% faster than 128 at 128
@@ -156,15 +158,7 @@ def install_linear_attention(model: nn.Module, kind: str, state: dict[str, torch
         weight = module.q_proj.weight
         setattr(module, MAP_ATTR, FeatureMap(kind, heads, head_dim).to(device=weight.device))
     if state is not None:
-        expected = set(feature_map_state(model))
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"linear attention ({kind}): the saved feature maps do not fit this model "
-                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in state:
-                    param.copy_(state[name])
+        load_side_tensors(model, state, feature_map_state(model), f"linear attention ({kind}): the saved feature maps")
     model.set_attn_implementation(LINEAR_ATTENTION)
 
 

@@ -4,23 +4,20 @@ estimators against the paper's scores, training and folding back, the artifact r
 (plain Llama + side tensors, the same logits after loading), an exact resume, and refusals."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
 
 from components.model.binary_network import (
     BinaryAttention, BinaryLinear, ElasticBinarizer, binary_attention_forward, has_binary_network,
     install_binary_network, remove_binary_network)
 from components.train.bipft import BiPFTTraining
-from components.train.method import AUXILIARY_FILE
 from components.train.trainer import train
-from tasks.artifacts import Artifact, ArtifactError
-from tasks.model_io import FACTS, SIDE_MODULES, load_model_artifact
-from tests.components.train.test_hedgehog import _save_tokenizer
+from tasks.artifacts import ArtifactError
+from tasks.model_io import SIDE_MODULES, load_model_artifact
+from tests.components.train.test_hedgehog import side_module_artifact
 from tests.components.train.test_trainer import assert_resume_is_exact, nano, pattern_blocks
 
 
@@ -116,11 +113,7 @@ def test_bipft_trains_folds_back_and_loads_as_the_same_binary_model(tmp_path):
         if isinstance(linear, torch.nn.Linear):
             assert linear.weight.abs().unique().numel() == 1, name
 
-    model.save_pretrained(str(tmp_path))
-    _save_tokenizer(tmp_path)
-    (tmp_path / FACTS).write_text(json.dumps(result.method_facts))
-    save_file(side, str(tmp_path / AUXILIARY_FILE))
-    art = Artifact(tmp_path, {"digest": "d" * 64, "kind": "pretrain", "files": {}})
+    art = side_module_artifact(tmp_path, model, result.method_facts, side)
     with pytest.raises(ArtifactError, match=r"has a binary network \(BiPFT\) .* would save a model without them"):
         load_model_artifact(art)
     loaded, _, _ = load_model_artifact(art, keeps=SIDE_MODULES)

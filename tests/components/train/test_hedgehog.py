@@ -110,16 +110,21 @@ def test_distillation_trains_the_maps_alone_and_lowers_the_attention_kl(trained,
     assert len(maps) == n_layers * 4 and result.method_facts["linear_attention"] == {"feature_map": "hedgehog"}
 
     # the artifact round trip: loading installs the distilled maps again
-    model.save_pretrained(str(tmp_path))
-    _save_tokenizer(tmp_path)
-    (tmp_path / FACTS).write_text(json.dumps(result.method_facts))
-    save_file(maps, str(tmp_path / AUXILIARY_FILE))
-    art = Artifact(tmp_path, {"digest": "d" * 64, "kind": "finetune", "files": {}})
+    art = side_module_artifact(tmp_path, model, result.method_facts, maps)
     with pytest.raises(ArtifactError, match=r"has hedgehog linear attention .* would save a model without them"):
         load_model_artifact(art)
     loaded, _, _ = load_model_artifact(art, keeps=("linear_attention",))
     assert has_linear_attention(loaded)
     assert all(torch.equal(v, maps[k]) for k, v in feature_map_state(loaded).items())
+
+
+def side_module_artifact(path, model, facts: dict, side: dict) -> Artifact:
+    """A model artifact by hand: the plain weights, a tokenizer, the facts and the side tensors."""
+    model.save_pretrained(str(path))
+    _save_tokenizer(path)
+    (path / FACTS).write_text(json.dumps(facts))
+    save_file(side, str(path / AUXILIARY_FILE))
+    return Artifact(path, {"digest": "d" * 64, "kind": "finetune", "files": {}})
 
 
 def _save_tokenizer(path):
