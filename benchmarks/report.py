@@ -20,6 +20,14 @@ def _load(name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def _repeat_spread(suite: dict) -> str:
+    """How far the baseline's own step time moved across the repeats of a suite's run."""
+    dense = next(r for r in suite["rows"] if r["key"] == "dense")["step_s_each_repeat"]
+    spread = (max(dense) - min(dense)) / sorted(dense)[len(dense) // 2]
+    return (f"Dense AdamW's step took {min(dense):.2f} to {max(dense):.2f} s across the {len(dense)} repeats, a "
+            f"spread of {spread:.0%} of its median: read the ratios to about that.")
+
+
 def _section(title: str, command: str, body: list[str]) -> list[str]:
     return [f"## {title}", "", f"Command: `{command}`", "", *body, ""]
 
@@ -178,10 +186,8 @@ def results_markdown() -> str:
                          "Every low-bit method here computes in fp32 on values it rounds first (fake quantization), "
                          "so a ratio above 1 is the cost of the emulation, not of a low-precision kernel, which "
                          "this CPU build does not run. QAT and L4Q report the bytes of their packed file (codes "
-                         "plus scales, and L4Q's fp32 zero points); HALO keeps fp32 master weights and packs none. "
-                         "This run shared the 2 cores with a CI run (dense AdamW's step took 2.14 and 1.76 s in its two "
-                         "repeats; HALO level 2's took 3.66 and 4.90 s), so a ratio is good to about a third; the "
-                         "bytes are exact."])
+                         "plus scales, and L4Q's fp32 zero points); HALO, fp_training and BiPFT keep fp32 master "
+                         "weights and pack none. " + _repeat_spread(_load("low_bit.json")) + " The bytes are exact."])
     r = _load("gptq_llmcompressor.json")
     if r:
         rows = ["| config | quantize time ours / llm-compressor (median of 3) | whole process | ppl fp32 / ours / "
