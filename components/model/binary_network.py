@@ -131,8 +131,9 @@ class _ExactBinaryProduct(torch.autograd.Function):
     @torch.autocast("cuda", enabled=False)
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
-        codes = a.float().sign() @ b.float().sign()  # integers: exact below 2**24
-        return (codes * (a.detach().abs().amax().float() * b.detach().abs().amax().float())).to(a.dtype)
+        af, bf = a.detach().float(), b.detach().float()  # fp32 reductions (a bf16 amax broke inductor's C++)
+        codes = af.sign() @ bf.sign()  # integers: exact below 2**24
+        return (codes * (af.abs().amax() * bf.abs().amax())).to(a.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -184,12 +185,12 @@ class BinaryAttention(nn.Module):
             return None
         if hidden is None:
             raise RuntimeError("binary attention: no input recorded for the estimators (the pre-hook is missing)")
-        new = self.estimate(hidden)  # [batch, new tokens, 5]
+        new = self.estimate(hidden).float()  # [batch, new tokens, 5]; fp32 (bf16 here broke inductor's C++)
         maps = new
         if cache is not None:
             kept = getattr(cache, "binary_maps", {})
             if hidden.shape[1] != keys and layer in kept:
-                maps = torch.cat([kept[layer].to(new.dtype), new], dim=1)
+                maps = torch.cat([kept[layer], new], dim=1)
             kept[layer] = maps.detach()
             cache.binary_maps = kept
         if maps.shape[1] != keys:
@@ -211,15 +212,14 @@ def binary_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     maps = side.residual_maps(module.layer_idx, key.shape[-2])
     if maps is not None:
         q_p, q_m, k_p, k_m, v_p = maps
-        scores = scores + (q_m @ k_p.transpose(-1, -2) + q_p @ k_m.transpose(-1, -2)
-                           + q_p @ k_p.transpose(-1, -2)).to(scores.dtype)
+        scores = scores + (q_m @ k_p.transpose(-1, -2) + q_p @ k_m.transpose(-1, -2) + q_p @ k_p.transpose(-1, -2))
     scores = scores * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[..., :key.shape[-2]]
     probs = side.probs(torch.softmax(scores.float(), dim=-1).to(v.dtype))
     out = binary_product(probs, v)
     if maps is not None:
-        out = out + (probs @ v_p.to(probs.dtype))
+        out = out + (probs.float() @ v_p).to(out.dtype)
     return out.transpose(1, 2).contiguous(), probs
 
 

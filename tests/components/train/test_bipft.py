@@ -173,3 +173,12 @@ def test_bad_settings_are_refused():
     install_binary_network(model, estimators=False)
     with pytest.raises(ValueError, match="already a binary network"):
         bipft()[1].prepare(model)
+
+
+@pytest.mark.slow  # ~40 s of inductor compiling on 2 cores
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_bipft_trains_compiled(precision):
+    """The recipe's runs compile ('auto'); a bf16 estimator product once broke inductor's C++ codegen."""
+    config, method = bipft(steps=4, precision=precision, torch_compile=True)
+    result = train(nano(), pattern_blocks(), config, method, progress=False)
+    assert result.compiled and len(result.losses) == 4 and all(math.isfinite(x) for x in result.losses)
