@@ -43,6 +43,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from components.model.linear_attention import attention_modules
 from components.model.side_tensors import load_side_tensors
 from components.train.method import block_linears
 from components.train.replacement import FoldableLinear
@@ -231,10 +232,6 @@ def _record_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
     side = getattr(module, SIDE_ATTR)
     side.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     side.cache = kwargs.get("cache", kwargs.get("past_key_values"))
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.model.layers]
 
 
 def has_binary_network(model: nn.Module) -> bool:

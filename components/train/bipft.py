@@ -22,7 +22,7 @@ from torch import nn
 from components.model.binary_network import (
     BinaryLinear, has_binary_network, install_binary_network, remove_binary_network)
 from components.registry import Paper
-from components.train.method import TrainingMethod, forward_flops_per_token, unwrap
+from components.train.method import TrainingMethod, check_own_attention, forward_flops_per_token, unwrap
 
 
 class BiPFTTraining(TrainingMethod):
@@ -40,9 +40,7 @@ class BiPFTTraining(TrainingMethod):
 
         @model_validator(mode="after")
         def _own_attention(self):
-            if self.attention != "auto":
-                raise ValueError(f"attention={self.attention!r}: bipft trains through its own binary attention; "
-                                 "leave attention at 'auto'")
+            check_own_attention(self.attention, "bipft", "binary")
             return self
 
     def __init__(self, params=None):

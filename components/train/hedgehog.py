@@ -28,7 +28,8 @@ from components.model.linear_attention import (
     MAP_ATTR, attention_modules, has_linear_attention, install_linear_attention, recorded_attention_kl,
     remove_linear_attention, set_distill_attention)
 from components.registry import Paper
-from components.train.method import TrainingMethod, attention_width, forward_flops_per_token, unwrap
+from components.train.method import (
+    TrainingMethod, attention_width, check_own_attention, forward_flops_per_token, unwrap)
 
 
 def linear_attention_kind(model: nn.Module) -> str | None:
@@ -57,9 +58,7 @@ class HedgehogConversion(TrainingMethod):
             if self.phase == "distill" and self.feature_map == "elu":
                 raise ValueError("phase 'distill' needs feature_map 'hedgehog': the elu+1 map has no parameters "
                                  "to distil")
-            if self.attention != "auto":
-                raise ValueError(f"attention={self.attention!r}: hedgehog trains through its own linear "
-                                 "attention; leave attention at 'auto'")
+            check_own_attention(self.attention, "hedgehog", "linear")
             return self
 
     def __init__(self, params=None):

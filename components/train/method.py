@@ -63,6 +63,14 @@ def attention_width(model: nn.Module) -> tuple[int, int]:
     return config.num_hidden_layers, config.num_attention_heads * head_dim
 
 
+def check_own_attention(attention: str, method: str, kind: str) -> None:
+    """A method whose attention is part of the model (Hedgehog's linear, BiPFT's binary) trains
+    through it: the trainer's kernel choice must stay 'auto'."""
+    if attention != "auto":
+        raise ValueError(f"attention={attention!r}: {method} trains through its own {kind} attention; leave "
+                         "attention at 'auto'")
+
+
 def forward_flops_per_token(model: nn.Module, seq_len: int, block_density: float = 1.0) -> float:
     """Forward FLOPs per token (Kaplan et al. 2020): ``2*N_matmul + 2*n_layers*seq_len*d_attn``.
 
