@@ -301,14 +301,41 @@ def ternarize(x: torch.Tensor, dim: int | None = -1, eps: float = 1e-5) -> torch
     return straight_through(x, q)
 
 
-def fixed_point(x: torch.Tensor, total_bits: int, frac_bits: int, signed: bool = True) -> torch.Tensor:
+def fixed_point(x: torch.Tensor, total_bits: int, frac_bits: int, signed: bool = True,
+                stochastic: bool = False) -> torch.Tensor:
     """Round to multiples of ``2**-frac_bits`` with ``total_bits`` bits (two's complement if signed).
 
     Saturates to the representable range; a clipped STE gives saturated values zero gradient.
+    ``stochastic`` rounds up with probability equal to the fraction (``floor(v + u)``, u uniform in
+    [0, 1) from torch's global generator), which is unbiased: E[q] = x inside the range.
     """
     if isinstance(total_bits, bool) or not isinstance(total_bits, int) or not 1 <= total_bits <= 24:
         raise ValueError(f"total_bits must be an int in [1, 24], got total_bits={total_bits!r}")
-    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or abs(frac_bits) > 100:
-        raise ValueError(f"frac_bits must be an int in [-100, 100], got frac_bits={frac_bits!r}")
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or abs(frac_bits) > FRAC_BITS_LIMIT:
+        raise ValueError(f"frac_bits must be an int in [-{FRAC_BITS_LIMIT}, {FRAC_BITS_LIMIT}], got frac_bits={frac_bits!r}")
     qmin, qmax = (-(2 ** (total_bits - 1)), 2 ** (total_bits - 1) - 1) if signed else (0, 2**total_bits - 1)
-    return _fake_quant_range(x.float(), 2.0**-frac_bits, None, qmin, qmax).to(x.dtype)
+    step = 2.0**-frac_bits
+    if not stochastic:
+        return _fake_quant_range(x.float(), step, None, qmin, qmax).to(x.dtype)
+    v = x.detach().float() / step
+    codes = torch.floor(v + torch.rand_like(v))
+    return straight_through(x, torch.clamp(codes, qmin, qmax) * step, (codes >= qmin) & (codes <= qmax))
+
+
+FRAC_BITS_LIMIT = 100
+
+
+def shared_exponent_frac_bits(x: torch.Tensor, total_bits: int) -> int:
+    """The binary point of dynamic fixed point (Das et al. 2018): one exponent shared by the whole
+    tensor, chosen from its current absmax so that the largest magnitude lands on the top magnitude
+    bit of a signed ``total_bits``-bit integer, ``f = total_bits - 2 - floor(log2 max|x|)``. This is
+    the scale factor of Intel's DFP16 kernels (libxsmm ``libxsmm_quantize_i16``: ``scf = 14 -
+    (max_exp - 127)``, read), for any width. Nothing clips except a value that rounds up past the
+    top code. A zero tensor gets 0; a non-finite absmax is refused (ValueError)."""
+    absmax = float(x.detach().abs().max())
+    if not math.isfinite(absmax):
+        raise ValueError(f"absmax is {absmax}")
+    if absmax == 0.0:
+        return 0
+    frac_bits = total_bits - 2 - math.floor(math.log2(absmax))
+    return max(-FRAC_BITS_LIMIT, min(FRAC_BITS_LIMIT, frac_bits))  # beyond: all codes saturate or round to 0

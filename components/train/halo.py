@@ -145,7 +145,7 @@ class LowPrecisionLinear(FoldableLinear):
         if which not in self.operands:
             return operand
         try:  # an int grid refuses a non-finite absmax itself
-            q = self._quantize(operand)
+            q = self.operand_on_grid(operand, which)
         except ValueError as error:
             raise FloatingPointError(f"{self.name}: the {OPERAND_NAMES[which]} of a {self.label} GEMM is not finite "
                                      f"({error})") from None
@@ -153,6 +153,11 @@ class LowPrecisionLinear(FoldableLinear):
             raise FloatingPointError(f"{self.name}: the {OPERAND_NAMES[which]} of a {self.label} GEMM is not finite "
                                      "(inf or nan after quantization)")
         return q
+
+    def operand_on_grid(self, operand: torch.Tensor, which: str) -> torch.Tensor:
+        """``operand`` on the layer's grid; a layer whose grid depends on the operand (e.g. dynamic
+        fixed point's static exponents) overrides this."""
+        return self._quantize(operand)
 
     @property
     def label(self) -> str:

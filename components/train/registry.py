@@ -5,8 +5,9 @@ from components.train.bipft import BiPFTTraining
 from components.train.compacter import CompacterFinetune
 from components.train.dense import DenseTraining
 from components.train.fim import FillInTheMiddle
-from components.train.fp_training import FloatingPointTraining
 from components.train.double_rounding import DoubleRounding
+from components.train.dynamic_fixed_point import DynamicFixedPointTraining
+from components.train.fp_training import FloatingPointTraining
 from components.train.galore import GaLoreTraining
 from components.train.gradual_pruning import GradualPruning
 from components.train.halo import HaloTraining
@@ -30,11 +31,11 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
                                                             LoraFinetune, GradualPruning, SLTrain,
                                                             QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
                                                             FixedPointTraining, MixtureOfDenoisers, FillInTheMiddle,
-                                                            FloatingPointTraining, BiPFTTraining])
+                                                            FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
                                                             DoubleRounding, FixedPointTraining, CompacterFinetune,
                                                             MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion,
-                                                            FloatingPointTraining, BiPFTTraining])
+                                                            FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining])
