@@ -1,6 +1,7 @@
 """Model artifacts: an HF model directory plus ``paperdag.json`` (the method's own facts)."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -8,11 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from components.model.binary_network import install_binary_network
-from components.model.linear_attention import install_linear_attention
 from components.model.presets import load_model
-from components.quant.activation import ACTIVATION_FILE, ActivationSpec, install_activation_quant
-from components.train.method import AUXILIARY_FILE
+from components.model.side_tensors import ACTIVATION_FILE, AUXILIARY_FILE
 from tasks.artifacts import Artifact, ArtifactError
 
 FACTS = "paperdag.json"
@@ -26,6 +24,15 @@ def read_model_facts(art: Artifact) -> dict:
 
 
 SIDE_MODULES = ("linear_attention", "binary_network")  # facts of models with modules beside their weights
+
+
+def _installer(module: str, function: str):
+    """``module.function``, imported by name and so left out of the code closure of every stage that
+    loads models (``tasks/code_version.py``). That is sound: a model only carries these modules when
+    the stage that made it ran this code (Hedgehog's, BiPFT's or the quantize stage's closure holds
+    it), so an edit to it changes that model's digest, and every stage loading it reruns through its
+    input digest. Imported directly, an edit to BiPFT's layers would rerun data selection."""
+    return getattr(importlib.import_module(module), function)
 
 
 def load_model_artifact(art: Artifact, activation_hooks: bool = False, keeps: tuple[str, ...] = ()):
@@ -54,17 +61,20 @@ def load_model_artifact(art: Artifact, activation_hooks: bool = False, keeps: tu
                                 + (", or fine-tune it with method hedgehog" if kind == "linear_attention" else ""))
     try:
         if linear:
-            install_linear_attention(model, linear["feature_map"], load_file(str(art.path / AUXILIARY_FILE))
-                                     if linear["feature_map"] != "elu" else {})
+            install = _installer("components.model.linear_attention", "install_linear_attention")
+            install(model, linear["feature_map"],
+                    load_file(str(art.path / AUXILIARY_FILE)) if linear["feature_map"] != "elu" else {})
         if binary:
-            install_binary_network(model, binary["estimators"], load_file(str(art.path / AUXILIARY_FILE)))
+            install = _installer("components.model.binary_network", "install_binary_network")
+            install(model, binary["estimators"], load_file(str(art.path / AUXILIARY_FILE)))
     except (OSError, ValueError) as e:
         raise ArtifactError(f"cannot load the {'linear attention' if linear else 'binary network'} of model "
                             f"artifact {art.path}: {e}") from None
     activations = facts.get("quantization", {}).get("activations")
     if activations and activation_hooks:
         side_state = load_file(str(art.path / ACTIVATION_FILE))
-        install_activation_quant(model, ActivationSpec.from_meta(activations), side_state)
+        spec = _installer("components.quant.activation", "ActivationSpec").from_meta(activations)
+        _installer("components.quant.activation", "install_activation_quant")(model, spec, side_state)
     return model, tokenizer, facts
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from components.model.presets import build_model, count_params
-from components.quant.base import QUANT_CONFIG_ATTR
+from components.quant.packing import QUANT_CONFIG_ATTR
 from components.train.method import AUXILIARY_FILE, block_weight_counts
 from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler

@@ -7,6 +7,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+AUXILIARY_FILE = "auxiliary.safetensors"  # a method's trained tensors beside the model (``auxiliary_tensors``)
+ACTIVATION_FILE = "activation.safetensors"  # a WxAy model's activation scales and clips
+
 
 def load_side_tensors(model: nn.Module, state: dict[str, torch.Tensor], expected: Iterable[str], what: str) -> None:
     """Copy ``state`` into the parameters and buffers of ``model`` it names, refusing a state whose

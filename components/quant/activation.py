@@ -24,11 +24,11 @@ from typing import Literal
 
 import torch
 
+from components.model.side_tensors import ACTIVATION_FILE  # noqa: F401  (where callers find it)
 from components.quant.base import QuantizationError
 from components.quant.fake_quant import fake_quant_int, int_scale_zero
 from components.quant.minifloat import from_name, minifloat_fake_quant
 
-ACTIVATION_FILE = "activation.safetensors"
 SIDE_KEYS = ("act_shift", "act_transform", "act_transform_inv", "act_scale", "act_clip")
 
 

@@ -22,12 +22,9 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel
 
-from components.quant.packing import SUPPORTED_BITS, pack_int, unpack_int
+from components.quant.packing import QUANT_CONFIG_ATTR, SUPPORTED_BITS, pack_int, unpack_int
 from components.registry import Method, MethodParams
 
-# Set on a model's config once its weights hold dequantized values: quantizing twice would
-# silently compound rounding error, so quantizers refuse such models.
-QUANT_CONFIG_ATTR = "paperdag_quantization"
 
 
 class QuantizationError(ValueError):

@@ -12,6 +12,11 @@ from math import gcd
 
 import torch
 
+# Set on a model's config once its weights hold dequantized values: quantizing twice would
+# silently compound rounding error, so quantizers refuse such models. Here, beside the packed
+# format, so a training stage can clear it without base.py's quantizers in its code closure.
+QUANT_CONFIG_ATTR = "paperdag_quantization"
+
 SUPPORTED_BITS = tuple(range(1, 9))
 
 

@@ -9,10 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.model.side_tensors import AUXILIARY_FILE  # noqa: F401  (where callers find it)
 from components.registry import Method
 from components.train.trainer import TrainConfig
-
-AUXILIARY_FILE = "auxiliary.safetensors"  # a method's trained tensors beside the model (``auxiliary_tensors``)
 
 
 def step_seed(seed: int, salt: bytes, step: int) -> int:
