@@ -7,7 +7,8 @@ weight (straight through the mask) plus a "sparse-refined" decay on the pruned o
 ``dL/dW = dL/dW~ + decay * (1 - M) * W``, which pushes pruned weights towards zero so the mask
 settles. The Adaptive Sparse Trainer (AST; Huang et al., AAAI 2025, ``thu-ml/Adaptive-Sparse-Trainer``)
 retrains LLMs to 2:4 this way (``change_mask``, SR-STE decay 1e-4), with distillation from the
-dense model on top; the distillation part is not in this method [gap].
+dense model on top: that is the distillation method ``ast_kd``
+(``components/distill/adaptive_sparse_kd.py``), these layers with logit KD's loss.
 
 When training ends the layers fold into plain Linears holding ``W * M(W)``: exactly N:M sparse.
 ``mask_changes`` in the facts is the fraction of weights whose mask bit differs between the

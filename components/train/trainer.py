@@ -47,6 +47,7 @@ from components.train.acceleration import (
     resolve_attention,
     resolve_compile,
     resolve_precision,
+    without_kv_cache,
 )
 
 if TYPE_CHECKING:
@@ -848,7 +849,8 @@ def train(
     log_time, log_step = time.perf_counter(), start_step
     models = [model] + ([teacher] if teacher is not None else [])
     try:
-        with (attention_implementation(models, attention), compiled_engine(engine, model, compiled),
+        with (attention_implementation(models, attention), without_kv_cache(models),
+              compiled_engine(engine, model, compiled),
               cpu_allocator_cache(device) as allocator_cache):
             if start_step == 0 and 0 in keep:
                 _keep_checkpoint(checkpoint_dir, 0, model)

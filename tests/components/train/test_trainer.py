@@ -235,3 +235,21 @@ def test_zero_stages_match_stage_0_and_resume_from_their_shards_bit_for_bit(tmp_
     resumed = train(resumed_model, pattern_blocks(), config, method, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from_step == 2 and resumed.losses == straight
     assert states_equal(resumed_model, straight_model)
+
+
+def test_training_forwards_build_no_kv_cache_and_the_saved_config_keeps_it():
+    caches = []
+
+    class Recording(DenseTraining):
+        def loss(self, model, batch, teacher):
+            out = model(input_ids=batch, labels=batch)
+            caches.append(out.past_key_values)
+            return out.loss
+
+    config, _ = dense(steps=3)
+    model = nano()
+    assert model.config.use_cache is True
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long)).past_key_values.get_seq_length()  # a cache outside training
+    train(model, pattern_blocks(), config, Recording(config), progress=False)
+    assert caches == [None, None, None]
+    assert model.config.use_cache is True
