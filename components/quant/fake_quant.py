@@ -301,6 +301,9 @@ def ternarize(x: torch.Tensor, dim: int | None = -1, eps: float = 1e-5) -> torch
     return straight_through(x, q)
 
 
+FRAC_BITS_LIMIT = 100  # |binary point| of the fixed-point grid: keeps 2^f and 2^-f finite in fp32
+
+
 def fixed_point(x: torch.Tensor, total_bits: int, frac_bits: int, signed: bool = True,
                 stochastic: bool = False) -> torch.Tensor:
     """Round to multiples of ``2**-frac_bits`` with ``total_bits`` bits (two's complement if signed).
@@ -320,9 +323,6 @@ def fixed_point(x: torch.Tensor, total_bits: int, frac_bits: int, signed: bool =
     v = x.detach().float() / step
     codes = torch.floor(v + torch.rand_like(v))
     return straight_through(x, torch.clamp(codes, qmin, qmax) * step, (codes >= qmin) & (codes <= qmax))
-
-
-FRAC_BITS_LIMIT = 100
 
 
 def shared_exponent_frac_bits(x: torch.Tensor, total_bits: int) -> int:
