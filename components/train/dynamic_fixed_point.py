@@ -36,10 +36,9 @@ from torch import nn
 
 from components.quant.fake_quant import FRAC_BITS_LIMIT, fixed_point, shared_exponent_frac_bits
 from components.registry import Paper
-from components.train.halo import OPERANDS, LowPrecisionLinear
+from components.train.halo import OPERANDS, LowPrecisionLinear, Operand, checked_operands
 from components.train.replacement import LinearReplacement
 
-Operand = Literal["P1", "P2", "P3", "P4", "P5", "P6"]
 UNSET = float(FRAC_BITS_LIMIT + 1)  # a static exponent not chosen yet (a buffer, so a resume keeps the chosen ones)
 
 
@@ -79,12 +78,7 @@ class DynamicFixedPointTraining(LinearReplacement):
                                    "static: frozen at its first use (the static fixed-point control).")
         rounding: Literal["nearest", "stochastic"] = Field("nearest", description="How operands round to the grid.")
 
-        @field_validator("operands")
-        @classmethod
-        def _each_operand_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-            if len(set(value)) != len(value):
-                raise ValueError(f"operands lists an operand twice: {list(value)}")
-            return tuple(sorted(value, key=OPERANDS.index))
+        _each_operand_once = field_validator("operands")(checked_operands)
 
     def prepare(self, model: nn.Module) -> None:
         p = self.params

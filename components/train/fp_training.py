@@ -25,18 +25,13 @@ The artifact's facts carry ``format_exp_bits``, ``format_man_bits``, ``format_bi
 """
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from components.quant.minifloat import MinifloatFormat
 from components.registry import Paper
-from components.train.halo import OPERANDS, LowPrecisionLinear, operand_widths
+from components.train.halo import LowPrecisionLinear, Operand, checked_operands, operand_widths
 from components.train.replacement import LinearReplacement
-
-Operand = Literal["P1", "P2", "P3", "P4", "P5", "P6"]
-
 
 class FloatingPointTraining(LinearReplacement):
     key = "fp_training"
@@ -54,12 +49,7 @@ class FloatingPointTraining(LinearReplacement):
                                               "quantized: P1 x, P2 W (forward); P3 dY, P4 W (input gradient); P5 dY, "
                                               "P6 x (weight gradient). The paper's law quantizes P2, P4, P6.")
 
-        @field_validator("operands")
-        @classmethod
-        def _each_operand_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-            if len(set(value)) != len(value):
-                raise ValueError(f"operands lists an operand twice: {list(value)}")
-            return tuple(sorted(value, key=OPERANDS.index))
+        _each_operand_once = field_validator("operands")(checked_operands)
 
         @model_validator(mode="after")
         def _split_fits_the_width(self):

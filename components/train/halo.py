@@ -41,6 +41,7 @@ without changing the model's function. The trained master weights are saved as a
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -55,6 +56,7 @@ from components.train.replacement import FoldableLinear, LinearReplacement
 
 INT_FORMAT = re.compile(r"int([2-8])")
 OPERANDS = ("P1", "P2", "P3", "P4", "P5", "P6")
+Operand = Literal["P1", "P2", "P3", "P4", "P5", "P6"]
 OPERAND_NAMES = {"P1": "input", "P2": "weight", "P3": "output gradient (input-gradient GEMM)",
                  "P4": "weight (input-gradient GEMM)", "P5": "output gradient (weight-gradient GEMM)",
                  "P6": "input (weight-gradient GEMM)"}
@@ -174,6 +176,13 @@ class LowPrecisionLinear(FoldableLinear):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, gemm_format={self.label}, level={self.level}, "
                 f"operands={','.join(sorted(self.operands))}")
+
+
+def checked_operands(value: tuple[str, ...]) -> tuple[str, ...]:
+    """A params ``operands`` list in ``OPERANDS`` order, refused when it names one twice."""
+    if len(set(value)) != len(value):
+        raise ValueError(f"operands lists an operand twice: {list(value)}")
+    return tuple(sorted(value, key=OPERANDS.index))
 
 
 def operand_widths(operands) -> list[tuple[str, str]]:
