@@ -25,8 +25,8 @@ from torch import nn
 
 from components.distill.logit_kd import LogitKD
 from components.registry import Paper
-from components.train.sr_ste import SrSteTraining
 from components.train.method import forward_flops_per_token
+from components.train.sr_ste import SrSteTraining
 
 
 class AdaptiveSparseKD(SrSteTraining, LogitKD):

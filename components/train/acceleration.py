@@ -128,7 +128,8 @@ def without_kv_cache(models: list[torch.nn.Module]) -> Iterator[None]:
     """Run the block with ``config.use_cache`` off in every model, then put each value back (the saved
     config keeps it). A training forward has no use for a KV cache, and with one HF builds a
     ``DynamicCache`` of every layer's keys and values at every step (about 5% of a micro step on a
-    2-core CPU, eager fp32). ``generate`` reads its own generation config, so sampling inside training still caches."""
+    2-core CPU, eager fp32). ``generate`` reads its own generation config, so sampling inside
+    training still caches."""
     previous = [(model.config, model.config.use_cache) for model in models if hasattr(model, "config")
                 and hasattr(model.config, "use_cache")]
     try:

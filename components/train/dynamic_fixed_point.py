@@ -50,7 +50,9 @@ class DynamicFixedPointLinear(LowPrecisionLinear):
         super().__init__(linear, name, "fp32", level=0, operands=operands)  # the GEMM plumbing, then our grid
         self.bits, self.static, self.stochastic = bits, static, stochastic
         self.gemm_format = f"{'static' if static else 'dynamic'} fixed point {bits}-bit"
-        self._quantize, self._checks_result = self.operand_on_grid, False  # the grid saturates; never inf
+        # non-None sends the forward down the low-precision GEMM; quantize() calls operand_on_grid
+        self._quantize = self.operand_on_grid
+        self._checks_result = False  # the grid saturates: it never makes an inf
         self.register_buffer("frac_bits", torch.full((len(OPERANDS),), UNSET))
 
     def operand_on_grid(self, operand: torch.Tensor, which: str) -> torch.Tensor:
