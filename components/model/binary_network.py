@@ -26,8 +26,8 @@ whether its pretraining binarizes it].
 binarizers and estimators (``self_attn.binary``), and registers the attention with transformers'
 attention interface, so ``forward``, ``generate`` and every evaluator run the binary model. Under
 a KV cache, the key-side maps of the cached tokens are kept on the cache object (their inputs are
-gone); a cache that is cropped or reordered (beam search) is refused when the lengths disagree,
-and is not otherwise detected [ours: the evaluators here decode greedily].
+gone), and they follow the cache when beam search reorders it or assisted decoding crops it
+(``maps_on``); a cache whose maps do not cover its keys is refused.
 ``remove_binary_network`` folds each projection back into a plain Linear holding its binary
 weight (BWN of a BWN weight is itself, so a re-install computes the same function) and returns
 the side tensors, which the artifact keeps in ``auxiliary.safetensors``; ``tasks.model_io``
@@ -189,17 +189,38 @@ class BinaryAttention(nn.Module):
         new = self.estimate(hidden).float()  # [batch, new tokens, 5]; fp32 (bf16 here broke inductor's C++)
         maps = new
         if cache is not None:
-            kept = getattr(cache, "binary_maps", {})
+            kept = maps_on(cache)
             if hidden.shape[1] != keys and layer in kept:
                 maps = torch.cat([kept[layer], new], dim=1)
             kept[layer] = maps.detach()
-            cache.binary_maps = kept
         if maps.shape[1] != keys:
             raise RuntimeError(f"binary attention: the estimators hold inputs of {maps.shape[1]} tokens for "
                                f"{keys} keys (a KV cache that was filled without them, or cropped or reordered)")
         q_p, _, q_m, _, _ = (m[:, None, :, None] for m in new.unbind(-1))
         _, k_p, _, k_m, v_p = (m[:, None, :, None] for m in maps.unbind(-1))
         return q_p, q_m, k_p, k_m, v_p
+
+
+def maps_on(cache) -> dict[int, torch.Tensor]:
+    """The key-side estimator maps kept on a KV cache, per layer ``[batch, tokens, 5]``. The first
+    call also wraps the cache's ``reorder_cache`` (beam search picks the surviving beams) and
+    ``crop`` (assisted decoding drops rejected tokens) so that the maps follow its keys."""
+    if not hasattr(cache, "binary_maps"):
+        cache.binary_maps = {}
+        reorder, crop = cache.reorder_cache, cache.crop
+
+        def reorder_with_maps(beam_idx: torch.Tensor) -> None:
+            reorder(beam_idx)
+            for layer, maps in cache.binary_maps.items():
+                cache.binary_maps[layer] = maps.index_select(0, beam_idx.to(maps.device))
+
+        def crop_with_maps(tokens: int) -> None:
+            crop(tokens)
+            for layer, maps in cache.binary_maps.items():
+                cache.binary_maps[layer] = maps[:, :cache.get_seq_length(layer)]
+
+        cache.reorder_cache, cache.crop = reorder_with_maps, crop_with_maps
+    return cache.binary_maps
 
 
 def binary_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -148,6 +148,27 @@ def test_a_kv_cache_keeps_the_key_side_maps_and_decodes_as_the_full_forward_does
             model(ids[:, -1:], cache=prefix.cache, use_cache=True)
 
 
+def test_beam_search_and_cropping_move_the_kept_maps_with_the_cache():
+    torch.manual_seed(0)
+    model = nano()
+    install_binary_network(model, estimators=True)
+    ids = torch.as_tensor(pattern_blocks()[:2], dtype=torch.long)
+    with torch.no_grad():
+        model(ids)  # sets every scale
+        cached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, num_beams=3, use_cache=True)
+        uncached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, num_beams=3, use_cache=False)
+        assert torch.equal(cached, uncached)
+        cache = model(ids[:, :10], use_cache=True).cache
+        before = {layer: maps.clone() for layer, maps in cache.binary_maps.items()}
+        cache.reorder_cache(torch.tensor([1, 1]))  # beam search keeps the second row twice
+        assert before and all(torch.equal(cache.binary_maps[layer], before[layer][[1, 1]]) for layer in before)
+        cache.crop(-3)  # assisted decoding drops the last 3 tokens
+        assert all(maps.shape[1] == 7 for maps in cache.binary_maps.values())
+        rows = ids[[1, 1], :8]  # decoding on from the reordered, cropped cache is the full forward
+        step = model(rows[:, 7:], cache=cache, use_cache=True).logits[:, -1]
+        assert torch.allclose(step, model(rows).logits[:, -1], atol=1e-4)
+
+
 def test_folding_back_and_installing_again_computes_the_same_function():
     torch.manual_seed(0)
     model = nano()
