@@ -11,7 +11,9 @@ re-quantized, and the export is checked to decode to exactly the artifact's weig
 Integer weight grids of 1 to 8 bits, per tensor, per channel or per group, convert: symmetric
 grids as ``pack-quantized`` (codes packed into int32), asymmetric ones as ``int-quantized``
 (one int8 per code), because compressed-tensors 0.20.1 packs asymmetric zero points in a shape
-its own loader in transformers does not read back. Minifloat grids and activation quantization (WxAy) do not have a compressed-tensors
+its own loader in transformers does not read back. Binary weights (the ``sign`` format, one bit
+each) go out on the 2-bit symmetric grid, the narrowest compressed-tensors int grid that holds
+both -1 and +1. Minifloat grids and activation quantization (WxAy) do not have a compressed-tensors
 equivalent here; exporting them is refused with the reason.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from components.model.presets import load_model
-from components.quant.base import dequantize_packed
+from components.quant.base import decode_packed
 
 QUANTIZED_FILE = "quantized.safetensors"
 PACKED, UNPACKED = "pack-quantized", "int-quantized"
@@ -37,6 +39,8 @@ class ExportFormatError(ValueError):
 def _grid(name: str, spec: dict) -> tuple:
     """The compressed-tensors weight args of one tensor, as a hashable key that groups tensors."""
     fmt = spec.get("format", "int")
+    if fmt == "sign":  # ±scale: codes ±1 on the symmetric 2-bit grid [-2, 1]
+        return (2, STRATEGIES[spec["granularity"]], None, True)
     if fmt != "int":
         raise ExportFormatError(f"{name} is quantized to the {fmt!r} grid; compressed-tensors export here covers "
                                 "integer grids only (export it without --format to get the fp32 model)")
@@ -65,7 +69,6 @@ def _ct_tensors(packed: dict[str, torch.Tensor], name: str, spec: dict) -> dict[
     """A Linear's weight (dequantized), weight_scale and weight_zero_point in compressed-tensors'
     shapes and sign convention (signed codes: ``weight = (q - zero_point) * scale`` with a
     symmetric grid's zero point 0)."""
-    shape = tuple(spec["shape"])
     bits = int(spec["bits"])
     scales = packed[f"{name}.scales"].to(torch.float32)
     if spec["symmetric"]:
@@ -74,7 +77,7 @@ def _ct_tensors(packed: dict[str, torch.Tensor], name: str, spec: dict) -> dict[
         zero = packed[f"{name}.zeros"].to(torch.float32) - 2 ** (bits - 1)
     if spec["granularity"] == "per_tensor":
         scales, zero = scales.reshape(1), zero.reshape(1)
-    weight = dequantize_packed(packed, name, shape, bits, spec.get("zero_point"))
+    weight = decode_packed(packed, name, spec)
     return {"weight": weight, "weight_scale": scales, "weight_zero_point": zero.to(torch.int8)}
 
 

@@ -12,6 +12,11 @@ Packed format, per quantized weight ``W`` of shape ``[out, in]`` stored under it
 
 A weight is recovered as ``(code - zero) * scale``. ``QuantizedModel.state_dict`` holds exactly
 those dequantized values (fp32), so a model loads with plain transformers.
+
+Binary weights (``±scale``, one scale per tensor or output channel; BiPFT, binary QAT) use the
+``sign`` format instead (``meta["tensors"][name]["format"] == "sign"``): one bit per weight, code
+1 for ``+scale`` and 0 for ``-scale``, and fp32 ``scales``; no integer zero point puts both values
+on a 1-bit ``(code - zero) * scale`` grid. ``decode_packed`` reads either format.
 """
 from __future__ import annotations
 
@@ -93,6 +98,30 @@ class PackedWeights:
             self.packed[f"{name}.{key}"] = tensor.contiguous()
         self.tensors[name] = dict(bits=bits, shape=list(shape), **info)
 
+    def add_sign(self, name: str, weight: torch.Tensor, granularity: str) -> None:
+        """A binary tensor (every entry ``±scale`` of its tensor or output channel) at one bit per
+        weight, in the ``sign`` format. ``sign(0) = 0`` can leave exact zeros in a binarized
+        weight, which one bit cannot hold: such a tensor is stored on the 2-bit symmetric int grid."""
+        if granularity not in ("per_tensor", "per_channel"):
+            raise QuantizationError(f"{name}: a binary weight takes one scale per tensor or per output channel, "
+                                    f"not {granularity!r}")
+        weight = weight.detach().float()
+        rows = weight.reshape(weight.shape[0] if granularity == "per_channel" else 1, 1, -1)
+        scale = rows.abs().amax(-1)
+        has_zeros = bool((rows == 0).any())
+        on_grid = (rows.abs() == scale.unsqueeze(-1)) | (rows == 0)
+        if not bool(on_grid.all()):
+            worst = float((rows.abs() - scale.unsqueeze(-1)).abs().masked_fill(on_grid, 0).max())
+            raise QuantizationError(f"{name} is not a binary weight: entries differ in magnitude from their "
+                                    f"{granularity.replace('_', ' ')} scale by up to {worst:.3g}")
+        if has_zeros:
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+            codes = (torch.round(rows / scale.unsqueeze(-1)) + 2).to(torch.uint8)
+            self.add_int(name, weight.shape, codes, scale, None, 2, granularity, None, True)
+            return
+        self.add_codes(name, weight.shape, (rows > 0).to(torch.uint8), 1, {"scales": scale}, format="sign",
+                       granularity=granularity, group_size=None, symmetric=True)
+
     def add_raw(self, name: str, tensor: torch.Tensor) -> None:
         """A side tensor that belongs to no single weight (e.g. a mask); counted in the bytes."""
         self.packed[name] = tensor.contiguous()
@@ -125,6 +154,19 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def decode_packed(packed: dict[str, torch.Tensor], name: str, spec: dict) -> torch.Tensor:
+    """The fp32 weight ``name`` from its packed tensors and its ``meta["tensors"][name]`` entry,
+    in the int or the sign format."""
+    shape = tuple(spec["shape"])
+    if spec.get("format", "int") == "sign":
+        codes = unpack_int(packed[f"{name}.qweight"], 1, _numel(shape)).to(torch.float32)
+        scales = packed[f"{name}.scales"].to(torch.float32)
+        return ((2 * codes.reshape(scales.shape[0], scales.shape[1], -1) - 1) * scales.unsqueeze(-1)).reshape(shape)
+    if spec.get("format", "int") != "int":
+        raise QuantizationError(f"{name}: decode_packed reads the int and sign formats, not {spec['format']!r}")
+    return dequantize_packed(packed, name, shape, int(spec["bits"]), spec.get("zero_point"))
 
 
 def dequantize_packed(packed: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],

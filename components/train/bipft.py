@@ -11,8 +11,12 @@ here the stage's own objective, causal LM loss, unless a recipe names a distill 
 
 The artifact is the plain Llama holding the binary weights, plus the input shifts, scales and
 estimators in ``auxiliary.safetensors`` and ``binary_network`` in its facts; loading installs
-them again, so the evaluate stage scores the binary model. Stages that would save a new model from
-its weights alone (quantize, merge, further training) refuse it.
+them again, so the evaluate stage scores the binary model. ``quantized.safetensors`` holds the
+binary model as it would ship: each projection's signs at one bit per weight with its fp32
+magnitude (the ``sign`` format of ``components/quant/base.py``), plus every side tensor in fp32,
+all counted in ``quantization.packed_bytes``, which the evaluate stage reports as the size.
+Stages that would save a new model from its weights alone (quantize, merge, further training)
+refuse it.
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ from torch import nn
 
 from components.model.binary_network import (
     BinaryLinear, has_binary_network, install_binary_network, remove_binary_network)
+from components.quant.base import PackedWeights, QuantizedModel
 from components.registry import Paper
-from components.train.method import TrainingMethod, check_own_attention, forward_flops_per_token, unwrap
+from components.train.method import (
+    TrainingMethod, block_linears, check_own_attention, forward_flops_per_token, unwrap)
 
 
 class BiPFTTraining(TrainingMethod):
@@ -70,3 +76,19 @@ class BiPFTTraining(TrainingMethod):
 
     def auxiliary_tensors(self) -> dict:
         return dict(self._side)
+
+    def pack(self, model: nn.Module) -> QuantizedModel:
+        """The folded projections as sign bits with one magnitude each (BWN is per tensor), and the
+        side tensors the binary model computes with, so ``packed_bytes`` is the binary model's real
+        size beyond the full-precision embeddings, norms and head."""
+        store, state = PackedWeights(), {}
+        for name, linear in sorted(block_linears(model).items()):
+            weight = linear.weight.detach().float()
+            store.add_sign(f"{name}.weight", weight, "per_tensor")
+            state[f"{name}.weight"] = weight.clone()
+        for name, tensor in sorted(self._side.items()):
+            store.add_raw(name, tensor.float())
+        side_bytes = sum(t.numel() * 4 for t in self._side.values())
+        meta = store.meta("bipft", weight_format="binary", bits=1, granularity="per_tensor", symmetric=True,
+                          side_tensor_bytes=side_bytes)
+        return QuantizedModel(state_dict=state, packed=store.packed, meta=meta)

@@ -15,8 +15,8 @@ use (one set of grids in the project), and scales are statistics of the current 
 When training ends, ``finalize`` folds every layer back into a plain ``nn.Linear`` holding the
 quantized weight, so the artifact loads with ``from_pretrained`` and every weight lies on its grid
 (tested). ``pack`` then writes, like the quantize stage, ``quantized.safetensors`` with the integer
-codes (ternary and binary as 2-bit codes) and fp32 scales, and their real byte size in the
-facts (``quantization.packed_bytes``), which the evaluate stage reports as the model's size.
+codes (ternary as 2-bit codes, binary as 1-bit sign codes) and fp32 scales, and their real byte
+size in the facts (``quantization.packed_bytes``), which the evaluate stage reports as the model's size.
 
 Spectra's TriLM also changes its schedule: linear decay, the peak learning rate lowered at the
 halfway point and weight decay removed at two thirds (section 3.3, read). That is the trainer's
@@ -38,7 +38,7 @@ from components.registry import Paper
 from components.train.replacement import FoldableLinear, LinearReplacement
 
 BITS_PER_WEIGHT = {"ternary": math.log2(3), "binary": 1.0}
-CODE_BITS = {"ternary": 2, "binary": 2}  # packed code width: {-1, 0, 1} and {-1, 1} as 2-bit int codes
+CODE_BITS = {"ternary": 2, "binary": 1}  # packed code width: {-1, 0, 1} as 2-bit int codes, {-1, 1} as sign bits
 
 
 class QatPackError(ValueError):
@@ -101,13 +101,18 @@ class QuantAwareTraining(LinearReplacement):
 
         The folded weights are ``code * scale`` already; the scale is recovered as max|w| / qmax
         of each set, so the packed file dequantizes to them within an ulp, and the returned
-        ``state_dict`` holds exactly what it dequantizes to (the artifact stores those)."""
+        ``state_dict`` holds exactly what it dequantizes to (the artifact stores those). Binary
+        weights are sign bits and their scales (``PackedWeights.add_sign``), decoded exactly."""
         p = self.params
         bits = CODE_BITS.get(p.weight_format, p.bits)
         qmax, zero = 2 ** (bits - 1) - 1, 2 ** (bits - 1)
         store, state = PackedWeights(), {}
         for name, linear in sorted(self.targets(model).items()):
             weight = linear.weight.detach().float()
+            if p.weight_format == "binary":
+                store.add_sign(f"{name}.weight", weight, p.granularity)
+                state[f"{name}.weight"] = weight.clone()  # ±scale exactly: what the sign codes decode to
+                continue
             out_features, in_features = weight.shape
             groups = {"per_tensor": (1, 1), "per_channel": (out_features, 1),
                       "group": (out_features, in_features // p.group_size)}[p.granularity]

@@ -50,6 +50,32 @@ def test_an_integer_grid_loads_quantized_and_computes_the_same(tmp_path, char_to
         assert torch.equal(exported(ids).logits, original(ids).logits)
 
 
+def test_binary_sign_codes_export_on_the_two_bit_grid_and_compute_the_same(tmp_path, char_tokenizer):
+    """One-bit sign codes (BiPFT, binary QAT) have no 1-bit compressed-tensors grid; they go out as
+    codes of ±1 on the symmetric 2-bit grid, losslessly."""
+    from components.quant.base import PackedWeights, QuantizedModel
+    from components.quant.fake_quant import binarize
+    from components.train.method import block_linears
+
+    model = build_model("nano", vocab_size=64, max_seq_len=32, seed=0).eval()
+    store = PackedWeights()
+    with torch.no_grad():
+        for name, linear in sorted(block_linears(model).items()):
+            linear.weight.copy_(binarize(linear.weight, -1))  # sign x mean|w| per output channel
+            store.add_sign(f"{name}.weight", linear.weight, "per_channel")
+    out = tmp_path / "artifact"
+    out.mkdir()
+    QuantizedModel(state_dict={}, packed=store.packed, meta=store.meta("qat")).save_packed(out / "quantized.safetensors")
+    save_model_artifact(model, char_tokenizer, out, {"kind": "pretrain", "quantization": store.meta("qat")})
+    export_compressed_tensors(out, tmp_path / "ct")
+    [group] = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert group["weights"]["num_bits"] == 2 and group["weights"]["symmetric"] and len(group["targets"]) == 14
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    ids = torch.arange(4, 20).reshape(1, 16)
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, model(ids).logits)
+
+
 def test_grids_without_an_equivalent_are_refused_with_the_reason(tmp_path, char_tokenizer):
     w8a8 = quantize_artifact(tmp_path, char_tokenizer, bits=8, granularity="per_channel", activations={"bits": 8})
     with pytest.raises(ExportFormatError, match="also quantizes activations \\(W8A8\\)"):

@@ -51,3 +51,35 @@ def test_errors():
         pack_int(torch.zeros(4, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="cannot hold exactly 9"):
         unpack_int(torch.zeros(3, dtype=torch.uint8), 3, 9)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_binary_weights_pack_at_one_bit_and_decode_exactly(granularity):
+    from components.quant.base import PackedWeights, decode_packed
+
+    g = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (6, 40), generator=g).float() * 2 - 1
+    scales = torch.rand(6, 1, generator=g) + 0.1 if granularity == "per_channel" else torch.tensor(0.37)
+    weight = signs * scales
+    store = PackedWeights()
+    store.add_sign("w", weight, granularity)
+    spec = store.tensors["w"]
+    assert spec["format"] == "sign" and spec["bits"] == 1
+    assert torch.equal(decode_packed(store.packed, "w", spec), weight)
+    assert store.packed["w.qweight"].numel() == 6 * 40 // 8  # one bit per weight
+    meta = store.meta("test")
+    assert meta["bits_per_weight"] == (6 * 40 // 8 + 4 * store.packed["w.scales"].numel()) * 8 / 240
+
+
+def test_a_binarized_weight_with_exact_zeros_keeps_two_bit_codes_and_an_off_grid_one_is_refused():
+    from components.quant.base import PackedWeights, QuantizationError, decode_packed
+
+    weight = torch.tensor([[0.5, -0.5, 0.0, 0.5], [-0.5, 0.5, 0.5, -0.5]])  # sign(0) = 0 left a zero
+    store = PackedWeights()
+    store.add_sign("w", weight, "per_tensor")
+    assert store.tensors["w"]["format"] == "int" and store.tensors["w"]["bits"] == 2
+    assert torch.equal(decode_packed(store.packed, "w", store.tensors["w"]), weight)
+    with pytest.raises(QuantizationError, match=r"^v is not a binary weight: .* per channel scale by up to 0\.25"):
+        PackedWeights().add_sign("v", torch.tensor([[0.5, -0.25], [1.0, 1.0]]), "per_channel")
+    with pytest.raises(QuantizationError, match="one scale per tensor or per output channel, not 'group'"):
+        PackedWeights().add_sign("v", weight, "group")

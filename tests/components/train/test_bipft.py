@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from components.model.binary_network import (
     BinaryAttention, BinaryLinear, ElasticBinarizer, binary_attention_forward, has_binary_network,
     install_binary_network, remove_binary_network)
+from components.quant.base import decode_packed
 from components.train.bipft import BiPFTTraining
 from components.train.trainer import train
 from tasks.artifacts import ArtifactError
@@ -112,6 +113,17 @@ def test_bipft_trains_folds_back_and_loads_as_the_same_binary_model(tmp_path):
     for name, linear in model.model.layers[1].named_modules():  # the saved weights are binary
         if isinstance(linear, torch.nn.Linear):
             assert linear.weight.abs().unique().numel() == 1, name
+
+    quantized = method.pack(model)  # one sign bit per weight, one magnitude per tensor, the side tensors
+    meta = quantized.meta
+    assert len(meta["quantized_tensors"]) == 14 and {t["format"] for t in meta["tensors"].values()} == {"sign"}
+    for name, spec in meta["tensors"].items():
+        assert torch.equal(decode_packed(quantized.packed, name, spec), model.get_parameter(name)), name
+    assert all(torch.equal(quantized.packed[k], v) for k, v in side.items())
+    n_weights = meta["n_quantized_weights"]
+    side_bytes = sum(4 * v.numel() for v in side.values())
+    assert meta["side_tensor_bytes"] == side_bytes
+    assert meta["packed_bytes"] == n_weights // 8 + 4 * 14 + side_bytes
 
     art = side_module_artifact(tmp_path, model, result.method_facts, side)
     with pytest.raises(ArtifactError, match=r"has a binary network \(BiPFT\) .* would save a model without them"):

@@ -58,11 +58,12 @@ def test_groups_need_an_int_grid():
     QuantAwareTraining.Params(weight_format="int", granularity="group", group_size=32)
 
 
-@pytest.mark.parametrize("fmt, granularity, bits", [("ternary", "per_tensor", 4), ("int", "group", 4)])
+@pytest.mark.parametrize("fmt, granularity, bits", [("ternary", "per_tensor", 4), ("int", "group", 4),
+                                                    ("binary", "per_channel", 4)])
 def test_the_packed_file_dequantizes_to_the_trained_weights(tmp_path, fmt, granularity, bits):
     from safetensors.torch import load_file
 
-    from components.quant.base import dequantize_packed
+    from components.quant.base import decode_packed
 
     config, method = qat(steps=6, weight_format=fmt, granularity=granularity, bits=bits, group_size=32)
     model = nano()
@@ -71,14 +72,18 @@ def test_the_packed_file_dequantizes_to_the_trained_weights(tmp_path, fmt, granu
     quantized.save_packed(tmp_path / "quantized.safetensors")
     packed = load_file(tmp_path / "quantized.safetensors")
     meta = quantized.meta
-    assert meta["bits"] == (2 if fmt == "ternary" else 4) and len(meta["quantized_tensors"]) == 14
+    assert meta["bits"] == {"ternary": 2, "int": 4, "binary": 1}[fmt] and len(meta["quantized_tensors"]) == 14
     for name in meta["quantized_tensors"]:
         weight = model.get_parameter(name).detach()
-        restored = dequantize_packed(packed, name, tuple(weight.shape), meta["bits"], zero_point=2 ** (meta["bits"] - 1))
+        restored = decode_packed(packed, name, meta["tensors"][name])
         assert torch.allclose(restored, weight, rtol=1e-6, atol=0), name
         assert torch.equal(restored, quantized.state_dict[name]), name
     # codes at their width plus the fp32 scales: a ternary nano block stores ~2 bits per weight
-    assert meta["bits_per_weight"] < (2.1 if fmt == "ternary" else 5.1)
+    if fmt == "binary":  # one sign bit per weight plus one fp32 scale per output channel, exactly
+        shapes = [model.get_parameter(n).shape for n in meta["quantized_tensors"]]
+        assert meta["bits_per_weight"] == sum(o * i + 32 * o for o, i in shapes) / sum(o * i for o, i in shapes)
+    else:
+        assert meta["bits_per_weight"] < (2.1 if fmt == "ternary" else 5.1)
 
 
 def test_a_weight_off_the_grid_is_not_packed():
