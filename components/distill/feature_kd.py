@@ -119,7 +119,7 @@ class FeatureKD(LogitKD):
                              f"{teacher_total} layers")
         depth = params.teacher_layers or teacher_total
         student_total = len(llama_layers(student))
-        layer_map = dict(params.layer_map) if params.layer_map else {student_total: depth}
+        layer_map = dict(params.layer_map) if params.layer_map else self.default_layer_map(student_total, depth)
         for s, t in layer_map.items():
             if not 0 <= s <= student_total:
                 raise ValueError(f"feature_kd: layer_map student index {s} is outside 0..{student_total}")
@@ -134,6 +134,10 @@ class FeatureKD(LogitKD):
             device = next(student.parameters()).device
             projection = nn.ModuleDict({str(s): nn.Linear(d_student, d_teacher, bias=False) for s in sorted(layer_map)})
             student.add_module(PROJECTION_ATTR, projection.to(device))
+
+    def default_layer_map(self, student_layers: int, teacher_layers: int) -> dict[int, int]:
+        """The map when ``layer_map`` is unset: the student's last block to the teacher's last used one."""
+        return {student_layers: teacher_layers}
 
     def _teacher_states(self, teacher: nn.Module, batch: torch.Tensor):
         """(teacher hidden states by index, teacher logits or None)."""
@@ -181,13 +185,15 @@ class FeatureKD(LogitKD):
         """Student training (incl. the attached projections, which are linears) plus the teacher's
         forward: the full forward when ``alpha > 0``, else only its first ``teacher_layers``
         blocks (all blocks when unset) without ``lm_head``."""
-        student = 3.0 * forward_flops_per_token(model, seq_len)
+        return 3.0 * forward_flops_per_token(model, seq_len) + self.teacher_flops_per_token(teacher, seq_len)
+
+    def teacher_flops_per_token(self, teacher: nn.Module | None, seq_len: int) -> float:
         if teacher is None:
-            return student
+            return 0.0
         if self.params.alpha > 0:
-            return student + forward_flops_per_token(teacher, seq_len)
+            return forward_flops_per_token(teacher, seq_len)
         depth = self._teacher_depth or self.params.teacher_layers or len(llama_layers(teacher))
-        return student + partial_forward_flops_per_token(teacher, seq_len, depth)
+        return partial_forward_flops_per_token(teacher, seq_len, depth)
 
     def finalize(self, model: nn.Module) -> dict:
         student = unwrap(model)
