@@ -25,3 +25,14 @@ def nano(seed: int, vocab: int = VOCAB, **overrides):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
+
+
+def trained_teacher(seed: int = 1):
+    """A nano model trained 25 steps on the pattern blocks: the teacher of the KD tests."""
+    from components.train.dense import DenseTraining
+    from components.train.trainer import train
+
+    config = DenseTraining.Params(steps=25, batch_size=8, lr=1e-2, precision="fp32")
+    model = nano(seed=seed)
+    train(model, pattern_blocks(), config, DenseTraining(config), progress=False)
+    return model

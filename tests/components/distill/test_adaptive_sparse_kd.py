@@ -10,19 +10,15 @@ import torch.nn.functional as F
 
 from components.distill.adaptive_sparse_kd import AdaptiveSparseKD
 from components.distill.registry import DISTILL_METHODS
-from components.train.dense import DenseTraining
 from components.train.method import forward_flops_per_token
 from components.train.sr_ste import AdaptiveNMLinear, SrSteTraining
 from components.train.trainer import train
-from tests.components.distill._helpers import VOCAB, nano, pattern_blocks
+from tests.components.distill._helpers import VOCAB, nano, pattern_blocks, trained_teacher
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    config = DenseTraining.Params(steps=25, batch_size=8, lr=1e-2, precision="fp32")
-    model = nano(seed=1)
-    train(model, pattern_blocks(), config, DenseTraining(config), progress=False)
-    return model
+    return trained_teacher()
 
 
 def ast_kd(**overrides):

@@ -13,17 +13,13 @@ from components.distill.feature_kd import capture_hidden_states, partial_forward
 from components.distill.registry import DISTILL_METHODS
 from components.model.binary_network import BinaryLinear
 from components.train.bipft import BiPFTTraining
-from components.train.dense import DenseTraining
 from components.train.trainer import train
-from tests.components.distill._helpers import VOCAB, nano, pattern_blocks
+from tests.components.distill._helpers import VOCAB, nano, pattern_blocks, trained_teacher
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    config = DenseTraining.Params(steps=25, batch_size=8, lr=1e-2, precision="fp32")
-    model = nano(seed=1)
-    train(model, pattern_blocks(), config, DenseTraining(config), progress=False)
-    return model
+    return trained_teacher()
 
 
 def bipft_kd(**overrides):

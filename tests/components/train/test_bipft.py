@@ -140,13 +140,20 @@ def test_bipft_trains_folds_back_and_loads_as_the_same_binary_model(tmp_path):
         assert not torch.allclose(loaded(ids).logits, plain(ids).logits, atol=1e-2)  # the binary network is in use
 
 
-def test_a_kv_cache_keeps_the_key_side_maps_and_decodes_as_the_full_forward_does():
+def binary_nano_with_its_scales_set():
+    """A nano BiPFT network whose first forward has set every scale, and that forward's ids."""
     torch.manual_seed(0)
     model = nano()
     install_binary_network(model, estimators=True)
     ids = torch.as_tensor(pattern_blocks()[:2], dtype=torch.long)
     with torch.no_grad():
-        model(ids)  # sets every scale
+        model(ids)
+    return model, ids
+
+
+def test_a_kv_cache_keeps_the_key_side_maps_and_decodes_as_the_full_forward_does():
+    model, ids = binary_nano_with_its_scales_set()
+    with torch.no_grad():
         full = model(ids).logits[:, -1]
         prefix = model(ids[:, :-1], use_cache=True)
         step = model(ids[:, -1:], cache=prefix.cache, use_cache=True).logits[:, -1]
@@ -161,12 +168,8 @@ def test_a_kv_cache_keeps_the_key_side_maps_and_decodes_as_the_full_forward_does
 
 
 def test_beam_search_and_cropping_move_the_kept_maps_with_the_cache():
-    torch.manual_seed(0)
-    model = nano()
-    install_binary_network(model, estimators=True)
-    ids = torch.as_tensor(pattern_blocks()[:2], dtype=torch.long)
+    model, ids = binary_nano_with_its_scales_set()
     with torch.no_grad():
-        model(ids)  # sets every scale
         cached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, num_beams=3, use_cache=True)
         uncached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, num_beams=3, use_cache=False)
         assert torch.equal(cached, uncached)
