@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from components.model.presets import load_model
 from components.quant.base import decode_packed
+from tasks.model_io import SIDE_MODULES
 
 QUANTIZED_FILE = "quantized.safetensors"
 PACKED, UNPACKED = "pack-quantized", "int-quantized"
@@ -51,6 +52,10 @@ def _grid(name: str, spec: dict) -> tuple:
 
 def quantization_layout(facts: dict, source: Path) -> dict[tuple, list[str]]:
     """{weight grid: [Linear module names]} from a quantize artifact's ``paperdag.json`` facts."""
+    side = [key for key in SIDE_MODULES if facts.get(key)]
+    if side:  # the weights load into a plain Llama without the layers the model computes with
+        raise ExportFormatError(f"{source} has modules beside its weights ({', '.join(side)}): compressed-tensors "
+                                "would hold only the weights, which are not this model; export it without --format")
     quant = facts.get("quantization")
     if not quant or not quant.get("tensors"):
         raise ExportFormatError(f"{source} is not a quantized model artifact (no quantization facts); "

@@ -36,6 +36,7 @@ installs them again on load.
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import nn
@@ -204,23 +205,26 @@ class BinaryAttention(nn.Module):
 def maps_on(cache) -> dict[int, torch.Tensor]:
     """The key-side estimator maps kept on a KV cache, per layer ``[batch, tokens, 5]``. The first
     call also wraps the cache's ``reorder_cache`` (beam search picks the surviving beams) and
-    ``crop`` (assisted decoding drops rejected tokens) so that the maps follow its keys."""
+    ``crop`` (assisted decoding drops rejected tokens) so that the maps follow its keys. The
+    wrappers are bound methods of the cache, so ``copy.deepcopy`` (reusing a prompt's cache) binds
+    them to the copy."""
     if not hasattr(cache, "binary_maps"):
         cache.binary_maps = {}
-        reorder, crop = cache.reorder_cache, cache.crop
-
-        def reorder_with_maps(beam_idx: torch.Tensor) -> None:
-            reorder(beam_idx)
-            for layer, maps in cache.binary_maps.items():
-                cache.binary_maps[layer] = maps.index_select(0, beam_idx.to(maps.device))
-
-        def crop_with_maps(tokens: int) -> None:
-            crop(tokens)
-            for layer, maps in cache.binary_maps.items():
-                cache.binary_maps[layer] = maps[:, :cache.get_seq_length(layer)]
-
-        cache.reorder_cache, cache.crop = reorder_with_maps, crop_with_maps
+        cache.reorder_cache = types.MethodType(_reorder_with_maps, cache)
+        cache.crop = types.MethodType(_crop_with_maps, cache)
     return cache.binary_maps
+
+
+def _reorder_with_maps(cache, beam_idx: torch.Tensor) -> None:
+    type(cache).reorder_cache(cache, beam_idx)
+    for layer, maps in cache.binary_maps.items():
+        cache.binary_maps[layer] = maps.index_select(0, beam_idx.to(maps.device))
+
+
+def _crop_with_maps(cache, tokens: int) -> None:
+    type(cache).crop(cache, tokens)
+    for layer, maps in cache.binary_maps.items():
+        cache.binary_maps[layer] = maps[:, :cache.get_seq_length(layer)]
 
 
 def binary_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

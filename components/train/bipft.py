@@ -80,7 +80,8 @@ class BiPFTTraining(TrainingMethod):
     def pack(self, model: nn.Module) -> QuantizedModel:
         """The folded projections as sign bits with one magnitude each (BWN is per tensor), and the
         side tensors the binary model computes with, so ``packed_bytes`` is the binary model's real
-        size beyond the full-precision embeddings, norms and head."""
+        size beyond the full-precision embeddings, norms and head. Its ``bits_per_weight`` counts
+        the side tensors too (they are the binary layers' own overhead), unlike a QAT model's."""
         store, state = PackedWeights(), {}
         for name, linear in sorted(block_linears(model).items()):
             weight = linear.weight.detach().float()
@@ -89,6 +90,7 @@ class BiPFTTraining(TrainingMethod):
         for name, tensor in sorted(self._side.items()):
             store.add_raw(name, tensor.float())
         side_bytes = sum(t.numel() * 4 for t in self._side.values())
-        meta = store.meta("bipft", weight_format="binary", bits=1, granularity="per_tensor", symmetric=True,
+        bits = max(t["bits"] for t in store.tensors.values())  # 2 where a weight kept an exact zero
+        meta = store.meta("bipft", weight_format="binary", bits=bits, granularity="per_tensor", symmetric=True,
                           side_tensor_bytes=side_bytes)
         return QuantizedModel(state_dict=state, packed=store.packed, meta=meta)

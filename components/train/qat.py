@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from components.quant.base import PackedWeights, QuantizedModel
+from components.quant.base import PackedWeights, QuantizationError, QuantizedModel
 from components.quant.fake_quant import binarize, quantize_int, ternarize
 from components.registry import Paper
 from components.train.replacement import FoldableLinear, LinearReplacement
@@ -110,7 +110,10 @@ class QuantAwareTraining(LinearReplacement):
         for name, linear in sorted(self.targets(model).items()):
             weight = linear.weight.detach().float()
             if p.weight_format == "binary":
-                store.add_sign(f"{name}.weight", weight, p.granularity)
+                try:
+                    store.add_sign(f"{name}.weight", weight, p.granularity)
+                except QuantizationError as e:
+                    raise QatPackError(str(e)) from None
                 state[f"{name}.weight"] = weight.clone()  # ±scale exactly: what the sign codes decode to
                 continue
             out_features, in_features = weight.shape
@@ -129,6 +132,7 @@ class QuantAwareTraining(LinearReplacement):
             state[f"{name}.weight"] = dequantized
             store.add_int(f"{name}.weight", weight.shape, (codes + zero).to(torch.uint8).reshape(weight.shape),
                           scale, None, bits, p.granularity, p.group_size, True)
+        bits = max(t["bits"] for t in store.tensors.values())  # binary: 2 where a tensor kept an exact zero
         meta = store.meta("qat", weight_format=p.weight_format, bits=bits, granularity=p.granularity,
                           group_size=p.group_size if p.granularity == "group" else None, symmetric=True)
         return QuantizedModel(state_dict=state, packed=store.packed, meta=meta)

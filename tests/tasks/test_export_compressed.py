@@ -84,6 +84,10 @@ def test_grids_without_an_equivalent_are_refused_with_the_reason(tmp_path, char_
         "format": "e2m1", "bits": 4, "granularity": None, "symmetric": None}}}}
     with pytest.raises(ExportFormatError, match="up_proj.weight is quantized to the 'e2m1' grid"):
         quantization_layout(facts, tmp_path)
+    bipft = {"binary_network": {"estimators": True}, "quantization": {"tensors": {"model.layers.0.mlp.up_proj.weight": {
+        "format": "sign", "bits": 1, "granularity": "per_tensor", "symmetric": True}}}}
+    with pytest.raises(ExportFormatError, match=r"has modules beside its weights \(binary_network\)"):
+        quantization_layout(bipft, tmp_path)
     with pytest.raises(ExportFormatError, match="not a quantized model artifact"):
         quantization_layout({"kind": "pretrain"}, tmp_path)
     assert not (tmp_path / "ct").exists()

@@ -4,6 +4,7 @@ estimators against the paper's scores, training and folding back, the artifact r
 (plain Llama + side tensors, the same logits after loading), an exact resume, and refusals."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -173,6 +174,12 @@ def test_beam_search_and_cropping_move_the_kept_maps_with_the_cache():
         cached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, num_beams=3, use_cache=True)
         uncached = model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, num_beams=3, use_cache=False)
         assert torch.equal(cached, uncached)
+        prompt = model(ids, use_cache=True).cache  # a prompt's cache reused through deepcopy
+        kept = {layer: maps.clone() for layer, maps in prompt.binary_maps.items()}
+        reused = copy.deepcopy(prompt)
+        reused.reorder_cache(torch.tensor([1, 0]))
+        assert all(torch.equal(prompt.binary_maps[layer], maps) for layer, maps in kept.items())  # untouched
+        assert all(torch.equal(reused.binary_maps[layer], maps[[1, 0]]) for layer, maps in kept.items())
         cache = model(ids[:, :10], use_cache=True).cache
         before = {layer: maps.clone() for layer, maps in cache.binary_maps.items()}
         cache.reorder_cache(torch.tensor([1, 1]))  # beam search keeps the second row twice

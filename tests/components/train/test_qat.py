@@ -92,6 +92,9 @@ def test_a_weight_off_the_grid_is_not_packed():
     config, method = qat(weight_format="ternary")
     with pytest.raises(QatPackError, match=r"model\.layers\.0\..*\.weight is not on the ternary grid"):
         method.pack(nano())  # an untrained model: its weights are not ternary
+    config, method = qat(weight_format="binary")
+    with pytest.raises(QatPackError, match=r"model\.layers\.0\..*\.weight is not a binary weight"):
+        method.pack(nano())
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused():
