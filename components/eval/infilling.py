@@ -71,10 +71,11 @@ def infill_examples(spec: InfillSpec, blocks_by_domain: dict[str, np.ndarray]) -
 
 
 @torch.no_grad()
-def _middle_scores(model, sequences: np.ndarray, n_context: int,
-                   head: torch.nn.Linear | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Per example: NLL summed over the middle, correct top-1 count of the middle tokens, and the
-    horizon head's predictions at ``<MID>`` and the middle tokens but the last (with ``head``)."""
+def span_scores(model, sequences: np.ndarray, n_context: int,
+                head: torch.nn.Linear | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per example: NLL summed over the tokens from position ``n_context`` on (the middle), their
+    correct top-1 count, and the horizon head's predictions at ``<MID>`` and the middle tokens but
+    the last (with ``head``)."""
     ids = torch.from_numpy(sequences.astype(np.int64)).to(next(model.parameters()).device)
     out = model(input_ids=ids, **({"output_hidden_states": True} if head is not None else {}))
     logits = out.logits[:, n_context - 1:-1].float()
@@ -128,7 +129,7 @@ def infill_metrics(model, tokenizer, spec: InfillSpec, blocks_by_domain: dict[st
             sequences = np.stack([seq for seq, _ in built])
             nll, correct = 0.0, 0
             for i in range(0, len(sequences), batch_size):
-                n, c, h = _middle_scores(model, sequences[i:i + batch_size], n_context, head if f == "fim" else None)
+                n, c, h = span_scores(model, sequences[i:i + batch_size], n_context, head if f == "fim" else None)
                 nll, correct = nll + float(n.sum()), correct + int(c.sum())
                 if h is not None:
                     horizons.append(h)

@@ -9,11 +9,13 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from components.data.retrieval import RetrievalLayout
 from components.eval.evaluator import Evaluator
 from components.eval.infilling import InfillSpec, infill_metrics
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
 from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementSpec
+from components.eval.retrieval_perplexity import retrieval_metrics
 from components.eval.scaling_fit import ScalingFitSpec
 from components.eval.sizes import model_size_report
 from components.eval.sweep_plot import SweepPlot
@@ -60,6 +62,11 @@ class StandardEvaluation(Evaluator):
         """Optional: fill a middle span of test blocks given prefix and suffix, scored left to right
         and in the span-corruption format (``components/eval/infilling.py``); metrics
         ``infill_nll_<format>``, ``infill_acc_<format>``, also per domain."""
+        retrieval: RetrievalLayout | None = None
+        """Optional: perplexity of each test block's tokens after its query chunk, alone and behind
+        the training blocks retrieved for it (InstructRetro-lite,
+        ``components/eval/retrieval_perplexity.py``); metrics ``retrieval_ppl_none`` and
+        ``retrieval_ppl_retrieved``, also per domain. Give it the layout the ``retro`` stages used."""
         checkpoints: bool = False
         """Also score the checkpoints each input model's training stage kept (``keep_checkpoints``),
         as models ``<stage>_at<percent>``, and plot every capability along training (The Fine Line,
@@ -88,9 +95,14 @@ class StandardEvaluation(Evaluator):
                                  f"{', '.join(repeated)}")
             return self
 
+    @property
+    def needs_train_blocks(self) -> bool:
+        """The retrieval database is the training blocks (the evaluate stage passes ``train_blocks``)."""
+        return self.params.retrieval is not None
+
     def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
-                 progress: bool = False) -> dict[str, float]:
+                 progress: bool = False, train_blocks: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         p = self.params
         out = perplexity_metrics(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain, progress)
         if task_examples:
@@ -102,6 +114,11 @@ class StandardEvaluation(Evaluator):
             out["arith_n"] = r["n"]
         if p.infill is not None:
             out.update(infill_metrics(model, tokenizer, p.infill, blocks_by_domain, p.ppl_batch_size, model_dir))
+        if p.retrieval is not None:
+            if not train_blocks:
+                raise ValueError("evaluate: retrieval needs the training blocks as its database (train_blocks)")
+            out.update(retrieval_metrics(model, p.retrieval, blocks_by_domain, train_blocks, p.ppl_batch_size,
+                                         p.max_blocks_per_domain, progress))
         if p.hessian_trace_probes:
             out.update(flatness_metrics(model, blocks_by_domain, p.hessian_trace_probes, p.hessian_trace_blocks))
         kl_args = (blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain)

@@ -108,6 +108,10 @@ class TrainingMethod(Method):
     def use_tokenizer(self, tokenizer) -> None:
         """Called first, with the tokenizer of the training tokens (e.g. to find answer tokens)."""
 
+    def use_blocks(self, blocks: np.ndarray) -> None:
+        """Called before ``prepare`` with the training blocks ``(n_blocks, seq_len)`` (e.g. to index
+        them for retrieval); ``on_batch``'s indices are rows of this array."""
+
     def prepare(self, model: nn.Module) -> None:
         """Called once on the plain model before the optimizer exists (e.g. install masks)."""
 

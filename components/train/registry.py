@@ -20,6 +20,7 @@ from components.train.method import TrainingMethod
 from components.train.perp import PerpRetrain
 from components.train.qfx import FixedPointTraining
 from components.train.qat import QuantAwareTraining
+from components.train.retro import RetrievalPretraining
 from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
 from components.train.spdf import SpdfTraining
@@ -31,11 +32,13 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
                                                             LoraFinetune, GradualPruning, SLTrain,
                                                             QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
                                                             FixedPointTraining, MixtureOfDenoisers, FillInTheMiddle,
-                                                            FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining])
+                                                            FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining,
+                                                            RetrievalPretraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
                                                             HaloTraining, L4QTraining, Bert2Bert, VCycleCoalesce,
                                                             DoubleRounding, FixedPointTraining, CompacterFinetune,
                                                             MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion,
-                                                            FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining])
+                                                            FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining,
+                                                            RetrievalPretraining])

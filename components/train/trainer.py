@@ -770,6 +770,7 @@ def train(
         teacher.eval()
         teacher.requires_grad_(False)
     plain_keys = set(model.state_dict()) if config.keep_checkpoints else set()
+    method.use_blocks(blocks)
     method.prepare(model)
     method.bind(model, teacher, blocks.shape[0])
     trainable = freeze_parameters(model, config.freeze)

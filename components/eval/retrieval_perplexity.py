@@ -1,0 +1,57 @@
+"""Perplexity with retrieved neighbours (InstructRetro-lite, ``components/train/retro.py``).
+
+Each test block's tokens after its query chunk are scored twice, on the same tokens:
+- ``none``: the block alone (its query chunk is the context), what a model without retrieval sees;
+- ``retrieved``: behind the ``neighbours`` nearest training blocks to its query chunk
+  (``components/data/retrieval.py``); test documents are never in the database.
+
+Metrics: ``retrieval_ppl_<format>`` and ``retrieval_loss_<format>`` over all test blocks
+(token-weighted), and per domain (``..._<domain>``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from components.data.retrieval import ChunkIndex, RetrievalLayout, with_neighbours
+from components.eval.infilling import span_scores
+
+FORMATS = ("none", "retrieved")
+
+
+def retrieval_metrics(model, layout: RetrievalLayout, blocks_by_domain: dict[str, np.ndarray],
+                      train_blocks: dict[str, np.ndarray], batch_size: int = 8,
+                      max_blocks_per_domain: int | None = None, progress: bool = False) -> dict[str, float]:
+    database = np.concatenate([np.asarray(train_blocks[d]) for d in sorted(train_blocks)])
+    index = ChunkIndex(database, layout)
+    out: dict[str, float] = {}
+    totals = {f: [0.0, 0] for f in FORMATS}
+    for domain, blocks in sorted(blocks_by_domain.items()):
+        blocks = np.asarray(blocks[:max_blocks_per_domain])
+        if len(blocks) == 0:
+            continue
+        layout.check_blocks(blocks.shape[1], f"retrieval perplexity ({domain} test blocks)")
+        values = index.values(index.search(blocks[:, :layout.chunk_tokens]))
+        built = {"none": (blocks.astype(np.int64), layout.chunk_tokens),
+                 "retrieved": with_neighbours(blocks, values, layout.chunk_tokens)}
+        for f, (sequences, first_scored) in built.items():
+            nll = 0.0
+            for i in tqdm(range(0, len(sequences), batch_size), desc=f"retrieval ppl ({domain}, {f})",
+                          disable=not progress):
+                nll += float(span_scores(model, sequences[i:i + batch_size], first_scored)[0].sum())
+            count = len(sequences) * (sequences.shape[1] - first_scored)
+            out[f"retrieval_loss_{f}_{domain}"] = nll / count
+            out[f"retrieval_ppl_{f}_{domain}"] = _ppl(nll / count)
+            totals[f][0] += nll
+            totals[f][1] += count
+    for f, (nll, count) in totals.items():
+        if count:
+            out[f"retrieval_loss_{f}"] = nll / count
+            out[f"retrieval_ppl_{f}"] = _ppl(nll / count)
+    return out
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
