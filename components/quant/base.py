@@ -115,12 +115,32 @@ class PackedWeights:
             raise QuantizationError(f"{name} is not a binary weight: entries differ in magnitude from their "
                                     f"{granularity.replace('_', ' ')} scale by up to {worst:.3g}")
         if has_zeros:
-            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            codes = (torch.round(rows / scale.unsqueeze(-1)) + 2).to(torch.uint8)
-            self.add_int(name, weight.shape, codes, scale, None, 2, granularity, None, True)
+            self.add_symmetric(name, weight, 2, granularity)
             return
         self.add_codes(name, weight.shape, (rows > 0).to(torch.uint8), 1, {"scales": scale}, format="sign",
                        granularity=granularity, group_size=None, symmetric=True)
+
+    def add_symmetric(self, name: str, weight: torch.Tensor, bits: int, granularity: str,
+                      group_size: int | None = None, grid: str | None = None) -> torch.Tensor:
+        """A 2-D weight already on a symmetric ``bits``-bit grid (``code * scale``, one scale per
+        tensor, output channel or group: its max |w| over qmax) as int codes; returns what they
+        decode to. A weight off the grid is refused, ``grid`` (default: the bit width) named."""
+        weight = weight.detach().float()
+        qmax = 2 ** (bits - 1) - 1
+        out_features, in_features = weight.shape
+        sets = {"per_tensor": (1, 1), "per_channel": (out_features, 1),
+                "group": (out_features, in_features // (group_size or in_features))}[granularity]
+        rows = weight.reshape(*sets, -1)
+        scale = rows.abs().amax(-1) / qmax
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.round(rows / scale.unsqueeze(-1))
+        dequantized = (codes * scale.unsqueeze(-1)).reshape(weight.shape)
+        if codes.abs().max() > qmax or not torch.allclose(dequantized, weight, rtol=1e-6, atol=0):
+            raise QuantizationError(f"{name} is not on the {grid or f'symmetric {bits}-bit'} grid (max difference "
+                                    f"{float((dequantized - weight).abs().max()):.3g})")
+        self.add_int(name, weight.shape, (codes + 2 ** (bits - 1)).to(torch.uint8).reshape(weight.shape), scale,
+                     None, bits, granularity, group_size, True)
+        return dequantized
 
     def add_raw(self, name: str, tensor: torch.Tensor) -> None:
         """A side tensor that belongs to no single weight (e.g. a mask); counted in the bytes."""

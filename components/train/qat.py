@@ -104,34 +104,19 @@ class QuantAwareTraining(LinearReplacement):
         ``state_dict`` holds exactly what it dequantizes to (the artifact stores those). Binary
         weights are sign bits and their scales (``PackedWeights.add_sign``), decoded exactly."""
         p = self.params
-        bits = CODE_BITS.get(p.weight_format, p.bits)
-        qmax, zero = 2 ** (bits - 1) - 1, 2 ** (bits - 1)
         store, state = PackedWeights(), {}
         for name, linear in sorted(self.targets(model).items()):
             weight = linear.weight.detach().float()
-            if p.weight_format == "binary":
-                try:
+            try:
+                if p.weight_format == "binary":
                     store.add_sign(f"{name}.weight", weight, p.granularity)
-                except QuantizationError as e:
-                    raise QatPackError(str(e)) from None
-                state[f"{name}.weight"] = weight.clone()  # ±scale exactly: what the sign codes decode to
-                continue
-            out_features, in_features = weight.shape
-            groups = {"per_tensor": (1, 1), "per_channel": (out_features, 1),
-                      "group": (out_features, in_features // p.group_size)}[p.granularity]
-            rows = weight.reshape(*groups, -1)
-            scale = rows.abs().amax(-1) / qmax
-            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            codes = torch.round(rows / scale.unsqueeze(-1))
-            if codes.abs().max() > qmax:
-                raise QatPackError(f"{name}.weight is not on the {p.weight_format} grid")
-            dequantized = (codes * scale.unsqueeze(-1)).reshape(weight.shape)
-            if not torch.allclose(dequantized, weight, rtol=1e-6, atol=0):
-                raise QatPackError(f"{name}.weight is not on the {p.weight_format} grid "
-                                   f"(max difference {float((dequantized - weight).abs().max()):.3g})")
-            state[f"{name}.weight"] = dequantized
-            store.add_int(f"{name}.weight", weight.shape, (codes + zero).to(torch.uint8).reshape(weight.shape),
-                          scale, None, bits, p.granularity, p.group_size, True)
+                    state[f"{name}.weight"] = weight.clone()  # ±scale exactly: what the sign codes decode to
+                else:
+                    state[f"{name}.weight"] = store.add_symmetric(
+                        f"{name}.weight", weight, CODE_BITS.get(p.weight_format, p.bits), p.granularity,
+                        p.group_size, grid=p.weight_format)
+            except QuantizationError as e:
+                raise QatPackError(str(e)) from None
         bits = max(t["bits"] for t in store.tensors.values())  # binary: 2 where a tensor kept an exact zero
         meta = store.meta("qat", weight_format=p.weight_format, bits=bits, granularity=p.granularity,
                           group_size=p.group_size if p.granularity == "group" else None, symmetric=True)
