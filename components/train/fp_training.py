@@ -33,6 +33,7 @@ from components.registry import Paper
 from components.train.halo import LowPrecisionLinear, Operand, checked_operands, operand_widths
 from components.train.replacement import LinearReplacement
 
+
 class FloatingPointTraining(LinearReplacement):
     key = "fp_training"
     paper = Paper(title="Scaling Laws for Floating-Point Quantization Training",

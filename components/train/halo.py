@@ -56,7 +56,7 @@ from components.train.replacement import FoldableLinear, LinearReplacement
 
 INT_FORMAT = re.compile(r"int([2-8])")
 OPERANDS = ("P1", "P2", "P3", "P4", "P5", "P6")
-Operand = Literal["P1", "P2", "P3", "P4", "P5", "P6"]
+Operand = Literal[OPERANDS]  # a tuple subscript: one literal per member
 OPERAND_NAMES = {"P1": "input", "P2": "weight", "P3": "output gradient (input-gradient GEMM)",
                  "P4": "weight (input-gradient GEMM)", "P5": "output gradient (weight-gradient GEMM)",
                  "P6": "input (weight-gradient GEMM)"}
