@@ -6,7 +6,10 @@ Each test block's tokens after its query chunk are scored twice, on the same tok
   (``components/data/retrieval.py``); test documents are never in the database.
 
 Metrics: ``retrieval_ppl_<format>`` and ``retrieval_loss_<format>`` over all test blocks
-(token-weighted), and per domain (``..._<domain>``).
+(token-weighted), and per domain (``..._<domain>``). How related the retrieved text is, whatever
+the model: ``retrieval_overlap`` is the share of the scored tokens' bigrams that occur in the
+retrieved neighbours, beside ``retrieval_overlap_random`` for as many random training blocks
+(seeded), both averaged over the test blocks.
 """
 from __future__ import annotations
 
@@ -28,12 +31,19 @@ def retrieval_metrics(model, layout: RetrievalLayout, blocks_by_domain: dict[str
     index = ChunkIndex(database, layout)
     out: dict[str, float] = {}
     totals = {f: [0.0, 0] for f in FORMATS}
+    overlaps = {"retrieval_overlap": 0.0, "retrieval_overlap_random": 0.0}  # summed over blocks
+    rng, scored_blocks = np.random.default_rng(0), 0
     for domain, blocks in sorted(blocks_by_domain.items()):
         blocks = np.asarray(blocks[:max_blocks_per_domain])
         if len(blocks) == 0:
             continue
         layout.check_blocks(blocks.shape[1], f"retrieval perplexity ({domain} test blocks)")
         values = index.values(index.search(blocks[:, :layout.chunk_tokens]))
+        random_rows = rng.integers(0, len(database), size=(len(blocks), layout.neighbours))
+        overlaps["retrieval_overlap"] += bigram_overlap(blocks, values, layout.chunk_tokens) * len(blocks)
+        overlaps["retrieval_overlap_random"] += bigram_overlap(
+            blocks, index.values(random_rows), layout.chunk_tokens) * len(blocks)
+        scored_blocks += len(blocks)
         built = {"none": (blocks.astype(np.int64), layout.chunk_tokens),
                  "retrieved": with_neighbours(blocks, values, layout.chunk_tokens)}
         for f, (sequences, first_scored) in built.items():
@@ -50,7 +60,20 @@ def retrieval_metrics(model, layout: RetrievalLayout, blocks_by_domain: dict[str
         if count:
             out[f"retrieval_loss_{f}"] = nll / count
             out[f"retrieval_ppl_{f}"] = _ppl(nll / count)
+    if scored_blocks:
+        out.update({key: total / scored_blocks for key, total in overlaps.items()})
     return out
+
+
+def bigram_overlap(blocks: np.ndarray, neighbour_tokens: np.ndarray, chunk_tokens: int) -> float:
+    """Mean share of the distinct token bigrams after each block's query chunk that also occur in
+    its neighbours' tokens: how much of what is predicted the neighbours hold (1 for a copy)."""
+    shares = []
+    for block, neighbours in zip(np.asarray(blocks), np.asarray(neighbour_tokens)):
+        predicted = set(zip(block[chunk_tokens:-1].tolist(), block[chunk_tokens + 1:].tolist()))
+        held = set(zip(neighbours[:-1].tolist(), neighbours[1:].tolist()))
+        shares.append(len(predicted & held) / len(predicted) if predicted else 0.0)
+    return float(np.mean(shares))
 
 
 def _ppl(loss: float) -> float:

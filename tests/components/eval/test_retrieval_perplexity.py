@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from components.data.retrieval import ChunkIndex, RetrievalLayout
 from components.eval.standard import StandardEvaluation
-from components.eval.retrieval_perplexity import retrieval_metrics
+from components.eval.retrieval_perplexity import bigram_overlap, retrieval_metrics
 from components.model.presets import build_model
 
 VOCAB, SEQ, CHUNK = 64, 16, 4
@@ -53,3 +53,10 @@ def test_the_standard_evaluator_reads_the_training_blocks_only_when_it_retrieves
     model = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=0).eval()
     with pytest.raises(ValueError, match="retrieval needs the training blocks"):
         retrieving.evaluate(model, None, None, {"a": blocks(2, 0)}, [], None)
+
+
+def test_bigram_overlap_counts_the_predicted_bigrams_the_neighbours_hold():
+    block = np.array([[9, 9, 1, 2, 3, 4, 5]])  # after a 2-token query: bigrams (1,2) (2,3) (3,4) (4,5)
+    assert bigram_overlap(block, block, chunk_tokens=2) == 1.0
+    assert bigram_overlap(block, np.array([[7, 3, 4, 5, 8]]), chunk_tokens=2) == 0.5
+    assert bigram_overlap(block, np.array([[2, 1, 4, 3]]), chunk_tokens=2) == 0.0  # tokens alone do not count

@@ -73,6 +73,8 @@ def test_the_model_learns_to_read_retrieved_neighbours_where_random_ones_teach_n
         runs[source] = train(model, blocks, config, method, progress=False)
         model.eval()
         scores[source] = retrieval_metrics(model, layout, {"unseen": unseen[:64]}, {"db": unseen[64:]})
+    # the database holds each unseen block's partner: a copy of what is predicted
+    assert scores["random"]["retrieval_overlap"] == 1.0 and scores["random"]["retrieval_overlap_random"] < 0.1
     assert scores["random"]["retrieval_loss_retrieved"] > 3.5, scores
     assert scores["retrieved"]["retrieval_loss_retrieved"] < 0.6 * scores["random"]["retrieval_loss_retrieved"], scores
     assert scores["retrieved"]["retrieval_loss_retrieved"] < 0.6 * scores["retrieved"]["retrieval_loss_none"], scores
