@@ -129,6 +129,42 @@ def format_example(fmt: str, a: int, b: int) -> str:
     return format_prompt(fmt, a, b) + format_completion(fmt, a, b)
 
 
+def solution_steps(fmt: str, a: int, b: int) -> list[str]:
+    """The steps of the one correct completion, in order; they join to ``format_completion``.
+
+    A step is the smallest piece whose correctness is decided by the computation so far: a line
+    (with its newline) of a scratchpad, one answer digit (least significant first) of the
+    reversed format, and the whole answer of the plain one, whose first digit needs every carry.
+    """
+    completion = format_completion(fmt, a, b)
+    if fmt == "plain":
+        return [completion]
+    if fmt == "reversed":
+        return list(completion)
+    return completion.splitlines(keepends=True)
+
+
+def verified_prefix(fmt: str, a: int, b: int, completion: str) -> tuple[int, bool]:
+    """(steps, complete) of a generated ``completion`` of ``a+b``: how many of its leading steps
+    are the correct ones, and whether it is the whole correct solution (then followed by nothing,
+    or by a newline: the next example).
+
+    Every step's text fixes the computation's state after it (digits so far, carry), so a step
+    that equals the correct one is a correct state: the partial-correctness test of Ni et al.
+    (2023), which matches execution states against known-correct programs.
+    """
+    steps = solution_steps(fmt, a, b)
+    solution = "".join(steps)
+    if completion == solution or completion.startswith(solution + "\n"):
+        return len(steps), True
+    done, position = 0, 0
+    for step in steps[:-1]:  # the last step ends the solution: it is only right when complete
+        if not completion.startswith(step, position):
+            break
+        done, position = done + 1, position + len(step)
+    return done, False
+
+
 _PROMPT_RE = {
     "plain": re.compile(r"(\d+)\+(\d+)="),
     "reversed": re.compile(r"\$(\d+)\+(\d+)="),

@@ -94,8 +94,10 @@ def _encode(tokenizer, text: str) -> list[int]:
 @torch.no_grad()
 def generate_answers(model, tokenizer, fmt: str, problems: Sequence[tuple[int, int]], batch_size: int = 64,
                      extra_new_tokens: int = 4, progress: bool = False,
-                     batching: Literal["by_length", "prepacked"] = "by_length") -> list[str]:
-    """Greedy prompt + generation texts, in problem order.
+                     batching: Literal["by_length", "prepacked"] = "by_length", temperature: float | None = None,
+                     seed: int = 0) -> list[str]:
+    """Greedy prompt + generation texts, in problem order; sampled at ``temperature`` (no top-k)
+    instead when it is set, from a generator seeded by ``seed`` (the global RNG is left as it was).
 
     ``by_length``: batches of up to ``batch_size`` prompts that share one token length (no padding,
     but as many ``generate`` calls as there are lengths). ``prepacked``: prompts of all lengths
@@ -130,7 +132,7 @@ def generate_answers(model, tokenizer, fmt: str, problems: Sequence[tuple[int, i
         texts[index] = prompts[index] + tokenizer.decode(generated, skip_special_tokens=False,
                                                          clean_up_tokenization_spaces=False)
 
-    if batching == "prepacked" and supports_prepacking(model):
+    if batching == "prepacked" and temperature is None and supports_prepacking(model):
         generated, _ = prepacked_greedy_generate(model, encoded, budgets, eos_token_id=eos,
                                                  rows_per_batch=batch_size, progress=progress)
         for index, tokens in enumerate(generated):
@@ -141,17 +143,21 @@ def generate_answers(model, tokenizer, fmt: str, problems: Sequence[tuple[int, i
         by_length.setdefault(len(ids), []).append(index)
     chunks = [group[i:i + batch_size] for _, group in sorted(by_length.items())
               for i in range(0, len(group), batch_size)]
+    decoding = dict(do_sample=False) if temperature is None else dict(do_sample=True, temperature=temperature,
+                                                                      top_k=0, top_p=1.0)
     was_training = model.training
     model.eval()
     try:
-        for chunk in tqdm(chunks, desc="arithmetic generate", disable=not progress):
-            ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=max(budgets[i] for i in chunk), do_sample=False, pad_token_id=pad,
-                                 eos_token_id=eos)
-            for row, index in enumerate(chunk):
-                # each row keeps its own budget, so batching never changes an answer
-                finish(index, out[row, ids.shape[1]:ids.shape[1] + budgets[index]].tolist())
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for chunk in tqdm(chunks, desc="arithmetic generate", disable=not progress):
+                ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=max(budgets[i] for i in chunk), pad_token_id=pad,
+                                     eos_token_id=eos, **decoding)
+                for row, index in enumerate(chunk):
+                    # each row keeps its own budget, so batching never changes a greedy answer
+                    finish(index, out[row, ids.shape[1]:ids.shape[1] + budgets[index]].tolist())
     finally:
         model.train(was_training)
     return texts

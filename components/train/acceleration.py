@@ -168,6 +168,18 @@ def compiled_engine(engine, model: torch.nn.Module, enabled: bool) -> Iterator[N
         model._compiled_call_impl = None
 
 
+@contextlib.contextmanager
+def eager(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` uncompiled inside a ``compiled_engine`` block, e.g. to generate text mid-training:
+    every new generation length would otherwise recompile the forward."""
+    compiled = getattr(model, "_compiled_call_impl", None)
+    model._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = compiled
+
+
 def _glibc():
     try:
         libc = ctypes.CDLL(None)
