@@ -41,6 +41,16 @@ class RetrievalLayout(MethodParams):
                              f"(chunk_tokens {self.chunk_tokens})")
         return self
 
+    def check_matches(self, trained: dict, model: str) -> None:
+        """Refuse to score ``model`` in another layout than the one it trained in (``trained``: its
+        facts' ``retrieval`` entry), naming the settings that differ."""
+        differ = {k: (trained[k], v) for k, v in self.model_dump().items() if k in trained and trained[k] != v}
+        if differ:
+            was = ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
+            now = ", ".join(f"{k}={b}" for k, (_, b) in differ.items())
+            raise ValueError(f"model {model} trained with retrieval {was} but the evaluate stage's retrieval has "
+                             f"{now}; give the evaluate stage the layout the model trained with")
+
     def check_blocks(self, seq_len: int, where: str) -> None:
         if seq_len <= self.chunk_tokens or seq_len < self.neighbour_tokens:
             raise ValueError(f"{where}: blocks of {seq_len} tokens are too short for chunk_tokens "
@@ -48,8 +58,8 @@ class RetrievalLayout(MethodParams):
                              f"{self.neighbour_tokens}")
 
 
-def _features(chunks: np.ndarray, dims: int) -> list[np.ndarray]:
-    """Hashed bucket of every token unigram and bigram, per chunk."""
+def _features(chunks: np.ndarray, dims: int) -> np.ndarray:
+    """Hashed bucket of every token unigram and bigram of each chunk: ``[n, 2 * len - 1]``."""
     ids = chunks.astype(np.uint64)
     unigrams = ids % np.uint64(dims)
     bigrams = ((ids[:, :-1] * _BIGRAM_MIX) ^ ids[:, 1:]) % np.uint64(dims)

@@ -100,9 +100,15 @@ class StandardEvaluation(Evaluator):
         """The retrieval database is the training blocks (the evaluate stage passes ``train_blocks``)."""
         return self.params.retrieval is not None
 
+    @property
+    def needs_model_facts(self) -> bool:
+        """With retrieval, a model's facts say the layout it trained in (``retro``), checked here."""
+        return self.params.retrieval is not None
+
     def evaluate(self, model, tokenizer, model_dir: Path | None, blocks_by_domain: dict[str, np.ndarray],
                  task_examples: list[dict], work_dir: Path, quant_meta: dict | None = None,
-                 progress: bool = False, train_blocks: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+                 progress: bool = False, train_blocks: dict[str, np.ndarray] | None = None,
+                 facts: dict | None = None) -> dict[str, float]:
         p = self.params
         out = perplexity_metrics(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain, progress)
         if task_examples:
@@ -117,6 +123,8 @@ class StandardEvaluation(Evaluator):
         if p.retrieval is not None:
             if not train_blocks:
                 raise ValueError("evaluate: retrieval needs the training blocks as its database (train_blocks)")
+            if (facts or {}).get("retrieval"):
+                p.retrieval.check_matches(facts["retrieval"], str(model_dir))
             out.update(retrieval_metrics(model, p.retrieval, blocks_by_domain, train_blocks, p.ppl_batch_size,
                                          p.max_blocks_per_domain, progress))
         if p.hessian_trace_probes:

@@ -47,12 +47,18 @@ def test_both_formats_score_the_tokens_after_the_query_and_none_is_the_plain_cau
 
 def test_the_standard_evaluator_reads_the_training_blocks_only_when_it_retrieves():
     standard = StandardEvaluation
-    assert not standard().needs_train_blocks
+    assert not standard().needs_train_blocks and not standard().needs_model_facts
     retrieving = standard(standard.Params(retrieval={"chunk_tokens": CHUNK, "neighbour_tokens": 8}))
-    assert retrieving.needs_train_blocks
+    assert retrieving.needs_train_blocks and retrieving.needs_model_facts
     model = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=0).eval()
     with pytest.raises(ValueError, match="retrieval needs the training blocks"):
         retrieving.evaluate(model, None, None, {"a": blocks(2, 0)}, [], None)
+    trained = {"retrieval": {"chunk_tokens": CHUNK, "neighbours": 2, "neighbour_tokens": 12, "dims": 4096,
+                             "neighbours_from": "retrieved", "database_blocks": 30}}
+    with pytest.raises(ValueError, match="model m trained with retrieval neighbour_tokens=12 but the evaluate "
+                                         "stage's retrieval has neighbour_tokens=8"):
+        retrieving.evaluate(model, None, "m", {"a": blocks(2, 0)}, [], None, train_blocks={"x": blocks(20, 3)},
+                            facts=trained)
 
 
 def test_bigram_overlap_counts_the_predicted_bigrams_the_neighbours_hold():
