@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from components.eval.claims import Claim, SeedPlan, claim_stages
 from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementSpec
+from components.eval.stability import StabilitySpec
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
 from components.model.presets import PRESETS
@@ -335,8 +336,8 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
     # and the scaling laws an evaluate stage fits (``params.fits``), by the fit's name
     checkable |= {fit.get("name") for n in evaluates for fit in recipe.stages[n].params.get("fits", [])
                   if isinstance(fit, dict)}
-    # and the rank agreements between early checkpoints and final models, and the correlations
-    # between two metrics across runs, by name
+    # and the rank agreements between early checkpoints and final models, the correlations
+    # between two metrics across runs and the stability groups, by name
     for n in evaluates:
         checkable |= _check_compared_runs(recipe, n, path)
     for claim in recipe.claims:
@@ -352,14 +353,15 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
 
 
 def _check_compared_runs(recipe: Recipe, name: str, path) -> set[str]:
-    """An evaluate stage's ``rank_agreements`` and ``correlations`` compare fixed runs among its
-    evaluated models, and a rank agreement's runs keep a checkpoint at its fraction; checked
+    """An evaluate stage's ``rank_agreements``, ``correlations`` and ``stability`` groups compare
+    fixed runs among its evaluated models, and a rank agreement's runs keep a checkpoint at its fraction; checked
     before any stage trains. Returns their names."""
     spec = recipe.stages[name]
     models = spec.inputs.get("models", [])
     models = [models] if isinstance(models, str) else models
     entries = [(key, i, cls.model_validate(entry))  # the evaluator's params validated them already
-               for key, cls in (("rank_agreements", RankAgreementSpec), ("correlations", MetricCorrelationSpec))
+               for key, cls in (("rank_agreements", RankAgreementSpec), ("correlations", MetricCorrelationSpec),
+                                ("stability", StabilitySpec))
                for i, entry in enumerate(spec.params.get(key, []))]
     dependent = seed_dependent(recipe, path) if recipe.seeds and entries else set()
     for key, i, entry in entries:

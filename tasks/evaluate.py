@@ -18,6 +18,7 @@ from components.eval.claims import Claim, SeedPlan, check_claims, verdict_label
 from components.eval.summary import scored_blocks
 from components.eval.rank_agreement import agreement_scores, correlation_scores, rank_agreement
 from components.eval.scaling_fit import claim_metrics, fit_points, fit_scaling_law, write_fit_plot
+from components.eval.stability import claim_values as stability_claim_values, group_stability
 from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from components.train.trainer import MODEL_FILE, load_weights
@@ -27,8 +28,8 @@ from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss", "trainable_params", "optimizer_state_bytes",
                 "block_matrix_state_bytes", "block_params", "block_params_final", "block_params_avg")
-FACT_PREFIXES = ("sampler_", "val_loss_", "format_")  # numeric facts of a training sampler, monitor or
-# number format, copied as they are
+FACT_PREFIXES = ("sampler_", "val_loss_", "format_", "stability_")  # numeric facts of a training sampler,
+# monitor, number format or the run's stability, copied as they are
 EFT_ROLES = ("eft_large_base", "eft_small_ft", "eft_small_base")
 # HFLM warns on every in-memory model it wraps; the evaluate stage always passes one on purpose.
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -83,14 +84,18 @@ def run(ctx) -> dict:
     upstream = _upstream_metrics(ctx)
     fits = _scaling_fits(ctx, evaluator, per_model)
     agreements = _rank_agreements(ctx, evaluator, per_model)
+    stability = _stability_groups(ctx, evaluator, per_model)
     results = check_claims(claims, {**upstream, **{n: {**upstream.get(n, {}), **m} for n, m in per_model.items()},
                                     **{name: claim_metrics(fit["result"]) for name, fit in fits.items()},
-                                    **{name: a["result"] for name, a in agreements.items()}},
+                                    **{name: a["result"] for name, a in agreements.items()},
+                                    **{name: stability_claim_values(g) for name, g in stability.items()}},
                            SeedPlan(seeds["seeds"], seeds["expanded"]) if seeds else None)
     report = {"models": per_model, "domains": [d for d in domains if len(blocks[d])], "claims": results,
               "arith_examples": len(examples), "training_curves": curves}
     if agreements:
         report["rank_agreements"] = agreements
+    if stability:
+        report["stability"] = stability
     if fits:
         report["scaling_fits"] = {name: {**fit["result"].as_dict(), "points": fit["points"], "figure": fit["figure"]}
                                   for name, fit in fits.items()}
@@ -109,6 +114,8 @@ def run(ctx) -> dict:
                  if math.isfinite(v)})
     flat.update({f"ranks.{name}.{k}": v for name, a in agreements.items() for k, v in a["result"].items()
                  if math.isfinite(v)})
+    flat.update({f"stability.{name}.{k}": v for name, g in stability.items()
+                 for k, v in stability_claim_values(g).items()})
     flat.update({f"claim.{c['name']}": float(c["passed"]) for c in results})
     flat["claims_passed"] = sum(c["passed"] for c in results)
     flat["claims_reproduced"] = sum(c["reproduced"] for c in results)
@@ -198,6 +205,17 @@ def _rank_agreements(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, di
     return out
 
 
+def _stability_groups(ctx, evaluator, per_model: dict[str, dict]) -> dict[str, dict]:
+    """Each ``params.stability`` group's share of unstable runs (``components/eval/stability.py``)."""
+    out = {}
+    for spec in getattr(evaluator.params, "stability", None) or []:
+        try:
+            out[spec.name] = group_stability(spec, per_model)
+        except ValueError as error:
+            raise ValueError(f"stage {ctx.plan.name}: params.stability[{spec.name}]: {error}") from None
+    return out
+
+
 def _upstream_metrics(ctx) -> dict[str, dict]:
     """Logged metrics of every stage upstream of this one, by stage name, for claims such as
     "the selection's prose share is 3x the pool's" (``select_dsir.selected_share_prose``)."""
@@ -242,6 +260,8 @@ def _figures(report: dict, out_dir) -> dict[str, str]:
         "Checkpoint sweep: each capability along training": report_plots.checkpoint_sweep(
             report["models"], report["domains"], out_dir / "checkpoint_sweep.png"),
     }
+    drawn["Stability: unstable share of runs by peak learning rate"] = report_plots.stability_grid(
+        report.get("stability", {}), out_dir / "stability_grid.png")
     if "sweep" in report:
         drawn[f"Sweep: {report['sweep']['metric']}"] = out_dir / report["sweep"]["figure"]
     for name, fit in report.get("scaling_fits", {}).items():
@@ -281,6 +301,12 @@ def _markdown(recipe, report: dict, figures: dict[str, str]) -> str:
                   "| run | " + " | ".join(a["columns"]) + " |", "|---|" + "---|" * len(a["columns"])]
         lines += [f"| {run} | " + " | ".join(_cell(v[i]) for v in a["values"]) + " |"
                   for i, run in enumerate(a["runs"])]
+    for name, g in report.get("stability", {}).items():
+        lines += ["", f"## Stability {name}: {g['unstable']} of {g['runs']} runs unstable, "
+                      f"{_cell(g['diverged_fraction'])} diverged", "",
+                  "| run | peak lr | diverged | loss spike | unstable |", "|---|---|---|---|---|"]
+        lines += [f"| {run} | {_cell(d['lr'])} | {d['diverged']} | {_cell(d['loss_spike'])} | {d['unstable']} |"
+                  for run, d in g["runs_detail"].items()]
     lines += ["", "## Claims", ""]
     for c in report["claims"]:
         lines.append(f"- **{verdict_label(c)}** {c['name']}: {c['statement']}  \n  {c['detail']}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from components.eval.stability import loss_spike
 from components.model.presets import build_model, count_params
 from components.quant.packing import QUANT_CONFIG_ATTR
 from components.train.method import AUXILIARY_FILE, block_weight_counts
@@ -214,6 +215,7 @@ def run(ctx) -> dict:
         **({"ranks": ranks} if ranks > 1 else {}),
         "sampler": (plan.options.get("sampler") or {}).get("method", "uniform"), **result.sampler_facts,
         **result.monitor_facts,
+        **stability_facts(result.losses, result.diverged_at_step, method.params),
         "parents": parents,
     }
     # trained weights have left the grid of a quantized input model (e.g. LoRA merged into an RTN
@@ -256,10 +258,18 @@ def run(ctx) -> dict:
                if quantized is not None else {}),
             "precision_bf16": float(result.precision == "bf16"),
             **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))},
-            **result.monitor_facts}
+            **result.monitor_facts, **stability_facts(result.losses, result.diverged_at_step, method.params)}
 
 
 KEPT_ARTIFACT_DIR = "checkpoints"
+
+
+def stability_facts(losses: list[float], diverged_at_step: int | None, config) -> dict:
+    """How stable the run was (``components/eval/stability.py``): diverged, its largest loss spike
+    after warmup, its peak learning rate; the step it diverged at when it did."""
+    return {"stability_diverged": float(diverged_at_step is not None),
+            "stability_loss_spike": loss_spike(losses, config.warmup_steps), "stability_lr": float(config.lr),
+            **({"stability_diverged_at_step": diverged_at_step} if diverged_at_step is not None else {})}
 
 
 def loss_curve(losses: list[float], max_points: int = 500) -> dict[str, list]:

@@ -172,3 +172,31 @@ def rank_correlation(entry: dict, path: Path) -> Path | None:
     partial = "partial " if "raw_spearman" in entry["result"] else ""
     ax.set_title(f"{partial}Spearman rho {entry['result']['spearman']:.3g}", fontsize="medium")
     return _save(fig, path)
+
+
+def stability_grid(groups: dict[str, dict], path: Path) -> Path | None:
+    """Heat map of the unstable share of runs per stability group (rows) and peak learning rate
+    (columns), seeds pooled (``components/eval/stability.py``)."""
+    if not groups:
+        return None
+    import numpy as np
+
+    plt = _pyplot()
+    lrs = sorted({d["lr"] for g in groups.values() for d in g["runs_detail"].values() if d["lr"] is not None})
+    columns = lrs or [None]
+    grid = np.full((len(groups), len(columns)), np.nan)
+    for row, group in enumerate(groups.values()):
+        for col, lr in enumerate(columns):
+            cell = [d["unstable"] for d in group["runs_detail"].values() if d["lr"] == lr]
+            if cell:
+                grid[row, col] = float(np.mean(cell))
+    fig, ax = plt.subplots(figsize=(2.0 + 1.1 * len(columns), 1.4 + 0.45 * len(groups)))
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="Reds", aspect="auto")
+    ax.set_xticks(range(len(columns)), [f"{lr:g}" if lr is not None else "?" for lr in columns])
+    ax.set_yticks(range(len(groups)), list(groups))
+    ax.set_xlabel("peak learning rate")
+    for (row, col), value in np.ndenumerate(grid):
+        if value == value:  # not nan
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="unstable share of runs")
+    return _save(fig, path)

@@ -18,6 +18,7 @@ from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementS
 from components.eval.retrieval_perplexity import retrieval_metrics
 from components.eval.scaling_fit import ScalingFitSpec
 from components.eval.sizes import model_size_report
+from components.eval.stability import StabilitySpec
 from components.eval.sweep_plot import SweepPlot
 from components.model.linear_attention import (
     FEATURE_MAPS, has_linear_attention, install_linear_attention, recorded_attention_kl, remove_linear_attention,
@@ -84,14 +85,20 @@ class StandardEvaluation(Evaluator):
         a downstream probe), partial when others are held fixed; the rank agreements' statistics
         (``components/eval/rank_agreement.py``), claimable as ``<name>.spearman`` etc."""
 
+        stability: list[StabilitySpec] = Field(default_factory=list)
+        """Optional: groups of runs (e.g. a number format over learning rates and seeds) whose share of
+        unstable runs, diverged or spiking, is reported (``components/eval/stability.py``) and drawn as
+        a grid over learning rate; claimable as ``<name>.unstable_fraction`` etc."""
+
         @model_validator(mode="after")
         def _agreements_need_checkpoints(self):
             if self.rank_agreements and not self.checkpoints:
                 raise ValueError("rank_agreements compare early checkpoints with final models; set checkpoints: true")
-            names = [s.name for s in (*self.fits, *self.rank_agreements, *self.correlations)]
+            names = [s.name for s in (*self.fits, *self.rank_agreements, *self.correlations, *self.stability)]
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
-                raise ValueError("fits, rank_agreements and correlations must have distinct names; repeated: "
+                raise ValueError("fits, rank_agreements, correlations and stability groups must have distinct "
+                                 "names; repeated: "
                                  f"{', '.join(repeated)}")
             return self
 

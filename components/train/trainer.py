@@ -114,6 +114,10 @@ class TrainConfig(MethodParams):
     freeze: tuple[str, ...] = Field((), description="Regular expressions (re.search) over parameter names; "
                                     "matching parameters are not trained: no gradient, no optimizer state.")
     grad_clip: float = Field(1.0, ge=0, description="Max global gradient L2 norm; 0 disables clipping.")
+    on_nonfinite: Literal["error", "stop"] = Field(
+        "error", description="A nan/inf loss: 'error' fails the stage; 'stop' ends training at that step and "
+        "keeps the weights of the last finite one, recording the step (stability sweeps, where divergence "
+        "is the outcome measured).")
     seed: int = Field(0, description="Seeds torch/numpy/python RNGs and the data order.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto': bf16 autocast where the hardware has bf16 units, else fp32."
@@ -207,6 +211,7 @@ class TrainResult:
     block_matrix_state_bytes: int = 0
     monitor_history: dict = field(default_factory=dict)  # domain -> [[step, held-out loss]] (monitor_every)
     monitor_facts: dict = field(default_factory=dict)  # per domain: start, peak, peak step, end
+    diverged_at_step: int | None = None  # on_nonfinite 'stop': the step whose loss was nan/inf
 
     @property
     def tokens_per_second(self) -> float:
@@ -787,6 +792,7 @@ def train(
 
     losses: list[float] = []
     start_step = 0
+    diverged_at_step: int | None = None
     latest = None
     for turn in (0, 1):  # rank 0 cleans up and sets corrupt checkpoints aside; the others then read
         if (rank == 0) == (turn == 0) and checkpoint_dir is not None:
@@ -868,6 +874,7 @@ def train(
                     batch_indices = batch_indices[rank * micro_batch:(rank + 1) * micro_batch]
                 batch = torch.from_numpy(blocks[batch_indices].astype(np.int64)).to(device, non_blocking=True)
                 method.on_batch(step, batch_indices)
+                nonfinite = None
                 try:
                     with autocast:
                         loss = method.loss(engine, batch, teacher)
@@ -877,11 +884,18 @@ def train(
                         value = mean.item() / world
                     else:
                         value = loss.item()  # the one sync per step; checked before backward so weights stay finite
-                    if not math.isfinite(value):
-                        raise NonFiniteLossError(f"non-finite loss ({value}) at step {step}")
-                    engine.backward(loss)
+                    if math.isfinite(value):
+                        engine.backward(loss)
+                    else:
+                        nonfinite = f"non-finite loss ({value}) at step {step}"
                 except FloatingPointError as error:  # e.g. an emulated low-precision GEMM met inf/nan (names its layer)
-                    raise NonFiniteLossError(f"{error}, at step {step}") from None
+                    nonfinite = f"{error}, at step {step}"
+                if nonfinite is not None:  # no optimizer step has seen it: the weights are the last finite ones
+                    if config.on_nonfinite == "error" or not losses:
+                        raise NonFiniteLossError(nonfinite if config.on_nonfinite == "error" else
+                                                 f"{nonfinite}: on_nonfinite 'stop', but no step finished to keep")
+                    diverged_at_step = step
+                    break
                 if clip_params is not None:
                     torch.nn.utils.clip_grad_norm_(clip_params, config.grad_clip, foreach=True)
                 engine.step()
@@ -926,6 +940,7 @@ def train(
         sampler_facts=sampler.facts(steps_done),
         monitor_history=monitor.history if monitor is not None else {},
         monitor_facts=monitor.facts() if monitor is not None else {},
+        diverged_at_step=diverged_at_step,
         trainable_params=trainable,
         optimizer_state_bytes=optimizer_state_bytes(optimizer),
         block_matrix_state_bytes=optimizer_state_bytes(optimizer, matrices),

@@ -178,6 +178,25 @@ def test_nan_loss_raises_before_the_update():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_on_nonfinite_stop_ends_the_run_there_and_keeps_the_last_finite_weights():
+    config = NanAtStep3.Params(steps=10, batch_size=4, precision="fp32", on_nonfinite="stop")
+    model = nano()
+    result = train(model, pattern_blocks(), config, NanAtStep3(config), progress=False)
+    assert result.diverged_at_step == 3 and result.steps == 2 and len(result.losses) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.tokens == 2 * 4 * SEQ  # counts cover the finished steps only
+    straight = train(nano(), pattern_blocks(), *dense(steps=10, batch_size=4, lr=config.lr,
+                                                       warmup_steps=config.warmup_steps), progress=False)
+    assert straight.diverged_at_step is None and result.losses == straight.losses[:2]
+
+
+def test_on_nonfinite_stop_still_fails_when_no_step_finished():
+    config, method = dense(steps=5, on_nonfinite="stop")
+    method.loss = lambda model, batch, teacher: torch.tensor(float("inf"), requires_grad=True)
+    with pytest.raises(NonFiniteLossError, match="at step 1: on_nonfinite 'stop', but no step finished"):
+        train(nano(), pattern_blocks(), config, method, progress=False)
+
+
 def test_exploding_lr_raises_non_finite():
     config, method = dense(steps=30, lr=1e30, grad_clip=0.0)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \((nan|inf)\) at step \d+"):
