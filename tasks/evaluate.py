@@ -23,7 +23,8 @@ from components.eval.sweep_plot import sweep_points, write_sweep_plot
 from components.eval.lm_eval_task import arithmetic_examples
 from components.train.trainer import MODEL_FILE, load_weights
 from tasks.eval_cache import cached_evaluation
-from tasks.model_io import LOSS_CURVE, SIDE_MODULES, load_model_artifact, read_model_facts
+from tasks.model_io import (LOSS_CURVE, SIDE_MODULES, check_model_tokenizer, load_model_artifact,
+                            load_tokenizer_artifact, read_model_facts)
 from tasks.artifacts import STAGE_METRICS
 
 FACT_METRICS = ("train_flops", "train_tokens", "steps", "final_loss", "trainable_params", "optimizer_state_bytes",
@@ -48,7 +49,10 @@ def run(ctx) -> dict:
     reused = 0
     # Name models by this recipe's stage names: an artifact shared with another recipe (same
     # digest) carries the stage name of whichever recipe built it first.
+    test_tokenizer = load_tokenizer_artifact(tokens)
     for name, art in zip(ctx.plan.inputs.get("models", []), ctx.inputs.get("models", [])):
+        check_model_tokenizer(art.path, test_tokenizer, f"stage {ctx.plan.name}: model {name!r} ({art.path}) "
+                                                        f"on the test tokens of stage {ctx.plan.inputs['tokens'][0]}")
         facts = read_model_facts(art)
         if (art.path / LOSS_CURVE).exists():
             curves[name] = json.loads((art.path / LOSS_CURVE).read_text())

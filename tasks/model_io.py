@@ -86,3 +86,22 @@ def save_model_artifact(model, tokenizer, out_dir: Path, facts: dict) -> None:
 
 def load_tokenizer_artifact(art: Artifact):
     return AutoTokenizer.from_pretrained(str(art.path / "tokenizer"), trust_remote_code=False)
+
+
+class TokenizerMismatchError(ValueError):
+    """A model meets token ids of a tokenizer other than the one it was trained with."""
+
+
+def check_model_tokenizer(model_dir: Path, tokenizer, what: str) -> None:
+    """A model artifact's tokenizer (saved beside its weights) has the vocabulary of ``tokenizer``.
+
+    Token ids of another vocabulary, even one of the same size, would be scored without any error
+    and mean nothing (``what`` names the model and the tokens for the message)."""
+    own = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False).get_vocab()
+    vocab = tokenizer.get_vocab()
+    if own != vocab:
+        moved = sum(own.get(token) != index for token, index in vocab.items())
+        raise TokenizerMismatchError(
+            f"{what}: the model was trained with another tokenizer ({len(own)} entries against {len(vocab)}; "
+            f"{moved} tokens have another id or are missing). Score a model on tokens of its own tokenizer: a "
+            f"tokenize stage shares one through `inputs.tokenizer`")

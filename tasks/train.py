@@ -27,12 +27,8 @@ from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import KEPT_DIR, kept_steps, step_dir_name, train
 from tasks.artifacts import DIGEST_LEN, Artifact
-from tasks.model_io import (LOSS_CURVE, SIDE_MODULES, load_model_artifact, load_tokenizer_artifact, read_model_facts,
-                            save_model_artifact)
-
-
-class TokenizerMismatchError(ValueError):
-    pass
+from tasks.model_io import (LOSS_CURVE, SIDE_MODULES, TokenizerMismatchError, load_model_artifact,
+                            load_tokenizer_artifact, read_model_facts, save_model_artifact)
 
 
 def _train_blocks(tokens_dir: Path, domain: str | None, stage: str) -> np.ndarray:
