@@ -27,8 +27,8 @@ from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
 from components.train.trainer import KEPT_DIR, kept_steps, step_dir_name, train
 from tasks.artifacts import DIGEST_LEN, Artifact
-from tasks.model_io import (LOSS_CURVE, SIDE_MODULES, TokenizerMismatchError, load_model_artifact,
-                            load_tokenizer_artifact, read_model_facts, save_model_artifact)
+from tasks.model_io import (LOSS_CURVE, SIDE_MODULES, TokenizerMismatchError, check_model_tokenizer,
+                            load_model_artifact, load_tokenizer_artifact, read_model_facts, save_model_artifact)
 
 
 def _train_blocks(tokens_dir: Path, domain: str | None, stage: str) -> np.ndarray:
@@ -111,11 +111,15 @@ def _use_special_ids(model, tokenizer) -> None:
             setattr(model.generation_config, name, value)
 
 
-def _check_vocab(model, tokenizer, what: str, stage: str) -> None:
+def _check_vocab(model, tokenizer, what: str, stage: str, model_dir: Path | None = None) -> None:
+    """The model's embedding fits the tokens' tokenizer; a loaded model (``model_dir``) must also
+    have been trained with that tokenizer, since one of the same size would train without error."""
     if model.config.vocab_size != len(tokenizer):
         raise TokenizerMismatchError(
             f"stage {stage}: {what} has vocab_size {model.config.vocab_size} but the tokens' tokenizer has "
             f"{len(tokenizer)} entries; a model must be trained on the tokenizer it was built for")
+    if model_dir is not None:
+        check_model_tokenizer(model_dir, tokenizer, f"stage {stage}: {what} and the stage's tokens")
 
 
 @dataclass
@@ -156,12 +160,12 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
     teacher, parents = None, {}
     if kind == "finetune":
         model, _, parent_facts = load_model_artifact(inputs["model"], keeps=("linear_attention",) if method_key == "hedgehog" else ())
-        _check_vocab(model, tokenizer, f"input model {inputs['model'].path}", stage)
+        _check_vocab(model, tokenizer, f"input model {inputs['model'].path}", stage, inputs["model"].path)
         _check_not_quantized_twice(method, method_key, parent_facts, inputs["model"], stage)
         parents = {"model": parent_facts}
     elif kind == "distill" and inputs.get("student"):
         model, _, parent_facts = load_model_artifact(inputs["student"])  # e.g. Well-Read Students
-        _check_vocab(model, tokenizer, f"student {inputs['student'].path}", stage)
+        _check_vocab(model, tokenizer, f"student {inputs['student'].path}", stage, inputs["student"].path)
         parents = {"student": parent_facts}
     else:
         model = build_model(options["model"], vocab_size=len(tokenizer), max_seq_len=blocks.shape[1],
@@ -172,7 +176,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
         parents["teacher"] = read_model_facts(inputs["teacher"])
     elif kind == "distill" and inputs.get("teacher"):
         teacher, _, parent_facts = load_model_artifact(inputs["teacher"], keeps=SIDE_MODULES)
-        _check_vocab(teacher, tokenizer, f"teacher {inputs['teacher'].path}", stage)
+        _check_vocab(teacher, tokenizer, f"teacher {inputs['teacher'].path}", stage, inputs["teacher"].path)
         parents["teacher"] = parent_facts
     if kind == "distill" and method.needs_teacher and not inputs.get("teacher"):
         raise ValueError(f"stage {stage}: distill method {method_key!r} needs a `teacher` input")
@@ -199,6 +203,7 @@ def run(ctx) -> dict:
         result = train(model, setup.blocks, method.params, method, teacher=setup.teacher, checkpoint_dir=checkpoints,
                        on_log=on_log, progress=ctx.progress, sampler=sampler, monitor=setup.monitor)
     model.to("cpu")
+    stability = stability_facts(result.losses, result.diverged_at_step, method.params)
     facts = {
         "kind": plan.kind, "method": plan.method, "precision": result.precision,
         "torch_compile": result.compiled, "attention": result.attention, "cpu_allocator_cache": result.allocator_cache,
@@ -210,9 +215,7 @@ def run(ctx) -> dict:
         "resumed_from_step": result.resumed_from_step, **result.method_facts,
         **({"ranks": ranks} if ranks > 1 else {}),
         "sampler": (plan.options.get("sampler") or {}).get("method", "uniform"), **result.sampler_facts,
-        **result.monitor_facts,
-        **stability_facts(result.losses, result.diverged_at_step, method.params),
-        "parents": parents,
+        **result.monitor_facts, **stability, "parents": parents,
     }
     # trained weights have left the grid of a quantized input model (e.g. LoRA merged into an RTN
     # model, QLoRA-style), so the saved model is not marked quantized: it may be quantized again
@@ -254,7 +257,7 @@ def run(ctx) -> dict:
                if quantized is not None else {}),
             "precision_bf16": float(result.precision == "bf16"),
             **{k: float(v) for k, v in result.sampler_facts.items() if isinstance(v, (int, float))},
-            **result.monitor_facts, **stability_facts(result.losses, result.diverged_at_step, method.params)}
+            **result.monitor_facts, **stability}
 
 
 KEPT_ARTIFACT_DIR = "checkpoints"

@@ -178,6 +178,15 @@ def _canonical_int(text: str) -> int | None:
     return int(text) if _CANONICAL.fullmatch(text) else None
 
 
+def find_prompts(fmt: str, text: str) -> set[tuple[int, int]]:
+    """The ``(a, b)`` of every ``fmt`` prompt found whole in ``text``, a decoded training block
+    that may start or end mid-example: a match at the very start may be a cut-off piece and is
+    skipped, and a plain prompt must follow a newline or a token boundary mark (``>``)."""
+    _check_format(fmt)
+    return {(int(m.group(1)), int(m.group(2))) for m in _PROMPT_RE[fmt].finditer(text)
+            if m.start() > 0 and (fmt != "plain" or text[m.start() - 1] in "\n>")}
+
+
 def parse_answer(fmt: str, text: str) -> ParsedAnswer:
     """``(a, b, answer)`` of the first example in ``text`` (a prompt plus what followed it).
 

@@ -26,7 +26,6 @@ the tokens generated, the extra work, as measured counts.
 """
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import numpy as np
@@ -35,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from components.data.arithmetic_formats import (
-    ArithmeticFormat, format_prompt, solution_steps, verified_prefix,
+    ArithmeticFormat, find_prompts, format_prompt, solution_steps, verified_prefix,
 )
 from components.eval.arithmetic_eval import generate_answers
 from components.registry import Paper
@@ -43,14 +42,6 @@ from components.train.acceleration import eager
 from components.train.method import TrainingMethod, step_seed, unwrap
 
 IGNORE = -100  # HF's ignored label
-
-# A prompt found in decoded training text; the first character must not be a cut-off piece.
-_PROMPTS = {
-    "plain": re.compile(r"(?<=[\n>])(\d+)\+(\d+)="),
-    "reversed": re.compile(r"\$(\d+)\+(\d+)="),
-    "scratchpad_simple": re.compile(r"Input:\n(\d+)\+(\d+)\nTarget:\n"),
-    "scratchpad_detailed": re.compile(r"Input:\n(\d+)\+(\d+)\nTarget:\n"),
-}
 
 
 class SelfSampledError(ValueError):
@@ -87,6 +78,7 @@ class SelfSampledSolutions(TrainingMethod):
         self._buffer_tokens = 0
         self._width = 0
         self._step = 0
+        self._sequences: dict[tuple[int, int, int], tuple[list[int], int]] = {}  # (a, b, steps) -> tokens
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -100,11 +92,10 @@ class SelfSampledSolutions(TrainingMethod):
         """Collect the training problems: every prompt of ``format`` found whole in a block."""
         if self._tokenizer is None:
             raise SelfSampledError("self_sampled needs the tokenizer: call method.use_tokenizer(tokenizer) first")
-        pattern = _PROMPTS[self.params.format]
         found: set[tuple[int, int]] = set()
         for row in blocks:
             text = self._tokenizer.decode(row.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            found.update((int(m.group(1)), int(m.group(2))) for m in pattern.finditer(text) if m.start() > 0)
+            found |= find_prompts(self.params.format, text)
         if not found:
             raise SelfSampledError(f"self_sampled: no {self.params.format} prompts in the {len(blocks)} training "
                                    f"blocks; set `format` to the training data's arithmetic format")
@@ -129,7 +120,14 @@ class SelfSampledSolutions(TrainingMethod):
 
     def _sequence(self, a: int, b: int, steps: int) -> tuple[list[int], int]:
         """(token ids, first scored position) of the problem's prompt and its first ``steps``
-        steps, between document boundaries; a complete solution ends with eos as documents do."""
+        steps, between document boundaries; a complete solution ends with eos as documents do.
+        Cached: buffer entries are drawn again and again, and tokenizing is pure."""
+        key = (a, b, steps)
+        if key not in self._sequences:
+            self._sequences[key] = self._tokenize_sequence(a, b, steps)
+        return self._sequences[key]
+
+    def _tokenize_sequence(self, a: int, b: int, steps: int) -> tuple[list[int], int]:
         fmt = self.params.format
         solution = solution_steps(fmt, a, b)
         eos = self._tokenizer.eos_token_id

@@ -24,3 +24,18 @@ def test_the_same_vocabulary_passes_and_another_one_of_the_same_size_is_refused(
         check_model_tokenizer(tmp_path / "model", other, "stage evaluate: model m")
     with pytest.raises(TokenizerMismatchError, match="270 entries against 265"):
         check_model_tokenizer(tmp_path / "model", train_tokenizer(TEXT, vocab_size=265), "x")
+
+
+def test_a_training_stage_refuses_an_input_model_of_another_tokenizer_of_the_same_size(tmp_path):
+    from components.model.presets import build_model
+    from tasks.train import _check_vocab
+
+    tokenizer = train_tokenizer(TEXT)
+    model = build_model("nano", vocab_size=len(tokenizer), max_seq_len=32, seed=0)
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    _check_vocab(model, tokenizer, "input model m", "ft", tmp_path / "model")  # its own: no error
+    other = train_tokenizer(["lorem ipsum dolor sit amet " * 30, "SELECT * FROM t WHERE x = 1;\n" * 30])
+    with pytest.raises(TokenizerMismatchError, match=r"stage ft: input model m and the stage's tokens: the model "
+                                                     r"was trained with another tokenizer"):
+        _check_vocab(model, other, "input model m", "ft", tmp_path / "model")
+    _check_vocab(model, other, "model 'nano'", "ft")  # a model built here has no tokenizer of its own yet

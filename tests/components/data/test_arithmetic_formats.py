@@ -117,3 +117,13 @@ def test_corpus_split_keeps_held_out_problems_out_of_training():
     assert not problems["test"] & problems["validation"]
     again = StandardCorpus(params).build()
     assert again["text"].tolist() == docs["text"].tolist()
+
+
+def test_find_prompts_skips_a_prompt_cut_at_the_start_of_a_block():
+    from components.data.arithmetic_formats import find_prompts
+
+    assert find_prompts("plain", "3+45=48\n12+7=19\n>8+1=9") == {(12, 7), (8, 1)}  # "3+45" may be "23+45" cut
+    assert find_prompts("plain", "\nx12+7=19") == set()  # not at a line start: part of other text
+    text = "t:\n" + format_example("scratchpad_simple", 12, 7) + "\n" + format_example("scratchpad_simple", 3, 4)
+    assert find_prompts("scratchpad_simple", text) == {(12, 7), (3, 4)}
+    assert find_prompts("scratchpad_simple", format_example("scratchpad_simple", 12, 7)) == set()
