@@ -13,10 +13,10 @@ That is logit KD (``logit_kd``) with ``alpha = 0.67``, ``T = 2`` and forward KL,
 the two existing ones combined: SR-STE's layers, mask and fold, and logit KD's loss. Nothing of
 either is written again here.
 
-Not here: AST's SLoRB (a low-rank term that keeps the pruned weights' information beside the 2:4
-weight; it would not fold into a plain 2:4 Linear, so the saved model would need a side module),
-its Wanda mask metric, its annealed mask-change schedule and its layer-wise ``squarehead`` loss
-(0 in the configuration above).
+AST's SLoRB (a low-rank term that keeps the pruned weights' information beside the 2:4 weight)
+is SR-STE's ``slorb_group`` setting, so it is a param of this method too; the saved model folds
+it into dense Linears. Not here: AST's Wanda mask metric, its annealed mask-change schedule and
+its layer-wise ``squarehead`` loss (0 in the configuration above).
 """
 from __future__ import annotations
 
