@@ -99,9 +99,19 @@ class ChunkIndex:
         """Database rows of the ``neighbours`` nearest keys to each query chunk, nearest first,
         ``[n, neighbours]``. ``exclude[i]`` (a database row, e.g. the query's own block) is never
         returned for query ``i``."""
+        return self._search_vectors(self.embed(queries), exclude)
+
+    def key_neighbours(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``search`` for the database's own keys ``start:stop`` as queries, each excluding its own
+        row, from the key vectors the index holds (not embedded again)."""
+        stop = len(self.blocks) if stop is None else min(stop, len(self.blocks))
+        vectors = self.index.reconstruct_n(start, stop - start)
+        return self._search_vectors(vectors, np.arange(start, stop))
+
+    def _search_vectors(self, vectors: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
         k = self.layout.neighbours
         found = k + (exclude is not None)
-        _, rows = self.index.search(self.embed(queries), found)
+        _, rows = self.index.search(vectors, found)
         if exclude is None:
             return rows.astype(np.int64)
         out = np.empty((len(rows), k), dtype=np.int64)

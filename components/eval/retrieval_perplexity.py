@@ -24,28 +24,51 @@ from components.eval.infilling import span_scores
 FORMATS = ("none", "retrieved")
 
 
+class RetrievedTestBlocks:
+    """Each test block's retrieved neighbours and how related they are: they depend on the data and
+    the layout only, so an evaluate stage builds them once and scores every model on them."""
+
+    def __init__(self, layout: RetrievalLayout, blocks_by_domain: dict[str, np.ndarray],
+                 train_blocks: dict[str, np.ndarray], max_blocks_per_domain: int | None = None):
+        self.layout, self.sources = layout, (blocks_by_domain, train_blocks)
+        database = np.concatenate([np.asarray(train_blocks[d]) for d in sorted(train_blocks)])
+        index = ChunkIndex(database, layout)
+        self.blocks: dict[str, np.ndarray] = {}
+        self.values: dict[str, np.ndarray] = {}
+        overlaps = {"retrieval_overlap": 0.0, "retrieval_overlap_random": 0.0}  # summed over blocks
+        rng = np.random.default_rng(0)
+        for domain, blocks in sorted(blocks_by_domain.items()):
+            blocks = np.asarray(blocks[:max_blocks_per_domain])
+            if len(blocks) == 0:
+                continue
+            layout.check_blocks(blocks.shape[1], f"retrieval perplexity ({domain} test blocks)")
+            self.blocks[domain] = blocks
+            self.values[domain] = index.values(index.search(blocks[:, :layout.chunk_tokens]))
+            random_rows = rng.integers(0, len(database), size=(len(blocks), layout.neighbours))
+            overlaps["retrieval_overlap"] += bigram_overlap(blocks, self.values[domain], layout.chunk_tokens) * len(blocks)
+            overlaps["retrieval_overlap_random"] += bigram_overlap(
+                blocks, index.values(random_rows), layout.chunk_tokens) * len(blocks)
+        scored_blocks = sum(len(b) for b in self.blocks.values())
+        self.overlaps = {key: total / scored_blocks for key, total in overlaps.items()} if scored_blocks else {}
+
+    def built_from(self, layout: RetrievalLayout, blocks_by_domain: dict, train_blocks: dict) -> bool:
+        """Whether this was built for these very inputs (the same objects), so it can be reused."""
+        return layout == self.layout and self.sources[0] is blocks_by_domain and self.sources[1] is train_blocks
+
+
 def retrieval_metrics(model, layout: RetrievalLayout, blocks_by_domain: dict[str, np.ndarray],
                       train_blocks: dict[str, np.ndarray], batch_size: int = 8,
-                      max_blocks_per_domain: int | None = None, progress: bool = False) -> dict[str, float]:
-    database = np.concatenate([np.asarray(train_blocks[d]) for d in sorted(train_blocks)])
-    index = ChunkIndex(database, layout)
+                      max_blocks_per_domain: int | None = None, progress: bool = False,
+                      retrieved: RetrievedTestBlocks | None = None) -> dict[str, float]:
+    """The metrics of the module docstring; ``retrieved`` reuses the neighbours built for these
+    inputs (and these ``max_blocks_per_domain``) by an earlier call."""
+    if retrieved is None:
+        retrieved = RetrievedTestBlocks(layout, blocks_by_domain, train_blocks, max_blocks_per_domain)
     out: dict[str, float] = {}
     totals = {f: [0.0, 0] for f in FORMATS}
-    overlaps = {"retrieval_overlap": 0.0, "retrieval_overlap_random": 0.0}  # summed over blocks
-    rng, scored_blocks = np.random.default_rng(0), 0
-    for domain, blocks in sorted(blocks_by_domain.items()):
-        blocks = np.asarray(blocks[:max_blocks_per_domain])
-        if len(blocks) == 0:
-            continue
-        layout.check_blocks(blocks.shape[1], f"retrieval perplexity ({domain} test blocks)")
-        values = index.values(index.search(blocks[:, :layout.chunk_tokens]))
-        random_rows = rng.integers(0, len(database), size=(len(blocks), layout.neighbours))
-        overlaps["retrieval_overlap"] += bigram_overlap(blocks, values, layout.chunk_tokens) * len(blocks)
-        overlaps["retrieval_overlap_random"] += bigram_overlap(
-            blocks, index.values(random_rows), layout.chunk_tokens) * len(blocks)
-        scored_blocks += len(blocks)
+    for domain, blocks in retrieved.blocks.items():
         built = {"none": (blocks.astype(np.int64), layout.chunk_tokens),
-                 "retrieved": with_neighbours(blocks, values, layout.chunk_tokens)}
+                 "retrieved": with_neighbours(blocks, retrieved.values[domain], layout.chunk_tokens)}
         for f, (sequences, first_scored) in built.items():
             nll = 0.0
             for i in tqdm(range(0, len(sequences), batch_size), desc=f"retrieval ppl ({domain}, {f})",
@@ -60,8 +83,7 @@ def retrieval_metrics(model, layout: RetrievalLayout, blocks_by_domain: dict[str
         if count:
             out[f"retrieval_loss_{f}"] = nll / count
             out[f"retrieval_ppl_{f}"] = _ppl(nll / count)
-    if scored_blocks:
-        out.update({key: total / scored_blocks for key, total in overlaps.items()})
+    out.update(retrieved.overlaps)
     return out
 
 

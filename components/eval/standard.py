@@ -15,7 +15,7 @@ from components.eval.infilling import InfillSpec, infill_metrics
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
 from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementSpec
-from components.eval.retrieval_perplexity import retrieval_metrics
+from components.eval.retrieval_perplexity import RetrievedTestBlocks, retrieval_metrics
 from components.eval.scaling_fit import ScalingFitSpec
 from components.eval.sizes import model_size_report
 from components.eval.stability import StabilitySpec
@@ -132,8 +132,12 @@ class StandardEvaluation(Evaluator):
                 raise ValueError("evaluate: retrieval needs the training blocks as its database (train_blocks)")
             if (facts or {}).get("retrieval"):
                 p.retrieval.check_matches(facts["retrieval"], str(model_dir))
+            retrieved = getattr(self, "_test_retrieval", None)  # built once per stage, for every model
+            if retrieved is None or not retrieved.built_from(p.retrieval, blocks_by_domain, train_blocks):
+                retrieved = self._test_retrieval = RetrievedTestBlocks(p.retrieval, blocks_by_domain, train_blocks,
+                                                                 p.max_blocks_per_domain)
             out.update(retrieval_metrics(model, p.retrieval, blocks_by_domain, train_blocks, p.ppl_batch_size,
-                                         p.max_blocks_per_domain, progress))
+                                         p.max_blocks_per_domain, progress, retrieved))
         if p.hessian_trace_probes:
             out.update(flatness_metrics(model, blocks_by_domain, p.hessian_trace_probes, p.hessian_trace_blocks))
         kl_args = (blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain)

@@ -59,10 +59,8 @@ class RetrievalPretraining(TrainingMethod):
         the data only, so a resumed run reads the same)."""
         self._index = ChunkIndex(blocks, self.layout)
         if self.params.neighbours_from == "retrieved":
-            own = np.arange(len(blocks))
-            self._neighbour_rows = np.concatenate([
-                self._index.search(blocks[i:i + 1024, :self.params.chunk_tokens], exclude=own[i:i + 1024])
-                for i in range(0, len(blocks), 1024)])
+            self._neighbour_rows = np.concatenate([self._index.key_neighbours(i, i + 1024)
+                                                   for i in range(0, len(blocks), 1024)])
 
     def on_batch(self, step: int, indices: np.ndarray) -> None:
         self._step, self._rows = step, np.asarray(indices)

@@ -30,6 +30,17 @@ def test_a_query_finds_the_block_whose_key_it_shares_and_exclusion_skips_the_own
     assert values.shape == (2, 20) and np.array_equal(values[0, :10], blocks[7, :10])
 
 
+def test_key_neighbours_are_the_searches_of_the_own_keys_without_embedding_them_again(monkeypatch):
+    layout = RetrievalLayout(chunk_tokens=6, neighbours=3, neighbour_tokens=10, dims=256)
+    blocks = database()
+    blocks[7, :6] = blocks[31, :6]
+    index = ChunkIndex(blocks, layout)
+    expected = index.search(blocks[:, :6], exclude=np.arange(len(blocks)))
+    monkeypatch.setattr(index, "embed", lambda chunks: pytest.fail("the keys were embedded again"))
+    assert np.array_equal(np.concatenate([index.key_neighbours(0, 20), index.key_neighbours(20, 99)]), expected)
+    assert index.key_neighbours()[31, 0] == 7  # its own row excluded, the block sharing its key first
+
+
 def test_with_neighbours_puts_the_neighbours_first_and_scores_after_the_query():
     blocks = database(3)
     neighbours = database(3, seq=20, seed=1)

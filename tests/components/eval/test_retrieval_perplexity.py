@@ -66,3 +66,39 @@ def test_bigram_overlap_counts_the_predicted_bigrams_the_neighbours_hold():
     assert bigram_overlap(block, block, chunk_tokens=2) == 1.0
     assert bigram_overlap(block, np.array([[7, 3, 4, 5, 8]]), chunk_tokens=2) == 0.5
     assert bigram_overlap(block, np.array([[2, 1, 4, 3]]), chunk_tokens=2) == 0.0  # tokens alone do not count
+
+
+def test_the_neighbours_are_retrieved_once_per_stage_and_reused_for_every_model():
+    from components.eval.retrieval_perplexity import RetrievedTestBlocks
+
+    layout = RetrievalLayout(chunk_tokens=CHUNK, neighbours=2, neighbour_tokens=8, dims=128)
+    test, database = {"a": blocks(5, 1)}, {"x": blocks(20, 3)}
+    retrieved = RetrievedTestBlocks(layout, test, database)
+    assert retrieved.built_from(layout, test, database)
+    assert not retrieved.built_from(layout, dict(test), database)  # other inputs: built again
+    assert not retrieved.built_from(layout.model_copy(update={"neighbours": 3}), test, database)
+    for seed in (0, 1):  # two models scored on one retrieval give what each would alone
+        model = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=seed).eval()
+        assert retrieval_metrics(model, layout, test, database, retrieved=retrieved) == \
+            retrieval_metrics(model, layout, test, database)
+
+
+def test_the_standard_evaluation_retrieves_once_for_all_its_models(tmp_path, monkeypatch):
+    import components.eval.standard as standard
+
+    built = []
+    original = standard.RetrievedTestBlocks.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(standard.RetrievedTestBlocks, "__init__", counting)
+    layout = dict(chunk_tokens=CHUNK, neighbours=2, neighbour_tokens=8, dims=128)
+    evaluator = standard.StandardEvaluation(standard.StandardEvaluation.Params(retrieval=layout))
+    test, database = {"a": blocks(5, 1)}, {"x": blocks(20, 3)}
+    scores = [evaluator.evaluate(build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=seed).eval(), None,
+                                 None, test, [], tmp_path, train_blocks=database)
+              for seed in (0, 1)]
+    assert len(built) == 1
+    assert scores[0]["retrieval_loss_retrieved"] != scores[1]["retrieval_loss_retrieved"]
