@@ -167,3 +167,30 @@ def test_cpu_allocator_cache_keeps_freed_memory_in_the_process(monkeypatch):
     with pytest.raises(ValueError, match="PAPERDAG_CPU_ALLOCATOR='bogus'"):
         with cpu_allocator_cache(CPU):
             pass
+
+
+def test_eager_runs_a_compiled_model_uncompiled_and_restores_its_compiled_forward():
+    from components.train.acceleration import eager
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # counts what dynamo compiles, runs it as traced
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    model = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=0).eval()
+    model.compile(backend=counting_backend)
+    ids = torch.arange(8).reshape(1, 8)
+    with torch.no_grad():
+        compiled_logits = model(input_ids=ids).logits
+        assert len(graphs) >= 1
+        seen = len(graphs)
+        with eager(model):
+            for length in (3, 5, 7):  # every new length would make dynamo trace again
+                eager_logits = model(input_ids=ids[:, :length]).logits
+            assert len(graphs) == seen
+        torch.testing.assert_close(eager_logits, compiled_logits[:, :7])
+        model(input_ids=ids)  # compiled again afterwards: the cached graph, no new trace
+    assert model._compiled_call_impl is not None and len(graphs) == seen
+    torch._dynamo.reset()
