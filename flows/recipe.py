@@ -16,7 +16,7 @@ from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementS
 from components.eval.stability import StabilitySpec
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
-from components.model.presets import PRESETS
+from components.model.presets import ENCODER_PRESETS, PRESETS
 from tasks.artifacts import compute_digest
 from tasks.code_version import code_version, source_closure
 from tasks.fingerprint import InputFileError, hash_inputs
@@ -541,6 +541,7 @@ def compile_recipe(recipe: Recipe, path: Path) -> RecipePlan:
         options: dict[str, Any] = {}
         if kind.trains:
             options["model"] = spec.model or (recipe.model if spec.kind in ("pretrain", "distill") else None)
+            _check_objective(options["model"], spec.method, f"{path}: stages.{name}")
             options["train_domain"] = spec.train_domain
             if spec.sampler is not None:  # only when set, so stages without one keep their digests
                 sampler_cls = SAMPLERS.get(spec.sampler.method)
@@ -588,12 +589,24 @@ def _checked_ranks(spec: StageSpec, method_cls, params: dict, where: str) -> int
     return ranks
 
 
+def _check_objective(model: str | None, method: str, where: str) -> None:
+    """An encoder preset trains with ``mlm`` only, and ``mlm`` trains encoder presets only (a model
+    loaded from a path or an input artifact is checked when the stage runs)."""
+    encoder = model in ENCODER_PRESETS
+    if encoder and method != "mlm":
+        raise RecipeError(f"{where}: model {model!r} is a masked-LM encoder, which trains with method 'mlm', not "
+                          f"{method!r}")
+    if method == "mlm" and model in PRESETS:
+        raise RecipeError(f"{where}: method 'mlm' trains a masked-LM encoder (model: encoder_<size>_<position>, "
+                          f"e.g. encoder_micro_alibi), not the decoder preset {model!r}")
+
+
 def _local_input_files(method, options: dict) -> dict[str, list[Path]]:
     """The local files a stage reads: its method's own (data files) and a training stage's
     starting model when that is a local checkpoint directory rather than a preset."""
     files = dict(method.input_files())
     model = options.get("model")
-    if model and model not in PRESETS and Path(model).is_dir():
+    if model and model not in PRESETS and model not in ENCODER_PRESETS and Path(model).is_dir():
         files["model"] = [Path(model)]
     return files
 

@@ -22,6 +22,7 @@ from components.eval.stability import loss_spike
 from components.model.presets import build_model, count_params
 from components.quant.packing import QUANT_CONFIG_ATTR
 from components.train.method import AUXILIARY_FILE, block_weight_counts
+from components.train.mlm import check_objective
 from components.train.monitor import ValidationMonitor
 from components.train.samplers.base import Sampler
 from components.train.samplers.registry import SAMPLERS
@@ -107,7 +108,7 @@ def _use_special_ids(model, tokenizer) -> None:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name)
         setattr(model.config, name, value)
-        if model.generation_config is not None:
+        if getattr(model, "generation_config", None) is not None:  # an encoder has none
             setattr(model.generation_config, name, value)
 
 
@@ -178,6 +179,7 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
         teacher, _, parent_facts = load_model_artifact(inputs["teacher"], keeps=SIDE_MODULES)
         _check_vocab(teacher, tokenizer, f"teacher {inputs['teacher'].path}", stage, inputs["teacher"].path)
         parents["teacher"] = parent_facts
+    check_objective(model, method_key, f"stage {stage}")
     if kind == "distill" and method.needs_teacher and not inputs.get("teacher"):
         raise ValueError(f"stage {stage}: distill method {method_key!r} needs a `teacher` input")
     method.use_tokenizer(tokenizer)

@@ -34,6 +34,7 @@ import torch
 MODE_BYTES = {"R": 0x0E, "S": 0x0F, "X": 0x10}  # UL2's [NLU], [S2S], [NLG] paradigm tokens
 SENTINEL_BYTES = tuple(range(0x11, 0x1B)) + tuple(range(0x01, 0x07))  # 16 control bytes, none of \t \n \r
 FIM_BYTES = {"PRE": 0x1C, "SUF": 0x1D, "MID": 0x1E}  # fill-in-the-middle's <PRE> <SUF> <MID> (file/group/record separators)
+MASK_BYTE = 0x1F  # masked language modelling's [MASK] (the unit separator)
 Mode = Literal["R", "S", "X"]
 
 
@@ -49,11 +50,7 @@ class DenoisingTokens:
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "DenoisingTokens":
         def one_id(byte: int, what: str) -> int:
-            ids = tokenizer.encode(chr(byte), add_special_tokens=False)
-            if len(ids) != 1:
-                raise ValueError(f"{what} byte 0x{byte:02x} is {len(ids)} tokens in this tokenizer, not one; span "
-                                 "corruption needs a byte-level tokenizer (byte_bpe)")
-            return int(ids[0])
+            return control_token(tokenizer, byte, what)
 
         modes = {m: one_id(b, f"mode {m}") for m, b in MODE_BYTES.items()}
         sentinels = tuple(one_id(b, "sentinel") for b in SENTINEL_BYTES)
@@ -74,6 +71,15 @@ class DenoisingTokens:
             found = sorted({int(i) for i in ids[clash].tolist()})
             raise ValueError(f"{where}: the data holds token id(s) {found}, which span corruption reserves for mode "
                              "tokens and sentinels (ASCII control bytes); clean the text or use another tokenizer")
+
+
+def control_token(tokenizer, byte: int, what: str) -> int:
+    """The one token of a control byte in a byte-level tokenizer (refused in any other)."""
+    ids = tokenizer.encode(chr(byte), add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{what} byte 0x{byte:02x} is {len(ids)} tokens in this tokenizer, not one; control "
+                         "tokens need a byte-level tokenizer (byte_bpe)")
+    return int(ids[0])
 
 
 def random_spans(length: int, corruption: float, mean_span: float, rng: np.random.Generator) -> list[tuple[int, int]]:

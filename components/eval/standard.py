@@ -23,6 +23,7 @@ from components.eval.sweep_plot import SweepPlot
 from components.model.linear_attention import (
     FEATURE_MAPS, has_linear_attention, install_linear_attention, recorded_attention_kl, remove_linear_attention,
     set_distill_attention)
+from components.model.presets import is_encoder
 from components.registry import MethodParams, Paper
 
 
@@ -117,6 +118,9 @@ class StandardEvaluation(Evaluator):
                  progress: bool = False, train_blocks: dict[str, np.ndarray] | None = None,
                  facts: dict | None = None) -> dict[str, float]:
         p = self.params
+        if is_encoder(model):
+            raise ValueError(f"evaluate method standard scores causal decoders; the model {model_dir} is a masked-LM "
+                             "encoder (score it with method masked_lm)")
         out = perplexity_metrics(model, blocks_by_domain, p.ppl_batch_size, p.max_blocks_per_domain, progress)
         if task_examples:
             task_dir = work_dir / "lm_eval_task"

@@ -21,6 +21,7 @@ from components.train.perp import PerpRetrain
 from components.train.qfx import FixedPointTraining
 from components.train.qat import QuantAwareTraining
 from components.train.retro import RetrievalPretraining
+from components.train.mlm import MaskedLanguageModelling
 from components.train.self_sampled import SelfSampledSolutions
 from components.train.sltrain import SLTrain
 from components.train.sparse_finetune import SparseFinetune
@@ -34,7 +35,7 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
                                                             QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
                                                             FixedPointTraining, MixtureOfDenoisers, FillInTheMiddle,
                                                             FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining,
-                                                            RetrievalPretraining, SelfSampledSolutions])
+                                                            RetrievalPretraining, SelfSampledSolutions, MaskedLanguageModelling])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
@@ -42,4 +43,4 @@ FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFi
                                                             DoubleRounding, FixedPointTraining, CompacterFinetune,
                                                             MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion,
                                                             FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining,
-                                                            RetrievalPretraining, SelfSampledSolutions])
+                                                            RetrievalPretraining, SelfSampledSolutions, MaskedLanguageModelling])
