@@ -139,7 +139,7 @@ def checkpoint_label(model: str, fraction: float) -> str:
 def _score_model(ctx, evaluator, art, facts: dict, blocks, examples, extra, work_dir, quant_meta: dict | None = None,
                  weights=None) -> dict:
     """The evaluator's scores of the artifact's model, or of ``weights`` (a safetensors file) in its config."""
-    model, tokenizer, _ = load_model_artifact(art, activation_hooks=True, keeps=SIDE_MODULES)
+    model, tokenizer, _ = load_model_artifact(art, activation_hooks=True, keeps=SIDE_MODULES, encoder_ok=True)
     if weights is not None:
         load_weights(model, weights)
     model.eval()

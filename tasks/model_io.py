@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from components.model.presets import load_model
+from components.model.presets import is_encoder, load_model
 from components.model.side_tensors import ACTIVATION_FILE, AUXILIARY_FILE
 from tasks.artifacts import Artifact, ArtifactError
 
@@ -35,7 +35,8 @@ def _installer(module: str, function: str):
     return getattr(importlib.import_module(module), function)
 
 
-def load_model_artifact(art: Artifact, activation_hooks: bool = False, keeps: tuple[str, ...] = ()):
+def load_model_artifact(art: Artifact, activation_hooks: bool = False, keeps: tuple[str, ...] = (),
+                        encoder_ok: bool = False):
     """(model, tokenizer, facts) from a model artifact, verified against its manifest.
 
     ``activation_hooks``: for a WxAy model, also quantize activations as it deploys (the
@@ -44,13 +45,16 @@ def load_model_artifact(art: Artifact, activation_hooks: bool = False, keeps: tu
     A model with modules beside its weights (``SIDE_MODULES``: Hedgehog's linear attention, BiPFT's
     binary network) is loaded with them installed, and only by callers that keep them (``keeps``
     names the kinds): a stage that saves a new model from its weights alone (quantize, merge, prune,
-    distil into it) would silently drop them."""
+    distil into it) would silently drop them. A masked-LM encoder loads only where ``encoder_ok``."""
     art.verify()  # a corrupt or truncated model.safetensors fails here, naming the file
     try:
         model = load_model(art.path)
         tokenizer = AutoTokenizer.from_pretrained(str(art.path), trust_remote_code=False)
     except Exception as e:  # safetensors/transformers raise many types for a bad file
         raise ArtifactError(f"cannot load model artifact {art.path}: {type(e).__name__}: {e}") from None
+    if not encoder_ok and is_encoder(model):
+        raise ArtifactError(f"model artifact {art.path} is a masked-LM encoder; only method mlm trains one and only "
+                            "evaluate method masked_lm scores one (this stage works on causal decoders)")
     facts = read_model_facts(art)
     linear, binary = facts.get("linear_attention"), facts.get("binary_network")
     for kind, what in (("linear_attention", linear and f"{linear['feature_map']} linear attention"),

@@ -160,7 +160,8 @@ def prepare_training(stage: str, kind: str, method_key: str, options: dict, meth
     monitor = None if launcher or not config.monitor_every else build_monitor(tokens.path, config, stage)
     teacher, parents = None, {}
     if kind == "finetune":
-        model, _, parent_facts = load_model_artifact(inputs["model"], keeps=("linear_attention",) if method_key == "hedgehog" else ())
+        model, _, parent_facts = load_model_artifact(inputs["model"], encoder_ok=method_key == "mlm",
+                                                     keeps=("linear_attention",) if method_key == "hedgehog" else ())
         _check_vocab(model, tokenizer, f"input model {inputs['model'].path}", stage, inputs["model"].path)
         _check_not_quantized_twice(method, method_key, parent_facts, inputs["model"], stage)
         parents = {"model": parent_facts}

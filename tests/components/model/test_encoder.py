@@ -76,3 +76,17 @@ def test_a_bad_config_is_refused():
         EncoderConfig(position="rope")
     with pytest.raises(ValueError, match="hidden_size 30 is not a multiple of num_attention_heads 4"):
         EncoderConfig(hidden_size=30, num_attention_heads=4)
+
+
+def test_a_saved_encoder_loads_only_where_a_stage_can_use_one(tmp_path, char_tokenizer):
+    from tasks.artifacts import Artifact, ArtifactError
+    from tasks.model_io import load_model_artifact, save_model_artifact
+
+    save_model_artifact(build_model("encoder_nano_alibi", vocab_size=VOCAB, max_seq_len=16, seed=0), char_tokenizer,
+                        tmp_path, {"kind": "pretrain", "method": "mlm"})
+    art = Artifact(tmp_path, {"digest": "d" * 64, "kind": "pretrain", "files": {}})
+    with pytest.raises(ArtifactError, match=r"is a masked-LM encoder; only method mlm trains one and only evaluate "
+                                            r"method masked_lm scores one"):
+        load_model_artifact(art)  # e.g. quantize, merge, prune or a distillation teacher
+    loaded, _, facts = load_model_artifact(art, encoder_ok=True)
+    assert is_encoder(loaded) and facts["method"] == "mlm"
