@@ -18,7 +18,8 @@ changes in BERT, each a setting here so that a recipe can take one away:
   nothing; ``unpadded_tokens`` counts what it removed.
 
 Different here: pre-LayerNorm blocks (MosaicBERT keeps BERT's post-LN; pre-LN trains stably at
-micro scale without tuning) and PyTorch's SDPA instead of FlashAttention's kernels (CPU).
+micro scale without tuning) and PyTorch's SDPA (or the product written out, when the trainer sets
+``eager`` attention) instead of FlashAttention's kernels (CPU).
 """
 from __future__ import annotations
 
@@ -87,15 +88,21 @@ class EncoderLayer(nn.Module):
         self.glu = config.glu
 
     def forward(self, tokens: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int],
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, attention: str = "sdpa") -> torch.Tensor:
         """``tokens``: the real tokens only, ``[n, d]``; ``keep``: their flat positions in the
-        ``shape`` batch; ``bias``: the additive attention bias ``[b or 1, heads, L, L]``."""
+        ``shape`` batch; ``bias``: the additive attention bias ``[b or 1, heads, L, L]``;
+        ``attention``: ``sdpa`` (PyTorch's fused kernel) or ``eager`` (the same product written out)."""
         batch, length = shape
         qkv = self.qkv_proj(self.attention_norm(tokens))  # bf16 under autocast
         padded = qkv.new_zeros(batch * length, qkv.shape[-1])
         padded[keep] = qkv
         q, k, v = padded.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # [3, b, heads, L, d_head]
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        bias = None if bias is None else bias.to(q.dtype)
+        if attention == "eager":
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + (0 if bias is None else bias)
+            attended = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         attended = attended.transpose(1, 2).reshape(batch * length, -1)[keep]
         tokens = tokens + self.o_proj(attended)
         hidden = self.up_proj(self.mlp_norm(tokens))
@@ -169,8 +176,9 @@ class EncoderForMaskedLM(PreTrainedModel):
             pad.masked_fill_(~real[:, None, None, :], torch.finfo(hidden.dtype).min)
             bias = pad if bias is None else bias + pad
         tokens = hidden.reshape(batch * length, -1)[keep]  # unpadded: the layers see real tokens only
+        attention = "eager" if config._attn_implementation == "eager" else "sdpa"  # the trainer's choice
         for layer in stack.layers:
-            tokens = layer(tokens, keep, (batch, length), bias)
+            tokens = layer(tokens, keep, (batch, length), bias, attention)
         logits_real = self.lm_head(stack.norm(tokens))
         logits = logits_real.new_zeros(batch * length, logits_real.shape[-1])
         logits[keep] = logits_real

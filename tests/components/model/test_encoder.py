@@ -90,3 +90,16 @@ def test_a_saved_encoder_loads_only_where_a_stage_can_use_one(tmp_path, char_tok
         load_model_artifact(art)  # e.g. quantize, merge, prune or a distillation teacher
     loaded, _, facts = load_model_artifact(art, encoder_ok=True)
     assert is_encoder(loaded) and facts["method"] == "mlm"
+
+
+def test_eager_and_sdpa_attention_compute_the_same():
+    model = encoder("alibi")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 9:] = 0
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        fused = model(input_ids=ids, attention_mask=mask).logits
+        model.config._attn_implementation = "eager"
+        written_out = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(fused, written_out, atol=1e-5, rtol=1e-5)
