@@ -26,9 +26,9 @@ dense), and the facts record the sparsity of the N:M part before folding and SLo
 """
 from __future__ import annotations
 
-import torch
 from typing import Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
