@@ -87,23 +87,28 @@ class EncoderLayer(nn.Module):
         self.down_proj = nn.Linear(ff, d)
         self.glu = config.glu
 
-    def forward(self, tokens: torch.Tensor, keep: torch.Tensor, shape: tuple[int, int],
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None, shape: tuple[int, int],
                 bias: torch.Tensor | None, attention: str = "sdpa") -> torch.Tensor:
         """``tokens``: the real tokens only, ``[n, d]``; ``keep``: their flat positions in the
-        ``shape`` batch; ``bias``: the additive attention bias ``[b or 1, heads, L, L]``;
-        ``attention``: ``sdpa`` (PyTorch's fused kernel) or ``eager`` (the same product written out)."""
+        ``shape`` batch (None: every position is real, nothing to re-pad); ``bias``: the additive
+        attention bias ``[b or 1, heads, L, L]``; ``attention``: ``sdpa`` (PyTorch's fused kernel)
+        or ``eager`` (the same product written out)."""
         batch, length = shape
         qkv = self.qkv_proj(self.attention_norm(tokens))  # bf16 under autocast
-        padded = qkv.new_zeros(batch * length, qkv.shape[-1])
-        padded[keep] = qkv
-        q, k, v = padded.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # [3, b, heads, L, d_head]
+        if keep is not None:
+            padded = qkv.new_zeros(batch * length, qkv.shape[-1])
+            padded[keep] = qkv
+            qkv = padded
+        q, k, v = qkv.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # [3, b, heads, L, d_head]
         bias = None if bias is None else bias.to(q.dtype)
         if attention == "eager":
             scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + (0 if bias is None else bias)
             attended = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
         else:
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        attended = attended.transpose(1, 2).reshape(batch * length, -1)[keep]
+        attended = attended.transpose(1, 2).reshape(batch * length, -1)
+        if keep is not None:
+            attended = attended[keep]
         tokens = tokens + self.o_proj(attended)
         hidden = self.up_proj(self.mlp_norm(tokens))
         if self.glu:
@@ -164,24 +169,27 @@ class EncoderForMaskedLM(PreTrainedModel):
         hidden = stack.embed_tokens(input_ids)
         if stack.embed_positions is not None:
             hidden = hidden + stack.embed_positions(torch.arange(length, device=input_ids.device))
-        real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-                else attention_mask.bool())
-        keep = real.flatten().nonzero().squeeze(-1)
-        self.unpadded_tokens += batch * length - len(keep)
         bias = None
         if config.position == "alibi":
             bias = alibi_bias(config.num_attention_heads, length, input_ids.device)[None].to(hidden.dtype)
-        if attention_mask is not None:  # padded keys are never attended to
+        keep = None  # packed blocks have no padding: nothing to gather or scatter
+        tokens = hidden.reshape(batch * length, -1)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            real = attention_mask.bool()
+            keep = real.flatten().nonzero().squeeze(-1)
+            self.unpadded_tokens += batch * length - len(keep)
             pad = torch.zeros(batch, 1, 1, length, dtype=hidden.dtype, device=hidden.device)
-            pad.masked_fill_(~real[:, None, None, :], torch.finfo(hidden.dtype).min)
+            pad.masked_fill_(~real[:, None, None, :], torch.finfo(hidden.dtype).min)  # padded keys: never attended
             bias = pad if bias is None else bias + pad
-        tokens = hidden.reshape(batch * length, -1)[keep]  # unpadded: the layers see real tokens only
+            tokens = tokens[keep]  # unpadded: the layers see real tokens only
         attention = "eager" if config._attn_implementation == "eager" else "sdpa"  # the trainer's choice
         for layer in stack.layers:
             tokens = layer(tokens, keep, (batch, length), bias, attention)
-        logits_real = self.lm_head(stack.norm(tokens))
-        logits = logits_real.new_zeros(batch * length, logits_real.shape[-1])
-        logits[keep] = logits_real
+        logits = self.lm_head(stack.norm(tokens))
+        if keep is not None:
+            scattered = logits.new_zeros(batch * length, logits.shape[-1])
+            scattered[keep] = logits
+            logits = scattered
         logits = logits.view(batch, length, -1)
         loss = None
         if labels is not None:
