@@ -65,7 +65,7 @@ def test_a_tokenizer_without_byte_tokens_is_refused():
         def encode(self, text, add_special_tokens=False):
             return [1, 2]
 
-    with pytest.raises(ValueError, match="mode R byte 0x0e is 2 tokens .* needs a byte-level tokenizer"):
+    with pytest.raises(ValueError, match="mode R byte 0x0e is 2 tokens .* control tokens need a byte-level tokenizer"):
         DenoisingTokens.from_tokenizer(WordPieces())
 
 
