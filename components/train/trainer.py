@@ -341,10 +341,26 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+def _skip_shared_memory_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    ``TorchBackend`` builds ``deepspeed_shm_comm`` whenever it creates a process group, but only
+    its ``inference_all_reduce`` calls it; training all-reduces through ``torch.distributed``.
+    The build costs ~25 s on a fresh machine, and it takes torch's file lock in
+    ``torch_extensions``: a process killed while holding it (Ctrl-C, a scheduler's timeout)
+    leaves the lock behind, and every later run waits on it forever, silently."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def _init_distributed() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+
+    _skip_shared_memory_comm_op()
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
