@@ -17,6 +17,7 @@ from components.eval.stability import StabilitySpec
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
 from components.model.presets import ENCODER_PRESETS, PRESETS
+from components.train.mlm import objective_mismatch
 from tasks.artifacts import compute_digest
 from tasks.code_version import code_version, source_closure
 from tasks.fingerprint import InputFileError, hash_inputs
@@ -590,15 +591,13 @@ def _checked_ranks(spec: StageSpec, method_cls, params: dict, where: str) -> int
 
 
 def _check_objective(model: str | None, method: str, where: str) -> None:
-    """An encoder preset trains with ``mlm`` only, and ``mlm`` trains encoder presets only (a model
-    loaded from a path or an input artifact is checked when the stage runs)."""
-    encoder = model in ENCODER_PRESETS
-    if encoder and method != "mlm":
-        raise RecipeError(f"{where}: model {model!r} is a masked-LM encoder, which trains with method 'mlm', not "
-                          f"{method!r}")
-    if method == "mlm" and model in PRESETS:
-        raise RecipeError(f"{where}: method 'mlm' trains a masked-LM encoder (model: encoder_<size>_<position>, "
-                          f"e.g. encoder_micro_alibi), not the decoder preset {model!r}")
+    """A preset model and its method agree on the objective (``mlm.objective_mismatch``); a model
+    loaded from a path or an input artifact is checked when the stage runs."""
+    if model not in PRESETS and model not in ENCODER_PRESETS:
+        return
+    problem = objective_mismatch(model in ENCODER_PRESETS, method)
+    if problem:
+        raise RecipeError(f"{where}: model {model!r}: {problem}")
 
 
 def _local_input_files(method, options: dict) -> dict[str, list[Path]]:

@@ -314,9 +314,9 @@ def test_seeds_without_a_seed_dependent_stage_are_refused():
 
 def test_a_recipe_pairing_an_encoder_and_a_causal_objective_is_refused_when_it_compiles():
     path = REPO / "params" / "mosaicbert.yaml"
-    with pytest.raises(RecipeError, match=r"stages\.alibi: model 'encoder_micro_alibi' is a masked-LM encoder, which "
-                                          r"trains with method 'mlm', not 'dense'"):
+    with pytest.raises(RecipeError, match=r"stages\.alibi: model 'encoder_micro_alibi': a masked-LM encoder trains "
+                                          r"with method 'mlm', not 'dense'"):
         load_plan(path, ["stages.alibi.method=dense", "stages.alibi.params={steps: 10}"])
-    with pytest.raises(RecipeError, match=r"stages\.learned: method 'mlm' trains a masked-LM encoder .* not the "
-                                          r"decoder preset 'micro'"):
+    with pytest.raises(RecipeError, match=r"stages\.learned: model 'micro': method 'mlm' trains a masked-LM "
+                                          r"encoder .* not a causal decoder"):
         load_plan(path, ["stages.learned.model=micro"])

@@ -49,12 +49,9 @@ class DenoisingTokens:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "DenoisingTokens":
-        def one_id(byte: int, what: str) -> int:
-            return control_token(tokenizer, byte, what)
-
-        modes = {m: one_id(b, f"mode {m}") for m, b in MODE_BYTES.items()}
-        sentinels = tuple(one_id(b, "sentinel") for b in SENTINEL_BYTES)
-        fim = {name: one_id(b, f"fill-in-the-middle {name}") for name, b in FIM_BYTES.items()}
+        modes = {m: control_token(tokenizer, b, f"mode {m}") for m, b in MODE_BYTES.items()}
+        sentinels = tuple(control_token(tokenizer, b, "sentinel") for b in SENTINEL_BYTES)
+        fim = {name: control_token(tokenizer, b, f"fill-in-the-middle {name}") for name, b in FIM_BYTES.items()}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("span corruption pads with the tokenizer's pad or eos token; it has neither")

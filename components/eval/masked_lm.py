@@ -4,7 +4,7 @@ Short, Test Long", arXiv 2108.12409).
 
 The test blocks of a tokenize stage are consecutive slices of one token stream, so ``k`` adjacent
 blocks are one contiguous sequence ``k`` times as long. The positions scored are picked once per
-block (``mask_rate`` of each, seeded) and are the same at every length: the lengths differ only in
+block (``mask_rate`` of each, seeded; the training objective's ``pick_positions``) and are the same at every length: the lengths differ only in
 the context each scored token sees and in the positions it sits at. Every picked token becomes
 ``[MASK]`` (no random or kept tokens, so the score is deterministic).
 
@@ -25,17 +25,7 @@ from tqdm import tqdm
 from components.eval.evaluator import Evaluator
 from components.model.presets import is_encoder
 from components.registry import MethodParams, Paper
-from components.train.mlm import mask_token_id
-
-
-def masked_positions(n_blocks: int, block_len: int, rate: float, seed: int) -> np.ndarray:
-    """``[n_blocks, block_len]`` bool: ``round(rate * block_len)`` positions of each block."""
-    rng = np.random.default_rng(seed)
-    picked = np.zeros((n_blocks, block_len), dtype=bool)
-    count = max(1, round(rate * block_len))
-    order = np.argsort(rng.random((n_blocks, block_len)), axis=1)
-    np.put_along_axis(picked, order[:, :count], True, axis=1)
-    return picked
+from components.train.mlm import mask_token_id, pick_positions
 
 
 class MaskedLmEvaluation(Evaluator):
@@ -73,7 +63,7 @@ class MaskedLmEvaluation(Evaluator):
             if len(blocks) == 0:
                 continue
             block_len = blocks.shape[1]
-            picked = masked_positions(len(blocks), block_len, p.mask_rate, p.seed)
+            picked = pick_positions(len(blocks), block_len, p.mask_rate, torch.Generator().manual_seed(p.seed)).numpy()
             for length in p.lengths:
                 if length % block_len:
                     raise ValueError(f"evaluate method masked_lm: length {length} is not a multiple of the test "

@@ -26,16 +26,21 @@ from components.train.method import TrainingMethod, step_seed
 IGNORE = -100  # HF's ignored label
 
 
+def pick_positions(rows: int, length: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """``[rows, length]`` bool: ``round(rate * length)`` positions of each row, uniformly at random."""
+    order = torch.rand(rows, length, generator=generator).argsort(dim=1)
+    picked = torch.zeros(rows, length, dtype=torch.bool)
+    picked.scatter_(1, order[:, :max(1, round(rate * length))], True)
+    return picked
+
+
 def mask_tokens(ids: torch.Tensor, rate: float, mask_id: int, vocab_size: int, generator: torch.Generator,
                 to_mask: float = 0.8, to_random: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(corrupted ids, labels): ``round(rate * length)`` positions of each row picked; of them
     ``to_mask`` become ``mask_id``, ``to_random`` a random token, the rest stay. Labels hold the
     original token at picked positions and ``IGNORE`` elsewhere."""
     rows, length = ids.shape
-    picked_per_row = max(1, round(rate * length))
-    order = torch.rand(rows, length, generator=generator).argsort(dim=1)
-    picked = torch.zeros(rows, length, dtype=torch.bool)
-    picked.scatter_(1, order[:, :picked_per_row], True)
+    picked = pick_positions(rows, length, rate, generator)
     roll = torch.rand(rows, length, generator=generator)
     random_tokens = torch.randint(0, vocab_size, (rows, length), generator=generator)
     picked, roll, random_tokens = picked.to(ids.device), roll.to(ids.device), random_tokens.to(ids.device)
@@ -93,12 +98,20 @@ class MaskedLanguageModelling(TrainingMethod):
         return model(input_ids=ids, labels=labels).loss
 
 
-def check_objective(model: nn.Module, method_key: str, where: str) -> None:
-    """An encoder trains with ``mlm`` and a decoder never does (see the module docstring)."""
-    encoder = is_encoder(model)
+def objective_mismatch(encoder: bool, method_key: str) -> str | None:
+    """Why a model (an encoder or not) cannot train with ``method_key``, or None: an encoder trains
+    with ``mlm`` and a decoder never does (see the module docstring)."""
     if encoder and method_key != MaskedLanguageModelling.key:
-        raise ValueError(f"{where}: the model is a masked-LM encoder, which trains with method 'mlm', not "
-                         f"{method_key!r} (a causal objective would let each position read the token it predicts)")
+        return (f"a masked-LM encoder trains with method 'mlm', not {method_key!r} (a causal objective would let "
+                "each position read the token it predicts)")
     if not encoder and method_key == MaskedLanguageModelling.key:
-        raise ValueError(f"{where}: method 'mlm' trains a masked-LM encoder (model: encoder_<size>_<position>, e.g. "
-                         "encoder_micro_alibi); this model is a causal decoder")
+        return ("method 'mlm' trains a masked-LM encoder (model: encoder_<size>_<position>, e.g. "
+                "encoder_micro_alibi), not a causal decoder")
+    return None
+
+
+def check_objective(model: nn.Module, method_key: str, where: str) -> None:
+    """Refuse a loaded model that cannot train with ``method_key`` (``objective_mismatch``)."""
+    problem = objective_mismatch(is_encoder(model), method_key)
+    if problem:
+        raise ValueError(f"{where}: {problem}")

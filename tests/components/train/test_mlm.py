@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from components.model.presets import build_model
-from components.train.mlm import IGNORE, MaskedLanguageModelling, check_objective, mask_tokens
+from components.train.mlm import IGNORE, MaskedLanguageModelling, check_objective, mask_tokens, pick_positions
 from components.train.trainer import train
 from tests.components.train.test_trainer import SEQ, VOCAB, assert_resume_is_exact, pattern_blocks
 
@@ -34,6 +34,8 @@ def test_mask_tokens_picks_the_rate_per_row_and_splits_80_10_10():
     assert changed.sum() / picked.sum() == pytest.approx(0.1 * 62 / 64, abs=0.02)  # a random token may equal the old
     again, _ = mask_tokens(ids, 0.3, 63, 64, torch.Generator().manual_seed(1))
     assert torch.equal(again, corrupted)  # a pure function of the generator's seed
+    # the picking is pick_positions' (the masked_lm evaluator scores positions picked the same way)
+    assert torch.equal(picked, pick_positions(400, 50, 0.3, torch.Generator().manual_seed(1)))
 
 
 def mlm(**overrides):
@@ -65,10 +67,9 @@ def test_an_mlm_resume_is_bit_exact(tmp_path, monkeypatch):
 
 def test_objectives_that_do_not_fit_the_model_are_refused():
     decoder = build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=0)
-    with pytest.raises(ValueError, match="stage s: the model is a masked-LM encoder, which trains with method 'mlm', "
-                                         "not 'dense'"):
+    with pytest.raises(ValueError, match="stage s: a masked-LM encoder trains with method 'mlm', not 'dense'"):
         check_objective(encoder(), "dense", "stage s")
-    with pytest.raises(ValueError, match="method 'mlm' trains a masked-LM encoder .* this model is a causal decoder"):
+    with pytest.raises(ValueError, match="stage s: method 'mlm' trains a masked-LM encoder .* not a causal decoder"):
         check_objective(decoder, "mlm", "stage s")
     check_objective(encoder(), "mlm", "stage s")
     check_objective(decoder, "dense", "stage s")
