@@ -14,7 +14,7 @@ instead: ``<PRE> prefix <SUF> suffix <MID> middle`` (``fim_example``).
 
 Tokens. The project's tokenizers have a fixed vocabulary with one special token, and an artifact
 must keep its vocabulary to merge and compare with its parents, so no token is added. Sentinels,
-mode tokens and FIM's three tokens are ASCII control bytes instead: a byte-level BPE holds every byte as one token,
+mode tokens, FIM's three tokens and text-code matching's four are ASCII control bytes instead: a byte-level BPE holds every byte as one token,
 and text corpora do not contain these bytes. ``DenoisingTokens.from_tokenizer`` checks that each is
 one token, and ``check_absent`` that training data never holds one (a clear error, not a silent
 clash). 16 sentinels cycle when an example has more spans; order tells them apart.
@@ -31,6 +31,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from components.data.text_code import MATCH_BYTES
+
 MODE_BYTES = {"R": 0x0E, "S": 0x0F, "X": 0x10}  # UL2's [NLU], [S2S], [NLG] paradigm tokens
 SENTINEL_BYTES = tuple(range(0x11, 0x1B)) + tuple(range(0x01, 0x07))  # 16 control bytes, none of \t \n \r
 FIM_BYTES = {"PRE": 0x1C, "SUF": 0x1D, "MID": 0x1E}  # fill-in-the-middle's <PRE> <SUF> <MID> (file/group/record separators)
@@ -46,20 +48,22 @@ class DenoisingTokens:
     sentinels: tuple[int, ...]
     pad: int
     fim: dict[str, int]
+    match: dict[str, int]  # text-code matching's [MATCH], [SEP], [YES], [NO] (components/data/text_code.py)
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "DenoisingTokens":
         modes = {m: control_token(tokenizer, b, f"mode {m}") for m, b in MODE_BYTES.items()}
         sentinels = tuple(control_token(tokenizer, b, "sentinel") for b in SENTINEL_BYTES)
         fim = {name: control_token(tokenizer, b, f"fill-in-the-middle {name}") for name, b in FIM_BYTES.items()}
+        match = {name: control_token(tokenizer, b, f"text-code matching {name}") for name, b in MATCH_BYTES.items()}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("span corruption pads with the tokenizer's pad or eos token; it has neither")
-        return cls(modes, sentinels, int(pad), fim)
+        return cls(modes, sentinels, int(pad), fim, match)
 
     @property
     def reserved(self) -> torch.Tensor:
-        return torch.tensor([*self.modes.values(), *self.sentinels, *self.fim.values()])
+        return torch.tensor([*self.modes.values(), *self.sentinels, *self.fim.values(), *self.match.values()])
 
     def check_absent(self, ids: torch.Tensor, where: str) -> None:
         """Refuse data that already holds a mode or sentinel token (its meaning would clash)."""

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from components.data.retrieval import RetrievalLayout
 from components.eval.evaluator import Evaluator
 from components.eval.infilling import InfillSpec, infill_metrics
+from components.eval.text_code_matching import MatchingSpec, matching_metrics
 from components.eval.lm_eval_task import run_lm_eval, write_arithmetic_task
 from components.eval.perplexity import evaluate_perplexity
 from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementSpec
@@ -64,6 +65,11 @@ class StandardEvaluation(Evaluator):
         """Optional: fill a middle span of test blocks given prefix and suffix, scored left to right
         and in the span-corruption format (``components/eval/infilling.py``); metrics
         ``infill_nll_<format>``, ``infill_acc_<format>``, also per domain."""
+        matching: MatchingSpec | None = None
+        """Optional: text-to-code retrieval among ``candidates`` functions of the test split, ranked
+        by CodeT5+'s text-code matching verdict and by the text's pointwise mutual information with
+        the code (``components/eval/text_code_matching.py``); metrics ``tcm_top1_<match|pmi>``,
+        ``tcm_mrr_<match|pmi>``."""
         retrieval: RetrievalLayout | None = None
         """Optional: perplexity of each test block's tokens after its query chunk, alone and behind
         the training blocks retrieved for it (InstructRetro-lite,
@@ -131,6 +137,8 @@ class StandardEvaluation(Evaluator):
             out["arith_n"] = r["n"]
         if p.infill is not None:
             out.update(infill_metrics(model, tokenizer, p.infill, blocks_by_domain, p.ppl_batch_size, model_dir))
+        if p.matching is not None:
+            out.update(matching_metrics(model, tokenizer, p.matching, blocks_by_domain, p.ppl_batch_size))
         if p.retrieval is not None:
             if not train_blocks:
                 raise ValueError("evaluate: retrieval needs the training blocks as its database (train_blocks)")

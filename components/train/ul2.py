@@ -18,8 +18,15 @@ so that sentinels fit), padded to the block length, pads outside the loss.
 
 CodeT5+ (Wang et al. 2023, arXiv 2305.07922) is a setting of this class, not a copy: its
 decoder-side mixture of span denoising (R, mu=3, r=0.15), seq2seq causal LM at a random pivot
-(S with ``corruption_max``) and decoder-only causal LM (C) is ``params/codet5p.yaml``. The
-text-code matching objective needs an encoder and paired data and is not built.
+(S with ``corruption_max``) and decoder-only causal LM (C) is ``params/codet5p.yaml``. Its
+text-code matching is the M denoiser: a row becomes ``[MATCH] docstring [SEP] function`` and the
+model predicts ``[YES]`` or ``[NO]`` (``components/data/text_code.py`` holds the format and its
+deviations). Pairs are the functions with docstrings found in the training blocks
+(``use_blocks``); half the rows are matched pairs, half mismatched, and ``hard_negatives`` of the
+mismatched take the most similar other function. With M rows in a batch the loss is the sum of
+the denoising loss (mean over target tokens) and the matching loss (mean over M rows), as
+CodeT5+ sums its objectives' losses; one token per M row in a shared token mean would weigh
+matching about a hundred times less.
 
 Draws come from a generator seeded by ``(seed, step, row)``, so a resumed run corrupts exactly as
 the uninterrupted one did. The tokenizer is needed to find the mode and sentinel tokens:
@@ -31,10 +38,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from components.data.denoising import corrupt, source_length
+from components.data.text_code import MatchingPairs
 from components.registry import Paper
 from components.train.control_tokens import ControlTokenMethod
 from components.train.method import TrainingMethod, step_seed
@@ -49,19 +58,25 @@ class Denoiser(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Literal["R", "S", "X", "C"]
+    mode: Literal["R", "S", "X", "C", "M"]
     corruption: float | None = Field(None, gt=0, lt=1, description="share of the source that becomes targets "
                                                                  "(R, S, X)")
     corruption_max: float | None = Field(None, gt=0, lt=1, description="S only: draw the share uniformly from "
                                          "[corruption, corruption_max] per example (a random pivot, as CodeT5+)")
     mean_span: float = Field(3.0, ge=1, description="mean noise-span length in tokens (R and X; S has one suffix)")
     weight: float = Field(1.0, gt=0, description="relative sampling weight in the mixture")
+    hard_negatives: float | None = Field(None, ge=0, le=1, description="M only: share of the mismatched pairs "
+                                         "whose function is the most similar other one (the rest: a random one)")
 
     @model_validator(mode="after")
     def _fields_fit_the_mode(self):
-        if self.mode == "C" and (self.corruption is not None or self.corruption_max is not None):
-            raise ValueError("denoiser C is plain causal LM on the whole block; it takes no corruption")
-        if self.mode != "C" and self.corruption is None:
+        if self.mode in ("C", "M") and (self.corruption is not None or self.corruption_max is not None):
+            raise ValueError(f"denoiser {self.mode} ({'plain causal LM' if self.mode == 'C' else 'text-code matching'})"
+                             " takes no corruption")
+        if (self.mode == "M") != (self.hard_negatives is not None):
+            raise ValueError("hard_negatives is the M denoiser's (text-code matching), and M needs it: the share of "
+                             f"mismatched pairs given the most similar other function; got mode {self.mode}")
+        if self.mode not in ("C", "M") and self.corruption is None:
             raise ValueError(f"denoiser {self.mode} needs corruption, the share of the source that becomes targets")
         if self.corruption_max is not None and (self.mode != "S" or self.corruption_max < self.corruption):
             raise ValueError(f"corruption_max (a random pivot) applies to the S denoiser only and must be at least "
@@ -93,6 +108,31 @@ class MixtureOfDenoisers(ControlTokenMethod):
         super().__init__(params)
         weights = np.array([d.weight for d in self.params.denoisers], dtype=float)
         self._probabilities = weights / weights.sum()
+        self._matching = any(d.mode == "M" for d in self.params.denoisers)
+        self._tokenizer = None
+        self._pairs: MatchingPairs | None = None
+
+    def use_tokenizer(self, tokenizer) -> None:
+        super().use_tokenizer(tokenizer)
+        self._tokenizer = tokenizer
+
+    def use_blocks(self, blocks: np.ndarray) -> None:
+        if not self._matching:
+            return
+        if self._tokenizer is None:
+            raise ValueError("ul2's M denoiser reads text-code pairs from the training blocks: call "
+                             "method.use_tokenizer(tokenizer) first")
+        self._pairs = MatchingPairs.from_blocks(blocks, self._tokenizer)
+        if len(self._pairs) < 2:
+            raise ValueError(f"ul2's M denoiser (text-code matching) found {len(self._pairs)} functions with a "
+                             f"docstring in the {len(blocks)} training blocks and needs at least 2; train it on "
+                             "Python source (train_domain: code)")
+
+    def bind(self, model: nn.Module, teacher: nn.Module | None, n_blocks: int) -> None:
+        super().bind(model, teacher, n_blocks)
+        if self._matching and self._pairs is None:
+            raise ValueError("ul2's M denoiser needs its text-code pairs: call method.use_blocks(blocks) before "
+                             "training")
 
     def denoise_batch(self, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(input ids, labels, mode of each row) of ``batch`` at ``step``; deterministic."""
@@ -107,6 +147,8 @@ class MixtureOfDenoisers(ControlTokenMethod):
             d = self.params.denoisers[rng.choice(len(self.params.denoisers), p=self._probabilities)]
             if d.mode == "C":
                 sequence, n_input = row.astype(np.int64), 0
+            elif d.mode == "M":
+                sequence, n_input = self._pairs.draw(rng, d.hard_negatives, seq_len, tokens.match)
             else:
                 share = d.corruption if d.corruption_max is None else float(rng.uniform(d.corruption, d.corruption_max))
                 length = source_length(seq_len, d.mode, share, d.mean_span)
@@ -117,8 +159,18 @@ class MixtureOfDenoisers(ControlTokenMethod):
         return torch.from_numpy(ids).to(batch.device), torch.from_numpy(labels).to(batch.device), modes
 
     def loss(self, model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None) -> torch.Tensor:
-        ids, labels, _ = self.denoise_batch(batch, self._step)
-        return model(input_ids=ids, labels=labels).loss
+        ids, labels, modes = self.denoise_batch(batch, self._step)
+        matching = torch.tensor([m == "M" for m in modes], device=ids.device)
+        if not matching.any() or matching.all():
+            return model(input_ids=ids, labels=labels).loss
+        # the denoising rows' token mean plus the matching rows' mean (see the module docstring)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        counted = targets != IGNORE
+        denoising = per_token[~matching].sum() / counted[~matching].sum().clamp(min=1)
+        return denoising + per_token[matching].sum() / counted[matching].sum()
 
     def finalize(self, model: nn.Module) -> dict:
-        return {"ul2_denoisers": len(self.params.denoisers)}
+        return {"ul2_denoisers": len(self.params.denoisers),
+                **({"text_code_pairs": len(self._pairs)} if self._pairs is not None else {})}

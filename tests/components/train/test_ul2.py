@@ -8,19 +8,21 @@ import torch
 from pydantic import ValidationError
 
 from components.data.denoising import FIM_BYTES, MODE_BYTES, SENTINEL_BYTES
+from components.data.text_code import MATCH_BYTES
 from components.train.registry import FINETUNE_METHODS, PRETRAIN_METHODS
 from components.train.trainer import train
 from components.train.ul2 import IGNORE, MixtureOfDenoisers
 from tests.components.train.test_trainer import SEQ, VOCAB, assert_resume_is_exact, nano
 
-TEXT_VOCAB = 40  # block ids stay below the ids the fake tokenizer gives the control bytes
+TEXT_VOCAB = 36  # block ids stay below the ids the fake tokenizer gives the control bytes
 
 
 class ControlBytes:
     """A tokenizer stand-in: each control byte is one token id at the top of the nano vocabulary."""
 
     pad_token_id = eos_token_id = TEXT_VOCAB
-    ids = {chr(b): VOCAB - 1 - i for i, b in enumerate([*MODE_BYTES.values(), *SENTINEL_BYTES, *FIM_BYTES.values()])}
+    ids = {chr(b): VOCAB - 1 - i for i, b in enumerate([*MODE_BYTES.values(), *SENTINEL_BYTES, *FIM_BYTES.values(),
+                                                             *MATCH_BYTES.values()])}
 
     def encode(self, text, add_special_tokens=False):
         return [self.ids[text]]
@@ -97,7 +99,7 @@ def test_refusals_name_what_is_wrong():
         MixtureOfDenoisers.Params(denoisers=[{"mode": "X", "corruption": 1.0}])
     with pytest.raises(ValidationError, match="mode"):
         MixtureOfDenoisers.Params(denoisers=[{"mode": "Q", "corruption": 0.5}])
-    with pytest.raises(ValidationError, match="denoiser C is plain causal LM"):
+    with pytest.raises(ValidationError, match="denoiser C \\(plain causal LM\\) takes no corruption"):
         MixtureOfDenoisers.Params(denoisers=[{"mode": "C", "corruption": 0.5}])
     with pytest.raises(ValidationError, match="denoiser R needs corruption"):
         MixtureOfDenoisers.Params(denoisers=[{"mode": "R"}])
