@@ -135,8 +135,9 @@ class MatchingPairs:
                 continue
             seen_texts.add(doc)
             seen_codes.add(code)
-            texts.append(list(tokenizer(doc, add_special_tokens=False)["input_ids"]))
-            codes.append(list(tokenizer(code, add_special_tokens=False)["input_ids"]))
+            # verbose=False: a function longer than the model's context is cut later, by fit_pair
+            texts.append(list(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]))
+            codes.append(list(tokenizer(code, add_special_tokens=False, verbose=False)["input_ids"]))
         hardest = most_similar(codes, len(tokenizer)) if len(codes) >= 2 else np.zeros(len(codes), dtype=np.int64)
         return cls(texts, codes, hardest)
 

@@ -6,8 +6,9 @@ function and ``candidates - 1`` others drawn at random (seeded, the same for eve
 scores rank the candidates:
 
 - ``match``: CodeT5+'s text-code matching as trained by ul2's M denoiser, ``logit([YES]) -
-  logit([NO])`` after ``[MATCH] text [SEP] code``. A model never trained on the format scores
-  near chance here.
+  logit([NO])`` after ``[MATCH] text [SEP] code``. A model never trained on the format reads the
+  verdict untrained; its ranking can still land above chance through biases such as the
+  code's length, which is why a claim compares it with a control.
 - ``pmi``: what any causal LM can do without that training, the pointwise mutual information of
   the code and the text, ``log p(code | "# text\\n") - log p(code)``, both after a document start.
   The text and code are cut as in the matching format, so both scores see the same tokens.
@@ -26,9 +27,6 @@ from pydantic import Field
 from components.data.denoising import DenoisingTokens
 from components.data.text_code import MatchingPairs, fit_pair, matching_example
 from components.registry import MethodParams
-
-SCORES = ("match", "pmi")
-
 
 class MatchingSpec(MethodParams):
     """Which retrieval queries to build from the test blocks."""
