@@ -162,12 +162,12 @@ def test_a_nano_model_learns_the_verdict_through_the_trainer(tokenizer):
 def test_retrieval_scores_match_a_direct_computation(tokenizer):
     model = build_model("nano", vocab_size=len(tokenizer), max_seq_len=SEQ, seed=0).eval()
     test = {"code": blocks(tokenizer, seed=2)}
-    spec = MatchingSpec(candidates=4, max_queries=5)
-    out = matching_metrics(model, tokenizer, spec, test, batch_size=3)
-    assert out["tcm_queries"] == 5 and out["tcm_chance"] == 0.25
+    spec = MatchingSpec(candidates=3, max_queries=4)
+    out = matching_metrics(model, tokenizer, spec, test, batch_size=5)
+    assert out["tcm_queries"] == 4 and out["tcm_chance"] == pytest.approx(1 / 3)
     pairs = MatchingPairs.from_blocks(test["code"], tokenizer)
     sets = retrieval_sets(spec, pairs)
-    assert all(row[0] == q and len(set(row)) == 4 for q, row in enumerate(sets))
+    assert all(row[0] == q and len(set(row)) == 3 for q, row in enumerate(sets))
     match, eos = DenoisingTokens.from_tokenizer(tokenizer).match, tokenizer.eos_token_id
     scores = {"match": [], "pmi": []}
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_retrieval_scores_match_a_direct_computation(tokenizer):
                     loglik.append(float(logp[len(context) - 1:].sum()))
                 scores["pmi"].append(loglik[0] - loglik[1])
     for name, values in scores.items():
-        ranks = _ranks(np.array(values).reshape(5, 4))
+        ranks = _ranks(np.array(values).reshape(4, 3))
         assert out[f"tcm_top1_{name}"] == pytest.approx((ranks == 0).mean(), abs=1e-9)
         assert out[f"tcm_mrr_{name}"] == pytest.approx((1 / (ranks + 1)).mean(), rel=1e-5)
 
