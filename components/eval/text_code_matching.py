@@ -96,14 +96,17 @@ def matching_metrics(model, tokenizer, spec: MatchingSpec, blocks_by_domain: dic
     pairs = MatchingPairs.from_blocks(blocks, tokenizer)
     sets = retrieval_sets(spec, pairs)
     seq_len, start = blocks.shape[1], tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokens.pad
-    flat = [(row[0], j) for row in sets for j in row]  # (query, candidate)
-    examples = [matching_example(pairs.texts[i], pairs.codes[j], seq_len, tokens.match) for i, j in flat]
+    # (query, candidate) pairs, each cut once as the matching format cuts it
+    cut = [(row[0], *fit_pair(pairs.texts[row[0]], pairs.codes[j], seq_len)) for row in sets for j in row]
+    examples = [matching_example(text, code, seq_len, tokens.match) for _, text, code in cut]
     logits = _last_logits(model, examples, tokens.pad, batch_size)
     scores = {"match": (logits[:, tokens.match["YES"]] - logits[:, tokens.match["NO"]]).numpy()}
+    comments = {}  # the text as a comment, once per query (its cut does not depend on the candidate)
     conditioned, alone, tails = [], [], []
-    for i, j in flat:
-        text, code = fit_pair(pairs.texts[i], pairs.codes[j], seq_len)
-        comment = tokenizer("# " + tokenizer.decode(text) + "\n", add_special_tokens=False)["input_ids"]
+    for i, text, code in cut:
+        if i not in comments:
+            comments[i] = tokenizer("# " + tokenizer.decode(text) + "\n", add_special_tokens=False)["input_ids"]
+        comment = comments[i]
         conditioned.append(np.array([start, *comment, *code]))
         alone.append(np.array([start, *code]))
         tails.append(len(code))
