@@ -314,20 +314,27 @@ def test_status_show_export_and_gc_look_without_running(ws, capsys, tmp_path):
     assert "13 cached" in capsys.readouterr().out
 
 
-def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
-    """In a git clone as users have it (the project's own .gitignore): a Prefect run records
-    what it built in dvc.lock, DVC then finds everything up to date, `dvc repro -s` of a deleted
-    artifact rebuilds the same bytes, artifacts round-trip through a DVC remote, and a second
-    clone pulls them and reruns the recipe with every stage cached."""
+def _dvc_project(ws):
+    """The workspace as a git clone of the project (its own .gitignore) with DVC initialised and
+    dvc.yaml synced; returns a runner for commands in it. Safe to call again."""
     for d in ("components", "tasks"):  # dvc.yaml deps name the stage source files
-        shutil.copytree(REPO / d, ws / d, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / d, ws / d, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(REPO / ".gitignore", ws / ".gitignore")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     run = lambda *cmd: subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert run("git", "init", "-q").returncode == 0
-    r = run("dvc", "init", "-q")
-    assert r.returncode == 0, r.stderr
+    if not (ws / ".dvc").exists():
+        r = run("dvc", "init", "-q")
+        assert r.returncode == 0, r.stderr
     assert main(["dvc-sync"]) == 0
+    return run
+
+
+def test_dvc_repro_reaches_the_same_artifacts(ws, capsys):
+    """In a git clone as users have it (the project's own .gitignore): a Prefect run records
+    what it built in dvc.lock, DVC then finds everything up to date, and `dvc repro -s` of a
+    deleted artifact rebuilds the same bytes."""
+    run = _dvc_project(ws)
     assert main(["dvc-sync", "--check"]) == 0
     capsys.readouterr()
     assert main(["run", "nano", "--no-progress"]) == 0  # all cache hits: only DVC's record is new
@@ -355,6 +362,16 @@ def test_dvc_repro_reaches_the_same_artifacts(ws, capsys, tmp_path):
         assert again["content_sha256"] == manifests[stage][1]["content_sha256"]
     r = run("dvc", "status", "nano-quantize")
     assert r.returncode == 0 and "changed" not in r.stdout, r.stdout
+
+
+@pytest.mark.slow  # ~30 s of DVC and git subprocesses: the default suite's budget keeps the git-clone half above
+def test_artifacts_round_trip_through_a_dvc_remote_into_a_second_clone(ws, capsys, tmp_path):
+    """Artifacts round-trip through a DVC remote, a remote that cannot be written or is gone
+    gives one clear error and leaves nothing half-made, and a second clone pulls them and reruns
+    the recipe with every stage cached."""
+    run = _dvc_project(ws)
+    capsys.readouterr()
+    assert main(["run", "nano", "--no-progress"]) == 0  # dvc.lock records every artifact (new or not)
 
     # no remote yet, then a remote that cannot be written (its parent is a file): one error, nothing made
     capsys.readouterr()
@@ -432,6 +449,7 @@ def test_a_recipe_including_nano_adds_merges_that_train_and_measure(ws):
     assert len(groupwise["transfer"]) == 2 and sorted(sum(groupwise["groups"], [])) == ["finetune_code", "finetune_prose"]
 
 
+@pytest.mark.slow  # starting `mlflow server` is most of its ~40 s: a scale-out check, like the other servers'
 def test_an_mlflow_server_on_loopback_tracks_the_runs_and_keeps_their_files(ws, tmp_path, monkeypatch):
     """MLFLOW_TRACKING_URI at an `mlflow server` with its own artifact store: the runs and the
     evaluate report's files go to the server, not to the workspace."""
