@@ -62,6 +62,19 @@ def results_markdown() -> str:
             body.append("")
         out += _section("Recipe catalogue: every recipe run in one workspace, at one commit",
                         "python benchmarks/run_catalogue.py --workspace /tmp/paperdag-catalogue", body)
+        earlier = earlier_rows(cat, _load("catalogue_previous.json") or {})
+        if earlier:
+            body = [f"Recipes the pass above has not reached, as an earlier pass measured them at commit "
+                    f"`{', '.join(sorted({e['commit'][:12] for e in earlier.values()}))}`. Their stages may have "
+                    "changed since: `paperdag list` says, recipe by recipe (STALE).", ""]
+            for name, entry in earlier.items():
+                body += [f"### {name}: {verdict_counts(entry.get('claims', []))} (commit {entry['commit'][:12]}, "
+                         f"{entry['wall_s']:.0f} s, exit code {entry['returncode']})", ""]
+                body += [f"- **{label(c)}** `{c['name']}`: {c['statement']}  \n  {c['detail']}"
+                         for c in entry.get("claims", [])]
+                body.append("")
+            out += _section("Recipe catalogue: earlier passes", "python benchmarks/run_catalogue.py (an earlier commit)",
+                            body)
     md = RESULTS / "cli_startup.md"
     if md.exists():
         out += _section("CLI start-up: commands that only look, before and after", "python benchmarks/bench_cli.py "
@@ -260,7 +273,7 @@ def main() -> None:
     cat = _load("catalogue.json")
     if cat:
         readme = HERE.parent / "README.md"
-        readme.write_text(readme_with_catalogue(readme.read_text(), cat))
+        readme.write_text(readme_with_catalogue(readme.read_text(), cat, _load("catalogue_previous.json") or {}))
         print(f"updated the catalogue in {readme}")
 
 
@@ -287,25 +300,41 @@ def catalogue_summary(cat: dict) -> str:
     claims = [c for e in cat.values() for c in e.get("claims", [])]
     cpus = sorted({e.get("cpu", "?") for e in cat.values()})
     return (f"Measured by `python benchmarks/run_catalogue.py` at commit `{', '.join(c[:12] for c in commits)}` on "
-            f"{', '.join(cpus)}, {len(cat)} recipes: {verdict_counts(claims)}. Only a PASS of an experiment claim "
+            f"{', '.join(cpus)}, {len(cat)} recipe{'s' * (len(cat) != 1)}: {verdict_counts(claims)}. Only a PASS of an experiment claim "
             "counts as reproduced; accounting claims are true by construction.")
 
 
-def unmeasured_recipes(cat: dict) -> list[str]:
-    """Recipes in params/ that the catalogue run did not measure (added since): listed, never scored."""
-    return sorted(p.stem for p in (HERE.parent / "params").glob("*.yaml") if p.stem not in cat)
+def earlier_rows(cat: dict, previous: dict) -> dict:
+    """Rows of an earlier pass (catalogue_previous.json) for recipes in params/ that this pass
+    has not measured."""
+    recipes = {p.stem for p in (HERE.parent / "params").glob("*.yaml")}
+    return {name: row for name, row in previous.items() if name in recipes and name not in cat}
 
 
-def readme_with_catalogue(text: str, cat: dict) -> str:
-    """The README with its catalogue table (between its markers) generated from catalogue.json."""
+def unmeasured_recipes(cat: dict, previous: dict | None = None) -> list[str]:
+    """Recipes in params/ that no catalogue pass measured (added since): listed, never scored."""
+    return sorted(p.stem for p in (HERE.parent / "params").glob("*.yaml")
+                  if p.stem not in cat and p.stem not in (previous or {}))
+
+
+def readme_with_catalogue(text: str, cat: dict, previous: dict | None = None) -> str:
+    """The README with its catalogue table (between its markers) generated from catalogue.json
+    and, for recipes that pass has not reached, catalogue_previous.json, each row naming its commit."""
     sys.path.insert(0, str(HERE.parent))
     from flows.recipe import load_recipe  # seeds and paper may come from an included file
 
     if README_START not in text or README_END not in text:
         raise ValueError(f"README.md lacks the {README_START} / {README_END} markers")
-    rows = [catalogue_summary(cat), "",
+    earlier = earlier_rows(cat, previous or {})
+    summary = catalogue_summary(cat)
+    if earlier:
+        commits = ", ".join(f"`{c[:12]}`" for c in sorted({e["commit"] for e in earlier.values()}))
+        summary += (f" {len(earlier)} more recipes are listed as an earlier pass measured them, at commit {commits}, "
+                    "and marked so in the verdicts column: their stages may have changed since, and `paperdag list` "
+                    "marks a recipe STALE when they did.")
+    rows = [summary, "",
             "| recipe | paper | verdicts | claims (measured at micro scale on CPU) |", "|---|---|---|---|"]
-    for name, entry in cat.items():
+    for name, entry in [*cat.items(), *sorted(earlier.items())]:
         recipe = load_recipe(HERE.parent / "params" / f"{name}.yaml")
         paper = f"[{recipe.paper.title}]({recipe.paper.url})"
         claims = "<br>".join(f"{label(c)}: {c['statement']}" for c in entry.get("claims", []))
@@ -313,14 +342,17 @@ def readme_with_catalogue(text: str, cat: dict) -> str:
         failed = (f"**run failed (exit code {entry['returncode']}"
                   + (f", no metrics from {', '.join(entry['missing_metrics'])}" if entry.get("missing_metrics") else "")
                   + "): see RESULTS.md**") if entry["returncode"] or entry.get("missing_metrics") else ""
-        rows.append(f"| `{name}`{seeds} | {paper} | {verdict_counts(entry.get('claims', []))} | "
+        verdicts = verdict_counts(entry.get("claims", []))
+        if name in earlier:
+            verdicts = f"earlier pass at `{entry['commit'][:12]}`: {verdicts}"
+        rows.append(f"| `{name}`{seeds} | {paper} | {verdicts} | "
                     + "<br>".join(part for part in (failed, claims) if part) + " |")
-    for name in unmeasured_recipes(cat):
+    for name in unmeasured_recipes(cat, previous):
         recipe = load_recipe(HERE.parent / "params" / f"{name}.yaml")
         seeds = f" (seeds {recipe.seeds})" if recipe.seeds else ""
         claims = "<br>".join(("accounting: " if c.kind == "accounting" else "") + c.statement for c in recipe.claims)
         rows.append(f"| `{name}`{seeds} | [{recipe.paper.title}]({recipe.paper.url}) | **not measured yet** | "
-                    f"added after the catalogue run; claims: {claims} |")
+                    f"no catalogue pass has run it; claims: {claims} |")
     before, rest = text.split(README_START, 1)
     after = rest.split(README_END, 1)[1]
     return before + README_START + "\n" + "\n".join(rows) + "\n" + README_END + after

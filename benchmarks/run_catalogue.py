@@ -8,7 +8,10 @@ with its verdict (PASS, FAIL, NOT DISCRIMINATING), kind, control and interval; a
 file (`python benchmarks/report.py`), and a test fails when they were not.
 
 The tree must be clean: a number is only worth quoting with the commit that produced it.
-Rows of another commit are dropped, so the file always describes one commit.
+catalogue.json always describes one commit: when a pass at a new commit records its first
+recipe, the rows of the earlier commit move to catalogue_previous.json (the latest row of each
+recipe, with its own commit), so a pass cut short leaves the recipes it has not reached listed
+with what an earlier pass measured, never mixed into this one.
 
     python benchmarks/run_catalogue.py --workspace /tmp/paperdag-catalogue [recipe ...]
 
@@ -34,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 CATALOGUE = RESULTS / "catalogue.json"
+PREVIOUS = RESULTS / "catalogue_previous.json"
 CODE_DIRS = ("flows", "tasks", "components", "params")
 sys.path.insert(0, str(REPO))
 from tasks.artifacts import DIGEST_LEN  # noqa: E402
@@ -81,6 +85,26 @@ def recorded_complete(commit: str) -> set[str]:
         return set()
     return {name for name, e in json.loads(CATALOGUE.read_text()).items()
             if e.get("commit") == commit and e.get("returncode") == 0 and not e.get("missing_metrics")}
+
+
+def _write_json(path: Path, rows: dict) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(rows.items(), key=lambda kv: kv[0] != "quickstart")), indent=2))
+    os.replace(tmp, path)
+
+
+def record(name: str, entry: dict) -> None:
+    """Add one recipe's row. catalogue.json keeps the rows of ``entry``'s commit only; rows of
+    any other commit move to catalogue_previous.json, each replacing an older row of its recipe.
+    Both files are re-read first: another pass on another workspace may have recorded meanwhile."""
+    catalogue = json.loads(CATALOGUE.read_text()) if CATALOGUE.exists() else {}
+    earlier = {k: v for k, v in catalogue.items() if v.get("commit") != entry["commit"]}
+    if earlier:  # previous first: a pass stopped between the two writes loses nothing
+        previous = json.loads(PREVIOUS.read_text()) if PREVIOUS.exists() else {}
+        _write_json(PREVIOUS, {**previous, **earlier})
+    catalogue = {k: v for k, v in catalogue.items() if k not in earlier}
+    catalogue[name] = entry
+    _write_json(CATALOGUE, catalogue)
 
 
 def main() -> int:
@@ -136,14 +160,7 @@ def main() -> int:
             entry["missing_metrics"] = missing
         entry["claims"] = [{k: c[k] for k in ("name", "statement", "kind", "verdict", "detail", "slack",
                                                "slack_interval", "control") if k in c} for c in claims]
-        # re-read before writing (another run on another workspace may record meanwhile); rows of
-        # another commit are dropped: the file describes one commit
-        catalogue = json.loads(CATALOGUE.read_text()) if CATALOGUE.exists() else {}
-        catalogue = {k: v for k, v in catalogue.items() if v.get("commit") == commit}
-        catalogue[name] = entry
-        tmp = CATALOGUE.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dict(sorted(catalogue.items(), key=lambda kv: kv[0] != "quickstart")), indent=2))
-        os.replace(tmp, CATALOGUE)
+        record(name, entry)
         verdicts = [c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "") for c in entry["claims"]]
         print(f"{name}: rc={proc.returncode} {wall:.0f}s " + ", ".join(
             f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts)))

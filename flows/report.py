@@ -92,6 +92,7 @@ def print_summary(summary, plan: RecipePlan, ws: Workspace) -> None:
 
 
 CATALOGUE = Path("benchmarks") / "results" / "catalogue.json"
+PREVIOUS_CATALOGUE = CATALOGUE.with_name("catalogue_previous.json")  # rows of earlier passes
 
 
 def measured_status(name: str, digests: dict[str, str], catalogue: dict) -> str:
@@ -121,8 +122,10 @@ def catalogue_entries(ws: Workspace) -> list[dict]:
     from flows.errors import RecipeError
     from flows.plan_cache import compiled_plan
 
-    catalogue_file = ws.root / CATALOGUE
-    catalogue = json.loads(catalogue_file.read_text()) if catalogue_file.exists() else {}
+    catalogue = {}  # the latest pass's row of each recipe, else an earlier pass's (each names its commit)
+    for rel in (PREVIOUS_CATALOGUE, CATALOGUE):
+        if (ws.root / rel).exists():
+            catalogue.update(json.loads((ws.root / rel).read_text()))
     entries, hashed = [], {}
     for path in sorted((ws.root / "params").glob("*.yaml")):
         rel = str(path.relative_to(ws.root))

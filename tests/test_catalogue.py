@@ -8,6 +8,7 @@ import sys
 from tests.helpers import REPO
 
 CATALOGUE = REPO / "benchmarks" / "results" / "catalogue.json"
+PREVIOUS = REPO / "benchmarks" / "results" / "catalogue_previous.json"
 
 
 def _report():
@@ -31,13 +32,18 @@ def test_the_catalogue_is_one_run_at_one_commit_of_every_recipe():
     for name, row in catalogue.items():
         assert row["returncode"] == 0, f"{name}: the catalogue run failed (see benchmarks/results/{name}.log)"
         assert row["digests"] and all(c["verdict"] in ("PASS", "FAIL", "NOT DISCRIMINATING") for c in row["claims"])
+    # an earlier pass's rows name their own commits, none of them this pass's
+    for name, row in json.loads(PREVIOUS.read_text()).items():
+        assert row["commit"] != commit and row["digests"], name
+        known = subprocess.run(["git", "cat-file", "-t", row["commit"]], cwd=REPO, capture_output=True, text=True)
+        assert known.stdout.strip() == "commit", f"{name}: commit {row['commit']} is not in this repository"
 
 
 def test_readme_and_results_are_generated_from_the_catalogue():
     report = _report()
     catalogue = json.loads(CATALOGUE.read_text())
     readme = (REPO / "README.md").read_text()
-    assert readme == report.readme_with_catalogue(readme, catalogue), \
+    assert readme == report.readme_with_catalogue(readme, catalogue, json.loads(PREVIOUS.read_text())), \
         "README section 5 was not generated from catalogue.json: run python benchmarks/report.py"
     assert (REPO / "benchmarks" / "RESULTS.md").read_text() == report.results_markdown(), \
         "benchmarks/RESULTS.md was not generated from benchmarks/results/: run python benchmarks/report.py"
@@ -52,6 +58,41 @@ def test_a_recipe_added_after_the_catalogue_run_is_listed_as_not_measured_and_ne
     row = next(line for line in report.readme_with_catalogue((REPO / "README.md").read_text(), without).splitlines()
                if line.startswith(f"| `{name}`"))
     assert "**not measured yet**" in row and "PASS" not in row and "FAIL" not in row
+
+
+def test_a_recipe_this_pass_has_not_reached_shows_the_earlier_pass_with_its_commit():
+    report = _report()
+    catalogue = json.loads(CATALOGUE.read_text())
+    name, row = next(iter(catalogue.items()))
+    without = {k: v for k, v in catalogue.items() if k != name}
+    earlier = {name: dict(row, commit="0123456789abcdef")}
+    readme = report.readme_with_catalogue((REPO / "README.md").read_text(), without, earlier)
+    [line] = [line for line in readme.splitlines() if line.startswith(f"| `{name}`")]
+    assert f"earlier pass at `0123456789ab`: {report.verdict_counts(row['claims'])}" in line
+    assert "more recipes are listed as an earlier pass measured them, at commit `0123456789ab`" in readme
+    assert name not in report.unmeasured_recipes(without, earlier)
+    assert report.earlier_rows(catalogue, earlier) == {}, "a recipe this pass measured shows this pass's row only"
+
+
+def test_a_pass_at_a_new_commit_moves_the_earlier_rows_aside(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run_catalogue
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    monkeypatch.setattr(run_catalogue, "CATALOGUE", tmp_path / "catalogue.json")
+    monkeypatch.setattr(run_catalogue, "PREVIOUS", tmp_path / "catalogue_previous.json")
+    run_catalogue.record("a", {"commit": "c0", "n": 1})
+    run_catalogue.record("b", {"commit": "c0", "n": 2})
+    assert not (tmp_path / "catalogue_previous.json").exists(), "one commit so far: nothing to move"
+    run_catalogue.record("a", {"commit": "c1", "n": 3})
+    assert json.loads((tmp_path / "catalogue.json").read_text()) == {"a": {"commit": "c1", "n": 3}}
+    assert json.loads((tmp_path / "catalogue_previous.json").read_text()) == {
+        "a": {"commit": "c0", "n": 1}, "b": {"commit": "c0", "n": 2}}
+    run_catalogue.record("b", {"commit": "c2", "n": 4})  # a third commit: c1's row of a replaces c0's
+    assert json.loads((tmp_path / "catalogue_previous.json").read_text()) == {
+        "a": {"commit": "c1", "n": 3}, "b": {"commit": "c0", "n": 2}}
+    assert json.loads((tmp_path / "catalogue.json").read_text()) == {"b": {"commit": "c2", "n": 4}}
 
 
 def test_every_row_records_the_digests_its_claims_were_measured_on():
