@@ -28,6 +28,11 @@ def _repeat_spread(suite: dict) -> str:
             f"spread of {spread:.0%} of its median: read the ratios to about that.")
 
 
+def _claim_lines(claims: list[dict]) -> list[str]:
+    """One markdown bullet per claim: its verdict, name, statement and measured detail."""
+    return [f"- **{label(c)}** `{c['name']}`: {c['statement']}  \n  {c['detail']}" for c in claims]
+
+
 def _section(title: str, command: str, body: list[str]) -> list[str]:
     return [f"## {title}", "", f"Command: `{command}`", "", *body, ""]
 
@@ -56,7 +61,7 @@ def results_markdown() -> str:
             body += [f"### {name}: {verdict_counts(claims)} ({entry.get('stages', '?')} stages, "
                      f"{entry.get('cache_hits', '?')} cache hits, {entry['wall_s']:.0f} s, exit code {entry['returncode']})",
                      ""]
-            body += [f"- **{label(c)}** `{c['name']}`: {c['statement']}  \n  {c['detail']}" for c in claims]
+            body += _claim_lines(claims)
             table = RESULTS / f"{name}.table.txt"
             if table.exists():
                 body += ["", "```", table.read_text().rstrip(), "```"]
@@ -71,8 +76,7 @@ def results_markdown() -> str:
             for name, entry in earlier.items():
                 body += [f"### {name}: {verdict_counts(entry.get('claims', []))} (commit {entry['commit'][:12]}, "
                          f"{entry['wall_s']:.0f} s, exit code {entry['returncode']})", ""]
-                body += [f"- **{label(c)}** `{c['name']}`: {c['statement']}  \n  {c['detail']}"
-                         for c in entry.get("claims", [])]
+                body += _claim_lines(entry.get("claims", []))
                 body.append("")
             out += _section("Recipe catalogue: earlier passes", "python benchmarks/run_catalogue.py (an earlier commit)",
                             body)
