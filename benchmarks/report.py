@@ -71,7 +71,7 @@ def results_markdown() -> str:
         earlier = earlier_rows(cat, _load("catalogue_previous.json") or {})
         if earlier:
             body = [f"Recipes the pass above has not reached, as an earlier pass measured them at commit "
-                    f"`{', '.join(sorted({e['commit'][:12] for e in earlier.values()}))}`. Their stages may have "
+                    f"{_commits(earlier)}. Their stages may have "
                     "changed since: `paperdag list` says, recipe by recipe (STALE).", ""]
             for name, entry in earlier.items():
                 body += [f"### {name}: {verdict_counts(entry.get('claims', []))} (commit {entry['commit'][:12]}, "
@@ -309,6 +309,11 @@ def catalogue_summary(cat: dict) -> str:
             "counts as reproduced; accounting claims are true by construction.")
 
 
+def _commits(rows: dict) -> str:
+    """The rows' commits, short and in backticks: "`a`, `b`"."""
+    return ", ".join(f"`{c[:12]}`" for c in sorted({row["commit"] for row in rows.values()}))
+
+
 def earlier_rows(cat: dict, previous: dict) -> dict:
     """Rows of an earlier pass (catalogue_previous.json) for recipes in params/ that this pass
     has not measured."""
@@ -333,8 +338,8 @@ def readme_with_catalogue(text: str, cat: dict, previous: dict | None = None) ->
     earlier = earlier_rows(cat, previous or {})
     summary = catalogue_summary(cat)
     if earlier:
-        commits = ", ".join(f"`{c[:12]}`" for c in sorted({e["commit"] for e in earlier.values()}))
-        summary += (f" {len(earlier)} more recipes are listed as an earlier pass measured them, at commit {commits}, "
+        summary += (f" {len(earlier)} more recipes are listed as an earlier pass measured them, at commit "
+                    f"{_commits(earlier)}, "
                     "and marked so in the verdicts column: their stages may have changed since, and `paperdag list` "
                     "marks a recipe STALE when they did.")
     rows = [summary, "",
