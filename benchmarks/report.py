@@ -80,6 +80,10 @@ def results_markdown() -> str:
                 body.append("")
             out += _section("Recipe catalogue: earlier passes", "python benchmarks/run_catalogue.py (an earlier commit)",
                             body)
+    md = RESULTS / "dense_base_study.md"
+    if md.exists():
+        out += _section("Why the dense micro base trails SPDF: its block linears' step size, then the mask",
+                        "python benchmarks/dense_base_study.py", [md.read_text().rstrip()])
     md = RESULTS / "cli_startup.md"
     if md.exists():
         out += _section("CLI start-up: commands that only look, before and after", "python benchmarks/bench_cli.py "
