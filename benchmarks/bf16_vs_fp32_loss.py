@@ -45,11 +45,16 @@ MODES = {  # name -> trainer params
 
 
 def build_blocks() -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation blocks of the default corpus; prints their shapes and build time."""
+    start = time.perf_counter()
     docs = StandardCorpus(StandardCorpus.Params()).build()
     train_texts = docs.loc[docs["split"] == "train", "text"].tolist()
     val_texts = docs.loc[docs["split"] == "validation", "text"].tolist()
     tokenizer = ByteBpeTokenizer(ByteBpeTokenizer.Params(vocab_size=VOCAB, seq_len=SEQ)).train(train_texts)
-    return pack_documents(tokenizer, train_texts, SEQ), pack_documents(tokenizer, val_texts, SEQ)
+    train_blocks, val_blocks = pack_documents(tokenizer, train_texts, SEQ), pack_documents(tokenizer, val_texts, SEQ)
+    print(f"[{time.perf_counter() - start:5.0f}s] data: train {train_blocks.shape}, validation {val_blocks.shape}",
+          flush=True)
+    return train_blocks, val_blocks
 
 
 def run(train_blocks, val_blocks, seed: int, mode: str, args) -> dict:
@@ -75,8 +80,6 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     train_blocks, val_blocks = build_blocks()
-    print(f"[{time.perf_counter() - t0:5.0f}s] data: train {train_blocks.shape}, validation {val_blocks.shape}",
-          flush=True)
     runs = []
     for seed in args.seeds:
         for mode in MODES:

@@ -93,8 +93,6 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     train_blocks, val_blocks = build_blocks()
-    print(f"[{time.perf_counter() - t0:5.0f}s] data: train {train_blocks.shape}, validation {val_blocks.shape}",
-          flush=True)
     runs = []
     for seed in args.seeds:
         for variant in VARIANTS:

@@ -19,18 +19,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def _threads_per_worker() -> int:
-    """The cores each pytest-xdist worker may use. Without this every worker (and every CLI
-    subprocess it starts) runs an OpenMP pool as wide as the machine: on 2 cores two workers
-    then spin against each other and the suite took 898 s instead of 472 s."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
-
-
 if "PYTEST_XDIST_WORKER" in os.environ:
-    # set before torch is imported; subprocesses inherit it through the environment
-    os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
+    # Each worker (and every CLI subprocess it starts, through the environment) gets its share of
+    # the cores, as parallel stages do; set before torch is imported. Without it two workers' OpenMP
+    # pools spin against each other on 2 cores: the suite took 898 s instead of 472 s.
+    from flows.parallel import threads_per_stage
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_stage(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 @pytest.fixture
