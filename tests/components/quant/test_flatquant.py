@@ -4,7 +4,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from components.model.presets import build_model
 from components.quant.activation import ActivationSpec, install_activation_quant
 from components.quant.base import QuantizationError, dequantize_packed
 from components.quant.flatquant import (FlatQuantQuantizer, KroneckerTransform, balanced_factors, cayley,
@@ -12,39 +11,12 @@ from components.quant.flatquant import (FlatQuantQuantizer, KroneckerTransform, 
 from components.quant.reconstruction import IntGrid
 from components.quant.registry import QUANTIZERS
 from components.quant.rtn import RtnQuantizer
-
-VOCAB, SEQ = 64, 32
-
-
-def nano(seed=0):
-    return build_model("nano", vocab_size=VOCAB, max_seq_len=SEQ, seed=seed)
-
-
-def strided(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, VOCAB, (n, 1), generator=g)
-    stride = torch.randint(1, 4, (n, 1), generator=g)
-    return (start + stride * torch.arange(SEQ)) % VOCAB
+from tests.components.quant.strided_task import VOCAB, model_from, nano, strided, trained_nano
 
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
-    model = nano()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(120):
-        x = strided(16, 100 + step)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def model_from(state):
-    model = nano()
-    model.load_state_dict(state)
-    return model.eval()
+    return {k: v.detach().clone() for k, v in trained_nano().state_dict().items()}
 
 
 def flatquant(**params):

@@ -3,12 +3,12 @@ import copy
 import pytest
 import torch
 
-from components.model.presets import build_model
 from components.quant.base import QuantizationError, dequantize_packed
 from components.quant.fliqs import DEFAULT_FORMATS, FliqsQuantizer, FormatBank, random_feasible_assignment
 from components.quant.calibration import swapped_weights
 from components.quant.minifloat_ptq import dequantize_minifloat, mean_loss
 from components.quant.registry import QUANTIZERS
+from tests.components.quant.strided_task import nano, strided, trained_nano
 
 # (outlier layer, the layer feeding its input channel 0): the pair is rescaled without changing the function
 OUTLIERS = [("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"),
@@ -17,29 +17,13 @@ SENSITIVE = [name for name, _ in OUTLIERS]
 OUTLIER_FACTOR = 16.0
 
 
-def strided(n, seed):
-    """Sequences ``start + stride * t (mod 64)``: a task the nano model learns in ~100 steps."""
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, 64, (n, 1), generator=g)
-    stride = torch.randint(1, 4, (n, 1), generator=g)
-    return (start + stride * torch.arange(32)) % 64
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A nano model trained on strided sequences, then two layers get a 16x outlier input column,
     with the producing row scaled down by 16 so the fp model computes the same function
     (SwiGLU is linear in up_proj). Per-channel int4 crushes every other
     weight of those rows; the fp8 formats do not: which layers get 4 bits matters."""
-    torch.manual_seed(0)
-    model = build_model("nano", vocab_size=64, max_seq_len=32, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(120):
-        x = strided(16, 100 + step)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = trained_nano()
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, producer in OUTLIERS:
@@ -122,7 +106,7 @@ def test_deterministic_at_a_fixed_seed(trained):
 
 
 def test_errors():
-    model = build_model("nano", vocab_size=64, max_seq_len=32, seed=0)
+    model = nano()
     cal = strided(4, 0)
     with pytest.raises(QuantizationError, match="below the cheapest"):
         fliqs(size_budget_bits=3.5).quantize(model, cal)
