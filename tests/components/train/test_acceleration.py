@@ -144,10 +144,12 @@ def _rss_bytes() -> int:
 
 
 def _rss_kept_after_free(mb: int = 256) -> int:
-    before = _rss_bytes()
+    """Bytes of a freed ``mb`` MiB block the process keeps: the block's size less the RSS that
+    the ``del`` gave back (read right around it, so other threads' allocations hardly enter)."""
     block = torch.ones(mb * 2**18)  # mb MiB of fp32, touched
+    while_held = _rss_bytes()
     del block
-    return _rss_bytes() - before
+    return mb * 2**20 - (while_held - _rss_bytes())
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
