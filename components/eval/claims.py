@@ -19,11 +19,19 @@ What a PASS means is what makes a claim evidence rather than decoration:
   the passing side. The control counts as clearing the bar when its mean slack does. An
   accounting claim is a bound each seed's stage must keep (a bit budget), so under seeds it
   passes when every seed clears the bar, not when an interval of the mean does.
+- a **perplexity** claim (its metric is a ``ppl`` one) measures slack on the log scale:
+  ``ln(bar) - ln(ppl)``, the cross-entropy difference in nats. Each seed clears the bar exactly
+  when it does on the raw scale; what changes is the interval over seeds. Perplexity is
+  ``exp(loss)``, so its spread grows with its level: one seed that diverges to 4,000 against a bar
+  of 40 swamps a raw paired interval even when every seed clears the bar 30x over, and a method
+  that wins on every seed FAILs. Differences of log perplexity are what the models were trained
+  to lower and do not scale with the level.
 """
 from __future__ import annotations
 
 import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -32,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 STRICT_OPS = ("<", ">")
 VERDICTS = ("PASS", "FAIL", "NOT DISCRIMINATING")
+PERPLEXITY_METRIC = re.compile(r"(^|[._])ppl([._]|$)")  # ppl_all, retrieval_ppl_retrieved, ...
 
 
 class ClaimError(KeyError):
@@ -229,11 +238,27 @@ def _compare(claim: Claim, metrics: dict[str, dict[str, float]]) -> Comparison:
         problems.append(f"right-hand side is not a finite number ({ref_raw!r})")
     if problems:
         return Comparison(lhs, rhs, None, text, "; ".join(problems))
+    if log_scale(claim):
+        if lhs <= 0 or rhs <= 0:
+            return Comparison(lhs, rhs, None, text, f"a perplexity claim needs positive values on both sides "
+                                                    f"(log scale): {_fmt(lhs)} vs {_fmt(rhs)}")
+        if claim.op == "within":  # the same band [(1 - t) rhs, (1 + t) rhs], measured in log units
+            if claim.tolerance >= 1:
+                return Comparison(lhs, rhs, None, text, "a perplexity claim's within tolerance must be < 1")
+            slack = min(math.log((1 + claim.tolerance) * rhs / lhs), math.log(lhs / ((1 - claim.tolerance) * rhs)))
+        else:
+            slack = math.log(rhs / lhs) if claim.op in ("<", "<=") else math.log(lhs / rhs)
+        return Comparison(lhs, rhs, slack, text)
     if claim.op == "within":
         slack = claim.tolerance * abs(rhs) - abs(lhs - rhs)
     else:
         slack = rhs - lhs if claim.op in ("<", "<=") else lhs - rhs
     return Comparison(lhs, rhs, slack, text)
+
+
+def log_scale(claim: Claim) -> bool:
+    """Whether the claim's slack is measured on the log scale: its metric is a perplexity."""
+    return bool(PERPLEXITY_METRIC.search(claim.metric.split(".", 1)[-1]))
 
 
 def _clears(slack: float, op: str) -> bool:
@@ -268,16 +293,23 @@ def _judge(claim: Claim, per_seed: list[dict[str, dict[str, float]]], seeds: lis
                 "detail": f"seed(s) {which}: {bad[0].problem}", "per_seed": [c.text for c in comparisons]}
     slacks = [c.slack for c in comparisons]
     mean, low, high = t_interval(slacks)
-    lhs_mean = sum(c.lhs for c in comparisons) / len(comparisons)
-    rhs_mean = sum(c.rhs for c in comparisons) / len(comparisons)
+    log = log_scale(claim)
+    if log:  # the means that match a log-scale slack: geometric
+        lhs_mean = math.exp(sum(math.log(c.lhs) for c in comparisons) / len(comparisons))
+        rhs_mean = math.exp(sum(math.log(c.rhs) for c in comparisons) / len(comparisons))
+    else:
+        lhs_mean = sum(c.lhs for c in comparisons) / len(comparisons)
+        rhs_mean = sum(c.rhs for c in comparisons) / len(comparisons)
     if claim.kind == "accounting":  # a bound each seed must keep; an interval of the mean would demand more
         passed = all(_clears(s, claim.op) for s in slacks)
         rule = f"every seed must clear it; worst seed's slack {_fmt(min(slacks))}"
     else:
         passed = _clears(low, claim.op)
         rule = "the interval must clear 0"
-    detail = (f"{claim.metric} mean {_fmt(lhs_mean)} vs bar mean {_fmt(rhs_mean)} over seeds {seeds}; paired slack "
-              f"{_fmt(mean)}, 95% interval [{_fmt(low)}, {_fmt(high)}] (> 0 clears the bar; {rule})")
+    means = "geometric mean" if log else "mean"
+    slack_text = "paired log slack (ln bar - ln ppl)" if log else "paired slack"
+    detail = (f"{claim.metric} {means} {_fmt(lhs_mean)} vs bar {means} {_fmt(rhs_mean)} over seeds {seeds}; "
+              f"{slack_text} {_fmt(mean)}, 95% interval [{_fmt(low)}, {_fmt(high)}] (> 0 clears the bar; {rule})")
     return {"passed": passed, "lhs": lhs_mean, "rhs": rhs_mean, "slack": mean, "slack_interval": [low, high],
             "slack_per_seed": slacks, "detail": detail, "per_seed": [c.text for c in comparisons]}
 
@@ -334,6 +366,7 @@ def check_claims(claims: Sequence[Claim], metrics: dict[str, dict[str, float]],
             detail += (f"; control ({control.why or ', '.join(f'{b} for {m}' for m, b in control.replace.items())}): "
                        f"{control_result['detail']}: {outcome}")
         result = {"name": claim.name, "statement": claim.statement, "kind": claim.kind, "op": claim.op,
+                  "slack_scale": "log" if log_scale(claim) else "linear",
                   "lhs": main["lhs"], "rhs": main["rhs"], "slack": main["slack"], "verdict": verdict,
                   "passed": verdict == "PASS", "reproduced": verdict == "PASS" and claim.kind == "experiment",
                   "detail": detail}

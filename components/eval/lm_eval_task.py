@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Sequence
+from unittest import mock
 
 import torch
 import yaml
@@ -89,7 +91,7 @@ def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: in
     ``prepacked`` generates each batch's greedy answers with the left padding removed and the
     prompts packed into rows (``prepacked_hflm``) instead of through ``generate`` on the padded batch.
     """
-    from lm_eval import simple_evaluate
+    from lm_eval import evaluator, simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -101,14 +103,15 @@ def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: in
     try:
         lm_class = prepacked_hflm() if prepacked else HFLM
         lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        results = simple_evaluate(
-            model=lm,
-            tasks=[task_name],
-            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=0,  # no stderr bootstrap: it costs time and is not reported
-        )
+        with mock.patch.object(evaluator, "get_git_commit_hash", _quiet_git_commit_hash):
+            results = simple_evaluate(
+                model=lm,
+                tasks=[task_name],
+                task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=0,  # no stderr bootstrap: it costs time and is not reported
+            )
     finally:
         model.train(was_training)
     if results is None:  # non-zero rank in a distributed run
@@ -118,6 +121,18 @@ def run_lm_eval(model, tokenizer, task_dir: Path, task_name: str, batch_size: in
         "exact_match": float(metrics["exact_match,none"]),
         "n": int(results["n-samples"][task_name]["effective"]),
     }
+
+
+def _quiet_git_commit_hash() -> str | None:
+    """The harness's ``get_git_commit_hash`` without git's stderr: it runs ``git describe`` in the
+    cwd and lets git print "fatal: not a git repository" into the log of every evaluate stage run
+    outside a repository (a workspace from ``paperdag init``, a DVC-less directory). The hash only
+    lands in the harness's results dict, which this module does not keep."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except FileNotFoundError:  # no git on the machine
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def prepacked_hflm():

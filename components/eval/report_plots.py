@@ -80,15 +80,15 @@ def size_against_quality(per_model: dict[str, dict], path: Path, metric: str = "
 
 
 def claims_against_bars(claims: list[dict], path: Path) -> Path | None:
-    """Each claim's slack relative to its bar (> 0 clears it), with the 95% interval where seeds
-    gave one, colored by verdict; accounting claims are hatched."""
+    """Each claim's slack relative to its bar (> 0 clears it; a perplexity claim's log slack is
+    relative already), with the 95% interval where seeds gave one, colored by verdict; accounting claims are hatched."""
     rows = [c for c in claims if c.get("slack") is not None and c.get("rhs")]
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(rows) + 1.2))
     for i, c in enumerate(rows):
-        scale = abs(c["rhs"])
+        scale = 1.0 if c.get("slack_scale") == "log" else abs(c["rhs"])  # a log slack is already relative
         rel = c["slack"] / scale
         ax.barh(i, rel, color=VERDICT_COLORS.get(c["verdict"], "tab:gray"),
                 hatch="//" if c.get("kind") == "accounting" else None, edgecolor="black", linewidth=0.4)
@@ -98,7 +98,7 @@ def claims_against_bars(claims: list[dict], path: Path) -> Path | None:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), [c["name"] for c in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("slack / |bar|  (> 0 clears the bar)")
+    ax.set_xlabel("slack / |bar|, or ln(bar / ppl) for perplexity  (> 0 clears the bar)")
     ax.set_title("green PASS, red FAIL, orange NOT DISCRIMINATING; hatched: accounting", fontsize=7)
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)

@@ -145,25 +145,25 @@ def test_a_two_sided_claim_fails_if_either_side_fails():
         experiment(op="within")
 
 
-def seeded(values: dict[str, list[float]]):
+def seeded(values: dict[str, list[float]], metric: str = "ppl"):
     from components.eval.claims import SeedPlan
 
     plan = SeedPlan([0, 1, 2], {k: [f"{k}_s{s}" for s in (0, 1, 2)] for k in values if k != "fp32"})
-    metrics = {"fp32": {"ppl": 100.0}}
+    metrics = {"fp32": {metric: 100.0}}
     for stage, per_seed in values.items():
         if stage != "fp32":
-            metrics.update({f"{stage}_s{s}": {"ppl": v} for s, v in zip((0, 1, 2), per_seed)})
+            metrics.update({f"{stage}_s{s}": {metric: v} for s, v in zip((0, 1, 2), per_seed)})
     return metrics, plan
 
 
 def test_seeds_judge_the_paired_interval_not_the_mean():
-    c = Claim(name="d", statement="s", metric="gptq.ppl", op="<", than="rtn.ppl")
-    metrics, plan = seeded({"gptq": [101.0, 101.1, 100.9], "rtn": [101.5, 101.6, 101.4]})
+    c = Claim(name="d", statement="s", metric="gptq.loss", op="<", than="rtn.loss")
+    metrics, plan = seeded({"gptq": [101.0, 101.1, 100.9], "rtn": [101.5, 101.6, 101.4]}, metric="loss")
     [r] = check_claims([c], metrics, plan)
     assert r["verdict"] == "PASS" and r["slack_per_seed"] == pytest.approx([0.5, 0.5, 0.5])
     assert r["slack_interval"] == pytest.approx([0.5, 0.5])
     # the same mean gain, but one seed goes the other way: the interval straddles 0
-    metrics, plan = seeded({"gptq": [100.0, 101.0, 102.5], "rtn": [101.5, 101.6, 101.9]})
+    metrics, plan = seeded({"gptq": [100.0, 101.0, 102.5], "rtn": [101.5, 101.6, 101.9]}, metric="loss")
     [r] = check_claims([c], metrics, plan)
     assert r["slack"] == pytest.approx(0.5) and r["slack_interval"][0] < 0 < r["slack_interval"][1]
     assert r["verdict"] == "FAIL" and "95% interval" in r["detail"] and len(r["per_seed"]) == 3
@@ -172,13 +172,49 @@ def test_seeds_judge_the_paired_interval_not_the_mean():
 def test_an_accounting_bound_under_seeds_passes_when_every_seed_keeps_it():
     # FLIQS's budget: every seed's searched policy must stay within 6.1 bits; the interval of
     # the mean (which reaches above the worst seed) is not what the bound is about
-    budget = Claim(name="b", statement="s", kind="accounting", metric="gptq.ppl", op="<=", than=6.1)
-    metrics, plan = seeded({"gptq": [5.99, 5.75, 5.83]})
+    budget = Claim(name="b", statement="s", kind="accounting", metric="gptq.bits", op="<=", than=6.1)
+    metrics, plan = seeded({"gptq": [5.99, 5.75, 5.83]}, metric="bits")
     [r] = check_claims([budget], metrics, plan)
     assert r["slack_interval"][0] < 0 and r["verdict"] == "PASS" and "every seed must clear it" in r["detail"]
-    metrics, plan = seeded({"gptq": [5.99, 6.2, 5.83]})  # one seed over budget
+    metrics, plan = seeded({"gptq": [5.99, 6.2, 5.83]}, metric="bits")  # one seed over budget
     [r] = check_claims([budget], metrics, plan)
     assert r["verdict"] == "FAIL" and "worst seed's slack -0.1" in r["detail"]
+
+
+def test_perplexity_claims_judge_the_interval_of_log_ratios():
+    # dynamic_fixed_point at 9c1bfc6: the static control diverged to 1,350-4,180 while DFP stayed
+    # near 40; DFP won on every seed by 34x-103x, yet the raw paired interval straddled 0
+    c = Claim(name="d", statement="s", metric="gptq.ppl_all", op="<", than="rtn.ppl_all")
+    values = {"gptq": [40.0, 40.6, 39.5], "rtn": [1350.0, 4180.0, 2200.0]}
+    [r] = check_claims([c], *seeded(values, metric="ppl_all"))
+    assert r["slack_scale"] == "log" and r["verdict"] == "PASS"
+    assert r["slack_per_seed"] == pytest.approx([math.log(r / g) for g, r in zip(values["gptq"], values["rtn"])])
+    assert "geometric mean" in r["detail"] and "ln bar - ln ppl" in r["detail"]
+    [raw] = check_claims([Claim(name="d", statement="s", metric="gptq.loss", op="<", than="rtn.loss")],
+                         *seeded(values, metric="loss"))
+    assert raw["slack_scale"] == "linear" and raw["slack_interval"][0] < 0 and raw["verdict"] == "FAIL"
+    # a method that loses on one seed still fails on the log scale: it is the interval that moves
+    [mixed] = check_claims([c], *seeded({"gptq": [40.0, 45.0, 39.5], "rtn": [41.0, 41.0, 40.0]}, metric="ppl_all"))
+    assert mixed["verdict"] == "FAIL" and mixed["slack_interval"][0] < 0
+
+
+@pytest.mark.parametrize("op,factor,tolerance", [("<", 1.0, 0.0), ("<=", 1.05, 0.0), (">", 0.9, 0.0),
+                                                  ("within", 1.0, 0.02)])
+def test_each_seed_clears_a_perplexity_bar_on_the_log_scale_exactly_when_on_the_raw_one(op, factor, tolerance):
+    # accounting: one bar and no control, as only the per-seed comparison is under test
+    extra = {"kind": "accounting", **({"tolerance": tolerance} if op == "within" else {})}
+    log_claim = Claim(name="d", statement="s", metric="gptq.ppl", op=op, than="fp32.ppl", factor=factor, **extra)
+    raw_claim = Claim(name="d", statement="s", metric="gptq.loss", op=op, than="fp32.loss", factor=factor, **extra)
+    for value in (95.0, 97.99, 98.0, 98.01, 100.0, 101.99, 102.0, 102.01, 104.99, 105.0, 105.01, 120.0):
+        [log_r] = check_claims([log_claim], {"fp32": {"ppl": 100.0}, "gptq": {"ppl": value}})
+        [raw_r] = check_claims([raw_claim], {"fp32": {"loss": 100.0}, "gptq": {"loss": value}})
+        assert log_r["passed"] == raw_r["passed"], (op, value)
+
+
+def test_a_perplexity_claim_on_a_non_positive_value_fails_naming_it():
+    c = Claim(name="d", statement="s", metric="gptq.ppl", op="<", than="fp32.ppl")
+    [r] = check_claims([c], {"fp32": {"ppl": 100.0}, "gptq": {"ppl": 0.0}})
+    assert r["verdict"] == "FAIL" and "positive values" in r["detail"]
 
 
 def test_t_interval_matches_scipy():

@@ -69,7 +69,8 @@ def greedy_answer(model, tokenizer, question, max_new=8):
     return text
 
 
-def test_harness_scores_generations_against_targets(tmp_path, char_tokenizer, monkeypatch):
+def test_harness_scores_generations_against_targets(tmp_path, char_tokenizer, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # a workspace outside any git repository, as `paperdag init` makes one
     model = build_model("nano", vocab_size=64, max_seq_len=32, seed=0).eval()
     rng = random.Random(0)
     texts = [f"{a}+{b}={a + b}" for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(40))]
@@ -88,6 +89,9 @@ def test_harness_scores_generations_against_targets(tmp_path, char_tokenizer, mo
     task_dir = tmp_path / "final"
     result = run_lm_eval(model, char_tokenizer, task_dir, "paperdag_arithmetic", batch_size=16)
     assert result == {"exact_match": pytest.approx(10 / 40), "n": 40}
+    # the harness asks git for the cwd's commit; outside a repository that printed git's
+    # "fatal: not a git repository" into every evaluate stage's log
+    assert "not a git repository" not in capfd.readouterr().err
     # the same answers when each batch is generated prepacked instead of left-padded
     packed_calls, packed_generate = [], prepacking.prepacked_greedy_generate
 
