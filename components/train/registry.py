@@ -1,5 +1,6 @@
 """Training methods a recipe can name, per stage kind."""
 from components.registry import Registry
+from components.train.adapt import AdaptivePrecisionTraining
 from components.train.bert2bert import Bert2Bert
 from components.train.bipft import BiPFTTraining
 from components.train.compacter import CompacterFinetune
@@ -35,7 +36,8 @@ PRETRAIN_METHODS = Registry("pretrain", TrainingMethod, [DenseTraining, SpdfTrai
                                                             QuantAwareTraining, SrSteTraining, HaloTraining, DoubleRounding,
                                                             FixedPointTraining, MixtureOfDenoisers, FillInTheMiddle,
                                                             FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining,
-                                                            RetrievalPretraining, SelfSampledSolutions, MaskedLanguageModelling])
+                                                            RetrievalPretraining, SelfSampledSolutions, MaskedLanguageModelling,
+                                                            AdaptivePrecisionTraining])
 FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFinetune, MaskedThought, LoraFinetune,
                                                             GaLoreTraining, GradualPruning, HalfFinetune,
                                                             QuantAwareTraining, PerpRetrain, SrSteTraining,
@@ -43,4 +45,5 @@ FINETUNE_METHODS = Registry("finetune", TrainingMethod, [DenseTraining, SparseFi
                                                             DoubleRounding, FixedPointTraining, CompacterFinetune,
                                                             MixtureOfDenoisers, FillInTheMiddle, HedgehogConversion,
                                                             FloatingPointTraining, BiPFTTraining, DynamicFixedPointTraining,
-                                                            RetrievalPretraining, SelfSampledSolutions, MaskedLanguageModelling])
+                                                            RetrievalPretraining, SelfSampledSolutions, MaskedLanguageModelling,
+                                                            AdaptivePrecisionTraining])

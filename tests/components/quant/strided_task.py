@@ -32,6 +32,11 @@ def trained_nano(steps=120):
     return model
 
 
+def trained_state(steps=120):
+    """``trained_nano``'s weights as a detached state dict (a module fixture's shared starting point)."""
+    return {k: v.detach().clone() for k, v in trained_nano(steps).state_dict().items()}
+
+
 def model_from(state):
     model = nano()
     model.load_state_dict(state)

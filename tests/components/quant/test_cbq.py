@@ -7,12 +7,12 @@ from components.quant.cbq import CbqQuantizer, LoraRoundingWeight, mse_kl_loss
 from components.quant.reconstruction import IntGrid
 from components.quant.registry import QUANTIZERS
 from components.quant.rtn import quantize_tensor
-from tests.components.quant.strided_task import model_from, nano, strided, trained_nano
+from tests.components.quant.strided_task import model_from, nano, strided, trained_state
 
 
 @pytest.fixture(scope="module")
 def trained():
-    return {k: v.detach().clone() for k, v in trained_nano().state_dict().items()}
+    return trained_state()
 
 
 def cbq(**params):

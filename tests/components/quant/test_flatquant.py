@@ -11,12 +11,12 @@ from components.quant.flatquant import (FlatQuantQuantizer, KroneckerTransform, 
 from components.quant.reconstruction import IntGrid
 from components.quant.registry import QUANTIZERS
 from components.quant.rtn import RtnQuantizer
-from tests.components.quant.strided_task import VOCAB, model_from, nano, strided, trained_nano
+from tests.components.quant.strided_task import VOCAB, model_from, nano, strided, trained_state
 
 
 @pytest.fixture(scope="module")
 def trained():
-    return {k: v.detach().clone() for k, v in trained_nano().state_dict().items()}
+    return trained_state()
 
 
 def flatquant(**params):
