@@ -3,7 +3,8 @@ AdamW trainer, on the same model, data and steps. Two suites:
 
 - ``sparse_lowrank``: GaLore, LoRA, SLTrain, SR-STE (issue 15);
 - ``low_bit``: QAT (ternary, int4), L4Q, low-precision GEMMs (HALO INT8 levels 0 and 2, FP8 E4M3,
-  FP4 blocks), BiPFT's binary network and dynamic fixed point: the cost of emulating low-bit training (issue 16).
+  FP4 blocks), BiPFT's binary network, dynamic fixed point, QFX and AdaPT: the cost of emulating
+  low-bit training (issue 16).
 
 Each (method, repeat) trains the ``micro`` preset for ``--steps`` steps in a fresh process
 (``train()`` directly, fp32, no torch.compile, the trainer's own DeepSpeed engine), methods
@@ -42,7 +43,9 @@ SUITES = {
         ("SLTrain rank 64 + 3%", "sltrain", {"rank": 64, "alpha": 16.0, "sparse_ratio": 0.03}),
         ("2:4 (SR-STE)", "sr_ste", {"pattern": "2:4"}),
     ],
-    "low_bit": [  # at the recipes' settings (trilm, l4q, halo, fp_scaling_law, bipft, dynamic_fixed_point)
+    # at the recipes' settings (trilm, l4q, halo, fp_scaling_law, bipft, dynamic_fixed_point, qfx, adapt;
+    # AdaPT's lookback shortened so that format decisions, with their histogram tests, fall inside the steps)
+    "low_bit": [
         ("dense AdamW", "dense", {}),
         ("QAT ternary (TriLM)", "qat", {"weight_format": "ternary"}),
         ("QAT int4, group 64", "qat", {"weight_format": "int", "bits": 4, "granularity": "group", "group_size": 64}),
@@ -53,6 +56,8 @@ SUITES = {
         ("FP4 E2M1 P2/P4/P6, blocks of 32", "fp_training", {"exp_bits": 2, "man_bits": 1, "block_size": 32}),
         ("BiPFT W1A1 + estimators", "bipft", {"estimators": True}),
         ("INT8 dynamic fixed point, all GEMMs", "dfp", {"bits": 8}),
+        ("QFX W4, learned binary points", "qfx", {"bits": 4}),
+        ("AdaPT, adaptive fixed point", "adapt", {"min_lookback": 5, "max_lookback": 10}),
     ],
 }
 WARMUP_STEPS = 3
