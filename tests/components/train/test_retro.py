@@ -67,8 +67,10 @@ def test_the_model_learns_to_read_retrieved_neighbours_where_random_ones_teach_n
     blocks, unseen = paired_blocks(256), paired_blocks(64, seed=1)
     layout = RetrievalLayout(chunk_tokens=CHUNK, neighbours=1, neighbour_tokens=SEQ, dims=256)
     scores, runs = {}, {}
+    # copying from the neighbour is learned suddenly: at 300 steps it had on an Intel Xeon but not
+    # on an AMD EPYC (2.55 nats, against the bar's 2.52); at 450 it had on both (0.002 nats on AMD)
     for source in ("retrieved", "random"):
-        config, method = retro(steps=300, lr=1e-2, warmup_steps=10, neighbours_from=source)
+        config, method = retro(steps=450, lr=1e-2, warmup_steps=10, neighbours_from=source)
         model = nano()
         runs[source] = train(model, blocks, config, method, progress=False)
         model.eval()
@@ -80,7 +82,7 @@ def test_the_model_learns_to_read_retrieved_neighbours_where_random_ones_teach_n
     assert scores["retrieved"]["retrieval_loss_retrieved"] < 0.6 * scores["retrieved"]["retrieval_loss_none"], scores
     facts = runs["retrieved"].method_facts["retrieval"]
     assert facts["database_blocks"] == 512 and facts["neighbours_from"] == "retrieved"
-    tokens = 300 * 8 * SEQ  # the neighbours' tokens count in the FLOPs: twice the context of the block alone
+    tokens = 450 * 8 * SEQ  # the neighbours' tokens count in the FLOPs: twice the context of the block alone
     assert runs["retrieved"].train_flops > 1.9 * tokens * 3 * forward_flops_per_token(nano(), SEQ)
     assert_resume_is_exact(tmp_path, lambda: retro(checkpoint_every=4), blocks)
 

@@ -101,8 +101,8 @@ def test_sparse_finetune_keeps_the_input_zero_pattern():
 
 
 def test_registries():
-    assert PRETRAIN_METHODS.keys() == ["bipft", "dense", "dfp", "double_rounding", "fim", "fp_training", "galore", "gradual_pruning", "halo", "lora", "masked_thought", "mlm", "qat",
+    assert PRETRAIN_METHODS.keys() == ["adapt", "bipft", "dense", "dfp", "double_rounding", "fim", "fp_training", "galore", "gradual_pruning", "halo", "lora", "masked_thought", "mlm", "qat",
                                        "qfx", "retro", "self_sampled", "sltrain", "spdf", "sr_ste", "ul2"]
-    assert FINETUNE_METHODS.keys() == ["bert2bert", "bipft", "compacter", "dense", "dfp", "double_rounding", "fim", "fp_training", "galore", "gradual_pruning", "halo", "hedgehog", "hft", "l4q", "lora",
+    assert FINETUNE_METHODS.keys() == ["adapt", "bert2bert", "bipft", "compacter", "dense", "dfp", "double_rounding", "fim", "fp_training", "galore", "gradual_pruning", "halo", "hedgehog", "hft", "l4q", "lora",
                                        "masked_thought", "mlm", "perp", "qat", "qfx", "retro", "self_sampled", "sparse", "sr_ste", "ul2", "vcycle_coalesce"]
     assert PRETRAIN_METHODS.get("spdf").paper.arxiv == "2303.10464"
