@@ -79,7 +79,7 @@ def run(ctx) -> dict:
         loaded = [load_model_artifact(ctx.input(r), activation_hooks=True, keeps=SIDE_MODULES) for r in EFT_ROLES]
         eft = EftModel(*(m for m, _, _ in loaded), beta=evaluator.params.eft_beta, tokenizers=[t for _, t, _ in loaded])
         eft.eval()
-        per_model["eft"] = evaluator.evaluate(eft, loaded[0][1], None, blocks, examples, ctx.out_dir / "eft",
+        per_model["eft"] = _without_attention_probes(evaluator).evaluate(eft, loaded[0][1], None, blocks, examples, ctx.out_dir / "eft",
                                               progress=ctx.progress, **extra)
     if not per_model:
         raise ValueError(f"stage {ctx.plan.name}: nothing to evaluate; give `inputs.models` or the three EFT inputs")
@@ -129,6 +129,14 @@ def run(ctx) -> dict:
     ctx.facts["claims"] = {c["name"]: c["verdict"] + (" (accounting)" if c["kind"] == "accounting" else "")
                            for c in results}
     return flat
+
+
+def _without_attention_probes(evaluator):
+    """``evaluator`` without its ``attention_kl_maps``, for the EFT ensemble: those probes swap one
+    model's attention layers, and the ensemble has none of its own (its members are scored apart)."""
+    if not getattr(evaluator.params, "attention_kl_maps", ()):
+        return evaluator
+    return type(evaluator)(evaluator.params.model_copy(update={"attention_kl_maps": ()}))
 
 
 def checkpoint_label(model: str, fraction: float) -> str:

@@ -6,6 +6,7 @@ the large base model's "knowledge". All three models must share the tokenizer.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -21,13 +22,18 @@ def _vocab_size(model: nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
+_NO_DECODER_LAYERS = SimpleNamespace(layers=())
+
+
 class EftModel(nn.Module):
     """A causal LM whose logits are the renormalized EFT log-probabilities (``log_softmax``ed).
 
     Works with ``components.eval.perplexity.evaluate_perplexity`` and exposes what lm-eval's
     HFLM uses on a model instance: ``config`` (the large base's), ``device``, ``tie_weights``,
     ``model(ids).logits`` and a greedy ``generate`` (no KV cache: every step reruns the three
-    models on the whole prefix, which is fine for short answers).
+    models on the whole prefix, which is fine for short answers). Evaluators that look for
+    attention side modules in ``model.model.layers`` (Hedgehog's attention KL) find no layers: the
+    ensemble has no attention of its own.
     """
 
     NAMES = ("large_base", "small_ft", "small_base")
@@ -62,6 +68,11 @@ class EftModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.large_base.parameters()).dtype
+
+    @property
+    def model(self) -> SimpleNamespace:
+        """HF's decoder slot, with no layers (see the class docstring)."""
+        return _NO_DECODER_LAYERS
 
     def tie_weights(self, *args, **kwargs) -> None:
         """Nothing to tie: the wrapped models are complete (HFLM calls this)."""

@@ -71,3 +71,21 @@ def test_vocab_mismatch_names_the_model():
     good, bad = Tok({"a": 0, "b": 1}), Tok({"a": 1, "b": 0})
     with pytest.raises(ValueError, match="tokenizer of small_ft differs"):
         EftModel(large(), nano(seed=2), nano(seed=3), tokenizers=[good, bad, good])
+
+
+def test_the_standard_evaluator_scores_the_ensemble(tmp_path):
+    """The evaluate stage scores EFT with the standard evaluator, whose attention probes read
+    ``model.model.layers``: the ensemble has none, so it is scored without them (it crashed there).
+    A recipe's ``attention_kl_maps`` (which swap one model's attention) are dropped for it alone."""
+    from components.eval.evaluators import EVALUATORS
+    from tasks.evaluate import _without_attention_probes
+
+    standard = EVALUATORS.get("standard")
+    probing = standard(standard.Params(attention_kl_maps=("elu",)))
+    eft = EftModel(large(), nano(seed=2), nano(seed=3))
+    scores = _without_attention_probes(probing).evaluate(eft, None, None, {"pattern": pattern_blocks(8)}, [], tmp_path)
+    assert np.isfinite(scores["ppl_pattern"]) and scores["ppl_all"] == scores["ppl_pattern"]
+    assert not any(key.startswith("attention_kl") for key in scores)
+    assert probing.params.attention_kl_maps == ("elu",)  # the members are still probed
+    member = probing.evaluate(nano(seed=2), None, None, {"pattern": pattern_blocks(8)}, [], tmp_path)
+    assert np.isfinite(member["attention_kl_elu"])
