@@ -84,6 +84,11 @@ def results_markdown() -> str:
     if md.exists():
         out += _section("Why the dense micro base trails SPDF: its block linears' step size, then the mask",
                         "python benchmarks/dense_base_study.py", [md.read_text().rstrip()])
+    md, probe = RESULTS / "bipft_estimator_study.md", RESULTS / "bipft_estimator_probe.md"
+    if md.exists():
+        body = [md.read_text().rstrip()] + (["", probe.read_text().rstrip()] if probe.exists() else [])
+        out += _section("Why BiPFT's estimators hurt at micro scale: the value map",
+                        "python benchmarks/bipft_estimator_study.py (--probe the recipe's four binary models)", body)
     md = RESULTS / "cli_startup.md"
     if md.exists():
         out += _section("CLI start-up: commands that only look, before and after", "python benchmarks/bench_cli.py "
