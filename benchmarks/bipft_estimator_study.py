@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import components.model.binary_network as bn  # noqa: E402
-from _provenance import commit_and_cpu  # noqa: E402
+from _provenance import commit_and_cpu, write_result  # noqa: E402
 from components.eval.perplexity import evaluate_perplexity  # noqa: E402
 from components.model.presets import build_model  # noqa: E402
 from components.train.bipft import BiPFTTraining  # noqa: E402
@@ -160,7 +160,6 @@ def probe_trained(paths: list[str], blocks: np.ndarray, out: Path) -> None:
     commit, cpu = commit_and_cpu()
     result = {"commit": commit, "cpu": cpu, "models": models,
               "command": "python benchmarks/bipft_estimator_study.py " + " ".join(sys.argv[1:])}
-    out.write_text(json.dumps(result, indent=2))
     lines = [f"Trained BiPFT models probed at `{commit}` on {cpu} (16 validation blocks):", "",
              "| model | layer | score spread: binary | score spread: maps | context std: binary | "
              "context std: value map | probability scale |", "|---|---|---|---|---|---|---|"]
@@ -169,8 +168,7 @@ def probe_trained(paths: list[str], blocks: np.ndarray, out: Path) -> None:
             lines.append(f"| `{m['stage']}` ({Path(path).name[:8]}) | {r['layer']} | {r['score_spread_binary']:.3f} | "
                          f"{r['score_spread_maps']:.3f} | {r['context_std_binary']:.4f} | "
                          f"{r['context_std_value_map']:.4f} | {r['alpha_probs']:.4f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(out, result, "\n".join(lines) + "\n")
 
 
 def _markdown(result: dict) -> str:
@@ -217,11 +215,7 @@ def main() -> None:
               "init_magnitudes": init_rows, "runs": runs, "torch_threads": torch.get_num_threads(),
               "wall_seconds": time.perf_counter() - t0,
               "command": "python benchmarks/bipft_estimator_study.py " + " ".join(sys.argv[1:])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(_markdown(result))
-    print(_markdown(result))
+    write_result(args.out, result, _markdown(result))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Writes benchmarks/results/dense_base_study.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from bf16_vs_fp32_loss import VOCAB, SEQ, build_blocks  # noqa: E402  (sets up s
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _provenance import commit_and_cpu  # noqa: E402
+from _provenance import commit_and_cpu, write_result  # noqa: E402
 from components.eval.perplexity import evaluate_perplexity  # noqa: E402
 from components.model.presets import build_model  # noqa: E402
 from components.train.dense import DenseTraining  # noqa: E402
@@ -109,11 +108,7 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - t0,
         "command": "python benchmarks/dense_base_study.py " + " ".join(sys.argv[1:]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(_markdown(result))
-    print(_markdown(result))
+    write_result(args.out, result, _markdown(result))
 
 
 if __name__ == "__main__":
