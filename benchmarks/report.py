@@ -223,9 +223,15 @@ def results_markdown() -> str:
                         [(RESULTS / "low_bit.md").read_text().strip(), "",
                          "Every low-bit method here computes in fp32 on values it rounds first (fake quantization), "
                          "so a ratio above 1 is the cost of the emulation, not of a low-precision kernel, which "
-                         "this CPU build does not run. QAT and L4Q report the bytes of their packed file (codes "
-                         "plus scales, and L4Q's fp32 zero points); HALO, fp_training and BiPFT keep fp32 master "
-                         "weights and pack none. " + _repeat_spread(_load("low_bit.json")) + " The bytes are exact."])
+                         "this CPU build does not run. QAT, L4Q, QFX and BiPFT report the bytes of their packed "
+                         "file: codes plus scales (L4Q adds fp32 zero points; QFX keeps one power-of-two scale "
+                         "per tensor), and for BiPFT sign bits with one magnitude per tensor plus the estimators' "
+                         "side tensors, which its bits per weight count. HALO, fp_training, dynamic fixed point "
+                         "and AdaPT keep fp32 master weights and pack none (AdaPT's words can exceed 8 bits). "
+                         "AdaPT's row runs its lookback at 5 to 10 steps (the recipe's 25 to 100) so that its "
+                         "format decisions, each a histogram search over the layer's weights, fall inside the 30 "
+                         "steps: its ratio and peak RSS include more decisions per step than the recipe's "
+                         "schedule makes. " + _repeat_spread(_load("low_bit.json")) + " The bytes are exact."])
     r = _load("gptq_llmcompressor.json")
     if r:
         rows = ["| config | quantize time ours / llm-compressor (median of 3) | whole process | ppl fp32 / ours / "
