@@ -17,6 +17,7 @@ from components.eval.stability import StabilitySpec
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
 from components.model.presets import ENCODER_PRESETS, PRESETS
+from components.train.fim import FillInTheMiddle
 from components.train.mlm import objective_mismatch
 from tasks.artifacts import compute_digest
 from tasks.code_version import code_version, source_closure
@@ -325,6 +326,8 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
             raise RecipeError(f"{path}: {_format_validation(e, prefix)} (method {spec.method})") from None
         if spec.kind == "select":
             _check_selector_inputs(spec, where, method_cls(method_cls.Params.model_validate(params)))
+        _check_quantized_input(recipe, spec, method_cls, where)
+        _check_block_length(recipe, spec, method_cls, where)
     order = topological_order(recipe, path)
     evaluates = [n for n in order if recipe.stages[n].kind == "evaluate"]
     if recipe.claims and not evaluates:
@@ -360,6 +363,7 @@ def _check_compared_runs(recipe: Recipe, name: str, path) -> set[str]:
     spec = recipe.stages[name]
     models = spec.inputs.get("models", [])
     models = [models] if isinstance(models, str) else models
+    _check_evaluated_checkpoints(recipe, name, models, path)
     entries = [(key, i, cls.model_validate(entry))  # the evaluator's params validated them already
                for key, cls in (("rank_agreements", RankAgreementSpec), ("correlations", MetricCorrelationSpec),
                                 ("stability", StabilitySpec))
@@ -381,6 +385,77 @@ def _check_compared_runs(recipe: Recipe, name: str, path) -> set[str]:
                 raise RecipeError(f"{where}: ranks {run!r} at {entry.at} of training, but stage {run} keeps checkpoints "
                                   f"at {kept or 'none'}; add {entry.at} to stages.{run}.params.keep_checkpoints")
     return {entry.name for _, _, entry in entries}
+
+
+def _quantized_by(recipe: Recipe, name: str) -> str:
+    """Why stage ``name``'s model is already on a low-bit grid ("" when it is not): a quantize stage,
+    or a training stage whose method trains onto one (QAT, L4Q, BiPFT...). A fine-tune that does not
+    quantize leaves the grid (its saved model is no longer marked quantized), so it is not one."""
+    spec = recipe.stages.get(name)
+    if spec is None or spec.kind not in KINDS:
+        return ""
+    if spec.kind == "quantize":
+        return f"stage {name!r} is a quantize stage"
+    if KINDS[spec.kind].trains and getattr(KINDS[spec.kind].registry.get(spec.method), "quantizes_weights", False):
+        return f"stage {name!r} trains its weights onto a low-bit grid (method {spec.method})"
+    return ""
+
+
+def _check_quantized_input(recipe: Recipe, spec: StageSpec, method_cls, where: str) -> None:
+    """A prune stage, or a training method that quantizes, given an already quantized model: refused
+    here, before its upstream stages train, rather than when the stage loads the model."""
+    if spec.kind == "prune":
+        roles = ("model",)
+    elif KINDS[spec.kind].trains and getattr(method_cls, "quantizes_weights", False):
+        roles = ("model", "student")
+    else:
+        return
+    for role in roles:
+        ref = spec.inputs.get(role)
+        why = _quantized_by(recipe, ref) if isinstance(ref, str) else ""
+        if not why:
+            continue
+        if spec.kind == "prune":
+            raise RecipeError(f"{where}.inputs.{role}: {why}, so its model is already quantized; prune the "
+                              "full-precision model, then quantize the pruned one")
+        raise RecipeError(f"{where}.inputs.{role}: method {spec.method!r} trains the weights onto a low-bit grid, "
+                          f"but {why}; give it the full-precision model, or fine-tune this one with a method "
+                          "that does not quantize (e.g. lora)")
+
+
+FIM_CONTROL_TOKENS = 3  # <PRE>, <SUF>, <MID>: components/train/fim.py shortens each block by three
+
+
+def _check_block_length(recipe: Recipe, spec: StageSpec, method_cls, where: str) -> None:
+    """FIM cuts each block into prefix, middle and suffix around its three control tokens, so a block
+    must leave room for a middle and some context beside them; checked against the ``tokens``
+    input's ``seq_len`` before anything trains."""
+    if not (KINDS[spec.kind].trains and issubclass(method_cls, FillInTheMiddle)):
+        return
+    ref = spec.inputs.get("tokens")
+    tokens = recipe.stages.get(ref) if isinstance(ref, str) else None
+    if tokens is None or tokens.kind != "tokenize":
+        return
+    tokenizer_cls = KINDS["tokenize"].registry.get(tokens.method)
+    seq_len = getattr(tokenizer_cls.Params.model_validate(_with_recipe_defaults(recipe, tokens, tokenizer_cls)),
+                      "seq_len", None)
+    shortest = FIM_CONTROL_TOKENS + 2  # at least one middle token and one of context
+    if seq_len is not None and seq_len < shortest:
+        raise RecipeError(f"{where}: method {spec.method!r} rearranges each block around {FIM_CONTROL_TOKENS} control "
+                          f"tokens and needs blocks of at least {shortest} tokens, but its tokens input {ref!r} packs "
+                          f"blocks of stages.{ref}.params.seq_len={seq_len}")
+
+
+def _check_evaluated_checkpoints(recipe: Recipe, name: str, models: list[str], path) -> None:
+    """``checkpoints: true`` scores the checkpoints the evaluated models' training stages kept; with
+    none kept it would silently score final models only."""
+    if not recipe.stages[name].params.get("checkpoints"):
+        return
+    keeping = [m for m in models if m in recipe.stages and recipe.stages[m].params.get("keep_checkpoints")]
+    if not keeping:
+        raise RecipeError(f"{path}: stages.{name}.params.checkpoints: true scores the checkpoints that its models' "
+                          f"training stages keep, but none of {', '.join(models) or 'its models'} sets "
+                          "params.keep_checkpoints; add e.g. keep_checkpoints: [0.3] to a training stage it evaluates")
 
 
 def _check_selector_inputs(spec: StageSpec, where: str, selector) -> None:

@@ -320,3 +320,69 @@ def test_a_recipe_pairing_an_encoder_and_a_causal_objective_is_refused_when_it_c
     with pytest.raises(RecipeError, match=r"stages\.learned: model 'micro': method 'mlm' trains a masked-LM "
                                           r"encoder .* not a causal decoder"):
         load_plan(path, ["stages.learned.model=micro"])
+
+
+# -- inputs that cannot work, refused before their upstream stages train ---------------------------
+
+QAT_STAGES = """  qat:
+    kind: pretrain
+    method: qat
+    inputs: {tokens: tokenize}
+    params: {<<: *train, weight_format: ternary}
+  quantize:
+"""
+
+
+@pytest.mark.parametrize("stage, message", [
+    ("  prune_qat: {kind: prune, method: magnitude, inputs: {model: qat}, params: {sparsity: 0.5}}\n",
+     r"stages\.prune_qat\.inputs\.model: stage 'qat' trains its weights onto a low-bit grid \(method qat\), so its "
+     r"model is already quantized; prune the full-precision model"),
+    ("  qat_again: {kind: finetune, method: l4q, inputs: {tokens: tokenize, model: quantize}, params: {steps: 2}}\n",
+     r"stages\.qat_again\.inputs\.model: method 'l4q' trains the weights onto a low-bit grid, but stage 'quantize' "
+     r"is a quantize stage; give it the full-precision model"),
+    ("  bipft_student: {kind: distill, method: bipft_kd, inputs: {tokens: tokenize, teacher: pretrain_dense, "
+     "student: qat}, params: {steps: 2}}\n",
+     r"stages\.bipft_student\.inputs\.student: method 'bipft_kd' trains the weights onto a low-bit grid, but stage "
+     r"'qat' trains its weights onto a low-bit grid"),
+], ids=["prune", "finetune", "distill"])
+def test_an_already_quantized_model_is_refused_where_it_would_be_quantized_again(tmp_path, capsys, stage, message):
+    p = _nano_with(tmp_path, "  quantize:\n", QAT_STAGES.replace("  quantize:\n", stage + "  quantize:\n"))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(p)
+    assert main(["validate", str(p)]) == EXIT_USAGE
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_quantized_model_is_still_a_valid_input_where_nothing_quantizes_it_again(tmp_path):
+    stages = QAT_STAGES.replace("  quantize:\n", "  lora_on_qat: {kind: finetune, method: lora, inputs: {tokens: "
+                                "tokenize, model: qat}, params: {steps: 2}}\n  quantize:\n")
+    _, plan = load_plan(_nano_with(tmp_path, "  quantize:\n", stages))
+    assert {"qat", "lora_on_qat"} <= set(plan.stages)
+
+
+@pytest.mark.parametrize("seq_len, refused", [(4, True), (5, False)])
+def test_fim_blocks_too_short_for_a_middle_are_refused(tmp_path, seq_len, refused):
+    stages = (f"  tokenize_short: {{kind: tokenize, method: byte_bpe, inputs: {{docs: dedup}}, params: {{vocab_size: "
+              f"512, seq_len: {seq_len}}}}}\n  fim: {{kind: pretrain, method: fim, inputs: {{tokens: tokenize_short}}, "
+              f"params: {{steps: 2, batch_size: 2}}}}\n  quantize:\n")
+    p = _nano_with(tmp_path, "  quantize:\n", stages)
+    if refused:
+        with pytest.raises(RecipeError, match=r"stages\.fim: method 'fim' rearranges each block around 3 control tokens "
+                                              r"and needs blocks of at least 5 tokens, but its tokens input "
+                                              r"'tokenize_short' packs blocks of stages\.tokenize_short\.params\.seq_len=4"):
+            load_recipe(p)
+    else:
+        assert "fim" in load_plan(p)[1].stages
+
+
+def test_scoring_checkpoints_that_no_model_keeps_is_refused(tmp_path):
+    scored = _nano_with(tmp_path, "params: {lm_eval_limit: 8,", "params: {checkpoints: true, lm_eval_limit: 8,")
+    with pytest.raises(RecipeError, match=r"stages\.evaluate\.params\.checkpoints: true scores the checkpoints that "
+                                          r"its models' training stages keep, but none of pretrain_dense, .* sets "
+                                          r"params\.keep_checkpoints"):
+        load_recipe(scored)
+    text = scored.read_text()
+    assert "params: {<<: *train, sparsity: 0.75}" in text
+    scored.write_text(text.replace("params: {<<: *train, sparsity: 0.75}",
+                                   "params: {<<: *train, sparsity: 0.75, keep_checkpoints: [0.5]}"))
+    assert load_plan(scored)[1].stages["evaluate"].params["checkpoints"] is True
