@@ -121,3 +121,14 @@ def test_data_holding_a_reserved_token_is_refused(tokens):
     ids = torch.tensor([[1, 2, tokens.sentinels[3], 4]])
     with pytest.raises(ValueError, match=f"stage x: the data holds token id\\(s\\) \\[{tokens.sentinels[3]}\\]"):
         tokens.check_absent(ids, "stage x")
+
+
+def test_a_block_too_short_for_span_corruption_is_refused():
+    """A span-corrupted example needs a mode token and two sentinels per span beside its source;
+    blocks shorter than that are refused naming the block length, not trained on empty sources."""
+    from components.data.denoising import source_length
+
+    assert source_length(8, "S", 0.15, 3.0) == 7  # the prefix-LM split needs only the mode token
+    with pytest.raises(ValueError, match="seq_len 4 is too short for span corruption"):
+        source_length(4, "R", 0.15, 3.0)
+    assert source_length(16, "R", 0.15, 3.0) == 13  # 13 source tokens, one span's 2 sentinels, the mode token

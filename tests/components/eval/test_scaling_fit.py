@@ -102,3 +102,19 @@ def test_a_block_of_one_has_no_log2_and_is_refused_by_name():
     with pytest.raises(ScalingFitError, match=r"log2\(block\) is not positive at \[1.0\]"):
         fit_scaling_law("fp_format", {"block": [1, 2, 4, 8, 16, 32], "exp_bits": [1] * 6, "man_bits": [1] * 6},
                         [3.0] * 6, where="fit fp")
+
+
+def test_a_fit_naming_fewer_models_than_its_law_needs_is_refused_when_the_recipe_loads():
+    """The evaluate stage's ``fits`` entry is validated with the recipe: the power law's 3
+    parameters need 4 models to leave a residual, so 3 are refused before anything trains."""
+    from pydantic import ValidationError
+
+    from components.eval.scaling_fit import ScalingFitSpec
+
+    fit = dict(name="width_law", law="power", metric="loss_all", variables={"x": "n_params"})
+    with pytest.raises(ValidationError, match=r"3 models cannot fit the 3 parameters of the power law with "
+                                              r"residuals left; name at least 4"):
+        ScalingFitSpec(**fit, models=["a", "b", "c"])
+    assert ScalingFitSpec(**fit, models=["a", "b", "c", "d"]).models == ["a", "b", "c", "d"]
+    with pytest.raises(ValidationError, match=r"variables \['N'\] do not match the power law's \['x'\]"):
+        ScalingFitSpec(**{**fit, "variables": {"N": "n_params"}}, models=["a", "b", "c", "d"])

@@ -66,8 +66,9 @@ def test_spdf_masks_are_seeded_and_validated():
     assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
     other = SpdfTraining(SpdfTraining.Params(mask_seed=2)).build_masks(nano())
     assert not all(torch.equal(masks_a[k], other[k]) for k in masks_a)
-    with pytest.raises(ValueError, match=r"sparsity must be in \(0, 1\).*got 1.0"):
-        SpdfTraining.Params(sparsity=1.0)
+    for outside in (1.0, 0.0, -0.1):
+        with pytest.raises(ValueError, match=rf"sparsity must be in \(0, 1\).*got {outside}"):
+            SpdfTraining.Params(sparsity=outside)
 
 
 def test_spdf_resume_is_bit_exact(tmp_path):
@@ -82,6 +83,31 @@ def test_spdf_resume_is_bit_exact(tmp_path):
     assert resumed.resumed_from_step == 10
     assert resumed.losses == straight.losses
     assert all(torch.equal(a, b) for a, b in zip(straight_model.parameters(), resumed_model.parameters()))
+
+
+def test_a_checkpoint_mask_of_the_wrong_shape_is_refused_on_resume(tmp_path):
+    """A mask that does not fit its layer (here transposed, with the checksums rewritten so the
+    checkpoint still reads as intact) stops the resume naming the layer and both shapes, instead
+    of training with a broadcast mask."""
+    import json
+
+    from components.train.trainer import CHECKSUMS_FILE, STATE_FILE, _sha256, complete_checkpoints
+
+    config = SpdfTraining.Params(**COMMON, sparsity=0.5, checkpoint_every=5)
+    train(nano(), pattern_blocks(), config, SpdfTraining(config), checkpoint_dir=tmp_path, progress=False,
+          stop_after_step=5)
+    (_, checkpoint), = complete_checkpoints(tmp_path)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    key = sorted(k for k in state["method_state"] if k.endswith("mlp.down_proj"))[0]
+    state["method_state"][key] = state["method_state"][key].T.contiguous()
+    torch.save(state, checkpoint / STATE_FILE)
+    checksums = json.loads((checkpoint / CHECKSUMS_FILE).read_text())
+    checksums[STATE_FILE] = {"bytes": (checkpoint / STATE_FILE).stat().st_size, "sha256": _sha256(checkpoint / STATE_FILE)}
+    (checkpoint / CHECKSUMS_FILE).write_text(json.dumps(checksums))
+    rows, cols = state["method_state"][key].shape
+    with pytest.raises(ValueError, match=rf"mask for {key.removeprefix('mask.')} has shape \({rows}, {cols}\), "
+                                         rf"weight \({cols}, {rows}\)"):
+        train(nano(), pattern_blocks(), config, SpdfTraining(config), checkpoint_dir=tmp_path, progress=False)
 
 
 def test_sparse_finetune_keeps_the_input_zero_pattern():
