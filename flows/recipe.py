@@ -326,8 +326,10 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
             raise RecipeError(f"{path}: {_format_validation(e, prefix)} (method {spec.method})") from None
         if spec.kind == "select":
             _check_selector_inputs(spec, where, method_cls(method_cls.Params.model_validate(params)))
-        _check_quantized_input(recipe, spec, method_cls, where)
-        _check_block_length(recipe, spec, method_cls, where)
+    for name, spec in recipe.stages.items():  # checks that read an input stage, once every stage is valid
+        method_cls = KINDS[spec.kind].registry.get(spec.method)
+        _check_quantized_input(recipe, spec, method_cls, f"{path}: stages.{name}")
+        _check_block_length(recipe, spec, method_cls, f"{path}: stages.{name}")
     order = topological_order(recipe, path)
     evaluates = [n for n in order if recipe.stages[n].kind == "evaluate"]
     if recipe.claims and not evaluates:
@@ -391,9 +393,7 @@ def _quantized_by(recipe: Recipe, name: str) -> str:
     """Why stage ``name``'s model is already on a low-bit grid ("" when it is not): a quantize stage,
     or a training stage whose method trains onto one (QAT, L4Q, BiPFT...). A fine-tune that does not
     quantize leaves the grid (its saved model is no longer marked quantized), so it is not one."""
-    spec = recipe.stages.get(name)
-    if spec is None or spec.kind not in KINDS:
-        return ""
+    spec = recipe.stages[name]
     if spec.kind == "quantize":
         return f"stage {name!r} is a quantize stage"
     if KINDS[spec.kind].trains and getattr(KINDS[spec.kind].registry.get(spec.method), "quantizes_weights", False):

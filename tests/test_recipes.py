@@ -386,3 +386,13 @@ def test_scoring_checkpoints_that_no_model_keeps_is_refused(tmp_path):
     scored.write_text(text.replace("params: {<<: *train, sparsity: 0.75}",
                                    "params: {<<: *train, sparsity: 0.75, keep_checkpoints: [0.5]}"))
     assert load_plan(scored)[1].stages["evaluate"].params["checkpoints"] is True
+
+
+def test_a_cross_stage_check_reports_a_bad_input_stage_by_its_own_key(tmp_path):
+    """The quantized-input check reads its input stage's method: an input listed later with an
+    unknown method is reported as that stage's error, not as a bare registry error."""
+    p = _nano_with(tmp_path, "  quantize:\n", "  prune_x: {kind: prune, method: magnitude, inputs: {model: qatx}, "
+                   "params: {sparsity: 0.5}}\n  qatx: {kind: pretrain, method: nope, inputs: {tokens: tokenize}}\n"
+                   "  quantize:\n")
+    with pytest.raises(RecipeError, match=r"stages\.qatx\.method: unknown pretrain method 'nope'"):
+        load_recipe(p)
