@@ -127,7 +127,7 @@ def test_from_on_the_parallel_runner_reruns_exactly_the_stage_and_its_downstream
 
 
 @pytest.mark.fault("clear_error")
-def test_a_failing_stage_stops_new_ones_while_its_sibling_finishes_and_stays_cached(nano_copy):
+def test_a_failing_stage_stops_new_ones_while_its_sibling_finishes_and_stays_cached(nano_copy, capsys):
     """finetune_code diverges (lr 1e30) while finetune_prose, beside it, completes: the run
     exits 1 naming finetune_code; finetune_prose's new artifact is in place and is a cache hit
     on the next run; merge and evaluate (downstream) never started; nothing is left RUNNING."""
@@ -144,6 +144,10 @@ def test_a_failing_stage_stops_new_ones_while_its_sibling_finishes_and_stays_cac
     [new] = set(nano_copy.glob("artifacts/finetune/*")) - finetunes_before  # prose's; none of code's
     assert stage_runs["finetune_prose"].data.tags["paperdag.artifact_digest"].startswith(new.name)
     assert not {"merge", "evaluate"} & set(stage_runs)
+    # with the same settings, finetune_prose's artifact is in the cache and finetune_code's is not
+    assert main(["--workspace", str(nano_copy), "status", "nano", "--json", *args[2:]]) == 0
+    cached = {row["stage"]: row["cached"] for row in json.loads(capsys.readouterr().out)["stages"]}
+    assert cached["finetune_prose"] and not cached["finetune_code"]
 
 
 @pytest.mark.fault("clear_error")

@@ -129,8 +129,12 @@ def test_got_d_with_a_reference_model_embeds_with_its_hidden_states():
     context = SelectionContext(stage="test", seed=0, target=target, pool_sample=pool, tokenizer=tokenizer,
                                references=[ReferenceModel("ref", model)])
     selector = GotD(GotD.Params(keep_fraction=0.05, max_tokens=48))
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
     selector.fit(context)
     scores = selector.scores(pool)
+    hook.remove()
+    assert forwards  # the reference model embedded the documents, not the n-gram fallback
     assert scores.shape == (100,) and np.isfinite(scores).all()
     np.testing.assert_allclose(np.concatenate([selector.scores(pool.iloc[:37]), selector.scores(pool.iloc[37:])]),
                                scores, atol=1e-6)

@@ -91,6 +91,9 @@ def test_ties_nano_keeps_dtypes_and_is_between_base_and_models():
     assert merged[key].dtype == base[key].dtype and merged[key].shape == base[key].shape
     changed = (merged[key] != base[key]).double().mean().item()
     assert 0.3 <= changed <= 0.6  # each model keeps 30% of entries; the union of two such sets
+    for name, value in merged.items():  # a disjoint mean of kept deltas, or none: never outside them
+        stacked = torch.stack([base[name]] + [m[name] for m in models])
+        assert bool(((value >= stacked.min(0).values) & (value <= stacked.max(0).values)).all()), name
 
 
 # ---- DARE -------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_lora_rounding_close_to_full_rank_with_far_fewer_parameters(trained):
         assert m["reconstruction_loss_after"] < m["reconstruction_loss_before"]
 
 
-def test_output_is_packed_and_h_binary(trained):
+def test_output_is_packed_on_the_3_bit_grid_and_leaves_the_input_model_alone(trained):
     cal = strided(8, 3)
     model = model_from(trained)
     before = {k: v.clone() for k, v in model.state_dict().items()}

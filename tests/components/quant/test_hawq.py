@@ -11,6 +11,7 @@ from components.quant.hawq import HawqQuantizer
 from components.quant.hawq_v2 import HawqV2Quantizer, reverse_ranking
 from components.quant.registry import QUANTIZERS
 from components.quant.sensitivity import quantization_errors, rtn_quantize
+from tests.components.quant.test_adaquant import optimum_by_dp
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_v2_allocation_is_the_milp_optimum_of_omega(model, v2_result):
     assert chosen == pytest.approx(q.meta["metrics"]["omega_total"])
     uniform4 = sum(omega[n][4] for n in sens)
     assert chosen <= uniform4 * (1 + 1e-9)
+    sizes = {n: m.weight.numel() for n, m in linears.items()}  # the default budget: 4 bits on average
+    assert chosen == pytest.approx(optimum_by_dp(omega, sizes, 4 * sum(sizes.values())), rel=1e-9)
     frontier = q.meta["pareto_frontier"]
     assert [p[0] for p in frontier] == sorted(p[0] for p in frontier)
     assert all(a[1] > b[1] for a, b in zip(frontier, frontier[1:]))
