@@ -38,10 +38,24 @@ def test_scores_the_same_masked_tokens_at_each_length_as_a_direct_computation():
             logits = model(input_ids=ids.masked_fill(where, MASK)).logits[where]
         expected = F.cross_entropy(logits, ids[where]).item()
         assert out[f"mlm_loss_{length}_a"] == pytest.approx(expected, rel=1e-5)
+        assert out[f"mlm_acc_{length}_a"] == pytest.approx((logits.argmax(-1) == ids[where]).float().mean().item())
     total = (12 * out["mlm_loss_8_a"] + 8 * out["mlm_loss_8_b"]) / 20  # token-weighted over domains
     assert out["mlm_loss_8"] == pytest.approx(total, rel=1e-6)
     assert out["mlm_loss_increase_16"] == pytest.approx(out["mlm_loss_16"] - out["mlm_loss_8"])
-    assert 0 <= out["mlm_acc_16"] <= 1
+
+
+def test_accuracy_is_the_share_of_masked_tokens_predicted_right():
+    model = build_model("encoder_nano_learned", vocab_size=VOCAB, max_seq_len=BLOCK, seed=0).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # every logit 0: argmax predicts token 0 everywhere
+    a = blocks(6, 1)
+    a[:, ::2] = 0  # half the tokens are that token
+    out = evaluate(model, {"a": a}, mask_rate=0.25, batch_size=2)
+    picked = pick_positions(6, BLOCK, 0.25, torch.Generator().manual_seed(0)).numpy()
+    expected = float((a[picked] == 0).mean())
+    assert 0 < expected < 1
+    for length in (8, 16):  # the same masked tokens at each length
+        assert out[f"mlm_acc_{length}_a"] == pytest.approx(expected) == out[f"mlm_acc_{length}"]
 
 
 def test_models_and_lengths_it_cannot_score_are_refused():

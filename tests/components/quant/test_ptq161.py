@@ -100,9 +100,20 @@ def test_learnable_weight_structure():
         assert row.unique().numel() <= 16
     span = w[:, mask].amax(1).clamp(min=0) - w[:, mask].amin(1).clamp(max=0)
     assert ((fake[:, mask] - w[:, mask]).abs().amax(1) <= span / 15 / 2 + 1e-6).all()
-    # gradients reach α, r1 and r2 only through the non-salient columns
-    (fake * torch.randn(6, 10, generator=g)).sum().backward()
-    assert quant.alpha.grad is not None and quant.r1.grad is not None and quant.r2.grad is not None
+    # gradients reach α, r1 and r2, and only through the non-salient columns
+    upstream = torch.randn(6, 10, generator=g)
+
+    def grads(upstream):
+        for p in (quant.alpha, quant.r1, quant.r2):
+            p.grad = None
+        (quant.fake_weight() * upstream).sum().backward()
+        return [p.grad.clone() for p in (quant.alpha, quant.r1, quant.r2)]
+
+    first = grads(upstream)
+    assert all(grad.abs().sum() > 0 for grad in first)
+    salient_changed = upstream.clone()
+    salient_changed[:, mask] = torch.randn(6, int(mask.sum()), generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(first, grads(salient_changed)))
     assert quant.r2.shape == (1, 8)
     # the hard weight (fp16 side tensors) is within fp16 rounding of the fake one
     assert torch.allclose(quant.finalize()[3], fake.detach(), rtol=2e-3, atol=1e-4)

@@ -131,6 +131,10 @@ def test_halo_trains_and_saves_a_plain_llama_of_its_master_weights(gemm_format, 
     assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5]), gemm_format
     assert type(model) is type(base) and model.state_dict().keys() == base.state_dict().keys()
     assert not any(isinstance(m, LowPrecisionLinear) for m in model.modules())
+    # the fp32 master weights, not their fake-quantized copies: far more values than an 8-bit grid has
+    for name, weight in model.state_dict().items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            assert weight.dtype == torch.float32 and weight.unique().numel() > 1024, name
     facts = result.method_facts
     assert facts["low_precision_layers"] == 14 and facts["halo_level"] == level
     assert len(facts["outlier_channels"]) == 2 and facts["outlier_scale"] == 16.0

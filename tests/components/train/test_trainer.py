@@ -204,12 +204,14 @@ def test_exploding_lr_raises_non_finite():
 
 
 def test_bf16_tracks_fp32():
-    finals = {}
+    finals, curves = {}, {}
     for precision in ("fp32", "bf16"):
         config, method = dense(steps=60, lr=1e-2, precision=precision)
         result = train(nano(), pattern_blocks(), config, method, progress=False)
         assert result.precision == precision
         finals[precision] = float(np.mean(result.losses[-5:]))
+        curves[precision] = result.losses
+    assert curves["bf16"][0] != curves["fp32"][0]  # autocast really ran: the first forward already differs
     # bf16 autocast rounds activations to 8 mantissa bits; after 60 steps the curves agree closely
     assert finals["bf16"] == pytest.approx(finals["fp32"], rel=0.05)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from components.train.trainer import complete_checkpoints, train  # noqa: E402
+from tests.components.train.test_trainer import states_equal  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -21,8 +22,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
     steps = 16
-    model, blocks, config, method = worker.setup(steps)
-    straight = train(model, blocks, config, method, progress=False)
+    straight_model, blocks, config, method = worker.setup(steps)
+    straight = train(straight_model, blocks, config, method, progress=False)
 
     # the parent's process-group variables would make the child reuse the parent's port
     dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
@@ -48,3 +49,4 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     resumed = train(model, blocks, config, method, checkpoint_dir=tmp_path, progress=False)
     assert resumed.resumed_from_step == killed_at
     assert resumed.losses == straight.losses
+    assert states_equal(model, straight_model)  # and the weights it ends with, bit for bit
