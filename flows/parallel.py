@@ -62,6 +62,14 @@ class Capacity:
     def local(cls) -> "Capacity":
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
         gpus = len(list(Path("/dev").glob("nvidia[0-9]*")))  # without importing torch (seconds)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:  # as CUDA reads it: the listed devices, up to the first invalid entry
+            listed = 0
+            for entry in visible.split(","):
+                if not entry.strip() or entry.strip().startswith("-"):
+                    break
+                listed += 1
+            gpus = min(gpus, listed)
         return cls(os.cpu_count() or 1, memory, gpus)
 
     @classmethod

@@ -149,6 +149,12 @@ def test_stage_threads_sets_torch_for_the_stage_and_restores_it():
         assert torch.get_num_threads() == before
 
 
-def test_the_local_capacity_is_this_machine():
+def test_the_local_capacity_is_this_machine(monkeypatch):
     machine = Capacity.local()
-    assert machine.cores == os.cpu_count() and machine.memory_gb > 1 and machine.gpus >= 0
+    assert machine.cores == os.cpu_count() and machine.memory_gb > 1
+    # counted from the device nodes, without importing torch; torch sees the same devices
+    import torch
+
+    assert machine.gpus == torch.cuda.device_count()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no device visible, whatever the machine has
+    assert Capacity.local().gpus == 0

@@ -17,6 +17,7 @@ import pytest
 
 from components.model.presets import PRESETS
 from flows.cli import main
+from flows.errors import RecipeError
 from tasks.artifacts import DIGEST_LEN
 from tasks.model_io import FACTS
 from tests.helpers import REPO, make_workspace, mlflow_client, mlflow_server
@@ -633,7 +634,7 @@ def test_an_evaluate_stage_fits_a_scaling_law_that_claims_can_name(ws):
 
 def test_a_claim_on_an_undeclared_fit_is_refused(ws):
     claim = "[{name: bad, statement: s, kind: accounting, metric: no_such_fit.alpha, op: '>', than: 0}]"
-    with pytest.raises(Exception, match=r"claims\[bad\]: it refers to stage 'no_such_fit'"):
+    with pytest.raises(RecipeError, match=r"claims\[bad\]: it refers to stage 'no_such_fit'"):
         _run(f"--set=claims={claim}", "--only=evaluate")
 
 

@@ -51,9 +51,9 @@ def test_a_group_refuses_missing_runs_and_runs_without_stability_facts():
         group_stability(StabilitySpec(name="g", models=["x"]), {})
     with pytest.raises(ValueError, match="'q' has no stability facts"):
         group_stability(StabilitySpec(name="g", models=["q"]), {"q": {"ppl_all": 3.0}})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"models\n  List should have at least 1 item"):
         StabilitySpec(name="g", models=[])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"spike_tolerance\n  Input should be greater than 0"):
         StabilitySpec(name="g", models=["a"], spike_tolerance=0)
 
 

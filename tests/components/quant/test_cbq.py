@@ -112,9 +112,9 @@ def test_output_is_packed_on_the_3_bit_grid_and_leaves_the_input_model_alone(tra
 
 
 def test_validation():
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"bits\n  Input should be 2, 3, 4 or 8"):
         CbqQuantizer.Params(bits=5)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"mode\n  Input should be 'block' or 'window'"):
         CbqQuantizer.Params(mode="layer")
     with pytest.raises(QuantizationError, match="overlap"):
         cbq(window=2, overlap=2).quantize(nano(), strided(4, 0))

@@ -179,9 +179,9 @@ def test_weight_only_variant_and_gptq_solver(trained):
 
 def test_validation():
     tokens = strided(4, 6)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"activation_bits\n  Input should be 4, 8 or 16"):
         FlatQuantQuantizer.Params(activation_bits=6)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"mode\n  Input should be 'block' or 'window'"):
         FlatQuantQuantizer.Params(mode="layer")  # one transform per group: q/k/v must learn together
     with pytest.raises(QuantizationError, match="activation_bits"):
         FlatQuantQuantizer(FlatQuantQuantizer.Params(activations={"bits": 4})).quantize(nano(), tokens)

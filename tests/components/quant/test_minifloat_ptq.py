@@ -182,8 +182,9 @@ def test_activation_formats():
     for h in handles:
         h.remove()
     assert not torch.equal(before, after) and torch.allclose(before, after, atol=0.05)
-    for bad in ("int1", "e9m9x", "foo"):
-        with pytest.raises(ValueError):
+    for bad, why in (("int1", "activation bits=1; supported: 2..16"), ("e9m9x", "unknown minifloat format 'e9m9x'"),
+                     ("foo", "activation_format 'foo': expected 'intN' or a minifloat name")):
+        with pytest.raises(ValueError, match=why):
             MinifloatPtqQuantizer.Params(activation_format=bad)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -238,7 +239,7 @@ def test_bad_blocks_and_config_are_rejected():
         train(nano(), np.full((4, SEQ), 64, dtype=np.int32), config, method, progress=False)
     with pytest.raises(ValueError, match="2-D integer"):
         train(nano(), np.zeros((4, SEQ), dtype=np.float32), config, method, progress=False)
-    with pytest.raises(Exception, match="stps"):
+    with pytest.raises(ValidationError, match=r"stps\n  Extra inputs are not permitted"):
         DenseTraining.Params(stps=3)
 
 
