@@ -83,6 +83,28 @@ def test_token_budget_without_a_tokenizer_input(selected, capsys):
     assert _existing(selected, "select") == before
 
 
+def test_a_model_scorer_without_a_tokenizer_input(selected, capsys):
+    # no budget here: the model scorer itself needs the tokenizer; refused at compile time too
+    before = _existing(selected, "select")
+    rc = _stage(selected, "select_ppl",
+                "--set", "stages.select_ppl.inputs={docs: corpus, reference: [pretrain_reference]}",
+                "--set", "stages.select_ppl.params={keep_fraction: 0.5}")
+    assert rc == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "stages.select_ppl.inputs: method perplexity_filter needs a `tokenizer` input" in err
+    assert _existing(selected, "select") == before
+
+
+def test_nothing_left_after_selection(selected, capsys):
+    before = _existing(selected, "select")
+    rc = _stage(selected, "select_random", "--set", "stages.select_random.method=heuristic_filter",  # no document
+                "--set", "stages.select_random.params={defaults: {min_words: 1000000000}, domain_overrides: {}}")
+    assert rc == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "no training documents left after selection (0 of" in err and "loosen stages.select_random.params" in err
+    _assert_failed_cleanly(selected, "select", "select_random", before)
+
+
 def test_documents_failing_the_schema(selected, capsys):
     [corpus_dir] = (selected / "artifacts" / "corpus").iterdir()
     shard = next((corpus_dir / "docs").glob("part-*.parquet"))
