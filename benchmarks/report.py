@@ -353,9 +353,11 @@ def readme_with_catalogue(text: str, cat: dict, previous: dict | None = None) ->
     earlier = earlier_rows(cat, previous or {})
     summary = catalogue_summary(cat)
     if earlier:
-        summary += (f" {len(earlier)} more recipes are listed as an earlier pass measured them, at commit "
-                    f"{_commits(earlier)}, "
-                    "and marked so in the verdicts column: their stages may have changed since, and `paperdag list` "
+        one = len(earlier) == 1
+        summary += (f" {len(earlier)} more {'recipe is' if one else 'recipes are'} listed as an earlier pass "
+                    f"measured {'it' if one else 'them'}, at commit {_commits(earlier)}, "
+                    "and marked so in the verdicts column: "
+                    f"{'its' if one else 'their'} stages may have changed since, and `paperdag list` "
                     "marks a recipe STALE when they did.")
     rows = [summary, "",
             "| recipe | paper | verdicts | claims (measured at micro scale on CPU) |", "|---|---|---|---|"]
