@@ -69,7 +69,12 @@ def test_a_recipe_this_pass_has_not_reached_shows_the_earlier_pass_with_its_comm
     readme = report.readme_with_catalogue((REPO / "README.md").read_text(), without, earlier)
     [line] = [line for line in readme.splitlines() if line.startswith(f"| `{name}`")]
     assert f"earlier pass at `0123456789ab`: {report.verdict_counts(row['claims'])}" in line
-    assert "more recipes are listed as an earlier pass measured them, at commit `0123456789ab`" in readme
+    assert "1 more recipe is listed as an earlier pass measured it, at commit `0123456789ab`" in readme
+    second, second_row = list(catalogue.items())[1]
+    two_earlier = {**earlier, second: dict(second_row, commit="0123456789abcdef")}
+    without_two = {k: v for k, v in without.items() if k != second}
+    assert "2 more recipes are listed as an earlier pass measured them, at commit `0123456789ab`" in \
+        report.readme_with_catalogue((REPO / "README.md").read_text(), without_two, two_earlier)
     assert name not in report.unmeasured_recipes(without, earlier)
     assert report.earlier_rows(catalogue, earlier) == {}, "a recipe this pass measured shows this pass's row only"
 
