@@ -16,6 +16,7 @@ from components.eval.rank_agreement import MetricCorrelationSpec, RankAgreementS
 from components.eval.stability import StabilitySpec
 from components.registry import UnknownMethodError
 from components.train.samplers.registry import SAMPLERS
+from components.model.growth import SIZE_KEYS, LlamaSizes, check_sizes
 from components.model.presets import ENCODER_PRESETS, PRESETS
 from components.train.fim import FillInTheMiddle
 from components.train.mlm import objective_mismatch
@@ -330,6 +331,7 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
         method_cls = KINDS[spec.kind].registry.get(spec.method)
         _check_quantized_input(recipe, spec, method_cls, f"{path}: stages.{name}")
         _check_block_length(recipe, spec, method_cls, f"{path}: stages.{name}")
+        _check_growth_target(recipe, spec, method_cls, f"{path}: stages.{name}")
     order = topological_order(recipe, path)
     evaluates = [n for n in order if recipe.stages[n].kind == "evaluate"]
     if recipe.claims and not evaluates:
@@ -444,6 +446,42 @@ def _check_block_length(recipe: Recipe, spec: StageSpec, method_cls, where: str)
         raise RecipeError(f"{where}: method {spec.method!r} rearranges each block around {FIM_CONTROL_TOKENS} control "
                           f"tokens and needs blocks of at least {shortest} tokens, but its tokens input {ref!r} packs "
                           f"blocks of stages.{ref}.params.seq_len={seq_len}")
+
+
+def _from_scratch_preset(recipe: Recipe, ref: str) -> str | None:
+    """The model preset stage ``ref`` builds when it pretrains from scratch (no model input, no
+    growth of its own), or None when its output's shape is not known before it runs."""
+    spec = recipe.stages.get(ref)
+    if spec is None or spec.kind != "pretrain" or "model" in spec.inputs:
+        return None
+    if "grow_to" in KINDS[spec.kind].registry.get(spec.method).Params.model_fields:
+        return None
+    preset = spec.model or recipe.model
+    return preset if preset in PRESETS else None
+
+
+def _preset_sizes(preset: str) -> LlamaSizes:
+    sizes = {key: PRESETS[preset][key] for key in SIZE_KEYS}
+    return LlamaSizes(**sizes, head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
+
+
+def _check_growth_target(recipe: Recipe, spec: StageSpec, method_cls, where: str) -> None:
+    """Growth (bert2BERT) into a ``grow_to`` preset the input cannot grow into (smaller in a size,
+    another head size, a residual width that is not a multiple): refused here when the input model
+    is pretrained from a preset in this recipe, before it trains, by the check the method runs
+    again when the stage starts (its input may be any model)."""
+    if not (KINDS[spec.kind].trains and "grow_to" in method_cls.Params.model_fields):
+        return
+    ref = spec.inputs.get("model")
+    preset = _from_scratch_preset(recipe, ref) if isinstance(ref, str) else None
+    target = _with_recipe_defaults(recipe, spec, method_cls).get("grow_to")
+    if preset is None or target not in PRESETS:  # an unknown grow_to was refused with the params
+        return
+    try:
+        check_sizes(_preset_sizes(preset), _preset_sizes(target), "random", "growth")
+    except ValueError as error:
+        raise RecipeError(f"{where}.params.grow_to={target!r}: {error} (stage {ref!r} pretrains preset "
+                          f"{preset!r})") from None
 
 
 def _check_evaluated_checkpoints(recipe: Recipe, name: str, models: list[str], path) -> None:

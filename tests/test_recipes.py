@@ -375,6 +375,25 @@ def test_fim_blocks_too_short_for_a_middle_are_refused(tmp_path, seq_len, refuse
         assert "fim" in load_plan(p)[1].stages
 
 
+@pytest.mark.parametrize("small,grow_to,refused", [
+    ("micro_student", "micro", None),
+    ("micro_student", "nano", r"growth: the target's hidden_size \(64\) is below the input's \(128\)"),
+    ("nano", "micro_student", r"growth keeps head_dim: the input's 64/2 = 32, the target's 128/2 = 64"),
+])
+def test_growth_the_input_cannot_take_is_refused_before_anything_trains(tmp_path, small, grow_to, refused):
+    stages = (f"  small: {{kind: pretrain, method: dense, model: {small}, inputs: {{tokens: tokenize}}, "
+              f"params: {{steps: 2, batch_size: 2}}}}\n  grown: {{kind: finetune, method: bert2bert, "
+              f"inputs: {{tokens: tokenize, model: small}}, params: {{grow_to: {grow_to}, steps: 2, batch_size: 2}}}}\n"
+              "  quantize:\n")
+    p = _nano_with(tmp_path, "  quantize:\n", stages)
+    if refused:
+        with pytest.raises(RecipeError, match=rf"stages\.grown\.params\.grow_to='{grow_to}': {refused} "
+                                              rf"\(stage 'small' pretrains preset '{small}'\)"):
+            load_recipe(p)
+    else:
+        assert "grown" in load_plan(p)[1].stages
+
+
 def test_scoring_checkpoints_that_no_model_keeps_is_refused(tmp_path):
     scored = _nano_with(tmp_path, "params: {lm_eval_limit: 8,", "params: {checkpoints: true, lm_eval_limit: 8,")
     with pytest.raises(RecipeError, match=r"stages\.evaluate\.params\.checkpoints: true scores the checkpoints that "

@@ -89,5 +89,6 @@ def test_bert2bert_on_several_ranks_is_refused_before_anything_runs():
 
     with pytest.raises(RecipeError, match="method 'bert2bert' grows the model inside the training process, so the "
                                           "launcher's model has the wrong shape; train it on one rank"):
-        load_plan(NANO_RECIPE, ["stages.finetune_prose.method=bert2bert", "stages.finetune_prose.params.grow_to=micro",
+        load_plan(NANO_RECIPE, ["stages.pretrain_dense.model=micro_student",  # a size that can grow into micro
+                                "stages.finetune_prose.method=bert2bert", "stages.finetune_prose.params.grow_to=micro",
                                 "stages.finetune_prose.resources.ranks=2"])
