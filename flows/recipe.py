@@ -332,6 +332,7 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
         _check_quantized_input(recipe, spec, method_cls, f"{path}: stages.{name}")
         _check_block_length(recipe, spec, method_cls, f"{path}: stages.{name}")
         _check_growth_target(recipe, spec, method_cls, f"{path}: stages.{name}")
+        _check_rank_fits(recipe, spec, name, method_cls, f"{path}: stages.{name}")
     order = topological_order(recipe, path)
     evaluates = [n for n in order if recipe.stages[n].kind == "evaluate"]
     if recipe.claims and not evaluates:
@@ -448,16 +449,60 @@ def _check_block_length(recipe: Recipe, spec: StageSpec, method_cls, where: str)
                           f"blocks of stages.{ref}.params.seq_len={seq_len}")
 
 
-def _from_scratch_preset(recipe: Recipe, ref: str) -> str | None:
-    """The model preset stage ``ref`` builds when it pretrains from scratch (no model input, no
-    growth of its own), or None when its output's shape is not known before it runs."""
+def _model_preset(recipe: Recipe, ref: str, seen: frozenset[str] = frozenset()) -> str | None:
+    """The preset whose shape stage ``ref``'s model has, when the graph shows it: a pretrain or
+    distill stage that starts from a preset, followed back through prune stages and training
+    stages that keep their input's shape; None when unknown (an imported model, a merge, a method
+    that may reshape the model inside its process, e.g. growth)."""
     spec = recipe.stages.get(ref)
-    if spec is None or spec.kind != "pretrain" or "model" in spec.inputs:
+    if spec is None or ref in seen:  # a cycle is refused later, by name
         return None
-    if "grow_to" in KINDS[spec.kind].registry.get(spec.method).Params.model_fields:
+    if spec.kind == "prune":
+        parent = spec.inputs.get("model")
+    elif KINDS[spec.kind].trains:
+        method_cls = KINDS[spec.kind].registry.get(spec.method)
+        if getattr(method_cls, "one_process_only", None) or "grow_to" in method_cls.Params.model_fields:
+            return None
+        parent = spec.inputs.get("model", spec.inputs.get("student"))
+        if parent is None:
+            preset = (spec.model or recipe.model) if spec.kind in ("pretrain", "distill") else None
+            return preset if preset in PRESETS else None
+    else:
         return None
-    preset = spec.model or recipe.model
+    return _model_preset(recipe, parent, seen | {ref}) if isinstance(parent, str) else None
+
+
+def _trained_preset(recipe: Recipe, name: str) -> str | None:
+    """The preset whose shape stage ``name`` starts training from (None when unknown)."""
+    spec = recipe.stages[name]
+    ref = spec.inputs.get("model", spec.inputs.get("student"))
+    if isinstance(ref, str):
+        return _model_preset(recipe, ref)
+    preset = (spec.model or recipe.model) if ref is None and spec.kind in ("pretrain", "distill") else None
     return preset if preset in PRESETS else None
+
+
+def _check_rank_fits(recipe: Recipe, spec: StageSpec, name: str, method_cls, where: str) -> None:
+    """A low-rank method's ``params.rank`` above what the model's block Linears allow, checked
+    against the preset before anything trains (the methods check it again on the real layers).
+    In a Llama block every Linear has the residual width on one side and a width at least as
+    large on the other, so each allows ``min(hidden, attention, mlp)``, over ``phm_dim`` for
+    Compacter's Kronecker factors."""
+    if not (KINDS[spec.kind].trains and "rank" in method_cls.Params.model_fields):
+        return
+    preset = _trained_preset(recipe, name)
+    if preset is None:
+        return
+    params = _with_recipe_defaults(recipe, spec, method_cls)
+    rank = params.get("rank", method_cls.Params.model_fields["rank"].default)
+    per = params.get("phm_dim", method_cls.Params.model_fields["phm_dim"].default) \
+        if "phm_dim" in method_cls.Params.model_fields else 1
+    sizes = _preset_sizes(preset)
+    width = min(sizes.hidden_size, sizes.num_attention_heads * sizes.head_dim, sizes.intermediate_size) // per
+    if isinstance(rank, int) and isinstance(per, int) and rank > width:
+        bound = "min(in, out)" + (f" / phm_dim={per}" if per > 1 else "")
+        raise RecipeError(f"{where}.params.rank: rank={rank} is larger than the block Linears of preset {preset!r} "
+                          f"allow ({bound} = {width}); a rank above a layer's width adds parameters, not rank")
 
 
 def _preset_sizes(preset: str) -> LlamaSizes:
@@ -473,15 +518,15 @@ def _check_growth_target(recipe: Recipe, spec: StageSpec, method_cls, where: str
     if not (KINDS[spec.kind].trains and "grow_to" in method_cls.Params.model_fields):
         return
     ref = spec.inputs.get("model")
-    preset = _from_scratch_preset(recipe, ref) if isinstance(ref, str) else None
+    preset = _model_preset(recipe, ref) if isinstance(ref, str) else None
     target = _with_recipe_defaults(recipe, spec, method_cls).get("grow_to")
     if preset is None or target not in PRESETS:  # an unknown grow_to was refused with the params
         return
     try:
         check_sizes(_preset_sizes(preset), _preset_sizes(target), "random", "growth")
     except ValueError as error:
-        raise RecipeError(f"{where}.params.grow_to={target!r}: {error} (stage {ref!r} pretrains preset "
-                          f"{preset!r})") from None
+        raise RecipeError(f"{where}.params.grow_to={target!r}: {error} (stage {ref!r}'s model has the shape of "
+                          f"preset {preset!r})") from None
 
 
 def _check_evaluated_checkpoints(recipe: Recipe, name: str, models: list[str], path) -> None:

@@ -375,6 +375,32 @@ def test_fim_blocks_too_short_for_a_middle_are_refused(tmp_path, seq_len, refuse
         assert "fim" in load_plan(p)[1].stages
 
 
+@pytest.mark.parametrize("stage,refused", [
+    # nano's block Linears are 64 wide on their narrow side
+    ("{kind: finetune, method: lora, inputs: {tokens: tokenize, model: pretrain_dense}, params: {rank: 64, steps: 2}}",
+     None),
+    ("{kind: finetune, method: lora, inputs: {tokens: tokenize, model: pretrain_dense}, params: {rank: 65, steps: 2}}",
+     r"rank=65 is larger than the block Linears of preset 'nano' allow \(min\(in, out\) = 64\)"),
+    ("{kind: pretrain, method: galore, inputs: {tokens: tokenize}, params: {steps: 2}}",  # its default rank, 128
+     r"rank=128 is larger than the block Linears of preset 'nano' allow \(min\(in, out\) = 64\)"),
+    ("{kind: finetune, method: compacter, inputs: {tokens: tokenize, model: pretrain_dense}, "
+     "params: {phm_dim: 4, rank: 17, steps: 2}}",
+     r"rank=17 is larger than the block Linears of preset 'nano' allow \(min\(in, out\) / phm_dim=4 = 16\)"),
+    # through a prune stage, which keeps its input's shape
+    ("{kind: finetune, method: perp, inputs: {tokens: tokenize, model: pruned}, params: {rank: 100, steps: 2}}",
+     r"rank=100 is larger than the block Linears of preset 'nano' allow"),
+])
+def test_a_rank_above_the_presets_widths_is_refused_before_anything_trains(tmp_path, stage, refused):
+    stages = ("  pruned: {kind: prune, method: magnitude, inputs: {model: pretrain_dense}, params: {sparsity: 0.5}}\n"
+              f"  low_rank: {stage}\n  quantize:\n")
+    p = _nano_with(tmp_path, "  quantize:\n", stages)
+    if refused:
+        with pytest.raises(RecipeError, match=r"stages\.low_rank\.params\.rank: " + refused):
+            load_recipe(p)
+    else:
+        assert "low_rank" in load_plan(p)[1].stages
+
+
 @pytest.mark.parametrize("small,grow_to,refused", [
     ("micro_student", "micro", None),
     ("micro_student", "nano", r"growth: the target's hidden_size \(64\) is below the input's \(128\)"),
@@ -388,7 +414,7 @@ def test_growth_the_input_cannot_take_is_refused_before_anything_trains(tmp_path
     p = _nano_with(tmp_path, "  quantize:\n", stages)
     if refused:
         with pytest.raises(RecipeError, match=rf"stages\.grown\.params\.grow_to='{grow_to}': {refused} "
-                                              rf"\(stage 'small' pretrains preset '{small}'\)"):
+                                              rf"\(stage 'small''s model has the shape of preset '{small}'\)"):
             load_recipe(p)
     else:
         assert "grown" in load_plan(p)[1].stages
