@@ -109,6 +109,15 @@ def test_a_rank_above_a_layer_is_refused_by_name():
         train(nano(), pattern_blocks(), *sltrain(rank=65), progress=False)
 
 
+@pytest.mark.parametrize("ratio", [-0.1, 1.0])
+def test_a_sparse_ratio_outside_zero_to_one_is_refused_naming_it(ratio):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"sparse_ratio\n  Input should be (greater than or equal to 0|less than 1)"):
+        SLTrain.Params(sparse_ratio=ratio)
+    assert SLTrain.Params(sparse_ratio=0.0).sparse_ratio == 0.0  # low-rank only: the recipe's baseline
+
+
 @pytest.mark.parametrize("key", ["sltrain", "qat", "sr_ste", "perp", "lora"])
 def test_every_stand_in_trains_under_bf16_autocast(key):
     """The catalogue trains in bf16 where the CPU has it; a stand-in must not mix dtypes there."""
