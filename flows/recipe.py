@@ -332,7 +332,7 @@ def _check_graph(recipe: Recipe, path: Path) -> None:
         _check_quantized_input(recipe, spec, method_cls, f"{path}: stages.{name}")
         _check_block_length(recipe, spec, method_cls, f"{path}: stages.{name}")
         _check_growth_target(recipe, spec, method_cls, f"{path}: stages.{name}")
-        _check_rank_fits(recipe, spec, name, method_cls, f"{path}: stages.{name}")
+        _check_rank_fits(recipe, spec, method_cls, f"{path}: stages.{name}")
     order = topological_order(recipe, path)
     evaluates = [n for n in order if recipe.stages[n].kind == "evaluate"]
     if recipe.claims and not evaluates:
@@ -459,30 +459,31 @@ def _model_preset(recipe: Recipe, ref: str, seen: frozenset[str] = frozenset()) 
         return None
     if spec.kind == "prune":
         parent = spec.inputs.get("model")
-    elif KINDS[spec.kind].trains:
-        method_cls = KINDS[spec.kind].registry.get(spec.method)
-        if getattr(method_cls, "one_process_only", None) or "grow_to" in method_cls.Params.model_fields:
-            return None
-        parent = spec.inputs.get("model", spec.inputs.get("student"))
-        if parent is None:
-            preset = (spec.model or recipe.model) if spec.kind in ("pretrain", "distill") else None
-            return preset if preset in PRESETS else None
-    else:
+        return _model_preset(recipe, parent, seen | {ref}) if isinstance(parent, str) else None
+    if not KINDS[spec.kind].trains:
         return None
-    return _model_preset(recipe, parent, seen | {ref}) if isinstance(parent, str) else None
+    method_cls = KINDS[spec.kind].registry.get(spec.method)
+    if getattr(method_cls, "one_process_only", None) or "grow_to" in method_cls.Params.model_fields:
+        return None
+    return _starting_preset(recipe, spec, seen | {ref})
 
 
-def _trained_preset(recipe: Recipe, name: str) -> str | None:
-    """The preset whose shape stage ``name`` starts training from (None when unknown)."""
-    spec = recipe.stages[name]
-    ref = spec.inputs.get("model", spec.inputs.get("student"))
-    if isinstance(ref, str):
-        return _model_preset(recipe, ref)
-    preset = (spec.model or recipe.model) if ref is None and spec.kind in ("pretrain", "distill") else None
+def _starting_preset(recipe: Recipe, spec: StageSpec, seen: frozenset[str] = frozenset()) -> str | None:
+    """The preset whose shape a training stage starts from: its model (or student) input's, or its
+    own when a pretrain or distill stage starts fresh; None when unknown."""
+    parent = spec.inputs.get("model", spec.inputs.get("student"))
+    if isinstance(parent, str):
+        return _model_preset(recipe, parent, seen)
+    preset = (spec.model or recipe.model) if parent is None and spec.kind in ("pretrain", "distill") else None
     return preset if preset in PRESETS else None
 
 
-def _check_rank_fits(recipe: Recipe, spec: StageSpec, name: str, method_cls, where: str) -> None:
+def _preset_sizes(preset: str) -> LlamaSizes:
+    sizes = {key: PRESETS[preset][key] for key in SIZE_KEYS}
+    return LlamaSizes(**sizes, head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
+
+
+def _check_rank_fits(recipe: Recipe, spec: StageSpec, method_cls, where: str) -> None:
     """A low-rank method's ``params.rank`` above what the model's block Linears allow, checked
     against the preset before anything trains (the methods check it again on the real layers).
     In a Llama block every Linear has the residual width on one side and a width at least as
@@ -490,24 +491,17 @@ def _check_rank_fits(recipe: Recipe, spec: StageSpec, name: str, method_cls, whe
     Compacter's Kronecker factors."""
     if not (KINDS[spec.kind].trains and "rank" in method_cls.Params.model_fields):
         return
-    preset = _trained_preset(recipe, name)
+    preset = _starting_preset(recipe, spec)
     if preset is None:
         return
-    params = _with_recipe_defaults(recipe, spec, method_cls)
-    rank = params.get("rank", method_cls.Params.model_fields["rank"].default)
-    per = params.get("phm_dim", method_cls.Params.model_fields["phm_dim"].default) \
-        if "phm_dim" in method_cls.Params.model_fields else 1
-    sizes = _preset_sizes(preset)
-    width = min(sizes.hidden_size, sizes.num_attention_heads * sizes.head_dim, sizes.intermediate_size) // per
-    if isinstance(rank, int) and isinstance(per, int) and rank > width:
+    params = method_cls.Params.model_validate(_with_recipe_defaults(recipe, spec, method_cls))
+    per = getattr(params, "phm_dim", 1)
+    width = min(_preset_sizes(preset).widths.values()) // per
+    if params.rank > width:
         bound = "min(in, out)" + (f" / phm_dim={per}" if per > 1 else "")
-        raise RecipeError(f"{where}.params.rank: rank={rank} is larger than the block Linears of preset {preset!r} "
-                          f"allow ({bound} = {width}); a rank above a layer's width adds parameters, not rank")
-
-
-def _preset_sizes(preset: str) -> LlamaSizes:
-    sizes = {key: PRESETS[preset][key] for key in SIZE_KEYS}
-    return LlamaSizes(**sizes, head_dim=sizes["hidden_size"] // sizes["num_attention_heads"])
+        raise RecipeError(f"{where}.params.rank: rank={params.rank} is larger than the block Linears of preset "
+                          f"{preset!r} allow ({bound} = {width}); a rank above a layer's width adds parameters, "
+                          "not rank")
 
 
 def _check_growth_target(recipe: Recipe, spec: StageSpec, method_cls, where: str) -> None:
@@ -519,9 +513,9 @@ def _check_growth_target(recipe: Recipe, spec: StageSpec, method_cls, where: str
         return
     ref = spec.inputs.get("model")
     preset = _model_preset(recipe, ref) if isinstance(ref, str) else None
-    target = _with_recipe_defaults(recipe, spec, method_cls).get("grow_to")
-    if preset is None or target not in PRESETS:  # an unknown grow_to was refused with the params
+    if preset is None:
         return
+    target = method_cls.Params.model_validate(_with_recipe_defaults(recipe, spec, method_cls)).grow_to
     try:
         check_sizes(_preset_sizes(preset), _preset_sizes(target), "random", "growth")
     except ValueError as error:
